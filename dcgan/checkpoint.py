@@ -1,0 +1,136 @@
+"""Sharded checkpoints through torch.distributed.checkpoint (DCP): every rank writes its share.
+
+Layout: RUN_DIR/checkpoints/step_000001000/ holds DCP's files; the checkpoint is complete only once
+DCP's `.metadata` file exists (written last, by the coordinator, after every rank's data is on disk).
+Incomplete directories are never loaded and are removed at the next start. Replicated state (DDP
+models, optimizers) is deduplicated by DCP, so each rank writes a share and any number of ranks can
+load it back; per-rank values (noise RNG) are keyed by rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from dcgan.config import CheckpointConfig
+from dcgan.distributed import DistInfo
+
+log = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step_(\d{9})$")
+METADATA = ".metadata"
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:09d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / METADATA).is_file()
+
+
+def list_checkpoints(root: Path, *, complete: bool = True) -> list[tuple[int, Path]]:
+    """(step, path) of checkpoints under root, oldest first; only complete ones unless asked."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir() and is_complete(path) == complete:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    complete = list_checkpoints(root)
+    return complete[-1][1] if complete else None
+
+
+def stored_keys(path: Path) -> set[str]:
+    """Flattened keys ('rng.rank0.noise', ...) present in a complete checkpoint."""
+    return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+class Checkpointer:
+    """Saves (optionally in the background) and loads DCP checkpoints, and prunes old ones.
+
+    At most one save is in flight: starting a new one, loading or closing waits for the previous one.
+    """
+
+    def __init__(self, root: Path, config: CheckpointConfig, info: DistInfo) -> None:
+        self.root = root
+        self.config = config
+        self.info = info
+        self._pending: Future | None = None
+        self._pending_step = -1
+
+    def remove_incomplete(self) -> None:
+        """Delete half-written checkpoint directories (rank 0, before any save of this run)."""
+        if not self.info.is_main:
+            return
+        for step, path in list_checkpoints(self.root, complete=False):
+            log.warning("removing incomplete checkpoint %s (no %s: its save never finished)", path, METADATA)
+            shutil.rmtree(path, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.root)
+
+    def save(self, step: int, state: dict[str, Any], *, blocking: bool = False) -> None:
+        """Write `state` as the checkpoint of `step`, in the background unless blocking or configured off."""
+        self.wait()
+        path = checkpoint_dir(self.root, step)
+        if self.info.is_main:
+            path.mkdir(parents=True, exist_ok=True)
+        group = self.info.checkpoint_group if self.info.distributed else None
+        if self.info.distributed:
+            dist.barrier(group=group)
+        if self.config.async_save and not blocking:
+            self._pending = dcp.async_save(
+                state, checkpoint_id=str(path), process_group=group, no_dist=not self.info.distributed
+            )
+            self._pending_step = step
+        else:
+            dcp.save(state, checkpoint_id=str(path), process_group=group, no_dist=not self.info.distributed)
+            self._finished(step)
+
+    def poll(self) -> None:
+        """Finish the bookkeeping (log, prune) of a background save that has completed; never blocks."""
+        if self._pending is not None and self._pending.done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is complete on disk."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+            self._finished(self._pending_step)
+
+    def _finished(self, step: int) -> None:
+        log.info("checkpoint of step %d complete: %s", step, checkpoint_dir(self.root, step))
+        self.prune()
+
+    def load(self, path: Path, state: dict[str, Any]) -> None:
+        """Fill `state` in place from the checkpoint at `path` (every rank reads what it needs)."""
+        self.wait()
+        group = self.info.checkpoint_group if self.info.distributed else None
+        dcp.load(state, checkpoint_id=str(path), process_group=group, no_dist=not self.info.distributed)
+
+    def prune(self) -> None:
+        """Keep the newest `keep` complete checkpoints, plus every multiple of `keep_every`."""
+        if not self.info.is_main:
+            return
+        complete = list_checkpoints(self.root)
+        for step, path in complete[: max(0, len(complete) - self.config.keep)]:
+            if self.config.keep_every and step % self.config.keep_every == 0:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+
+    def close(self) -> None:
+        self.wait()

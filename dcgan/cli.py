@@ -1,0 +1,105 @@
+"""The `dcgan` command line: a thin layer that parses, calls one function, and turns errors into one line.
+
+  dcgan train CONFIG [key=value ...]        train (torchrun/SLURM: the same command in every process)
+  dcgan sample SOURCE --num N --out PNG     a grid from a run directory or an exported generator
+  dcgan export RUN_DIR --out generator.pt   the newest checkpoint's generator as one file
+  dcgan shards KIND SOURCE OUT_DIR          convert images into WebDataset shards
+  dcgan bench data DATA                     loader throughput from shards on disk
+  dcgan score SOURCE                        digits quality score of a generator
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dcgan.config import ConfigError, keys_help
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dcgan.config import load_config
+    from dcgan.train import train
+
+    return train(load_config(args.config, args.overrides))
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from dcgan.sample import sample_grid
+
+    out = sample_grid(Path(args.source), args.num, Path(args.out), args.seed)
+    print(out)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from dcgan.sample import export_generator, load_from_run
+
+    loaded = load_from_run(Path(args.run_dir))
+    export_generator(loaded, Path(args.out))
+    print(f"{args.out}: generator of step {loaded.step}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    import torch
+
+    from dcgan.quality import DigitsScorer
+    from dcgan.sample import generate, load_generator
+
+    loaded = load_generator(Path(args.source))
+    if loaded.model.channels != 1:
+        raise ConfigError("dcgan score: the digits score needs a 1-channel generator")
+    noise = torch.randn(args.num, loaded.model.nz, generator=torch.Generator().manual_seed(args.seed))
+    score = DigitsScorer(loaded.model.resolution).score(generate(loaded.generator, noise))
+    for key, value in score.as_dict().items():
+        print(f"{key:<14} {value:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcgan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser(
+        "train",
+        help="train a DCGAN (resumes automatically from the run directory's newest checkpoint)",
+        description="Train a DCGAN. Under torchrun or SLURM every process runs this same command.",
+        epilog=keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("config", help="YAML config file, e.g. configs/digits.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. train.steps=500 run.dir=runs/x")
+    train.set_defaults(func=_train)
+
+    sample = commands.add_parser("sample", help="write a PNG grid of generated images")
+    sample.add_argument("source", help="run directory (newest checkpoint) or generator file from `dcgan export`")
+    sample.add_argument("--num", type=int, default=64, help="number of images (default 64)")
+    sample.add_argument("--out", required=True, help="output PNG path")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    sample.set_defaults(func=_sample)
+
+    export = commands.add_parser("export", help="save the newest checkpoint's generator as one torch.load-able file")
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True, help="output file, e.g. generator.pt")
+    export.set_defaults(func=_export)
+
+    score = commands.add_parser("score", help="digits quality score (Frechet distance at 8x8, confidence, balance)")
+    score.add_argument("source", help="run directory or exported generator (1 channel)")
+    score.add_argument("--num", type=int, default=1000, help="generated images to score (default 1000)")
+    score.add_argument("--seed", type=int, default=0)
+    score.set_defaults(func=_score)
+
+    from dcgan.data.cli import add_data_commands
+
+    add_data_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"dcgan: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,322 @@
+"""Typed run configuration: one frozen dataclass per concern, loaded from YAML plus dotted overrides.
+
+Every key is declared here with its type, default and a one-line help text (shown by
+`dcgan train --help`). Loading fails before any work starts, with a single line that names the key and
+what is allowed, so that a typo in a 500-GPU job costs seconds rather than a queue wait.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, mistyped or impossible; the message is one line naming the key."""
+
+
+def _field(default: Any, help: str) -> Any:
+    """A dataclass field whose help text is kept in its metadata (for --help and docs)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = _field("runs/dcgan", "run directory: config, log, stats.jsonl, samples/, checkpoints/")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    resolution: int = _field(64, "image side in pixels, a power of two >= 16")
+    nz: int = _field(100, "length of the latent vector z")
+    ngf: int = _field(64, "generator width (channels of its last hidden layer)")
+    ndf: int = _field(64, "discriminator width (channels of its first layer)")
+    channels: int = _field(3, "image channels: 1 (grey) or 3 (RGB)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str = _field("", "shard directory with manifest.json, brace pattern or URL; empty = built-in digits")
+    workers: int = _field(2, "DataLoader worker processes per rank (0 = load in the training process)")
+    shuffle_buffer: int = _field(1000, "samples held in each worker's shuffle buffer")
+    resampled: bool = _field(True, "draw shards with replacement (equal batches on every rank, any shard count)")
+    epoch_samples: int = _field(0, "samples per rank per epoch; 0 = the data set size divided by the ranks")
+    prefetch: int = _field(4, "batches prefetched per worker")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = _field(10000, "training iterations (one D and one G update each)")
+    batch_size: int = _field(128, "images per process per step; the global batch is this x ranks")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _field(
+        "auto", "autocast precision; auto = bf16 on GPUs that support it, fp32 on CPU"
+    )
+    compile: bool = _field(False, "torch.compile the bare G and D before DDP wraps them")
+    channels_last: bool = _field(True, "channels-last memory format on CUDA (ignored on CPU)")
+    device: Literal["auto", "cpu", "cuda"] = _field("auto", "auto = cuda when available, else cpu")
+    nonfinite: Literal["stop", "skip"] = _field(
+        "stop", "on a non-finite loss: stop the run (last good checkpoint kept) or skip the update"
+    )
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = _field(2e-4, "Adam learning rate of G and D (paper: 2e-4 at batch 128)")
+    beta1: float = _field(0.5, "Adam beta1 (paper: 0.5)")
+    beta2: float = _field(0.999, "Adam beta2")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every: int = _field(50, "steps between metric lines in stats.jsonl / wandb")
+    wandb: Literal["offline", "online", "disabled"] = _field(
+        "offline", "wandb mode; offline writes run_dir/wandb (upload later with `wandb sync`)"
+    )
+    project: str = _field("dcgan", "wandb project")
+    entity: str = _field("", "wandb entity (team or user); empty = your default")
+    name: str = _field("", "wandb run name; empty = the run directory's name")
+    group: str = _field("", "wandb group")
+    tags: tuple[str, ...] = _field((), "wandb tags (YAML list or comma-separated)")
+    histogram_every: int = _field(0, "steps between histograms of D's outputs (0 = with every sample grid)")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    every: int = _field(500, "steps between fixed-noise sample grids")
+    num: int = _field(64, "images in each sample grid")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = _field(1000, "steps between checkpoints (a final one is always written)")
+    keep: int = _field(3, "complete checkpoints kept (oldest removed first)")
+    keep_every: int = _field(0, "also keep every checkpoint whose step is a multiple of this (0 = none)")
+    async_save: bool = _field(True, "write checkpoints in the background while training continues")
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    timeout_s: int = _field(600, "seconds a collective may wait for a missing rank before the job fails")
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = _field(0, "seed of weights, noise and data order")
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    @property
+    def uses_builtin_digits(self) -> bool:
+        return self.data.shards == ""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building a Config from plain data, with one-line errors
+
+
+def _describe(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(str(a) for a in get_args(tp))
+    if get_origin(tp) is tuple:
+        return "a list of strings"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the declared type `tp`, converting only where nothing can be lost."""
+    if get_origin(tp) is Literal:
+        if value in get_args(tp):
+            return value
+    elif get_origin(tp) is tuple:
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
+            return tuple(str(v) for v in value)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in known:
+            raise ConfigError(f"unknown key '{key}' (allowed here: {', '.join(sorted(known))})")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a section of keys, got {value!r}")
+            kwargs[name] = _build(tp, value, f"{key}.")
+        else:
+            kwargs[name] = _coerce(key, value, tp)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{part}' is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn `["train.steps=10", "log.tags=[a,b]"]` into a nested dict; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' must look like key=value, e.g. train.steps=1000")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from nested plain data (as read from YAML)."""
+    config = _build(Config, data, "")
+    validate(config)
+    return config
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults when `path` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = loaded or {}
+    return config_from_dict(_merge(data, parse_overrides(overrides or [])))
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """Plain nested data (tuples as lists) suitable for YAML, JSON and wandb."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def iter_keys(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, Any, Any, str]]:
+    """(dotted key, type, default, help) for every leaf key, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_keys(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", tp, f.default, f.metadata.get("help", "")
+
+
+def keys_help() -> str:
+    """The table of config keys printed by `dcgan train --help`."""
+    rows = [f"  {key:<26} {_describe(tp):<24} default {default!r}\n      {help}" for key, tp, default, help in iter_keys()]
+    return "config keys (set in YAML or as key=value):\n" + "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation of values that type-check but cannot work
+
+
+def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: must be {allowed}, got {value!r}")
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def validate(config: Config) -> None:
+    """Reject impossible values with one line naming the key; called by every loader of configs."""
+    m, t, d = config.model, config.train, config.data
+    _require(_is_power_of_two(m.resolution) and m.resolution >= 16, "model.resolution", "a power of two >= 16", m.resolution)
+    _require(m.channels in (1, 3), "model.channels", "1 or 3", m.channels)
+    for key in ("nz", "ngf", "ndf"):
+        _require(getattr(m, key) >= 1, f"model.{key}", ">= 1", getattr(m, key))
+    _require(t.steps >= 1, "train.steps", ">= 1", t.steps)
+    _require(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
+    _require(config.optim.lr > 0, "optim.lr", "> 0", config.optim.lr)
+    for key in ("beta1", "beta2"):
+        beta = getattr(config.optim, key)
+        _require(0 <= beta < 1, f"optim.{key}", "in [0, 1)", beta)
+    _require(d.workers >= 0, "data.workers", ">= 0", d.workers)
+    _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1", d.shuffle_buffer)
+    _require(d.epoch_samples >= 0, "data.epoch_samples", ">= 0 (0 = derive from the data set)", d.epoch_samples)
+    _require(d.prefetch >= 1, "data.prefetch", ">= 1", d.prefetch)
+    if config.uses_builtin_digits:
+        _require(m.channels == 1, "model.channels", "1 for the built-in digits (data.shards is empty)", m.channels)
+    for section, key in (("log", "every"), ("sample", "every"), ("checkpoint", "every"), ("sample", "num")):
+        value = getattr(getattr(config, section), key)
+        _require(value >= 1, f"{section}.{key}", ">= 1", value)
+    _require(config.log.histogram_every >= 0, "log.histogram_every", ">= 0", config.log.histogram_every)
+    _require(config.checkpoint.keep >= 1, "checkpoint.keep", ">= 1", config.checkpoint.keep)
+    _require(config.checkpoint.keep_every >= 0, "checkpoint.keep_every", ">= 0", config.checkpoint.keep_every)
+    _require(config.dist.timeout_s >= 1, "dist.timeout_s", ">= 1", config.dist.timeout_s)
+    _require(config.run.dir != "", "run.dir", "a directory path", config.run.dir)
+
+
+def replace(config: Config, **sections: Any) -> Config:
+    """`dataclasses.replace` for nested sections: replace(cfg, train={"steps": 5})."""
+    changes = {
+        name: dataclasses.replace(getattr(config, name), **value) if isinstance(value, dict) else value
+        for name, value in sections.items()
+    }
+    new = dataclasses.replace(config, **changes)
+    validate(new)
+    return new
+

@@ -1,0 +1,66 @@
+"""The loader interface every data source implements, and the position bookkeeping that makes resume exact.
+
+A source is an endless stream of uint8 batches (N, C, H, W) on the host, cut into epochs. Its whole
+position is (epoch, batches already taken in that epoch): every epoch's order is a pure function of
+(seed, rank, epoch), so a resumed run replays an epoch's order and skips the batches it already
+trained on, and sees exactly the stream an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+import torch
+
+
+class BatchSource(Protocol):
+    """What the training loop needs from data: batches, a resumable position, and a count of bad samples."""
+
+    batches_per_epoch: int
+
+    def __iter__(self) -> Iterator[torch.Tensor]: ...
+
+    def state_dict(self) -> dict[str, int]: ...
+
+    def load_state_dict(self, state: dict[str, int]) -> None: ...
+
+    @property
+    def skipped_samples(self) -> int: ...
+
+
+EpochFactory = Callable[[int, int], Iterator[torch.Tensor]]
+"""(epoch, batches to skip) -> that epoch's remaining batches."""
+
+
+class EpochStream:
+    """Chains epochs from a factory and tracks the position of the next batch to hand out."""
+
+    def __init__(self, make_epoch: EpochFactory, batches_per_epoch: int) -> None:
+        self._make_epoch = make_epoch
+        self.batches_per_epoch = batches_per_epoch
+        self.epoch = 0
+        self.batch = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            taken = 0
+            for images in self._make_epoch(self.epoch, self.batch):
+                if self.batch >= self.batches_per_epoch:
+                    break
+                self.batch += 1
+                taken += 1
+                yield images
+            if self.batch < self.batches_per_epoch:
+                raise RuntimeError(
+                    f"epoch {self.epoch} ended after {self.batch} of {self.batches_per_epoch} batches: "
+                    "the data source yielded fewer batches than it promised"
+                )
+            self.epoch += 1
+            self.batch = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])

@@ -1,0 +1,3 @@
+import argparse
+def add_data_commands(commands: argparse._SubParsersAction) -> None:
+    pass

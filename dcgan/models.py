@@ -1,0 +1,88 @@
+"""The DCGAN generator and discriminator of Radford et al. (2015), for any power-of-two resolution.
+
+At 64x64 with nz=100, ngf=ndf=64 and 3 channels the layers (and parameter counts: G 3,576,704,
+D 2,765,568) are exactly those of pytorch/examples' dcgan. Each extra doubling of the resolution adds
+one strided (de)convolution block and doubles the widest layer, as the paper's recipe does.
+D returns logits: the losses apply the sigmoid (BCE-with-logits), which is safe under autocast.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dcgan.config import ModelConfig
+
+
+def num_upsamplings(resolution: int) -> int:
+    """Strided blocks between the 4x4 core and the image (3 at 32x32, 4 at 64x64, 5 at 128x128)."""
+    return int(math.log2(resolution)) - 2
+
+
+def init_weights(module: nn.Module) -> None:
+    """The paper's init: conv weights N(0, 0.02); BatchNorm weights N(1, 0.02) and bias 0."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+class Generator(nn.Module):
+    """z (N, nz) -> image (N, C, R, R) in [-1, 1]: transposed convs, BatchNorm, ReLU, tanh output."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.nz = config.nz
+        blocks = num_upsamplings(config.resolution)
+        width = config.ngf * 2 ** (blocks - 1)
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(config.nz, width, 4, 1, 0, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(True),
+        ]
+        for _ in range(blocks - 1):
+            layers += [
+                nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(width // 2),
+                nn.ReLU(True),
+            ]
+            width //= 2
+        layers += [nn.ConvTranspose2d(width, config.channels, 4, 2, 1, bias=False), nn.Tanh()]
+        self.main = nn.Sequential(*layers)
+        self.apply(init_weights)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.main(z.view(z.shape[0], self.nz, 1, 1))
+
+
+class Discriminator(nn.Module):
+    """image (N, C, R, R) -> logits (N,): strided convs, BatchNorm (not on the input layer), LeakyReLU 0.2."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        blocks = num_upsamplings(config.resolution)
+        width = config.ndf
+        layers: list[nn.Module] = [
+            nn.Conv2d(config.channels, width, 4, 2, 1, bias=False),
+            nn.LeakyReLU(0.2, inplace=True),
+        ]
+        for _ in range(blocks - 1):
+            layers += [
+                nn.Conv2d(width, width * 2, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(width * 2),
+                nn.LeakyReLU(0.2, inplace=True),
+            ]
+            width *= 2
+        layers.append(nn.Conv2d(width, 1, 4, 1, 0, bias=False))
+        self.main = nn.Sequential(*layers)
+        self.apply(init_weights)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.main(images).view(-1)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,75 @@
+"""A digits quality score that needs no downloaded network.
+
+Generated and real digits are compared at the digits' native 8x8 resolution (64 grey values each):
+- `frechet`: the Frechet distance between the two Gaussians fitted to those 64-d vectors (FID's formula
+  in pixel space; lower is better, about 0 for the real set against itself);
+- `confident`: the share of generated images a classifier trained on the real digits labels with
+  probability > 0.9 (higher is better);
+- `class_balance`: the entropy of the predicted class histogram over log(10) (1 = all ten digits
+  equally often; low values reveal mode collapse).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dcgan.data.digits import digits_images, load_digits_arrays
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), as in FID (Heusel et al. 2017)."""
+    from scipy import linalg
+
+    diff = mu1 - mu2
+    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(sigma1)) * 1e-6
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    covmean = np.real(covmean)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+@dataclass(frozen=True)
+class DigitsScore:
+    frechet: float
+    confident: float
+    class_balance: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+class DigitsScorer:
+    """Fits the reference statistics and classifier once; scores any batch of generated digits."""
+
+    def __init__(self, resolution: int) -> None:
+        from sklearn.linear_model import LogisticRegression
+
+        _, labels = load_digits_arrays()
+        real = self.features(digits_images(resolution).float().div(127.5).sub(1))
+        self.reference = gaussian_stats(real)
+        self.classifier = LogisticRegression(max_iter=5000).fit(real, labels)
+
+    @staticmethod
+    def features(images: torch.Tensor) -> np.ndarray:
+        """Images in [-1, 1] (N, 1, R, R) -> (N, 64) grey values in [0, 1] at 8x8."""
+        small = F.adaptive_avg_pool2d(images.detach().float().cpu(), 8)
+        return small.add(1).div(2).clamp(0, 1).flatten(1).numpy().astype(np.float64)
+
+    def score(self, images: torch.Tensor) -> DigitsScore:
+        feats = self.features(images)
+        frechet = frechet_distance(*gaussian_stats(feats), *self.reference)
+        probs = self.classifier.predict_proba(feats)
+        confident = float((probs.max(axis=1) > 0.9).mean())
+        counts = np.bincount(probs.argmax(axis=1), minlength=10).astype(np.float64)
+        share = counts / counts.sum()
+        entropy = -(share[share > 0] * np.log(share[share > 0])).sum()
+        return DigitsScore(frechet, confident, float(entropy / np.log(10)))

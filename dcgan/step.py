@@ -1,0 +1,106 @@
+"""One DCGAN training iteration: a D update, then a G update, as a short list of phases.
+
+The step never reads a value back to the host: its statistics come back as one device tensor that the
+loop accumulates and reads every `log.every` steps, so that GPU work is queued without stalls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dcgan.losses import discriminator_loss, generator_loss
+
+STAT_NAMES = ("loss_D", "loss_G", "D_x", "D_G_z_before", "D_G_z_after", "grad_norm_G", "grad_norm_D", "nonfinite")
+"""Order of the values in the vector a step returns (summed over steps by the loop)."""
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype: 'auto' means bf16 on GPUs that support it, fp32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def normalize(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [0, 255] -> [-1, 1] in `dtype`, done on the device so the host only moves bytes."""
+    return images.to(dtype=torch.float32).mul_(1 / 127.5).sub_(1.0).to(dtype)
+
+
+def total_grad_norm(module: nn.Module) -> torch.Tensor:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+@dataclass
+class GANStep:
+    """Holds what an iteration touches. `g`/`d` may be DDP wrappers; `d_bare` is D without DDP."""
+
+    g: nn.Module
+    d: nn.Module
+    d_bare: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    dtype: torch.dtype
+    nz: int
+    noise: torch.Generator
+    channels_last: bool = False
+    last_logits: tuple[torch.Tensor, torch.Tensor] | None = None
+    """D's logits on the last real and fake batch (device tensors, for occasional histograms)."""
+
+    def _autocast(self, device: torch.device) -> torch.autocast:
+        return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Train on one batch of uint8 images already on the device; return the stats vector."""
+        device = images.device
+        batch = images.shape[0]
+        real = normalize(images, self.dtype)
+        if self.channels_last:
+            real = real.contiguous(memory_format=torch.channels_last)
+        z = torch.randn(batch, self.nz, device=device, generator=self.noise)
+
+        # Phase 1: D on a real batch and on a fake batch, two forwards (separate batch statistics).
+        self.opt_d.zero_grad(set_to_none=True)
+        with self._autocast(device):
+            fake = self.g(z)
+            real_logits = self.d(real)
+            fake_logits = self.d(fake.detach())
+            loss_d = discriminator_loss(real_logits, fake_logits)
+        self.scaler.scale(loss_d).backward()
+        self.scaler.unscale_(self.opt_d)
+        grad_norm_d = total_grad_norm(self.d_bare)
+        self.scaler.step(self.opt_d)
+
+        # Phase 2: G against the updated D, D frozen (no weight gradients, no DDP all-reduce for D).
+        self.d_bare.requires_grad_(False)
+        self.opt_g.zero_grad(set_to_none=True)
+        with self._autocast(device):
+            fake_logits_after = self.d_bare(fake)
+            loss_g = generator_loss(fake_logits_after)
+        self.scaler.scale(loss_g).backward()
+        self.d_bare.requires_grad_(True)
+        self.scaler.unscale_(self.opt_g)
+        grad_norm_g = total_grad_norm(self.g)
+        self.scaler.step(self.opt_g)
+        self.scaler.update()
+
+        self.last_logits = (real_logits.detach(), fake_logits.detach())
+        losses = torch.stack([loss_d.detach(), loss_g.detach()])
+        return torch.stack(
+            [
+                losses[0],
+                losses[1],
+                torch.sigmoid(real_logits.detach().float()).mean(),
+                torch.sigmoid(fake_logits.detach().float()).mean(),
+                torch.sigmoid(fake_logits_after.detach().float()).mean(),
+                grad_norm_g,
+                grad_norm_d,
+                (~torch.isfinite(losses)).any().float(),
+            ]
+        )

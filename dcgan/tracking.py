@@ -1,0 +1,170 @@
+"""Where a run's numbers and pictures go: a log file, stats.jsonl, a progress line, and wandb.
+
+Only rank 0 tracks; every other rank gets the no-op `Tracker`, so call sites never branch on rank.
+wandb is imported lazily and only when enabled. The wandb run id lives in the checkpoint, so a resumed
+or requeued job continues the same wandb run (online: resumed; offline: same id, `wandb sync` later).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from dcgan.config import Config, LogConfig, config_to_dict
+
+log = logging.getLogger(__name__)
+
+
+def new_run_id() -> str:
+    """An 8-character id in wandb's alphabet, made here so runs without wandb have one too."""
+    return uuid.uuid4().hex[:8]
+
+
+def setup_logging(run_dir: Path | None, rank: int) -> None:
+    """INFO to stderr (and RUN_DIR/train.log) on rank 0; warnings only, prefixed with the rank, elsewhere."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    formatter = logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if run_dir is not None and rank == 0:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+class Tracker:
+    """The no-op tracker of ranks other than 0 (and the interface of the real one)."""
+
+    run_id: str = ""
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_image(self, step: int, key: str, image: np.ndarray) -> None:
+        pass
+
+    def log_histogram(self, step: int, key: str, values: np.ndarray) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RunTracker(Tracker):
+    """Rank 0's tracker: appends JSON lines to stats.jsonl and mirrors everything to wandb if enabled."""
+
+    def __init__(self, run_dir: Path, config: Config, run_id: str) -> None:
+        self.run_id = run_id
+        self._stats: TextIO = (run_dir / "stats.jsonl").open("a")
+        self._wandb = _start_wandb(run_dir, config, run_id) if config.log.wandb != "disabled" else None
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self._stats.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        self._stats.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def log_image(self, step: int, key: str, image: np.ndarray) -> None:
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Image(image)}, step=step)
+
+    def log_histogram(self, step: int, key: str, values: np.ndarray) -> None:
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Histogram(values)}, step=step)
+
+    def close(self) -> None:
+        self._stats.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            if self._wandb.settings.mode == "offline":
+                log.info("wandb offline run saved; upload with: wandb sync %s", self._wandb.dir.rsplit("/files", 1)[0])
+            self._wandb = None
+
+
+def _start_wandb(run_dir: Path, config: Config, run_id: str) -> Any:
+    import wandb
+
+    cfg: LogConfig = config.log
+    return wandb.init(
+        project=cfg.project,
+        entity=cfg.entity or None,
+        name=cfg.name or Path(config.run.dir).name,
+        group=cfg.group or None,
+        tags=list(cfg.tags) or None,
+        config=config_to_dict(config),
+        dir=str(run_dir),
+        id=run_id,
+        resume="allow",
+        mode=cfg.wandb,
+        settings=wandb.Settings(console="off", silent=True),
+    )
+
+
+def make_tracker(run_dir: Path, config: Config, run_id: str, rank: int) -> Tracker:
+    return RunTracker(run_dir, config, run_id) if rank == 0 else Tracker()
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class Progress:
+    """Rank 0's progress: a bar redrawn in place on a terminal, plain log lines otherwise."""
+
+    def __init__(self, total_steps: int, start_step: int, enabled: bool, stream: TextIO = sys.stderr) -> None:
+        self.total = total_steps
+        self.start_step = start_step
+        self.enabled = enabled
+        self.stream = stream
+        self.interactive = enabled and stream.isatty()
+        self.started = time.perf_counter()
+
+    def eta_s(self, step: int) -> float:
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.started
+        return elapsed / done * (self.total - step) if done > 0 else math.inf
+
+    def update(self, step: int) -> None:
+        """Cheap per-step redraw (terminal only); reads no device values."""
+        if not self.interactive:
+            return
+        width = 30
+        filled = int(width * step / self.total)
+        bar = "#" * filled + "." * (width - filled)
+        self.stream.write(f"\r[{bar}] {step}/{self.total} ETA {_duration(self.eta_s(step))} ")
+        self.stream.flush()
+
+    def report(self, step: int, metrics: dict[str, float]) -> None:
+        """One line every log.every steps with the key numbers, rate and ETA."""
+        if not self.enabled:
+            return
+        if self.interactive:
+            self.stream.write("\r")
+        shown = " ".join(f"{k}={metrics[k]:.3f}" for k in ("loss_D", "loss_G", "D_x", "D_G_z_before") if k in metrics)
+        rate = metrics.get("img_per_s", 0.0)
+        log.info("step %d/%d %s %.0f img/s ETA %s", step, self.total, shown, rate, _duration(self.eta_s(step)))
+
+    def close(self) -> None:
+        if self.interactive:
+            self.stream.write("\n")

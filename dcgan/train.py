@@ -1,0 +1,346 @@
+"""The training loop: build everything from a Config, resume if a checkpoint exists, train, close.
+
+One code path for one CPU process, one GPU, `torchrun --nproc_per_node=8` and SLURM/submitit: the
+process group (if any) comes from the environment. Everything a resume needs lives in one state dict
+saved through DCP: models, optimizers, GradScaler, step, data position, per-rank noise RNG, fixed noise,
+the tracker's run id and the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from dcgan.checkpoint import Checkpointer, stored_keys
+from dcgan.config import Config, config_to_dict, save_config
+from dcgan.data import build_source
+from dcgan.data.base import BatchSource
+from dcgan.distributed import (
+    DistInfo,
+    all_mean,
+    any_rank,
+    destroy_distributed,
+    init_distributed,
+    log_batchnorm_mode,
+    prepare_module,
+    replicas_agree,
+    sync_buffers,
+)
+from dcgan.models import Discriminator, Generator
+from dcgan.preemption import EXIT_REQUEUE, StopSignal
+from dcgan.sample import generate, save_grid, to_uint8_grid
+from dcgan.step import STAT_NAMES, GANStep, resolve_precision
+from dcgan.tracking import Progress, Tracker, make_tracker, new_run_id, setup_logging
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_NONFINITE = 3
+"""Exit status when a non-finite loss stopped the run (train.nonfinite=stop)."""
+
+
+class IncompatibleCheckpoint(SystemExit):
+    """The newest checkpoint was written for another model; raised with a one-line message."""
+
+
+def noise_seed(seed: int, rank: int) -> int:
+    """Per-rank latent noise: ranks must not draw the same z, or the global batch repeats itself."""
+    return seed * 1_000_003 + rank + 1
+
+
+@dataclass
+class Trainer:
+    """Everything one rank holds during a run."""
+
+    config: Config
+    info: DistInfo
+    run_dir: Path
+    g_bare: Generator
+    d_bare: Discriminator
+    step_fn: GANStep
+    data: BatchSource
+    fixed_noise: torch.Tensor
+    checkpointer: Checkpointer
+    run_id: str
+    step: int = 0
+    last_good_checkpoint: int = -1
+    nonfinite_flag: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+
+    # --- state that must survive a resume ---------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        step_fn = self.step_fn
+        return {
+            "model": {"G": get_model_state_dict(self.g_bare), "D": get_model_state_dict(self.d_bare)},
+            "optim": {
+                "G": get_optimizer_state_dict(self.g_bare, step_fn.opt_g),
+                "D": get_optimizer_state_dict(self.d_bare, step_fn.opt_d),
+            },
+            "scaler": step_fn.scaler.state_dict(),
+            "progress": {"step": self.step, "data": self.data.state_dict()},
+            "rng": {f"rank{self.info.rank}": {"noise": step_fn.noise.get_state()}},
+            "fixed_noise": self.fixed_noise,
+            "meta": {"run_id": self.run_id, "config": yaml.safe_dump(config_to_dict(self.config), sort_keys=False)},
+        }
+
+    def load_state_dict(self, path: Path) -> None:
+        """Resume from the checkpoint at `path`, refusing one written for another model."""
+        check_compatible(path, self.config, self.checkpointer)
+        state = self.state_dict()
+        rng_key = f"rank{self.info.rank}"
+        has_rng = f"rng.{rng_key}.noise" in stored_keys(path)
+        if not has_rng:
+            del state["rng"]
+        self.checkpointer.load(path, state)
+        set_model_state_dict(self.g_bare, state["model"]["G"])
+        set_model_state_dict(self.d_bare, state["model"]["D"])
+        set_optimizer_state_dict(self.g_bare, self.step_fn.opt_g, state["optim"]["G"])
+        set_optimizer_state_dict(self.d_bare, self.step_fn.opt_d, state["optim"]["D"])
+        if state["scaler"]:
+            self.step_fn.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["progress"]["step"])
+        self.data.load_state_dict(state["progress"]["data"])
+        self.fixed_noise.copy_(state["fixed_noise"])
+        self.run_id = str(state["meta"]["run_id"])
+        if has_rng:
+            self.step_fn.noise.set_state(state["rng"][rng_key]["noise"])
+        else:
+            self.step_fn.noise.manual_seed(noise_seed(self.config.seed, self.info.rank) + self.step)
+            log.warning("checkpoint has no noise RNG for rank %d (fewer ranks wrote it): reseeded", self.info.rank)
+        self.last_good_checkpoint = self.step
+        log.info("resumed from %s at step %d (data epoch %d, batch %d)", path, self.step, *self.data.state_dict().values())
+
+
+def check_compatible(path: Path, config: Config, checkpointer: Checkpointer) -> None:
+    """Refuse, in one line, a checkpoint whose model settings differ from this config's."""
+    meta: dict[str, Any] = {"meta": {"config": ""}}
+    checkpointer.load(path, meta)
+    saved = (yaml.safe_load(meta["meta"]["config"]) or {}).get("model", {})
+    wanted = config_to_dict(config)["model"]
+    differing = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in wanted.items() if saved.get(k) != v]
+    if differing:
+        raise IncompatibleCheckpoint(
+            f"checkpoint {path} belongs to another model ({'; '.join(differing)}): "
+            "use a new run.dir or the checkpoint's model settings"
+        )
+
+
+def build_trainer(config: Config, info: DistInfo) -> Trainer:
+    """Models, optimizers, data, checkpointer for this rank; nothing is trained or loaded yet."""
+    torch.manual_seed(config.seed)
+    device = info.device
+    g_model, d_model = Generator(config.model), Discriminator(config.model)
+    t = config.train
+    g, g_bare = prepare_module(g_model, info, compile=t.compile, channels_last=t.channels_last)
+    d, d_bare = prepare_module(d_model, info, compile=t.compile, channels_last=t.channels_last)
+    fused = device.type == "cuda"
+    betas = (config.optim.beta1, config.optim.beta2)
+    opt_g = torch.optim.Adam(g_bare.parameters(), lr=config.optim.lr, betas=betas, fused=fused)
+    opt_d = torch.optim.Adam(d_bare.parameters(), lr=config.optim.lr, betas=betas, fused=fused)
+    dtype = resolve_precision(t.precision, device)
+    scaler = make_scaler(dtype, t.nonfinite, device)
+    noise = torch.Generator(device=device).manual_seed(noise_seed(config.seed, info.rank))
+    step_fn = GANStep(
+        g=g, d=d, d_bare=d_bare, opt_g=opt_g, opt_d=opt_d, scaler=scaler, dtype=dtype, nz=config.model.nz,
+        noise=noise, channels_last=t.channels_last and device.type == "cuda",
+    )
+    fixed = torch.randn(config.sample.num, config.model.nz, generator=torch.Generator().manual_seed(config.seed))
+    run_dir = Path(config.run.dir)
+    return Trainer(
+        config=config,
+        info=info,
+        run_dir=run_dir,
+        g_bare=g_bare,
+        d_bare=d_bare,
+        step_fn=step_fn,
+        data=build_source(config, info),
+        fixed_noise=fixed.to(device),
+        checkpointer=Checkpointer(run_dir / "checkpoints", config.checkpoint, info),
+        run_id=new_run_id(),
+        nonfinite_flag=torch.zeros((), device=device),
+    )
+
+
+def make_scaler(dtype: torch.dtype, nonfinite: str, device: torch.device) -> torch.amp.GradScaler:
+    """fp16 needs loss scaling. With train.nonfinite=skip the scaler (at scale 1 for other dtypes) is
+    what skips an update whose gradients are not finite; otherwise it is disabled (a no-op)."""
+    if dtype == torch.float16:
+        return torch.amp.GradScaler(device.type)
+    if nonfinite == "skip":
+        return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**31 - 1)
+    return torch.amp.GradScaler(device.type, enabled=False)
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    """Statistics accumulated on the device between two metric lines (read once per window)."""
+
+    device: torch.device
+    sums: torch.Tensor = field(init=False)
+    steps: int = 0
+    data_wait_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.sums = torch.zeros(len(STAT_NAMES), device=self.device)
+
+    def add(self, stats: torch.Tensor, data_wait_s: float) -> None:
+        self.sums += stats
+        self.steps += 1
+        self.data_wait_s += data_wait_s
+
+
+def window_metrics(window: Window, trainer: Trainer) -> dict[str, float]:
+    """Means over the window and over ranks; rates from wall time. One device->host read."""
+    info, batch = trainer.info, trainer.config.train.batch_size
+    elapsed = max(time.perf_counter() - window.started, 1e-9)
+    local = torch.cat(
+        [
+            window.sums / max(window.steps, 1),
+            torch.tensor([window.data_wait_s / elapsed, float(trainer.data.skipped_samples)], device=window.sums.device),
+        ]
+    )
+    values = all_mean(local, info).tolist()
+    metrics = dict(zip(STAT_NAMES, values[: len(STAT_NAMES)], strict=True))
+    metrics.pop("nonfinite")
+    img_per_s = window.steps * batch * info.world_size / elapsed
+    metrics.update(
+        img_per_s=img_per_s,
+        img_per_s_per_gpu=img_per_s / info.world_size,
+        step_time_ms=1000 * elapsed / max(window.steps, 1),
+        data_wait_share=values[len(STAT_NAMES)],
+        skipped_samples=values[len(STAT_NAMES) + 1] * info.world_size,
+        global_batch=batch * info.world_size,
+    )
+    if info.device.type == "cuda":
+        metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30
+    return metrics
+
+
+def write_samples(trainer: Trainer, tracker: Tracker) -> None:
+    """Fixed-noise grid (eval mode) to samples/ and wandb, plus histograms of D's last outputs."""
+    images = generate(trainer.g_bare, trainer.fixed_noise)
+    save_grid(images, trainer.run_dir / "samples" / f"step_{trainer.step:09d}.png")
+    tracker.log_image(trainer.step, "samples", to_uint8_grid(images))
+    every = trainer.config.log.histogram_every or trainer.config.sample.every
+    if trainer.step % every == 0 and trainer.step_fn.last_logits is not None:
+        real, fake = trainer.step_fn.last_logits
+        tracker.log_histogram(trainer.step, "D_real", torch.sigmoid(real.float()).cpu().numpy())
+        tracker.log_histogram(trainer.step, "D_fake", torch.sigmoid(fake.float()).cpu().numpy())
+
+
+def nonfinite_seen(trainer: Trainer) -> bool:
+    """Whether any rank saw a non-finite loss since the run (re)started; one read, all ranks agree."""
+    return any_rank(bool(trainer.nonfinite_flag.item()), trainer.info)
+
+
+def save_checkpoint(trainer: Trainer, *, blocking: bool = False) -> None:
+    """Check replicas agree, then write this step's checkpoint (collective: every rank calls it)."""
+    info = trainer.info
+    sync_buffers(trainer.g_bare, info)
+    sync_buffers(trainer.d_bare, info)
+    differing = replicas_agree(trainer.g_bare, info) + replicas_agree(trainer.d_bare, info)
+    if differing:
+        raise RuntimeError(f"replicas disagree before checkpoint at step {trainer.step}: {', '.join(differing[:5])}")
+    trainer.checkpointer.save(trainer.step, trainer.state_dict(), blocking=blocking)
+    trainer.last_good_checkpoint = trainer.step
+
+
+def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
+    """Train until train.steps; return an exit status (0, EXIT_REQUEUE or EXIT_NONFINITE)."""
+    cfg, info = trainer.config, trainer.info
+    progress = Progress(cfg.train.steps, trainer.step, enabled=info.is_main)
+    batches = iter(trainer.data)
+    window = Window(info.device)
+    while trainer.step < cfg.train.steps:
+        waited = time.perf_counter()
+        images = next(batches).to(info.device, non_blocking=True)
+        waited = time.perf_counter() - waited
+        stats = trainer.step_fn(images)
+        trainer.nonfinite_flag += stats[-1]
+        window.add(stats, waited)
+        trainer.step += 1
+        trainer.checkpointer.poll()
+        step, final = trainer.step, trainer.step == cfg.train.steps
+        progress.update(step)
+        due_log, due_ckpt = step % cfg.log.every == 0 or final, step % cfg.checkpoint.every == 0 or final
+        if (due_log or due_ckpt) and cfg.train.nonfinite == "stop" and nonfinite_seen(trainer):
+            log.error(
+                "non-finite loss at or before step %d: stopping; the last good checkpoint (step %d) is kept",
+                step, trainer.last_good_checkpoint,
+            )
+            return EXIT_NONFINITE
+        if due_log:
+            metrics = window_metrics(window, trainer)
+            tracker.log_metrics(step, metrics)
+            progress.report(step, metrics)
+            window = Window(info.device)
+        if step % cfg.sample.every == 0 or final:
+            sync_buffers(trainer.g_bare, info)
+            if info.is_main:
+                write_samples(trainer, tracker)
+        if any_rank(stop.requested, info):
+            log.warning("stop signal received: checkpointing step %d, then exiting %d (requeue)", step, EXIT_REQUEUE)
+            save_checkpoint(trainer, blocking=True)
+            return EXIT_REQUEUE
+        if due_ckpt:
+            save_checkpoint(trainer, blocking=final)
+    progress.close()
+    return EXIT_OK
+
+
+def prepare_run_dir(trainer: Trainer) -> Path | None:
+    """Create the run directory (rank 0), save the resolved config; return the checkpoint to resume."""
+    if trainer.info.is_main:
+        (trainer.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        save_config(trainer.config, trainer.run_dir / "config.yaml")
+    trainer.checkpointer.remove_incomplete()
+    return trainer.checkpointer.latest()
+
+
+def train(config: Config) -> int:
+    """Entry point of `dcgan train`: returns the process exit status."""
+    info = init_distributed(config.train.device, config.dist.timeout_s)
+    tracker: Tracker = Tracker()
+    stop = StopSignal().install()
+    trainer: Trainer | None = None
+    try:
+        if info.is_main:
+            Path(config.run.dir).mkdir(parents=True, exist_ok=True)
+        setup_logging(Path(config.run.dir), info.rank)
+        trainer = build_trainer(config, info)
+        resume_from = prepare_run_dir(trainer)
+        if resume_from is not None:
+            trainer.load_state_dict(resume_from)
+        log.info(
+            "run %s: %d rank(s) on %s, batch %d per rank (global %d), %s precision, step %d -> %d",
+            trainer.run_dir, info.world_size, info.device, config.train.batch_size,
+            config.train.batch_size * info.world_size, trainer.step_fn.dtype, trainer.step, config.train.steps,
+        )
+        log_batchnorm_mode(info)
+        tracker = make_tracker(trainer.run_dir, config, trainer.run_id, info.rank)
+        if trainer.step >= config.train.steps:
+            log.info("nothing to do: the run already reached step %d", trainer.step)
+            return EXIT_OK
+        return run_loop(trainer, tracker, stop)
+    finally:
+        if trainer is not None:
+            trainer.checkpointer.close()
+        tracker.close()
+        stop.uninstall()
+        destroy_distributed()
