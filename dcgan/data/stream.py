@@ -1,0 +1,292 @@
+"""Streaming WebDataset shards to many ranks, each rank its own shards, resumable to the exact batch.
+
+Per rank, DataLoader workers each produce a "lane" of batches: in an epoch, lane l produces the batches
+at positions l, l+W, l+2W, ... (W = workers), from a sample stream seeded by (seed, rank, epoch, lane):
+- resampled mode (default): shards drawn with replacement, so every rank has an endless stream and all
+  ranks yield the same number of full batches (uneven counts would hang DDP and SyncBatchNorm);
+- exact mode (data.resampled=false): each epoch the shard list is shuffled (same order on all ranks) and
+  dealt to ranks, then to lanes; every sample is seen at most once per epoch.
+Samples pass through a shuffle buffer before they are decoded and batched. The DataLoader hands out
+batches round-robin over workers, so lane l is simply worker l; after a resume in the middle of an epoch
+the lanes are rotated so that the worker asked first produces the next position. The stream after a
+resume is therefore exactly the stream an uninterrupted run would have seen (for data without corrupt
+samples: a skipped sample shifts the batches that follow it).
+
+Images stay uint8 on the host (pinned when training on CUDA) and are normalized on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dcgan.config import Config, ConfigError
+from dcgan.data.base import EpochStream
+from dcgan.data.formats import MANIFEST, CorruptSample, Manifest, decode_block, decode_image
+from dcgan.distributed import DistInfo
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
+
+
+class ShardError(RuntimeError):
+    """A shard is missing or unreadable: the message names it."""
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """Resolved `data.shards`: the shard URLs, their sample counts (if known), and the image format."""
+
+    urls: list[str]
+    counts: list[int] | None
+    manifest: Manifest | None
+
+    @property
+    def total(self) -> int | None:
+        return sum(self.counts) if self.counts is not None else None
+
+
+def resolve_shards(spec: str) -> ShardSet:
+    """A directory with manifest.json, a brace pattern of local files, or pipe:/http(s) URLs."""
+    path = Path(spec)
+    if path.is_dir():
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise ConfigError(f"data.shards: {path} has no {MANIFEST} (write shards with `dcgan shards`)")
+        manifest = Manifest.read(manifest_path)
+        urls = [str(path / s.name) for s in manifest.shards]
+        counts = [s.samples for s in manifest.shards]
+    else:
+        urls = list(braceexpand.braceexpand(spec))
+        manifest_path = Path(urls[0]).parent / MANIFEST
+        manifest = Manifest.read(manifest_path) if "://" not in spec and not spec.startswith("pipe:") and manifest_path.is_file() else None
+        counts = None
+        if manifest is not None:
+            by_name = {s.name: s.samples for s in manifest.shards}
+            counts = [by_name[Path(u).name] for u in urls] if all(Path(u).name in by_name for u in urls) else None
+    for url in urls:
+        if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file():
+            raise ShardError(f"shard not found: {url}")
+    if not urls:
+        raise ConfigError(f"data.shards: no shards match {spec!r}")
+    return ShardSet(urls, counts, manifest)
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Everything a worker needs to produce its lane of an epoch (picklable, no open handles)."""
+
+    urls: list[str]
+    counts: list[int] | None
+    seed: int
+    rank: int
+    world_size: int
+    workers: int
+    batch_size: int
+    batches_per_epoch: int
+    shuffle_buffer: int
+    resampled: bool
+    channels: int
+    resolution: int
+
+    def lane_positions(self, lane: int, start: int) -> int:
+        """How many of positions start.. in an epoch belong to lane `lane` (every W-th from lane)."""
+        first = lane if lane >= start else lane + -(-(start - lane) // self.workers) * self.workers
+        return max(0, -(-(self.batches_per_epoch - first) // self.workers))
+
+    def exact_shards(self, epoch: int) -> list[list[list[int]]]:
+        """Exact mode: shard indices per [rank][lane] for an epoch (same shuffle on every rank)."""
+        order = list(range(len(self.urls)))
+        random.Random(_mix(self.seed, epoch, 0x5EED)).shuffle(order)
+        per_rank = [order[r :: self.world_size] for r in range(self.world_size)]
+        return [[mine[lane :: self.workers] for lane in range(self.workers)] for mine in per_rank]
+
+
+def _mix(*values: int) -> int:
+    """A deterministic 63-bit seed from integers (Python's hash of ints is not salted)."""
+    seed = 0x9E3779B97F4A7C15
+    for value in values:
+        seed = (seed * 1_000_003 + value + 0x632BE5AB) & 0x7FFF_FFFF_FFFF_FFFF
+    return seed
+
+
+def _raise_naming_shard(exc: Exception) -> bool:
+    """webdataset handler for tar-level errors: stop with the shard's name (never sleep, never skip)."""
+    where = next((a for a in reversed(exc.args) if isinstance(a, str) and ("/" in a or ":" in a)), "?")
+    raise ShardError(f"cannot read shard {where}: {type(exc).__name__}: {exc.args[0] if exc.args else ''}") from exc
+
+
+class LaneDataset(IterableDataset):
+    """One worker's lane of one epoch. The main process sets (epoch, start, rotation) in shared memory
+    before each epoch; persistent workers read it when their iterator is re-created."""
+
+    def __init__(self, plan: StreamPlan) -> None:
+        super().__init__()
+        self.plan = plan
+        self.control = torch.zeros(3, dtype=torch.int64).share_memory_()  # epoch, start position, rotation
+
+    def set_epoch(self, epoch: int, start: int) -> None:
+        self.control[0], self.control[1], self.control[2] = epoch, start, start % max(self.plan.workers, 1)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        epoch, start, rotation = (int(v) for v in self.control)
+        lane = (worker + rotation) % self.plan.workers
+        count = self.plan.lane_positions(lane, start)
+        skip = self.plan.lane_positions(lane, 0) - count
+        yield from lane_batches(self.plan, epoch, lane, skip, count)
+
+
+def _shard_stream(plan: StreamPlan, epoch: int, lane: int) -> Iterator[dict[str, str]]:
+    if plan.resampled:
+        rng = random.Random(_mix(plan.seed, epoch, plan.rank, lane, 1))
+        while True:
+            yield {"url": rng.choice(plan.urls)}
+    else:
+        for index in plan.exact_shards(epoch)[plan.rank][lane]:
+            yield {"url": plan.urls[index]}
+
+
+def _expand(samples: Iterator[dict[str, Any]], plan: StreamPlan, bad: list[int]) -> Iterator[Any]:
+    """Blocks -> one uint8 image each; per-sample formats stay encoded bytes until after the shuffle."""
+    for sample in samples:
+        if "images.npy" in sample:
+            try:
+                yield from decode_block(sample["images.npy"], plan.channels, plan.resolution)
+            except CorruptSample as exc:
+                bad[0] += 1
+                log.warning("skipping corrupt block %s in %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
+            continue
+        data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        if data is None:
+            bad[0] += 1
+            continue
+        yield data
+
+
+def lane_batches(plan: StreamPlan, epoch: int, lane: int, skip: int, count: int) -> Iterator[tuple[torch.Tensor, int]]:
+    """`count` batches of this lane after skipping `skip`, each with the number of samples skipped as
+    corrupt since the previous batch (so the main process can count them across worker processes)."""
+    bad = [0]
+    samples = wds.tarfile_to_samples(handler=_raise_naming_shard)(_shard_stream(plan, epoch, lane))
+    items = _expand(samples, plan, bad)
+    shuffled = wds.shuffle(plan.shuffle_buffer, initial=plan.shuffle_buffer, rng=random.Random(_mix(plan.seed, epoch, plan.rank, lane, 2)))(items)
+    for _ in range(skip * plan.batch_size):
+        if next(shuffled, None) is None:
+            return
+    produced = 0
+    batch: list[np.ndarray] = []
+    for item in shuffled:
+        if produced == count:
+            return
+        if isinstance(item, bytes):
+            try:
+                item = decode_image(item, plan.channels, plan.resolution)
+            except CorruptSample:
+                bad[0] += 1
+                continue
+        batch.append(item)
+        if len(batch) == plan.batch_size:
+            yield torch.from_numpy(np.stack(batch)), bad[0]
+            bad[0] = 0
+            batch = []
+            produced += 1
+
+
+class ShardSource(EpochStream):
+    """The shard loader behind the training loop's BatchSource interface."""
+
+    def __init__(self, config: Config, info: DistInfo, *, pin_memory: bool | None = None) -> None:
+        shards = resolve_shards(config.data.shards)
+        self.shards = shards
+        check_shape(shards, config)
+        d, batch = config.data, config.train.batch_size
+        workers = max(d.workers, 1)
+        if not d.resampled and len(shards.urls) < info.world_size * workers:
+            raise ConfigError(
+                f"data.shards: {len(shards.urls)} shards cannot feed {info.world_size} rank(s) x {workers} worker(s) "
+                "in exact mode (data.resampled=false): write more, smaller shards (dcgan shards --shard-size), "
+                "use fewer data.workers, or set data.resampled=true"
+            )
+        plan = StreamPlan(
+            urls=shards.urls, counts=shards.counts, seed=config.seed, rank=info.rank, world_size=info.world_size,
+            workers=workers, batch_size=batch, batches_per_epoch=0, shuffle_buffer=d.shuffle_buffer,
+            resampled=d.resampled, channels=config.model.channels, resolution=config.model.resolution,
+        )
+        plan = StreamPlan(**{**plan.__dict__, "batches_per_epoch": epoch_batches(plan, d.epoch_samples)})
+        self.plan = plan
+        self.dataset = LaneDataset(plan)
+        pin = info.device.type == "cuda" if pin_memory is None else pin_memory
+        self.loader = DataLoader(
+            self.dataset, batch_size=None, num_workers=d.workers, pin_memory=pin,
+            persistent_workers=d.workers > 0, prefetch_factor=d.prefetch if d.workers > 0 else None,
+        )
+        self._skipped = 0
+        super().__init__(self._epoch, plan.batches_per_epoch)
+
+    def _epoch(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
+        self.dataset.set_epoch(epoch, start)
+        for images, bad in self.loader:
+            self._skipped += bad
+            yield images
+
+    @property
+    def skipped_samples(self) -> int:
+        return self._skipped
+
+
+def check_shape(shards: ShardSet, config: Config) -> None:
+    """The shards' resolution and channels must be the model's (checked before any training)."""
+    m = shards.manifest
+    if m is None:
+        return
+    if m.resolution != config.model.resolution:
+        raise ConfigError(f"model.resolution: the shards hold {m.resolution}x{m.resolution} images, config says {config.model.resolution}")
+    if m.channels != config.model.channels:
+        raise ConfigError(f"model.channels: the shards hold {m.channels}-channel images, config says {config.model.channels}")
+
+
+def epoch_batches(plan: StreamPlan, epoch_samples: int) -> int:
+    """Batches per rank per epoch; identical on every rank, so DDP never waits on a missing batch."""
+    if not plan.resampled:
+        if plan.counts is None:
+            raise ConfigError("data.resampled=false needs per-shard sample counts: point data.shards at a directory with manifest.json")
+        shares = plan_exact_counts(plan)
+        return plan.workers * min(shares)
+    if epoch_samples:
+        samples = epoch_samples
+    elif plan.counts is not None:
+        samples = sum(plan.counts) // plan.world_size
+    else:
+        raise ConfigError("data.epoch_samples: must be > 0 when the shards have no manifest (URLs or patterns)")
+    batches = samples // plan.batch_size
+    if batches < 1:
+        raise ConfigError(f"train.batch_size: {plan.batch_size} is more than the {samples} samples per rank per epoch")
+    return batches
+
+
+def plan_exact_counts(plan: StreamPlan) -> list[int]:
+    """Exact mode: full batches each (rank, lane) can make; the smallest bounds every lane's share.
+
+    The shard deal changes every epoch, so the bound is taken over the worst case: the lanes' shard
+    counts are fixed, the shards themselves vary, so the smallest shards are assumed."""
+    assert plan.counts is not None
+    lanes = plan.world_size * plan.workers
+    per_lane = len(plan.urls) // lanes
+    smallest = sorted(plan.counts)[:per_lane]
+    batches = sum(smallest) // plan.batch_size
+    if batches < 1:
+        raise ConfigError(f"train.batch_size: {plan.batch_size} is more than one worker's share of the shards ({sum(smallest)} samples)")
+    return [batches]

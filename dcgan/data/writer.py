@@ -1,0 +1,166 @@
+"""`dcgan shards`: convert a data set once into WebDataset tar shards plus a manifest.
+
+Shards are written in parallel by worker processes, each under a temporary name that is renamed only
+when the shard is complete; the manifest is written last. A directory with a manifest is therefore
+always a complete, consistent data set, and an interrupted conversion leaves no file a loader would use.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from dcgan.data.formats import MANIFEST, Manifest, ShardInfo, encode_block, encode_image
+from dcgan.data.inputs import find_mnist, list_images, load_image_file, read_idx, resize_array
+
+log = logging.getLogger(__name__)
+
+KINDS = ("folder", "mnist", "digits")
+
+
+@dataclass
+class ShardTask:
+    """One shard's worth of work; `files` (folder) or `images`/`labels` (arrays) is set."""
+
+    index: int
+    first_key: int
+    out_dir: Path
+    fmt: str
+    resolution: int
+    channels: int
+    crop: int
+    block_size: int
+    files: list[Path] | None = None
+    images: np.ndarray | None = None
+    labels: np.ndarray | None = None
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:06d}.tar"
+
+
+def _load_task_images(task: ShardTask) -> tuple[list[np.ndarray], list[int], int]:
+    """Preprocessed uint8 (C, R, R) images and labels of a task; unreadable files are skipped."""
+    if task.files is None:
+        assert task.images is not None and task.labels is not None
+        if task.images.shape[-1] == task.resolution and task.images.ndim == 4:
+            return list(task.images), [int(x) for x in task.labels], 0
+        return [resize_array(im, task.resolution, task.crop) for im in task.images], [int(x) for x in task.labels], 0
+    images, skipped = [], 0
+    for path in task.files:
+        try:
+            images.append(load_image_file(path, task.resolution, task.channels, task.crop))
+        except Exception as exc:  # PIL raises many types for damaged files
+            skipped += 1
+            print(f"skipping unreadable image {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return images, [-1] * len(images), skipped
+
+
+def write_shard(task: ShardTask) -> tuple[int, int, int]:
+    """Write one shard (temp name, then rename); return (index, samples written, inputs skipped)."""
+    images, labels, skipped = _load_task_images(task)
+    final = task.out_dir / task.name
+    tmp = task.out_dir / (task.name + ".tmp")
+    with wds.TarWriter(str(tmp)) as sink:
+        if task.fmt == "blocks":
+            for start in range(0, len(images), task.block_size):
+                block = np.stack(images[start : start + task.block_size])
+                members = encode_block(block, np.asarray(labels[start : start + task.block_size]))
+                sink.write({"__key__": f"{task.first_key + start:09d}", **members})
+        else:
+            for offset, (image, label) in enumerate(zip(images, labels, strict=True)):
+                ext, data = encode_image(image, task.fmt)
+                sink.write({"__key__": f"{task.first_key + offset:09d}", ext: data, "cls": str(label).encode()})
+    os.replace(tmp, final)
+    return task.index, len(images), skipped
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def plan_tasks(kind: str, source: Path, out_dir: Path, *, fmt: str, resolution: int, channels: int, crop: int, shard_size: int, block_size: int) -> tuple[list[ShardTask], int]:
+    """Split the input into shard tasks; returns (tasks, channels actually written)."""
+    common = dict(out_dir=out_dir, fmt=fmt, resolution=resolution, crop=crop, block_size=block_size)
+    if kind == "folder":
+        files = list_images(source)
+        if not files:
+            raise FileNotFoundError(f"no image files under {source}")
+        return [ShardTask(index=i, first_key=a, channels=channels, files=files[a:b], **common) for i, (a, b) in enumerate(_chunks(len(files), shard_size))], channels
+    if kind == "mnist":
+        image_path, label_path = find_mnist(source)
+        images, labels = read_idx(image_path), read_idx(label_path)
+        if len(images) != len(labels):
+            raise ValueError(f"{image_path} has {len(images)} images but {label_path} has {len(labels)} labels")
+    elif kind == "digits":
+        from dcgan.data.digits import digits_images, load_digits_arrays
+
+        images, labels = digits_images(resolution).numpy(), load_digits_arrays()[1]
+    else:
+        raise ValueError(f"unknown kind {kind!r} (allowed: {', '.join(KINDS)})")
+    return [ShardTask(index=i, first_key=a, channels=1, images=images[a:b], labels=labels[a:b], **common) for i, (a, b) in enumerate(_chunks(len(images), shard_size))], 1
+
+
+def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a non-empty OUT_DIR unless overwriting, in which case old shards and manifest go first."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} is not empty; pass --overwrite to replace its shards")
+        for path in out_dir.iterdir():
+            if path.name == MANIFEST or path.name.startswith("shard-"):
+                path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_shards(kind: str, source: Path, out_dir: Path, *, fmt: str = "blocks", resolution: int = 64, channels: int = 3, crop: int = 0, shard_size: int = 10000, block_size: int = 256, workers: int = 0, overwrite: bool = False, progress: bool = True) -> Manifest:
+    """Convert `source` into shards under `out_dir` and return the manifest written there."""
+    prepare_out_dir(out_dir, overwrite)
+    tasks, channels = plan_tasks(kind, source, out_dir, fmt=fmt, resolution=resolution, channels=channels, crop=crop, shard_size=shard_size, block_size=block_size)
+    workers = workers or min(len(tasks), os.cpu_count() or 1)
+    counts: dict[int, int] = {}
+    skipped = 0
+    started = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else _InlinePool() as pool:
+        for index, samples, bad in pool.imap_unordered(write_shard, tasks):
+            counts[index] = samples
+            skipped += bad
+            if progress:
+                _show_progress(len(counts), len(tasks), sum(counts.values()), time.perf_counter() - started)
+    if progress:
+        print(file=sys.stderr)
+    manifest = Manifest(
+        format=fmt, resolution=resolution, channels=channels, source=str(source), kind=kind,
+        block_size=block_size if fmt == "blocks" else 0,
+        shards=[ShardInfo(t.name, counts[t.index]) for t in tasks], skipped_inputs=skipped,
+    )
+    manifest.write(out_dir)
+    return manifest
+
+
+def _show_progress(done: int, total: int, images: int, elapsed: float) -> None:
+    width = 30
+    bar = "#" * (width * done // total) + "." * (width - width * done // total)
+    end = "\r" if sys.stderr.isatty() else "\n"
+    print(f"[{bar}] {done}/{total} shards, {images} images, {images / max(elapsed, 1e-9):.0f} img/s", end=end, file=sys.stderr, flush=True)
+
+
+class _InlinePool:
+    """The Pool interface, run in this process (one worker: no process start-up cost)."""
+
+    def __enter__(self) -> _InlinePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    @staticmethod
+    def imap_unordered(fn, items):  # type: ignore[no-untyped-def]
+        return map(fn, items)
