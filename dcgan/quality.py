@@ -25,8 +25,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     from scipy import linalg
 
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
-    if not np.isfinite(covmean).all():
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():  # singular product: regularize, as the reference FID code does
         offset = np.eye(len(sigma1)) * 1e-6
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     covmean = np.real(covmean)
@@ -56,7 +56,7 @@ class DigitsScorer:
         _, labels = load_digits_arrays()
         real = self.features(digits_images(resolution).float().div(127.5).sub(1))
         self.reference = gaussian_stats(real)
-        self.classifier = LogisticRegression(max_iter=5000).fit(real, labels)
+        self.classifier = LogisticRegression(C=100.0, max_iter=10000).fit(real, labels)
 
     @staticmethod
     def features(images: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dcgan.config import Config, ConfigError, config_from_dict, keys_help, load_config, save_config
+
+from conftest import ROOT
+
+
+def test_defaults_are_the_paper_recipe() -> None:
+    c = Config()
+    assert (c.model.resolution, c.model.nz, c.model.ngf, c.model.ndf, c.model.channels) == (64, 100, 64, 64, 3)
+    assert (c.train.batch_size, c.optim.lr, c.optim.beta1) == (128, 2e-4, 0.5)
+
+
+def test_yaml_and_dotted_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {resolution: 32, channels: 1}\ntrain: {steps: 5}\n")
+    c = load_config(path, ["train.steps=7", "optim.lr=1e-3", "log.tags=[a, b]", "run.dir=/x/y", "data.resampled=false"])
+    assert c.model.resolution == 32 and c.train.steps == 7 and c.optim.lr == 1e-3
+    assert c.log.tags == ("a", "b") and c.run.dir == "/x/y" and c.data.resampled is False
+    assert load_config(path, ["log.tags=x,y"]).log.tags == ("x", "y")
+    assert isinstance(load_config(path, ["optim.lr=1"]).optim.lr, float)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.resoluton=64", "unknown key 'model.resoluton'"),
+        ("nope.x=1", "unknown key 'nope'"),
+        ("model.resolution=48", "model.resolution: must be a power of two >= 16, got 48"),
+        ("model.resolution=8", "model.resolution: must be a power of two >= 16, got 8"),
+        ("train.batch_size=0", "train.batch_size: must be >= 1, got 0"),
+        ("train.steps=ten", "train.steps: expected an integer, got 'ten'"),
+        ("train.steps=1.5", "train.steps: expected an integer, got 1.5"),
+        ("train.compile=maybe", "train.compile: expected true or false, got 'maybe'"),
+        ("log.wandb=cloud", "log.wandb: expected offline | online | disabled, got 'cloud'"),
+        ("train.precision=int8", "train.precision: expected auto | fp32 | bf16 | fp16"),
+        ("optim.beta1=1.0", "optim.beta1: must be in [0, 1), got 1.0"),
+        ("model.channels=3", "model.channels: must be 1 for the built-in digits"),
+        ("model.channels=2", "model.channels: must be 1 or 3, got 2"),
+        ("model=3", "model: expected a section of keys"),
+        ("train.steps", "override 'train.steps' must look like key=value"),
+    ],
+)
+def test_bad_values_fail_with_one_line_naming_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(ROOT / "configs" / "digits.yaml", [override])
+    text = str(info.value)
+    assert message in text and "\n" not in text
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_saved_config_round_trips(tmp_path: Path) -> None:
+    c = load_config(ROOT / "configs" / "digits.yaml", ["log.tags=[x]", "train.steps=3"])
+    save_config(c, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == c
+    assert config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == c
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_load(name: str) -> None:
+    load_config(ROOT / "configs" / name)
+
+
+def test_help_lists_every_contract_key() -> None:
+    text = keys_help()
+    for key in ("seed", "run.dir", "model.resolution", "model.nz", "model.ngf", "model.ndf", "model.channels",
+                "train.steps", "train.batch_size", "optim.lr", "optim.beta1", "optim.beta2", "data.shards",
+                "log.every", "sample.every", "checkpoint.every", "log.wandb"):
+        assert f"  {key} " in text

@@ -1,0 +1,120 @@
+"""Single-process training: the step, repeatability, the run directory, and real learning on digits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dcgan.distributed import DistInfo
+from dcgan.quality import DigitsScorer
+from dcgan.sample import generate
+from dcgan.train import EXIT_OK, build_trainer, train
+
+from conftest import run_cli, tiny_config
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def one_step(tmp_path: Path, seed: int) -> tuple[dict, dict, torch.Tensor]:
+    trainer = build_trainer(tiny_config(tmp_path, f"seed={seed}"), CPU)
+    images = next(iter(trainer.data))
+    stats = trainer.step_fn(images)
+    return snapshot(trainer.g_bare), snapshot(trainer.d_bare), stats
+
+
+def test_one_step_changes_both_networks_and_is_bit_repeatable(tmp_path: Path) -> None:
+    before = build_trainer(tiny_config(tmp_path), CPU)
+    g0, d0 = snapshot(before.g_bare), snapshot(before.d_bare)
+    g1, d1, stats1 = one_step(tmp_path, 0)
+    g2, d2, stats2 = one_step(tmp_path, 0)
+    for name in ("main.0.weight", "main.1.weight"):
+        assert not torch.equal(g0[name], g1[name]), f"G.{name} did not change"
+    assert not torch.equal(d0["main.0.weight"], d1["main.0.weight"])
+    assert all(torch.equal(g1[k], g2[k]) for k in g1) and all(torch.equal(d1[k], d2[k]) for k in d1)
+    assert torch.equal(stats1, stats2)
+    g3, _, _ = one_step(tmp_path, 1)
+    assert not torch.equal(g1["main.0.weight"], g3["main.0.weight"])
+
+
+def test_step_stats_are_sane(tmp_path: Path) -> None:
+    _, _, stats = one_step(tmp_path, 0)
+    loss_d, loss_g, d_x, d_gz, d_gz_after, gn_g, gn_d, nonfinite = stats.tolist()
+    assert 0 < loss_d < 5 and 0 < loss_g < 10
+    assert 0 < d_x < 1 and 0 < d_gz < 1 and 0 < d_gz_after < 1
+    assert gn_g > 0 and gn_d > 0 and nonfinite == 0
+
+
+def test_run_directory_contents(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert train(tiny_config(run, "train.steps=20", "log.every=5", "sample.every=10", "checkpoint.every=10")) == EXIT_OK
+    assert (run / "config.yaml").is_file() and (run / "train.log").is_file()
+    lines = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [5, 10, 15, 20]
+    for key in ("loss_D", "loss_G", "D_x", "D_G_z_before", "D_G_z_after", "img_per_s", "grad_norm_G", "data_wait_share"):
+        assert all(np.isfinite(line[key]) for line in lines), key
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000000010.png", "step_000000020.png"]
+    grid = Image.open(run / "samples" / "step_000000020.png")
+    assert grid.size == (4 * 16 + 5 * 2, 4 * 16 + 5 * 2)  # 16 images, 4x4 grid, 2-pixel padding
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000000010", "step_000000020"]
+    assert "step 20/20" in (run / "train.log").read_text()
+
+
+def test_training_on_digits_improves_the_quality_score(tmp_path: Path) -> None:
+    config = tiny_config(
+        tmp_path, "model.resolution=32", "model.ngf=32", "model.ndf=32", "model.nz=64", "train.batch_size=64",
+        "train.steps=300", "log.every=100", "sample.every=300", "checkpoint.every=300",
+    )
+    scorer = DigitsScorer(32)
+    untrained = build_trainer(config, CPU)
+    noise = torch.randn(500, 64, generator=torch.Generator().manual_seed(1))
+    before = scorer.score(generate(untrained.g_bare, noise))
+    assert train(config) == EXIT_OK
+    trained = build_trainer(config, CPU)
+    trained.load_state_dict(trained.checkpointer.latest())
+    after = scorer.score(generate(trained.g_bare, noise))
+    assert after.frechet < 0.3 * before.frechet, (before, after)
+    assert after.class_balance > before.class_balance + 0.3, (before, after)
+    assert after.confident > 0.3, after  # (an untrained G is "confidently" one class: balance tells)
+
+
+def test_quality_score_of_real_digits_is_near_perfect() -> None:
+    from dcgan.data.digits import digits_images
+
+    scorer = DigitsScorer(32)
+    real = scorer.score(digits_images(32).float().div(127.5).sub(1))
+    noise = scorer.score(torch.rand(500, 1, 32, 32) * 2 - 1)
+    assert real.frechet < 1e-6 < noise.frechet
+    assert real.confident > 0.8 and real.class_balance > 0.99
+
+
+def test_cli_train_then_sample(tmp_path: Path) -> None:
+    run = tmp_path / "cli_run"
+    run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10")
+    out = tmp_path / "grid.png"
+    result = run_cli("sample", str(run), "--num", "9", "--out", str(out))
+    assert str(out) in result.stdout
+    assert Image.open(out).size == (3 * 16 + 4 * 2, 3 * 16 + 4 * 2)
+
+
+def test_cli_reports_bad_config_in_one_line(tmp_path: Path) -> None:
+    result = run_cli("train", "configs/tiny.yaml", "model.resolution=48", f"run.dir={tmp_path}/r", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "dcgan: error: model.resolution: must be a power of two >= 16, got 48"
+    assert not (tmp_path / "r").exists()
+
+
+def test_help_is_useful() -> None:
+    text = run_cli("train", "--help").stdout
+    assert "train.batch_size" in text and "log.wandb" in text
+    top = run_cli("--help").stdout
+    for command in ("train", "sample", "export", "shards", "bench"):
+        assert command in top
