@@ -341,6 +341,7 @@ def train(config: Config) -> int:
     finally:
         if trainer is not None:
             trainer.checkpointer.close()
+            trainer.data.close()
         tracker.close()
         stop.uninstall()
         destroy_distributed()

@@ -28,6 +28,8 @@ class BatchSource(Protocol):
     @property
     def skipped_samples(self) -> int: ...
 
+    def close(self) -> None: ...
+
 
 EpochFactory = Callable[[int, int], Iterator[torch.Tensor]]
 """(epoch, batches to skip) -> that epoch's remaining batches."""
@@ -54,13 +56,20 @@ class EpochStream:
             if self.batch < self.batches_per_epoch:
                 raise RuntimeError(
                     f"epoch {self.epoch} ended after {self.batch} of {self.batches_per_epoch} batches: "
-                    "the data source yielded fewer batches than it promised"
+                    "the data source yielded fewer batches than it promised (corrupt samples in the exact "
+                    "mode shorten an epoch: use data.resampled=true for training)"
                 )
             self.epoch += 1
             self.batch = 0
 
     def state_dict(self) -> dict[str, int]:
+        """Position of the next batch (an epoch's end is reported as the next epoch's start)."""
+        if self.batch >= self.batches_per_epoch:
+            return {"epoch": self.epoch + 1, "batch": 0}
         return {"epoch": self.epoch, "batch": self.batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def close(self) -> None:
+        """Release worker processes or files (nothing to do for in-memory sources)."""

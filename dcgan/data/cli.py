@@ -51,7 +51,9 @@ def measure_loader(shards: str, workers: int, batch_size: int, batches: int, see
     started = time.perf_counter()
     for _ in range(batches):
         next(stream)
-    return batches * batch_size / (time.perf_counter() - started)
+    rate = batches * batch_size / (time.perf_counter() - started)
+    source.close()
+    return rate
 
 
 def _bench_data(args: argparse.Namespace) -> int:

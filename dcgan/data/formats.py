@@ -73,7 +73,7 @@ def encode_image(image: np.ndarray, fmt: str) -> tuple[str, bytes]:
     if fmt == "png":
         pil.save(buffer, format="PNG", compress_level=1)
         return "png", buffer.getvalue()
-    pil.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    pil.save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)  # 4:4:4: no chroma blur
     return "jpg", buffer.getvalue()
 
 

@@ -232,6 +232,10 @@ class ShardSource(EpochStream):
         self.loader = DataLoader(
             self.dataset, batch_size=None, num_workers=d.workers, pin_memory=pin,
             persistent_workers=d.workers > 0, prefetch_factor=d.prefetch if d.workers > 0 else None,
+            # forkserver: workers start from a clean process, not a fork of one that holds CUDA/NCCL
+            # threads or other loaders (a forked child that garbage-collects an inherited loader
+            # iterator shuts down the parent's workers).
+            multiprocessing_context="forkserver" if d.workers > 0 else None,
         )
         self._skipped = 0
         super().__init__(self._epoch, plan.batches_per_epoch)
@@ -245,6 +249,13 @@ class ShardSource(EpochStream):
     @property
     def skipped_samples(self) -> int:
         return self._skipped
+
+    def close(self) -> None:
+        """Stop the worker processes now rather than whenever the garbage collector gets to them."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
 
 
 def check_shape(shards: ShardSet, config: Config) -> None:

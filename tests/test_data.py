@@ -1,0 +1,281 @@
+"""WebDataset shards on real tar files: writing, reading, splitting, resampling, bad data."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dcgan.config import ConfigError
+from dcgan.data.digits import digits_images
+from dcgan.data.formats import Manifest
+from dcgan.data.inputs import center_crop_resize, read_idx
+from dcgan.data.stream import ShardError, ShardSource
+from dcgan.data.writer import write_shards
+from dcgan.distributed import DistInfo
+from dcgan.train import EXIT_OK, train
+
+from conftest import image_index, indexed_image, run_cli, tiny_config, write_image_folder
+
+
+def rank_info(rank: int, world: int) -> DistInfo:
+    return DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+
+
+def source_for(shards: Path, tmp: Path, rank: int = 0, world: int = 1, *overrides: str) -> ShardSource:
+    manifest = Manifest.read(shards / "manifest.json")
+    config = tiny_config(
+        tmp, f"data.shards={shards}", f"model.resolution={manifest.resolution}", f"model.channels={manifest.channels}",
+        *overrides,
+    )
+    return ShardSource(config, rank_info(rank, world), pin_memory=False)
+
+
+def take(source: ShardSource, n: int, close: bool = True) -> list[torch.Tensor]:
+    """The next n batches (a fresh iterator continues from the source's position); then stop workers."""
+    stream = iter(source)
+    batches = [next(stream) for _ in range(n)]
+    if close:
+        source.close()
+    return batches
+
+
+@pytest.mark.parametrize("fmt", ["blocks", "png"])
+def test_lossless_formats_round_trip_pixel_exact(fmt: str, image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / fmt
+    manifest = write_shards("folder", image_folder, out, fmt=fmt, resolution=16, shard_size=20, block_size=8, workers=2, progress=False)
+    assert manifest.total_samples == 80 and [s.samples for s in manifest.shards] == [20, 20, 20, 20]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] + [f"shard-{i:06d}.tar" for i in range(4)]
+    source = source_for(out, tmp_path, 0, 1, "data.resampled=false", "train.batch_size=10", "data.workers=0")
+    images = torch.cat(take(source, source.batches_per_epoch)).numpy()
+    assert len(images) == 80
+    for image in images:
+        expected = indexed_image(image_index(image), 16).transpose(2, 0, 1)
+        assert np.array_equal(image, expected)
+
+
+def test_jpeg_shards_decode_close_to_the_originals(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "jpg"
+    manifest = write_shards("folder", image_folder, out, fmt="jpeg", resolution=16, shard_size=40, workers=1, progress=False)
+    assert manifest.format == "jpeg"
+    source = source_for(out, tmp_path, 0, 1, "data.resampled=false", "train.batch_size=10", "data.workers=0")
+    order = [int(p.stem) for p in sorted(image_folder.rglob("*.png"))]  # keys follow the sorted file list
+    originals = [indexed_image(i, 16).transpose(2, 0, 1).astype(float) for i in order]
+    errors = [np.abs(im.astype(float) - originals[k]).mean() for k, im in enumerate(sorted_by_key(out))]
+    assert len(torch.cat(take(source, source.batches_per_epoch))) == 80
+    assert 0 < max(errors) < 12  # lossy (random-noise images are JPEG's worst case), but close
+
+
+def sorted_by_key(shards: Path) -> list[np.ndarray]:
+    """Decode every JPEG member in key order, straight from the tar files."""
+    images = []
+    for tar_path in sorted(shards.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in sorted(tar.getmembers(), key=lambda m: m.name):
+                if member.name.endswith(".jpg"):
+                    images.append(np.asarray(Image.open(tar.extractfile(member)).convert("RGB")).transpose(2, 0, 1))
+    return images
+
+
+def make_indexed_blocks(tmp_path: Path, count: int, shard_size: int) -> Path:
+    folder = tmp_path / "folder"
+    write_image_folder(folder, count, 16)
+    out = tmp_path / "shards"
+    write_shards("folder", folder, out, fmt="blocks", resolution=16, shard_size=shard_size, block_size=5, workers=1, progress=False)
+    return out
+
+
+def epoch_indices(source: ShardSource) -> list[int]:
+    batches = take(source, source.batches_per_epoch)
+    return [image_index(im) for im in torch.cat(batches).numpy()]
+
+
+def test_exact_mode_sees_every_sample_once_across_two_ranks_and_two_workers(tmp_path: Path) -> None:
+    shards = make_indexed_blocks(tmp_path, 80, 10)  # 8 shards -> 2 per (rank, worker)
+    seen: list[int] = []
+    per_rank = []
+    for rank in (0, 1):
+        source = source_for(shards, tmp_path, rank, 2, "data.resampled=false", "data.workers=2", "train.batch_size=5")
+        indices = epoch_indices(source)
+        per_rank.append(set(indices))
+        seen += indices
+    assert sorted(seen) == list(range(80))
+    assert not per_rank[0] & per_rank[1]
+    again = source_for(shards, tmp_path, 0, 2, "data.resampled=false", "data.workers=2", "train.batch_size=5")
+    stream = iter(again)
+    first = [image_index(im) for _ in range(again.batches_per_epoch) for im in next(stream).numpy()]
+    second = [image_index(im) for _ in range(again.batches_per_epoch) for im in next(stream).numpy()]
+    again.close()
+    assert first != second and sorted(first) != sorted(seen)  # reshuffled next epoch, still one rank's half
+    assert len(set(second)) == len(second) == 40
+
+
+def test_resampled_mode_gives_every_rank_the_same_number_of_full_batches(tmp_path: Path) -> None:
+    shards = make_indexed_blocks(tmp_path, 70, 30)  # uneven shards: 30, 30, 10
+    counts = []
+    for rank in range(3):
+        source = source_for(shards, tmp_path, rank, 3, "data.workers=2", "train.batch_size=4")
+        batches = take(source, 3 * source.batches_per_epoch)
+        assert all(b.shape == (4, 3, 16, 16) and b.dtype == torch.uint8 for b in batches)
+        counts.append(source.batches_per_epoch)
+        assert source.state_dict() == {"epoch": 3, "batch": 0}
+    assert counts == [70 // 3 // 4] * 3
+
+
+def test_stream_is_deterministic_and_differs_by_rank(tmp_path: Path) -> None:
+    shards = make_indexed_blocks(tmp_path, 60, 20)
+    a = [b.clone() for b in take(source_for(shards, tmp_path, 0, 2, "data.workers=2", "train.batch_size=4"), 6)]
+    b = take(source_for(shards, tmp_path, 0, 2, "data.workers=2", "train.batch_size=4"), 6)
+    c = take(source_for(shards, tmp_path, 1, 2, "data.workers=2", "train.batch_size=4"), 6)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_resume_mid_epoch_replays_the_same_stream(tmp_path: Path, workers: int) -> None:
+    shards = make_indexed_blocks(tmp_path, 60, 20)
+    args = (f"data.workers={workers}", "train.batch_size=4", "data.shuffle_buffer=16")
+    straight = take(source_for(shards, tmp_path, 1, 2, *args), 12)  # 60 // 2 // 4 = 7 per epoch: crosses one
+    first = source_for(shards, tmp_path, 1, 2, *args)
+    head = take(first, 5)
+    resumed = source_for(shards, tmp_path, 1, 2, *args)
+    resumed.load_state_dict(first.state_dict())
+    tail = take(resumed, 7)
+    assert all(torch.equal(x, y) for x, y in zip(straight, head + tail))
+
+
+def corrupt_one_png(shards: Path) -> int:
+    """Replace the bytes of the third PNG in shard 0 with garbage (the tar stays valid); return its key."""
+    path = shards / "shard-000000.tar"
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    pngs = [m.name for m, _ in members if m.name.endswith(".png")]
+    victim = pngs[2]
+    with tarfile.open(path, "w") as tar:
+        for member, data in members:
+            if member.name == victim:
+                data = b"\x89PNG not really"
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return int(victim.split(".")[0])
+
+
+def test_corrupt_sample_is_skipped_and_counted(image_folder: Path, tmp_path: Path) -> None:
+    shards = tmp_path / "png"
+    write_shards("folder", image_folder, shards, fmt="png", resolution=16, shard_size=20, workers=1, progress=False)
+    corrupt_one_png(shards)
+    source = source_for(shards, tmp_path, 0, 1, "data.workers=2", "train.batch_size=4")
+    images = torch.cat(take(source, 3 * source.batches_per_epoch)).numpy()
+    # shard 0 is drawn several times in 3 epochs; each read of it skips the broken sample once
+    assert source.skipped_samples >= 2
+    assert len(images) == 3 * 80 and all(im.shape == (3, 16, 16) for im in images)
+
+
+def test_exact_mode_with_a_corrupt_sample_fails_clearly(image_folder: Path, tmp_path: Path) -> None:
+    shards = tmp_path / "png"
+    write_shards("folder", image_folder, shards, fmt="png", resolution=16, shard_size=20, workers=1, progress=False)
+    corrupt_one_png(shards)
+    source = source_for(shards, tmp_path, 0, 1, "data.resampled=false", "data.workers=0", "train.batch_size=4")
+    with pytest.raises(RuntimeError, match="fewer batches than it promised.*corrupt.*data.resampled=true"):
+        take(source, source.batches_per_epoch)
+
+
+def test_missing_shard_names_itself(digits_shards: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in digits_shards.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    (copy / "shard-000003.tar").unlink()
+    with pytest.raises(ShardError, match="shard not found: .*shard-000003.tar"):
+        source_for(copy, tmp_path)
+    pattern = f"pipe:cat {tmp_path}/absent-{{0..1}}.tar"
+    config = tiny_config(tmp_path, f"data.shards={pattern}", "data.epoch_samples=32", "data.workers=0")
+    with pytest.raises(ShardError, match="absent-0.tar"):
+        take(ShardSource(config, rank_info(0, 1)), 1)
+
+
+def test_exact_mode_with_too_few_shards_fails_fast_with_the_fix(digits_shards: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="8 shards cannot feed 4 rank\\(s\\) x 4 worker\\(s\\).*data.resampled=true"):
+        source_for(digits_shards, tmp_path, 0, 4, "data.resampled=false", "data.workers=4")
+
+
+def test_shape_mismatch_is_refused(digits_shards: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, f"data.shards={digits_shards}", "model.resolution=32")
+    with pytest.raises(ConfigError, match="model.resolution: the shards hold 16x16 images, config says 32"):
+        ShardSource(config, rank_info(0, 1))
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = b"\0\0\x08" + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+def test_mnist_idx_files_parse_to_the_right_images_and_labels(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(30, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=30, dtype=np.uint8)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
+    assert np.array_equal(read_idx(tmp_path / "train-images-idx3-ubyte.gz"), images)
+    assert np.array_equal(read_idx(tmp_path / "train-labels-idx1-ubyte"), labels)
+    out = tmp_path / "shards"
+    manifest = write_shards("mnist", tmp_path, out, fmt="png", resolution=28, shard_size=30, workers=1, progress=False)
+    assert (manifest.channels, manifest.total_samples) == (1, 30)
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        first = np.asarray(Image.open(tar.extractfile("000000000.png")))
+        label = tar.extractfile("000000007.cls").read()
+    assert np.array_equal(first, images[0]) and int(label) == labels[7]
+    bad = tmp_path / "bad-idx"
+    bad.write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="bad magic number"):
+        read_idx(bad)
+
+
+def test_celeba_recipe_center_crops_then_resizes() -> None:
+    rows = np.repeat(np.arange(218, dtype=np.uint8)[:, None], 178, axis=1)
+    image = Image.fromarray(np.stack([rows] * 3, axis=-1))  # 178 wide, 218 high: CelebA aligned
+    cropped = np.asarray(center_crop_resize(image, 178))
+    assert cropped.shape == (178, 178, 3)
+    assert cropped[0, 0, 0] == 20 and cropped[-1, 0, 0] == 197  # rows 20..197: the centered square
+    small = np.asarray(center_crop_resize(image, 64))
+    assert small.shape == (64, 64, 3) and abs(int(small[32, 32, 0]) - 109) <= 2
+
+
+def test_shards_cli_refuses_non_empty_out_dir_and_overwrites_when_asked(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = run_cli("shards", "folder", str(image_folder), str(out), "--resolution", "16", "--shard-size", "40", "--workers", "1")
+    assert "80 images in 2 shards" in result.stdout
+    again = run_cli("shards", "folder", str(image_folder), str(out), "--resolution", "16", check=False)
+    assert again.returncode == 2 and "not empty; pass --overwrite" in again.stderr
+    run_cli("shards", "folder", str(image_folder), str(out), "--resolution", "16", "--shard-size", "80", "--workers", "1", "--overwrite")
+    assert Manifest.read(out / "manifest.json").shards[0].samples == 80
+    assert not (out / "shard-000001.tar").exists()
+
+
+def test_digits_shards_match_the_builtin_digits(digits_shards: Path, tmp_path: Path) -> None:
+    source = source_for(digits_shards, tmp_path, 0, 1, "data.resampled=false", "train.batch_size=25")
+    images = torch.cat(take(source, source.batches_per_epoch))
+    reference = {bytes(im.numpy().tobytes()) for im in digits_images(16)}
+    assert len(images) == 1775 and all(bytes(im.numpy().tobytes()) in reference for im in images)
+
+
+def test_training_from_shards_through_the_cli(digits_shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run_cli("train", "configs/tiny.yaml", f"run.dir={run}", f"data.shards={digits_shards}", "data.workers=2", "train.steps=10")
+    assert (run / "checkpoints" / "step_000000010" / ".metadata").is_file()
+    assert Counter(line.count('"step"') for line in (run / "stats.jsonl").read_text().splitlines()) == Counter({1: 2})
+
+
+def test_bench_data_prints_a_table(digits_shards: Path) -> None:
+    out = run_cli("bench", "data", str(digits_shards), "--workers", "0,1", "--batches", "5", "--batch-size", "16").stdout
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["0", "1"] and all(float(r[1]) > 0 for r in rows)
