@@ -1,0 +1,108 @@
+"""Real multi-process runs for tests: spawned gloo ranks, and `torchrun -m dcgan` as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from conftest import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    fn(rank, *args)
+
+
+def spawn_ranks(fn: Callable[..., Any], world: int, *args: Any) -> None:
+    """Run fn(rank, *args) in `world` fresh processes that share a gloo process group via env://."""
+    mp.start_processes(_rank_main, args=(world, free_port(), fn, args), nprocs=world, join=True, start_method="spawn")
+
+
+def torchrun_cmd(nproc: int, *dcgan_args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "dcgan", *dcgan_args,
+    ]
+
+
+def test_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+
+
+def torchrun(nproc: int, *dcgan_args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=N -m dcgan ...`, waited for."""
+    return subprocess.run(torchrun_cmd(nproc, *dcgan_args), cwd=ROOT, env=test_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun_until(nproc: int, ready: Callable[[], bool], sig: int, *dcgan_args: str, timeout: float = 300) -> tuple[int, str]:
+    """Start torchrun in its own process group, wait until `ready()`, send `sig` to the whole group
+    (as a cluster's kill or preemption does), and return (exit status, stderr)."""
+    proc = subprocess.Popen(
+        torchrun_cmd(nproc, *dcgan_args), cwd=ROOT, env=test_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"run ended before it was interrupted:\n{proc.stderr.read()}")
+            if time.monotonic() > deadline:
+                raise AssertionError("run never became ready to interrupt")
+            time.sleep(0.02)
+        os.killpg(proc.pid, sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, err
+
+
+def load_checkpoint_tensors(path: Path) -> dict[str, Any]:
+    """A complete DCP checkpoint as one flat {key: value} dict, read in this (single) process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = path.parent / (path.name + ".pt")
+    dcp_to_torch_save(str(path), str(out))
+    state = torch.load(out, weights_only=False)
+    out.unlink()
+    return state
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        items: dict[str, Any] = {}
+        for key, value in tree.items():
+            items.update(flatten(value, f"{prefix}{key}."))
+        return items
+    return {prefix.rstrip("."): tree}
+
+
+def assert_states_equal(a: dict[str, Any], b: dict[str, Any], skip: tuple[str, ...] = ("meta.run_id",)) -> None:
+    fa, fb = flatten(a), flatten(b)
+    assert sorted(k for k in fa if k not in skip) == sorted(k for k in fb if k not in skip)
+    for key in fa:
+        if key in skip:
+            continue
+        x, y = fa[key], fb[key]
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y), f"{key} differs"
+        else:
+            assert x == y, f"{key}: {x!r} != {y!r}"
