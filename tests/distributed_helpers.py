@@ -66,13 +66,36 @@ def torchrun_until(nproc: int, ready: Callable[[], bool], sig: int, *dcgan_args:
             if time.monotonic() > deadline:
                 raise AssertionError("run never became ready to interrupt")
             time.sleep(0.02)
-        os.killpg(proc.pid, sig)
+        signal_tree(proc.pid, sig)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            signal_tree(proc.pid, signal.SIGKILL)
             proc.wait()
     return proc.returncode, err
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below `pid` (torchrun starts its workers in sessions of their own, so a process
+    group signal would miss them; a cluster's job kill reaches every process of the job)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
+
+
+def signal_tree(pid: int, sig: int) -> None:
+    """Send `sig` to a process and all its descendants at once (as SLURM does to a job step)."""
+    for target in [pid, *descendants(pid)]:
+        try:
+            os.kill(target, sig)
+        except ProcessLookupError:
+            pass
 
 
 def load_checkpoint_tensors(path: Path) -> dict[str, Any]:
@@ -95,7 +118,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
-def assert_states_equal(a: dict[str, Any], b: dict[str, Any], skip: tuple[str, ...] = ("meta.run_id",)) -> None:
+def assert_states_equal(a: dict[str, Any], b: dict[str, Any], skip: tuple[str, ...] = ("meta.run_id", "meta.config")) -> None:
     fa, fb = flatten(a), flatten(b)
     assert sorted(k for k in fa if k not in skip) == sorted(k for k in fb if k not in skip)
     for key in fa:

@@ -1,0 +1,136 @@
+"""Sharded DCP checkpoints: exact resume after SIGKILL/SIGTERM, atomicity, retention, resharding, export."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dcgan.checkpoint import list_checkpoints
+from dcgan.distributed import DistInfo
+from dcgan.preemption import EXIT_REQUEUE
+from dcgan.sample import generate, load_export, save_grid
+from dcgan.train import EXIT_OK, build_trainer, train
+
+from conftest import run_cli, tiny_config
+from distributed_helpers import assert_states_equal, load_checkpoint_tensors, torchrun, torchrun_until
+
+pytestmark = pytest.mark.slow
+
+STEPS = 200
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def run_args(run: Path, data: str, shards: Path) -> list[str]:
+    args = ["train", "configs/tiny.yaml", f"run.dir={run}", f"train.steps={STEPS}", "checkpoint.every=50",
+            "checkpoint.async_save=true", "log.every=25", "sample.every=100"]
+    if data == "shards":
+        args += [f"data.shards={shards}", "data.workers=2"]
+    return args
+
+
+@pytest.fixture(scope="module")
+def straight_runs(tmp_path_factory: pytest.TempPathFactory, digits_shards: Path) -> dict[str, Path]:
+    """One uninterrupted 2-rank run per data source, the reference for every resumed run."""
+    runs = {}
+    for data in ("digits", "shards"):
+        run = tmp_path_factory.mktemp(f"straight_{data}")
+        result = torchrun(2, *run_args(run, data, digits_shards))
+        assert result.returncode == 0, result.stderr
+        runs[data] = run
+    return runs
+
+
+def checkpoint_ready(run: Path, step: int) -> bool:
+    return (run / "checkpoints" / f"step_{step:09d}" / ".metadata").exists()
+
+
+@pytest.mark.parametrize(("data", "sig"), [("digits", signal.SIGKILL), ("shards", signal.SIGKILL), ("digits", signal.SIGTERM), ("shards", signal.SIGTERM)])
+def test_interrupted_and_resumed_run_is_bit_identical_to_a_straight_run(
+    tmp_path: Path, straight_runs: dict[str, Path], digits_shards: Path, data: str, sig: int
+) -> None:
+    run = tmp_path / "run"
+    status, stderr = torchrun_until(2, lambda: checkpoint_ready(run, 50), sig, *run_args(run, data, digits_shards))
+    steps = [s for s, _ in list_checkpoints(run / "checkpoints")]
+    assert steps and steps[-1] < STEPS, f"the run was not interrupted early: {steps}"
+    if sig == signal.SIGTERM:
+        assert "stop signal received: checkpointing step" in stderr
+        assert f"exiting {EXIT_REQUEUE}" in stderr
+        assert steps[-1] % 50 != 0 or steps[-1] > 50  # the forced checkpoint, off the regular schedule
+    else:
+        assert status != 0
+    resumed = torchrun(2, *run_args(run, data, digits_shards))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {run / 'checkpoints'}/step_{steps[-1]:09d}" in resumed.stderr
+    final = run / "checkpoints" / f"step_{STEPS:09d}"
+    reference = straight_runs[data] / "checkpoints" / f"step_{STEPS:09d}"
+    assert_states_equal(load_checkpoint_tensors(final), load_checkpoint_tensors(reference))
+    stats = [line for line in (run / "stats.jsonl").read_text().splitlines()]
+    steps_logged = [int(line.split('"step": ')[1].split(",")[0]) for line in stats]
+    assert steps_logged[-1] == STEPS
+
+
+def test_half_written_checkpoint_is_ignored_and_removed(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert train(tiny_config(run, "train.steps=10")) == EXIT_OK
+    broken = run / "checkpoints" / "step_000000015"
+    broken.mkdir()
+    (broken / "__0_0.distcp").write_bytes(b"half a checkpoint")
+    assert train(tiny_config(run, "train.steps=12")) == EXIT_OK
+    assert not broken.exists()
+    assert "resumed from" in (run / "train.log").read_text() and "step_000000010" in (run / "train.log").read_text()
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")][-1] == 12
+
+
+def test_keep_last_k_plus_every_nth(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    config = tiny_config(run, "train.steps=10", "checkpoint.every=2", "checkpoint.keep=2", "checkpoint.keep_every=4")
+    assert train(config) == EXIT_OK
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [4, 8, 10]
+    assert list_checkpoints(run / "checkpoints", complete=False) == []
+
+
+def test_incompatible_config_is_refused_in_one_line(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=5")
+    result = run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10", "model.ngf=16", check=False)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "belongs to another model (model.ngf: checkpoint 8, config 16)" in last
+    assert checkpoint_ready(run, 5)  # the completed checkpoint is untouched
+
+
+def test_two_rank_checkpoint_loads_into_one_and_three_ranks(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert torchrun(2, "train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10").returncode == 0
+    saved = load_checkpoint_tensors(run / "checkpoints" / "step_000000010")
+    one = build_trainer(tiny_config(run, "train.steps=10"), CPU)
+    one.load_state_dict(run / "checkpoints" / "step_000000010")
+    assert one.step == 10
+    for name, value in one.g_bare.state_dict().items():
+        assert torch.equal(value, saved["model"]["G"][name]), name
+    three = torchrun(3, "train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=14")
+    assert three.returncode == 0, three.stderr
+    assert "resumed from" in three.stderr and "3 rank(s)" in three.stderr
+    assert "no noise RNG for rank 2" in three.stderr
+    assert checkpoint_ready(run, 14)
+
+
+def test_exported_generator_reproduces_the_runs_fixed_noise_samples(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=20", "sample.every=10")
+    out = tmp_path / "generator.pt"
+    assert "generator of step 20" in run_cli("export", str(run), "--out", str(out)).stdout
+    blob = torch.load(out, weights_only=True)  # plain tensors and data: safe to load
+    assert blob["model"]["ngf"] == 8 and blob["step"] == 20
+    loaded = load_export(out)
+    regenerated = tmp_path / "again.png"
+    save_grid(generate(loaded.generator, loaded.fixed_noise), regenerated)
+    assert np.array_equal(np.asarray(Image.open(regenerated)), np.asarray(Image.open(run / "samples" / "step_000000020.png")))
+    grid = tmp_path / "from_export.png"
+    run_cli("sample", str(out), "--num", "4", "--out", str(grid))
+    assert Image.open(grid).size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
