@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+import torch
 
 from dcgan.config import Config, LogConfig, config_to_dict
 
@@ -168,3 +169,46 @@ class Progress:
     def close(self) -> None:
         if self.interactive:
             self.stream.write("\n")
+
+
+class GanHealth:
+    """Warns (once each) when training looks broken, from numbers the loop already has.
+
+    - D wins completely: D(G(z)) below `d_wins_below` for `patience` metric windows in a row;
+    - generator collapse: the diversity of the fixed-noise samples (mean per-pixel standard deviation
+      across the batch) falls below `collapse_ratio` times the highest diversity seen in this run.
+    """
+
+    def __init__(self, patience: int = 5, d_wins_below: float = 0.01, collapse_ratio: float = 0.25) -> None:
+        self.patience = patience
+        self.d_wins_below = d_wins_below
+        self.collapse_ratio = collapse_ratio
+        self.low_windows = 0
+        self.best_diversity = 0.0
+        self.warned: set[str] = set()
+
+    def _warn(self, kind: str, message: str, *args: object) -> None:
+        if kind not in self.warned:
+            self.warned.add(kind)
+            log.warning(message, *args)
+
+    def observe_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.low_windows = self.low_windows + 1 if metrics["D_G_z_before"] < self.d_wins_below else 0
+        if self.low_windows >= self.patience:
+            self._warn(
+                "d_wins", "step %d: D wins completely (D(G(z)) < %.2g for %d metric windows): G gets no useful "
+                "gradient; consider a lower D lr, label smoothing or a restart", step, self.d_wins_below, self.low_windows,
+            )
+
+    def observe_samples(self, step: int, diversity: float) -> None:
+        self.best_diversity = max(self.best_diversity, diversity)
+        if diversity < self.collapse_ratio * self.best_diversity:
+            self._warn(
+                "collapse", "step %d: the generator may be collapsing: sample diversity %.4f fell below %.0f%% of "
+                "its peak %.4f", step, diversity, 100 * self.collapse_ratio, self.best_diversity,
+            )
+
+
+def sample_diversity(images: torch.Tensor) -> float:
+    """Mean per-pixel standard deviation across a batch of samples (0 = all samples identical)."""
+    return float(images.float().std(dim=0).mean())

@@ -42,7 +42,7 @@ from dcgan.models import Discriminator, Generator
 from dcgan.preemption import EXIT_REQUEUE, StopSignal
 from dcgan.sample import generate, save_grid, to_uint8_grid
 from dcgan.step import STAT_NAMES, GANStep, resolve_precision
-from dcgan.tracking import Progress, Tracker, make_tracker, new_run_id, setup_logging
+from dcgan.tracking import GanHealth, Progress, Tracker, make_tracker, new_run_id, sample_diversity, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -232,16 +232,19 @@ def window_metrics(window: Window, trainer: Trainer) -> dict[str, float]:
     return metrics
 
 
-def write_samples(trainer: Trainer, tracker: Tracker) -> None:
+def write_samples(trainer: Trainer, tracker: Tracker, health: GanHealth) -> float:
     """Fixed-noise grid (eval mode) to samples/ and wandb, plus histograms of D's last outputs."""
     images = generate(trainer.g_bare, trainer.fixed_noise)
     save_grid(images, trainer.run_dir / "samples" / f"step_{trainer.step:09d}.png")
     tracker.log_image(trainer.step, "samples", to_uint8_grid(images))
+    diversity = sample_diversity(images)
+    health.observe_samples(trainer.step, diversity)
     every = trainer.config.log.histogram_every or trainer.config.sample.every
     if trainer.step % every == 0 and trainer.step_fn.last_logits is not None:
         real, fake = trainer.step_fn.last_logits
         tracker.log_histogram(trainer.step, "D_real", torch.sigmoid(real.float()).cpu().numpy())
         tracker.log_histogram(trainer.step, "D_fake", torch.sigmoid(fake.float()).cpu().numpy())
+    return diversity
 
 
 def nonfinite_seen(trainer: Trainer) -> bool:
@@ -267,6 +270,8 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
     progress = Progress(cfg.train.steps, trainer.step, enabled=info.is_main)
     batches = iter(trainer.data)
     window = Window(info.device)
+    health = GanHealth()
+    diversity: float | None = None  # of the newest fixed-noise grid (rank 0)
     while trainer.step < cfg.train.steps:
         waited = time.perf_counter()
         images = next(batches).to(info.device, non_blocking=True)
@@ -285,15 +290,18 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
                 step, trainer.last_good_checkpoint,
             )
             return EXIT_NONFINITE
-        if due_log:
-            metrics = window_metrics(window, trainer)
-            tracker.log_metrics(step, metrics)
-            progress.report(step, metrics)
-            window = Window(info.device)
         if step % cfg.sample.every == 0 or final:
             sync_buffers(trainer.g_bare, info)
             if info.is_main:
-                write_samples(trainer, tracker)
+                diversity = write_samples(trainer, tracker, health)
+        if due_log:
+            metrics = window_metrics(window, trainer)
+            if diversity is not None:
+                metrics["sample_diversity"] = diversity
+            tracker.log_metrics(step, metrics)
+            progress.report(step, metrics)
+            health.observe_metrics(step, metrics)
+            window = Window(info.device)
         if any_rank(stop.requested, info):
             log.warning("stop signal received: checkpointing step %d, then exiting %d (requeue)", step, EXIT_REQUEUE)
             save_checkpoint(trainer, blocking=True)

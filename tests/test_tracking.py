@@ -1,0 +1,124 @@
+"""Tracking: offline wandb runs read back from disk, stats.jsonl, rank-0-only output, GAN health."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dcgan.checkpoint import list_checkpoints
+from dcgan.preemption import StopSignal
+from dcgan.tracking import GanHealth, Tracker, sample_diversity
+from dcgan.train import EXIT_NONFINITE, build_trainer, prepare_run_dir, run_loop
+from dcgan.distributed import DistInfo
+
+from conftest import run_cli, tiny_config
+from distributed_helpers import load_checkpoint_tensors, torchrun
+from wandb_reader import history, records, run_id
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def offline_runs(run: Path) -> list[Path]:
+    return sorted((run / "wandb").glob("offline-run-*"))
+
+
+def test_offline_wandb_run_holds_metrics_images_histograms_and_config(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "log.wandb=offline", "train.steps=20",
+                     "log.every=5", "sample.every=10", "log.tags=a,b")
+    (wandb_dir,) = offline_runs(run)
+    assert f"wandb sync {wandb_dir}" in result.stderr
+    rows = history(wandb_dir)
+    assert [row["_step"] for row in rows] == [5, 10, 15, 20]
+    for key in ("loss_D", "loss_G", "D_x", "D_G_z_before", "D_G_z_after", "grad_norm_G", "grad_norm_D",
+                "img_per_s", "img_per_s_per_gpu", "data_wait_share", "step_time_ms", "skipped_samples"):
+        assert all(np.isfinite(row[key]) for row in rows), key
+    with_images = [row for row in rows if "samples/path" in row]
+    assert [row["_step"] for row in with_images] == [10, 20]
+    for row in with_images:
+        image = Image.open(wandb_dir / "files" / row["samples/path"])
+        assert image.mode == "RGB" and image.size == (row["samples/width"], row["samples/height"]) == (74, 74)
+        assert row["D_real/_type"] == "histogram" and row["D_fake/_type"] == "histogram"
+        assert 0 <= row["sample_diversity"]
+    run_record = next(r.run for r in records(next(wandb_dir.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "run")
+    config = {item.key: json.loads(item.value_json) for item in run_record.config.update}
+    model = config["model"].get("value", config["model"])  # wandb wraps values as {"value": ...} in some versions
+    assert model["resolution"] == 16 and list(run_record.tags) == ["a", "b"]
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in stats] == [5, 10, 15, 20]
+    assert [s["loss_D"] for s in stats] == [row["loss_D"] for row in rows]
+
+
+def test_resumed_run_keeps_the_wandb_run_id_and_steps_continue(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "log.wandb=offline", "train.steps=10")
+    run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "log.wandb=offline", "train.steps=20")
+    first, second = offline_runs(run)
+    assert run_id(first) == run_id(second) == str(load_checkpoint_tensors(run / "checkpoints" / "step_000000020")["meta"]["run_id"])
+    assert [r["_step"] for r in history(first)] == [5, 10]
+    assert [r["_step"] for r in history(second)] == [15, 20]
+
+
+def test_only_rank_zero_writes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = torchrun(2, "train", "configs/tiny.yaml", f"run.dir={run}", "log.wandb=offline", "train.steps=10")
+    assert result.returncode == 0, result.stderr
+    assert len(offline_runs(run)) == 1
+    assert [json.loads(line)["step"] for line in (run / "stats.jsonl").read_text().splitlines()] == [5, 10]
+    assert "[rank 1]" not in (run / "train.log").read_text()
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000000010.png"]
+
+
+class PoisonAt:
+    """Wraps the real step and, once, sets one D weight to NaN first (a forced divergence)."""
+
+    def __init__(self, step_fn, trainer, at: int) -> None:  # type: ignore[no-untyped-def]
+        self.step_fn, self.trainer, self.at = step_fn, trainer, at
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.step_fn, name)  # optimizers, scaler, noise: the real step's
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.trainer.step + 1 == self.at:
+            with torch.no_grad():
+                self.trainer.d_bare.main[0].weight[0, 0, 0, 0] = float("nan")
+        return self.step_fn(images)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run = tmp_path / "run"
+    trainer = build_trainer(tiny_config(run, "train.steps=30", "checkpoint.every=5", "log.every=10"), CPU)
+    prepare_run_dir(trainer)
+    trainer.step_fn = PoisonAt(trainer.step_fn, trainer, at=7)  # type: ignore[assignment]
+    with caplog.at_level(logging.ERROR):
+        status = run_loop(trainer, Tracker(), StopSignal())
+    trainer.checkpointer.close()
+    assert status == EXIT_NONFINITE
+    assert "non-finite loss at or before step 10" in caplog.text and "checkpoint (step 5) is kept" in caplog.text
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [5]
+    saved = load_checkpoint_tensors(run / "checkpoints" / "step_000000005")
+    assert all(torch.isfinite(t).all() for t in saved["model"]["D"].values())
+
+
+def test_gan_health_warns_once_when_d_wins_and_when_samples_collapse(caplog: pytest.LogCaptureFixture) -> None:
+    health = GanHealth(patience=3)
+    with caplog.at_level(logging.WARNING):
+        for step in range(1, 8):
+            health.observe_metrics(step * 100, {"D_G_z_before": 0.001})
+        varied = torch.rand(16, 1, 8, 8)
+        health.observe_samples(100, sample_diversity(varied))
+        health.observe_samples(200, sample_diversity(varied[:1].repeat(16, 1, 1, 1) + 0.001 * varied))
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("D wins completely" in m for m in messages) == 1 and "step 300" in messages[0]
+    assert sum("may be collapsing" in m for m in messages) == 1
+    calm = GanHealth(patience=3)
+    for step in range(10):
+        calm.observe_metrics(step, {"D_G_z_before": 0.3})
+        calm.observe_samples(step, 0.5)
+    assert calm.warned == set()
