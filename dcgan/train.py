@@ -137,25 +137,29 @@ def check_compatible(path: Path, config: Config, checkpointer: Checkpointer) -> 
         )
 
 
-def build_trainer(config: Config, info: DistInfo) -> Trainer:
-    """Models, optimizers, data, checkpointer for this rank; nothing is trained or loaded yet."""
+def build_step(config: Config, info: DistInfo) -> tuple[Generator, Discriminator, GANStep]:
+    """Models (wrapped for this rank), optimizers and the GAN step: everything but data and I/O."""
     torch.manual_seed(config.seed)
     device = info.device
-    g_model, d_model = Generator(config.model), Discriminator(config.model)
     t = config.train
-    g, g_bare = prepare_module(g_model, info, compile=t.compile, channels_last=t.channels_last)
-    d, d_bare = prepare_module(d_model, info, compile=t.compile, channels_last=t.channels_last)
+    g, g_bare = prepare_module(Generator(config.model), info, compile=t.compile, channels_last=t.channels_last)
+    d, d_bare = prepare_module(Discriminator(config.model), info, compile=t.compile, channels_last=t.channels_last)
     fused = device.type == "cuda"
     betas = (config.optim.beta1, config.optim.beta2)
     opt_g = torch.optim.Adam(g_bare.parameters(), lr=config.optim.lr, betas=betas, fused=fused)
     opt_d = torch.optim.Adam(d_bare.parameters(), lr=config.optim.lr, betas=betas, fused=fused)
     dtype = resolve_precision(t.precision, device)
-    scaler = make_scaler(dtype, t.nonfinite, device)
-    noise = torch.Generator(device=device).manual_seed(noise_seed(config.seed, info.rank))
     step_fn = GANStep(
-        g=g, d=d, d_bare=d_bare, opt_g=opt_g, opt_d=opt_d, scaler=scaler, dtype=dtype, nz=config.model.nz,
-        noise=noise, channels_last=t.channels_last and device.type == "cuda",
+        g=g, d=d, d_bare=d_bare, opt_g=opt_g, opt_d=opt_d, scaler=make_scaler(dtype, t.nonfinite, device),
+        dtype=dtype, nz=config.model.nz, noise=torch.Generator(device=device).manual_seed(noise_seed(config.seed, info.rank)),
+        channels_last=t.channels_last and device.type == "cuda",
     )
+    return g_bare, d_bare, step_fn  # type: ignore[return-value]
+
+
+def build_trainer(config: Config, info: DistInfo) -> Trainer:
+    """Models, optimizers, data, checkpointer for this rank; nothing is trained or loaded yet."""
+    g_bare, d_bare, step_fn = build_step(config, info)
     fixed = torch.randn(config.sample.num, config.model.nz, generator=torch.Generator().manual_seed(config.seed))
     run_dir = Path(config.run.dir)
     return Trainer(
@@ -166,10 +170,10 @@ def build_trainer(config: Config, info: DistInfo) -> Trainer:
         d_bare=d_bare,
         step_fn=step_fn,
         data=build_source(config, info),
-        fixed_noise=fixed.to(device),
+        fixed_noise=fixed.to(info.device),
         checkpointer=Checkpointer(run_dir / "checkpoints", config.checkpoint, info),
         run_id=new_run_id(),
-        nonfinite_flag=torch.zeros((), device=device),
+        nonfinite_flag=torch.zeros((), device=info.device),
     )
 
 

@@ -1,4 +1,4 @@
-"""`dcgan shards` and `dcgan bench data`: the data-side commands."""
+"""`dcgan shards` and `dcgan bench data|step`: conversion and benchmark commands."""
 
 from __future__ import annotations
 
@@ -64,6 +64,14 @@ def _bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_step(args: argparse.Namespace) -> int:
+    from dcgan.bench import run_bench_step
+
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    run_bench_step(args.config, args.overrides, sizes, args.precision, args.warmup, args.iters, args.data)
+    return 0
+
+
 def add_data_commands(commands: argparse._SubParsersAction) -> None:
     from dcgan.data.formats import FORMATS
     from dcgan.data.writer import KINDS
@@ -94,3 +102,18 @@ def add_data_commands(commands: argparse._SubParsersAction) -> None:
     data.add_argument("--batch-size", type=int, default=128)
     data.add_argument("--batches", type=int, default=50, help="timed batches per worker count")
     data.set_defaults(func=_bench_data)
+
+    step = bench.add_parser(
+        "step",
+        help="img/s of the training step vs the pytorch/examples reference step (same process, same batch)",
+        description="Times the pytorch/examples dcgan step (fp32, eager, NCHW, Sigmoid+BCELoss) and this "
+        "project's configured step on one synthetic batch already on the device, and prints the ratio.",
+    )
+    step.add_argument("config", nargs="?", default="configs/celeba64.yaml", help="config (default configs/celeba64.yaml)")
+    step.add_argument("overrides", nargs="*", metavar="key=value")
+    step.add_argument("--batch-sizes", default="128,1024", help="comma-separated (default 128,1024)")
+    step.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None, help="override train.precision")
+    step.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
+    step.add_argument("--iters", type=int, default=50, help="timed steps")
+    step.add_argument("--data", default="", help="also time training end to end from these shards")
+    step.set_defaults(func=_bench_step)

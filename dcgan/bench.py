@@ -1,0 +1,145 @@
+"""`dcgan bench step`: the project's training step against the pytorch/examples reference step.
+
+Both run in ONE process on the same synthetic uint8 batch already on the device, so their ratio is
+meaningful whatever else the machine is doing. The reference is pytorch/examples' dcgan recipe: fp32,
+eager, NCHW, D ending in a Sigmoid with BCELoss, real and fake losses backpropagated separately.
+Optionally the end-to-end rate of the real training loop from shards on disk is measured as well.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dcgan.config import Config, load_config, replace
+from dcgan.distributed import DistInfo, pick_device
+from dcgan.models import Discriminator, Generator
+from dcgan.step import normalize
+from dcgan.train import build_step, build_trainer
+
+
+class ReferenceStep:
+    """pytorch/examples/dcgan/main.py's iteration, with its model (our G and D, plus D's Sigmoid)."""
+
+    def __init__(self, config: Config, device: torch.device) -> None:
+        self.g = Generator(config.model).to(device)
+        self.d = nn.Sequential(Discriminator(config.model), nn.Sigmoid()).to(device)
+        betas = (config.optim.beta1, config.optim.beta2)
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=config.optim.lr, betas=betas)
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=config.optim.lr, betas=betas)
+        self.loss = nn.BCELoss()
+        self.nz = config.model.nz
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        real = normalize(images, torch.float32)
+        batch = real.shape[0]
+        ones = torch.full((batch,), 1.0, device=real.device)
+        zeros = torch.full((batch,), 0.0, device=real.device)
+        self.d.zero_grad()
+        err_real = self.loss(self.d(real), ones)
+        err_real.backward()
+        fake = self.g(torch.randn(batch, self.nz, device=real.device))
+        err_fake = self.loss(self.d(fake.detach()), zeros)
+        err_fake.backward()
+        self.opt_d.step()
+        self.g.zero_grad()
+        err_g = self.loss(self.d(fake), ones)
+        err_g.backward()
+        self.opt_g.step()
+        return err_real + err_fake
+
+
+@dataclass
+class Timing:
+    img_per_s: float
+    peak_mem_gib: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(step: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, warmup: int, iters: int) -> Timing:
+    """Images per second of `step` on a fixed batch (after warm-up steps, which absorb compilation)."""
+    device = images.device
+    for _ in range(warmup):
+        step(images)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    for _ in range(iters):
+        step(images)
+    _sync(device)
+    elapsed = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return Timing(iters * images.shape[0] / elapsed, peak)
+
+
+def bench_config(base: Config, batch_size: int, precision: str | None) -> Config:
+    sections: dict[str, dict[str, object]] = {"train": {"batch_size": batch_size}}
+    if precision:
+        sections["train"]["precision"] = precision
+    return replace(base, **sections)
+
+
+def synthetic_batch(config: Config, device: torch.device) -> torch.Tensor:
+    m = config.model
+    shape = (config.train.batch_size, m.channels, m.resolution, m.resolution)
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def bench_step(config: Config, batch_size: int, precision: str | None, warmup: int, iters: int) -> tuple[Timing, Timing]:
+    """(reference timing, project timing) for one batch size, in this process."""
+    config = bench_config(config, batch_size, precision)
+    device = pick_device(config.train.device, 0)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    images = synthetic_batch(config, device)
+    reference = time_step(ReferenceStep(config, device), images, warmup, iters)
+    _, _, step_fn = build_step(config, info)
+    ours = time_step(step_fn, images, warmup, iters)
+    return reference, ours
+
+
+def run_bench_step(config_path: str, overrides: list[str], batch_sizes: list[int], precision: str | None, warmup: int, iters: int, shards: str = "") -> list[dict[str, float]]:
+    """Print one row per batch size: reference img/s, project img/s, their ratio, peak memory; then
+    the end-to-end rate from shards when given."""
+    base = load_config(config_path, overrides)
+    print(f"{'batch':>6} {'reference img/s':>16} {'dcgan img/s':>12} {'ratio':>6} {'peak GiB':>9}")
+    rows = []
+    for batch in batch_sizes:
+        reference, ours = bench_step(base, batch, precision, warmup, iters)
+        ratio = ours.img_per_s / reference.img_per_s
+        print(f"{batch:>6} {reference.img_per_s:>16.0f} {ours.img_per_s:>12.0f} {ratio:>6.2f} {ours.peak_mem_gib:>9.2f}", flush=True)
+        rows.append({"batch": batch, "reference": reference.img_per_s, "dcgan": ours.img_per_s, "ratio": ratio})
+    if shards:
+        for row in rows:
+            rate = bench_end_to_end(base, shards, int(row["batch"]), warmup, iters)
+            row["end_to_end"] = rate
+            print(f"end to end from {shards}, batch {int(row['batch'])}: {rate:.0f} img/s "
+                  f"({rate / row['dcgan']:.0%} of the synthetic-data rate)", flush=True)
+    return rows
+
+
+def bench_end_to_end(config: Config, shards: str, batch_size: int, warmup: int, iters: int) -> float:
+    """Training img/s with batches streamed from shards on disk through the real loader."""
+    config = replace(bench_config(config, batch_size, None), data={"shards": shards})
+    device = pick_device(config.train.device, 0)
+    trainer = build_trainer(config, DistInfo(rank=0, world_size=1, local_rank=0, device=device))
+    batches = iter(trainer.data)
+    try:
+        for _ in range(warmup):
+            trainer.step_fn(next(batches).to(device, non_blocking=True))
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(iters):
+            trainer.step_fn(next(batches).to(device, non_blocking=True))
+        _sync(device)
+        return iters * batch_size / (time.perf_counter() - started)
+    finally:
+        trainer.data.close()

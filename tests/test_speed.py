@@ -1,0 +1,68 @@
+"""Precision, compile and the step benchmark, on CPU (GPU throughput targets are measured by
+`dcgan bench step` on a GPU machine, not by timed unit tests)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dcgan.bench import synthetic_batch
+from dcgan.config import load_config
+from dcgan.distributed import DistInfo
+from dcgan.step import STAT_NAMES
+from dcgan.train import build_step
+
+from conftest import TINY, run_cli
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def run_steps(n: int, *overrides: str) -> tuple[torch.Tensor, torch.nn.Module]:
+    """Losses etc. of n steps on a fixed batch, and the generator afterwards."""
+    config = load_config(TINY, ["train.batch_size=8", *overrides])
+    g, _, step = build_step(config, CPU)
+    images = synthetic_batch(config, CPU.device)
+    return torch.stack([step(images) for _ in range(n)]), g
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_each_precision_trains(precision: str) -> None:
+    stats, g = run_steps(4, f"train.precision={precision}")
+    losses = stats[:, [STAT_NAMES.index("loss_D"), STAT_NAMES.index("loss_G")]]
+    assert torch.isfinite(losses).all() and stats[:, STAT_NAMES.index("nonfinite")].sum() == 0
+    # fp16's GradScaler starts at 2^16 and skips the first steps whose gradients overflow; then finite
+    assert torch.isfinite(stats[-1]).all()
+    assert all(p.dtype == torch.float32 for p in g.parameters())  # autocast: weights stay fp32
+
+
+def test_fp16_uses_one_grad_scaler_and_others_none() -> None:
+    config = load_config(TINY, ["train.precision=fp16"])
+    assert build_step(config, CPU)[2].scaler.is_enabled()
+    assert not build_step(load_config(TINY, ["train.precision=bf16"]), CPU)[2].scaler.is_enabled()
+
+
+def test_bf16_autocast_keeps_the_first_losses_close_to_fp32() -> None:
+    fp32, _ = run_steps(5, "train.precision=fp32")
+    bf16, _ = run_steps(5, "train.precision=bf16")
+    losses = [STAT_NAMES.index("loss_D"), STAT_NAMES.index("loss_G")]
+    torch.testing.assert_close(bf16[:, losses], fp32[:, losses], rtol=0.05, atol=0.02)
+    assert not torch.equal(bf16[:, losses], fp32[:, losses])  # it really ran in reduced precision
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager() -> None:
+    eager, g_eager = run_steps(3, "train.compile=false")
+    compiled, g_compiled = run_steps(3, "train.compile=true")
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g_eager.parameters(), g_compiled.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bench_step_prints_both_rates_and_their_ratio() -> None:
+    out = run_cli("bench", "step", "configs/tiny.yaml", "--batch-sizes", "8,16", "--warmup", "1", "--iters", "3").stdout
+    header, *rows = out.strip().splitlines()
+    assert header.split() == ["batch", "reference", "img/s", "dcgan", "img/s", "ratio", "peak", "GiB"]
+    for row, batch in zip(rows, (8, 16), strict=True):
+        size, reference, ours, ratio, _ = row.split()
+        assert int(size) == batch and float(reference) > 0 and float(ours) > 0
+        assert abs(float(ratio) - float(ours) / float(reference)) < 0.02
