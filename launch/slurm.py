@@ -1,0 +1,183 @@
+"""Submit `dcgan train` to SLURM through submitit: one task per GPU, requeued on preemption and timeout.
+
+    python -m launch.slurm configs/celeba64.yaml data.shards=shards/celeba64 --nodes 2 --gpus-per-node 8 \
+        --partition gpu --time 1440
+    python -m launch.slurm configs/tiny.yaml --local            # submitit's local executor, no SLURM
+
+srun starts one process per task (no torchrun inside); each exports the torch.distributed environment
+from SLURM's variables and runs the same training code as torchrun does. On preemption or when the time
+limit nears, SLURM signals the tasks (SIGTERM and/or USR2): the training loop notices at the next step,
+every rank agrees, a checkpoint is written collectively, and rank 0 hands over to submitit's own USR2
+handler, which requeues the job. The requeued job resumes from that checkpoint (same run directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from dcgan.config import ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+SIGNAL_DELAY_S = 120
+"""Seconds before the time limit at which SLURM sends USR2: enough to finish a step and a checkpoint."""
+
+
+@dataclass
+class TrainJob(submitit.helpers.Checkpointable):
+    """The picklable job: a config path plus overrides. Resuming needs no state of its own, because the
+    run directory holds the checkpoints; `checkpoint()` resubmits the same job."""
+
+    config: str
+    overrides: list[str] = field(default_factory=list)
+
+    def __call__(self) -> int:
+        from dcgan.preemption import EXIT_REQUEUE
+        from dcgan.train import train
+
+        env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        status = train(load_config(self.config, self.overrides))
+        if status == EXIT_REQUEUE:
+            hand_over_to_submitit(env.rank)
+        if status not in (0, EXIT_REQUEUE):
+            raise RuntimeError(f"training exited with status {status}")
+        return status
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        return submitit.helpers.DelayedSubmission(TrainJob(self.config, list(self.overrides)))
+
+
+def hand_over_to_submitit(rank: int) -> None:
+    """After the forced checkpoint: rank 0 runs submitit's USR2 handler (requeue, then exit); the other
+    ranks wait to be stopped by the requeue rather than report a finished task."""
+    if rank == 0:
+        signal.raise_signal(signal.SIGUSR2)
+    time.sleep(300)
+
+
+@dataclass(frozen=True)
+class Resources:
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int | None = None
+    cpus_per_task: int = 4
+    mem_gb: int | None = None
+    partition: str = ""
+    time_min: int = 60
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    local: bool = False
+    signal_delay_s: int = SIGNAL_DELAY_S
+
+    @property
+    def tasks(self) -> int:
+        return self.tasks_per_node or max(self.gpus_per_node, 1)
+
+
+def validate(res: Resources) -> None:
+    """Options that cannot work together fail here, with one line, before anything is submitted."""
+    if res.nodes < 1 or res.gpus_per_node < 0 or res.cpus_per_task < 1 or res.time_min < 1:
+        raise ConfigError("--nodes, --cpus-per-task and --time must be >= 1, --gpus-per-node >= 0")
+    if res.gpus_per_node and res.tasks_per_node not in (None, res.gpus_per_node):
+        raise ConfigError(
+            f"--tasks-per-node {res.tasks_per_node} with --gpus-per-node {res.gpus_per_node}: "
+            "training runs one task per GPU; drop --tasks-per-node or make them equal"
+        )
+    if res.signal_delay_s >= res.time_min * 60:
+        raise ConfigError(f"--signal-delay {res.signal_delay_s}s is not shorter than --time {res.time_min} min")
+    if res.local and res.nodes > 1:
+        raise ConfigError("--local runs on this machine only: it cannot use --nodes > 1")
+    if res.local and (res.partition or res.account or res.qos or res.constraint):
+        raise ConfigError("--local takes no --partition/--account/--qos/--constraint (those are SLURM's)")
+
+
+def executor_parameters(res: Resources, name: str) -> dict[str, Any]:
+    """submitit's AutoExecutor parameters for these resources (SLURM-only keys prefixed slurm_)."""
+    params: dict[str, Any] = {
+        "name": name,
+        "nodes": res.nodes,
+        "tasks_per_node": res.tasks,
+        "cpus_per_task": res.cpus_per_task,
+        "timeout_min": res.time_min,
+    }
+    if res.gpus_per_node:
+        params["gpus_per_node"] = res.gpus_per_node
+    if res.mem_gb:
+        params["mem_gb"] = res.mem_gb
+    if not res.local:
+        params["slurm_signal_delay_s"] = res.signal_delay_s
+        for key in ("partition", "account", "qos", "constraint"):
+            if getattr(res, key):
+                params[f"slurm_{key}"] = getattr(res, key)
+    return params
+
+
+def make_executor(res: Resources, folder: Path, name: str, max_requeues: int = 20) -> submitit.AutoExecutor:
+    cluster = "local" if res.local else "slurm"
+    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster, slurm_max_num_timeout=max_requeues)
+    executor.update_parameters(**executor_parameters(res, name))
+    return executor
+
+
+def submit(config: str, overrides: list[str], res: Resources, folder: Path) -> submitit.Job:
+    """Validate the config and resources, submit, and return the job."""
+    validate(res)
+    run_config = load_config(config, overrides)  # fail now, not in the queue
+    if res.gpus_per_node == 0 and run_config.train.device == "cuda":
+        raise ConfigError("train.device=cuda needs --gpus-per-node >= 1")
+    executor = make_executor(res, folder, name=f"dcgan-{Path(run_config.run.dir).name}")
+    return executor.submit(TrainJob(config, list(overrides)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.slurm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("config", help="YAML config, e.g. configs/celeba64.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU (0 = CPU job)")
+    parser.add_argument("--tasks-per-node", type=int, default=None, help="CPU jobs: processes per node (default 1)")
+    parser.add_argument("--cpus-per-task", type=int, default=4, help="CPU cores per task (data loader workers live here)")
+    parser.add_argument("--mem-gb", type=int, default=None, help="memory per node in GB")
+    parser.add_argument("--partition", default="")
+    parser.add_argument("--time", type=int, default=60, help="time limit in minutes (the job requeues itself at the limit)")
+    parser.add_argument("--account", default="")
+    parser.add_argument("--qos", default="")
+    parser.add_argument("--constraint", default="")
+    parser.add_argument("--signal-delay", type=int, default=SIGNAL_DELAY_S, help="seconds before the time limit at which the job checkpoints and requeues")
+    parser.add_argument("--local", action="store_true", help="run with submitit's local executor instead of SLURM")
+    parser.add_argument("--folder", default="slurm_logs", help="submitit log folder (default slurm_logs/)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    res = Resources(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, partition=args.partition, time_min=args.time,
+        account=args.account, qos=args.qos, constraint=args.constraint, local=args.local,
+        signal_delay_s=args.signal_delay,
+    )
+    try:
+        job = submit(args.config, args.overrides, res, Path(args.folder))
+    except ConfigError as exc:
+        print(f"launch.slurm: error: {exc}", file=sys.stderr)
+        return 2
+    run_dir = load_config(args.config, args.overrides).run.dir
+    print(f"job {job.job_id}\nlogs {job.paths.folder}\nrun {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""SLURM through submitit and sbatch, against a real single-node cluster started by the test run."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dcgan.checkpoint import list_checkpoints
+from dcgan.config import ConfigError
+from launch.slurm import Resources, executor_parameters, make_executor, submit, validate
+
+from conftest import ROOT
+
+REFERENCE = ROOT / "tests" / "data" / "sbatch_4x8gpu.txt"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> None:
+    """Start (or find running) the local cluster; skip, saying why, where it cannot be installed."""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip("the local SLURM cluster needs root and apt-get (Debian) to install")
+    result = subprocess.run(["bash", str(ROOT / "slurm" / "local-cluster" / "start.sh")], capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        pytest.skip(f"SLURM could not be started here: {result.stderr.strip().splitlines()[-1:]}")
+
+
+def tiny(run: Path, *extra: str) -> list[str]:
+    return [f"run.dir={run}", *extra]
+
+
+def log_text(job_folder: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(job_folder.rglob("*_log.err")))
+
+
+@pytest.mark.slurm
+def test_two_task_job_finishes_and_leaves_a_complete_checkpoint(cluster: None, tmp_path: Path) -> None:
+    job = submit("configs/tiny.yaml", tiny(tmp_path / "run", "train.steps=20"), Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=5), tmp_path / "logs")
+    assert job.results() == [0, 0]
+    assert [s for s, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [10, 20]
+    assert "2 rank(s) on cpu" in log_text(tmp_path / "logs")
+
+
+@pytest.mark.slurm
+def test_preempted_job_is_requeued_and_continues_from_its_checkpoint(cluster: None, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    job = submit("configs/tiny.yaml", tiny(run, "train.steps=200", "checkpoint.every=50"), Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=5), tmp_path / "logs")
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "step_000000050" / ".metadata").exists():
+        assert time.monotonic() < deadline, "the job never wrote its first checkpoint"
+        time.sleep(0.2)
+    job._interrupt()  # submitit's preemption simulation: SIGTERM, then USR2
+    assert job.results() == [0, 0]
+    logs = log_text(tmp_path / "logs")
+    stopped = int(re.search(r"stop signal received: checkpointing step (\d+)", logs).group(1))
+    assert 50 <= stopped < 200
+    assert f"resumed from {run / 'checkpoints'}/step_{stopped:09d} at step {stopped}" in logs
+    assert list_checkpoints(run / "checkpoints")[-1][0] == 200
+
+
+@pytest.mark.slurm
+def test_job_at_its_time_limit_is_requeued_and_finishes(cluster: None, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    res = Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=1, signal_delay_s=30)
+    job = submit("configs/tiny.yaml", tiny(run, "train.steps=300", "checkpoint.every=100", "log.every=50"), res, tmp_path / "logs")
+    assert job.results() == [0, 0]
+    logs = log_text(tmp_path / "logs")
+    assert "stop signal received" in logs and "resumed from" in logs
+    assert list_checkpoints(run / "checkpoints")[-1][0] == 300
+
+
+@pytest.mark.slurm
+def test_sbatch_script_runs_two_processes_through_srun_and_torchrun(cluster: None, tmp_path: Path) -> None:
+    out = tmp_path / "out.txt"
+    job = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={ROOT}", "--gres=none", "--cpus-per-task=2", "--mem=2G", f"--output={out}",
+         f"--export=ALL,PYTHON={sys.executable},NPROC_PER_NODE=2",
+         str(ROOT / "slurm" / "train.sbatch"), "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", "train.steps=10"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    deadline = time.monotonic() + 180
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    text = out.read_text()
+    assert "1 node(s) x 2 process(es)" in text and "2 rank(s) on cpu" in text
+    assert (tmp_path / "run" / "checkpoints" / "step_000000010" / ".metadata").exists()
+
+
+def normalized_sbatch(folder: Path) -> str:
+    executor = make_executor(Resources(nodes=4, gpus_per_node=8, cpus_per_task=12, mem_gb=480, partition="gpu", time_min=1440, account="vision", qos="high"), folder, "dcgan-celeba64")
+    text = executor._executor._make_submission_file_text("python -u -m submitit.core._submit %j", "uid")
+    return text.replace(str(folder), "FOLDER").replace(sys.executable, "PYTHON")
+
+
+def test_generated_sbatch_for_four_nodes_of_eight_gpus_matches_the_reference(tmp_path: Path) -> None:
+    text = normalized_sbatch(tmp_path)
+    if os.environ.get("DCGAN_WRITE_REFERENCE"):
+        REFERENCE.write_text(text)
+    assert text == REFERENCE.read_text()
+    for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --signal=USR2@120", "#SBATCH --partition=gpu"):
+        assert line in text
+
+
+@pytest.mark.parametrize(
+    ("res", "message"),
+    [
+        (Resources(gpus_per_node=8, tasks_per_node=4), "one task per GPU"),
+        (Resources(nodes=2, local=True), "--local runs on this machine only"),
+        (Resources(local=True, partition="gpu"), "--local takes no --partition"),
+        (Resources(time_min=1, signal_delay_s=120), "--signal-delay 120s is not shorter than --time 1 min"),
+        (Resources(nodes=0), "must be >= 1"),
+    ],
+)
+def test_options_that_make_no_sense_together_fail_before_submission(res: Resources, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(res)
+
+
+def test_cli_rejects_a_bad_config_before_submitting(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.slurm", "configs/tiny.yaml", "model.resolution=48", "--local", "--folder", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 2 and "model.resolution: must be a power of two" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_local_executor_parameters_carry_no_slurm_keys() -> None:
+    params = executor_parameters(Resources(local=True, tasks_per_node=2), "x")
+    assert params["tasks_per_node"] == 2 and not any(k.startswith("slurm_") for k in params)
