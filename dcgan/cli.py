@@ -6,6 +6,7 @@
   dcgan shards KIND SOURCE OUT_DIR          convert images into WebDataset shards
   dcgan bench data DATA                     loader throughput from shards on disk
   dcgan score SOURCE                        digits quality score of a generator
+  dcgan eval SOURCE --data DATA             FID / KID / SWD / digits score, table + JSON
 """
 
 from __future__ import annotations
@@ -57,6 +58,31 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from dcgan.distributed import destroy_distributed, init_distributed
+    from dcgan.evaluate import evaluate
+    from dcgan.sample import load_generator
+
+    info = init_distributed("cpu", 600)
+    try:
+        loaded = load_generator(Path(args.source))
+        results = evaluate(loaded, args.data, args.num, args.metrics.split(","), info, args.inception)
+    finally:
+        destroy_distributed()
+    if info.is_main:
+        print(f"{'metric':<22} {'value':>12}")
+        for key, value in results.items():
+            print(f"{key:<22} {value:>12.5f}")
+        source = Path(args.source)
+        default = source / f"eval-step{loaded.step}.json" if source.is_dir() else Path("eval.json")
+        out = Path(args.out) if args.out else default
+        out.write_text(json.dumps({"source": args.source, "step": loaded.step, "data": args.data, "num": args.num, **results}, indent=1))
+        print(f"written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcgan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--num", type=int, default=1000, help="generated images to score (default 1000)")
     score.add_argument("--seed", type=int, default=0)
     score.set_defaults(func=_score)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="FID, KID, SWD and the digits score of a generator against real data (torchrun: ranks share the work)",
+    )
+    evaluate.add_argument("source", help="run directory (newest checkpoint) or generator file from `dcgan export`")
+    evaluate.add_argument("--data", required=True, help="shard directory with manifest.json, or 'digits'")
+    evaluate.add_argument("--num", type=int, default=10000, help="generated and real images (default 10000)")
+    evaluate.add_argument("--metrics", default="swd", help="comma-separated from fid,kid,swd,digits (default swd)")
+    evaluate.add_argument("--inception", default="", help="TorchScript Inception for fid/kid (or env DCGAN_INCEPTION)")
+    evaluate.add_argument("--out", default="", help="JSON output (default RUN_DIR/eval-stepN.json or eval.json)")
+    evaluate.set_defaults(func=_eval)
 
     from dcgan.data.cli import add_data_commands
 

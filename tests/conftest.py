@@ -72,3 +72,17 @@ def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("digit_shards")
     write_shards("digits", Path("."), out, fmt="blocks", resolution=16, shard_size=225, block_size=32, workers=1, progress=False)
     return out
+
+
+DIGITS_MODEL = ("model.resolution=32", "model.ngf=32", "model.ndf=32", "model.nz=64", "train.batch_size=64")
+
+
+@pytest.fixture(scope="session")
+def trained_digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 32x32 digits generator trained for 300 steps (about 40 s), shared by the quality tests."""
+    from dcgan.train import EXIT_OK, train
+
+    run = tmp_path_factory.mktemp("digits_run")
+    config = tiny_config(run, *DIGITS_MODEL, "train.steps=300", "log.every=100", "sample.every=300", "checkpoint.every=300")
+    assert train(config) == EXIT_OK
+    return run

@@ -17,6 +17,7 @@ Images stay uint8 on the host (pinned when training on CUDA) and are normalized 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import Iterator
@@ -225,7 +226,7 @@ class ShardSource(EpochStream):
             workers=workers, batch_size=batch, batches_per_epoch=0, shuffle_buffer=d.shuffle_buffer,
             resampled=d.resampled, channels=config.model.channels, resolution=config.model.resolution,
         )
-        plan = StreamPlan(**{**plan.__dict__, "batches_per_epoch": epoch_batches(plan, d.epoch_samples)})
+        plan = dataclasses.replace(plan, batches_per_epoch=epoch_batches(plan, d.epoch_samples))
         self.plan = plan
         self.dataset = LaneDataset(plan)
         pin = info.device.type == "cuda" if pin_memory is None else pin_memory
@@ -301,3 +302,24 @@ def plan_exact_counts(plan: StreamPlan) -> list[int]:
     if batches < 1:
         raise ConfigError(f"train.batch_size: {plan.batch_size} is more than one worker's share of the shards ({sum(smallest)} samples)")
     return [batches]
+
+
+def read_images(spec: str, num: int, resolution: int, channels: int) -> torch.Tensor:
+    """The first `num` images of a shard set in stored order (no shuffle, no workers): the fixed
+    reference set that evaluation compares generators against."""
+    shards = resolve_shards(spec)
+    plan = StreamPlan(
+        urls=shards.urls, counts=shards.counts, seed=0, rank=0, world_size=1, workers=1, batch_size=1,
+        batches_per_epoch=0, shuffle_buffer=1, resampled=False, channels=channels, resolution=resolution,
+    )
+    bad = [0]
+    samples = wds.tarfile_to_samples(handler=_raise_naming_shard)({"url": u} for u in shards.urls)
+    images: list[np.ndarray] = []
+    for item in _expand(samples, plan, bad):
+        if len(images) == num:
+            break
+        try:
+            images.append(decode_image(item, channels, resolution) if isinstance(item, bytes) else item)
+        except CorruptSample:
+            bad[0] += 1
+    return torch.from_numpy(np.stack(images)) if images else torch.empty(0, channels, resolution, resolution, dtype=torch.uint8)

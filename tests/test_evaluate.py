@@ -1,0 +1,117 @@
+"""Evaluation metrics: FID/KID against direct computations, SWD, the CLI, ranks, trained vs untrained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import linalg
+
+from dcgan.config import ConfigError, load_config
+from dcgan.evaluate import fid, kid, load_inception, swd
+from dcgan.models import Generator
+from dcgan.sample import LoadedGenerator, export_generator
+
+from conftest import DIGITS_MODEL, TINY, run_cli
+from distributed_helpers import torchrun
+
+
+def gaussian_features(n: int, dim: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, dim))
+
+
+def test_fid_and_kid_are_zero_for_a_set_against_itself_and_grow_with_a_shift() -> None:
+    x = gaussian_features(600, 8, 0)
+    assert abs(fid(x, x)) < 1e-6
+    shift = np.full(8, 0.5)
+    assert fid(x, x + shift) == pytest.approx(float(shift @ shift), abs=1e-6)  # same covariance: ||dmu||^2
+    assert abs(kid(x, x, subsets=20, subset_size=300)) < 0.01
+    small, large = kid(x, x + 0.25, subsets=20, subset_size=300), kid(x, x + 1.0, subsets=20, subset_size=300)
+    assert 0.01 < small < large
+
+
+def test_fid_matches_a_direct_numpy_scipy_computation() -> None:
+    real, fake = gaussian_features(500, 6, 1), gaussian_features(400, 6, 2) * 1.3 + 0.2
+    mu_r, mu_f = real.mean(0), fake.mean(0)
+    s_r, s_f = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    direct = ((mu_r - mu_f) ** 2).sum() + np.trace(s_r + s_f - 2 * linalg.sqrtm(s_r @ s_f).real)
+    assert fid(real, fake) == pytest.approx(direct, rel=1e-9)
+
+
+def test_swd_is_near_zero_for_identical_sets_and_grows_with_blur() -> None:
+    from dcgan.data.digits import digits_images
+
+    real = digits_images(32)[:512]
+    blurred = F.avg_pool2d(real.float(), 3, stride=1, padding=1).round().to(torch.uint8)
+    very = F.avg_pool2d(real.float(), 7, stride=1, padding=3).round().to(torch.uint8)
+    same, soft, softer = swd(real, real), swd(real, blurred), swd(real, very)
+    assert same < 1e-6 < soft < softer
+
+
+class TinyFeatures(torch.nn.Module):
+    """Stands in for inception-2015-12-05.pt: same call signature, uint8 in, features out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 16, 5, stride=2)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        x = F.interpolate(x.float() / 127.5 - 1, size=(32, 32), mode="bilinear", align_corners=False)
+        return torch.tanh(self.conv(x)).mean(dim=(2, 3))
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("net") / "features.pt"
+    torch.jit.script(TinyFeatures()).save(str(path))
+    return path
+
+
+def test_inception_loading_and_its_errors(inception: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    features = load_inception(str(inception))
+    out = features(torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8))
+    assert out.shape == (4, 16) and out.dtype == torch.float64
+    monkeypatch.delenv("DCGAN_INCEPTION", raising=False)
+    with pytest.raises(ConfigError, match="set DCGAN_INCEPTION"):
+        load_inception("")
+    monkeypatch.setenv("DCGAN_INCEPTION", str(inception))
+    assert load_inception("")(torch.zeros(1, 3, 8, 8, dtype=torch.uint8)).shape == (1, 16)
+
+
+@pytest.fixture(scope="module")
+def untrained_generator(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = load_config(TINY, list(DIGITS_MODEL)).model
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("untrained") / "g.pt"
+    export_generator(LoadedGenerator(Generator(model), model, 0, torch.zeros(1, model.nz)), path)
+    return path
+
+
+def eval_cli(source: Path, out: Path, inception: Path, *, ranks: int = 1) -> dict[str, float]:
+    args = ["eval", str(source), "--data", "digits", "--num", "500", "--metrics", "fid,kid,swd,digits",
+            "--inception", str(inception), "--out", str(out)]
+    if ranks == 1:
+        run_cli(*args)
+    else:
+        result = torchrun(ranks, *args)
+        assert result.returncode == 0, result.stderr
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_trained_generator_beats_untrained_on_every_metric_and_ranks_agree(
+    trained_digits_run: Path, untrained_generator: Path, inception: Path, tmp_path: Path
+) -> None:
+    trained = eval_cli(trained_digits_run, tmp_path / "trained.json", inception)
+    untrained = eval_cli(untrained_generator, tmp_path / "untrained.json", inception)
+    for key in ("fid", "kid", "swd", "digits_frechet"):
+        assert trained[key] < untrained[key], key
+    assert trained["digits_class_balance"] > untrained["digits_class_balance"]
+    two = eval_cli(trained_digits_run, tmp_path / "two.json", inception, ranks=2)
+    for key in ("fid", "kid", "swd", "digits_frechet"):
+        assert two[key] == pytest.approx(trained[key], rel=1e-4, abs=1e-6), key
