@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("source", help="run directory (newest checkpoint) or generator file from `dcgan export`")
     evaluate.add_argument("--data", required=True, help="shard directory with manifest.json, or 'digits'")
-    evaluate.add_argument("--num", type=int, default=10000, help="generated and real images (default 10000)")
+    evaluate.add_argument("-n", "--num", type=int, default=10000, help="generated and real images (default 10000; under torchrun write -n, since torchrun takes --num for its --numa-binding)")
     evaluate.add_argument("--metrics", default="swd", help="comma-separated from fid,kid,swd,digits (default swd)")
     evaluate.add_argument("--inception", default="", help="TorchScript Inception for fid/kid (or env DCGAN_INCEPTION)")
     evaluate.add_argument("--out", default="", help="JSON output (default RUN_DIR/eval-stepN.json or eval.json)")

@@ -29,9 +29,9 @@ def test_fid_and_kid_are_zero_for_a_set_against_itself_and_grow_with_a_shift() -
     assert abs(fid(x, x)) < 1e-6
     shift = np.full(8, 0.5)
     assert fid(x, x + shift) == pytest.approx(float(shift @ shift), abs=1e-6)  # same covariance: ||dmu||^2
-    assert abs(kid(x, x, subsets=20, subset_size=300)) < 0.01
+    itself = kid(x, x, subsets=20, subset_size=300)
     small, large = kid(x, x + 0.25, subsets=20, subset_size=300), kid(x, x + 1.0, subsets=20, subset_size=300)
-    assert 0.01 < small < large
+    assert abs(itself) < 0.2 * small and small < large / 10  # KID grows like the shift^4 here (cubic kernel)
 
 
 def test_fid_matches_a_direct_numpy_scipy_computation() -> None:
@@ -45,7 +45,7 @@ def test_fid_matches_a_direct_numpy_scipy_computation() -> None:
 def test_swd_is_near_zero_for_identical_sets_and_grows_with_blur() -> None:
     from dcgan.data.digits import digits_images
 
-    real = digits_images(32)[:512]
+    real = digits_images(32)[:256]
     blurred = F.avg_pool2d(real.float(), 3, stride=1, padding=1).round().to(torch.uint8)
     very = F.avg_pool2d(real.float(), 7, stride=1, padding=3).round().to(torch.uint8)
     same, soft, softer = swd(real, real), swd(real, blurred), swd(real, very)
@@ -93,7 +93,7 @@ def untrained_generator(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def eval_cli(source: Path, out: Path, inception: Path, *, ranks: int = 1) -> dict[str, float]:
-    args = ["eval", str(source), "--data", "digits", "--num", "500", "--metrics", "fid,kid,swd,digits",
+    args = ["eval", str(source), "--data", "digits", "-n", "500", "--metrics", "fid,kid,swd,digits",
             "--inception", str(inception), "--out", str(out)]
     if ranks == 1:
         run_cli(*args)
