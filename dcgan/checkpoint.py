@@ -9,6 +9,7 @@ load it back; per-rank values (noise RNG) are keyed by rank.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -26,6 +27,13 @@ log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
 METADATA = ".metadata"
+BEST = "best.json"
+
+
+def read_best(root: Path) -> dict[str, Any] | None:
+    """{"step", "metric", "value"} of the best checkpoint so far, if evaluation during training marked one."""
+    path = root / BEST
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -123,14 +131,22 @@ class Checkpointer:
         dcp.load(state, checkpoint_id=str(path), process_group=group, no_dist=not self.info.distributed)
 
     def prune(self) -> None:
-        """Keep the newest `keep` complete checkpoints, plus every multiple of `keep_every`."""
+        """Keep the newest `keep` complete checkpoints, every multiple of `keep_every`, and the best."""
         if not self.info.is_main:
             return
         complete = list_checkpoints(self.root)
+        best = read_best(self.root)
         for step, path in complete[: max(0, len(complete) - self.config.keep)]:
-            if self.config.keep_every and step % self.config.keep_every == 0:
+            if (self.config.keep_every and step % self.config.keep_every == 0) or (best and best["step"] == step):
                 continue
             shutil.rmtree(path, ignore_errors=True)
+
+    def mark_best(self, step: int, metric: str, value: float) -> None:
+        """Record `step` as the best checkpoint by `metric` (rank 0; kept by prune until replaced)."""
+        if self.info.is_main:
+            tmp = self.root / (BEST + ".tmp")
+            tmp.write_text(json.dumps({"step": step, "metric": metric, "value": value}))
+            tmp.replace(self.root / BEST)
 
     def close(self) -> None:
         self.wait()

@@ -100,6 +100,16 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    every: int = _field(0, "steps between evaluations during training (0 = never); see `dcgan eval`")
+    metrics: tuple[str, ...] = _field(("swd",), "metrics computed during training: fid, kid, swd, digits")
+    num: int = _field(2000, "generated (and real) images per evaluation")
+    data: str = _field("", "real images to compare with (shard directory or 'digits'); empty = data.shards, or digits")
+    inception: str = _field("", "TorchScript Inception for fid/kid (empty = env DCGAN_INCEPTION)")
+    best: str = _field("", "keep the checkpoint with the lowest value of this metric (e.g. swd, fid) until a better one")
+
+
+@dataclass(frozen=True)
 class DistConfig:
     timeout_s: int = _field(600, "seconds a collective may wait for a missing rank before the job fails")
 
@@ -115,6 +125,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
     @property
@@ -313,6 +324,14 @@ def validate(config: Config) -> None:
     _require(config.checkpoint.keep_every >= 0, "checkpoint.keep_every", ">= 0", config.checkpoint.keep_every)
     _require(config.dist.timeout_s >= 1, "dist.timeout_s", ">= 1", config.dist.timeout_s)
     _require(config.run.dir != "", "run.dir", "a directory path", config.run.dir)
+    e = config.eval
+    allowed = ("fid", "kid", "swd", "digits")
+    _require(e.every >= 0, "eval.every", ">= 0 (0 = never)", e.every)
+    _require(bool(e.metrics) and set(e.metrics) <= set(allowed), "eval.metrics", f"a non-empty list from {', '.join(allowed)}", list(e.metrics))
+    _require(e.num >= 2, "eval.num", ">= 2", e.num)
+    digits_names = {"digits": "digits_frechet"}
+    _require(e.best == "" or e.best in e.metrics or e.best in digits_names.values(), "eval.best", "empty or one of eval.metrics (digits_frechet for digits)", e.best)
+    _require(not ("digits" in e.metrics and m.channels != 1), "eval.metrics", "without digits for a 3-channel model", list(e.metrics))
 
 
 def replace(config: Config, **sections: Any) -> Config:

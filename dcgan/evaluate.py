@@ -142,7 +142,8 @@ def generated_images(loaded: LoadedGenerator, num: int, info: DistInfo, batch: i
     """This rank's share (every world-th image) of `num` generated uint8 images; the noise of image i is
     the same whatever the number of ranks, so results do not depend on it."""
     noise = torch.randn(num, loaded.model.nz, generator=torch.Generator().manual_seed(seed))[info.rank :: info.world_size]
-    out = [generate(loaded.generator, noise[i : i + batch]) for i in range(0, len(noise), batch)]
+    device = next(loaded.generator.parameters()).device
+    out = [generate(loaded.generator, noise[i : i + batch].to(device)).float().cpu() for i in range(0, len(noise), batch)]
     return torch.cat(out).add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 

@@ -9,6 +9,7 @@ the tracker's run id and the config.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from dcgan.checkpoint import Checkpointer, stored_keys
+from dcgan.checkpoint import Checkpointer, read_best, stored_keys
 from dcgan.config import Config, config_to_dict, save_config
 from dcgan.data import build_source
 from dcgan.data.base import BatchSource
@@ -40,7 +41,7 @@ from dcgan.distributed import (
 )
 from dcgan.models import Discriminator, Generator
 from dcgan.preemption import EXIT_REQUEUE, StopSignal
-from dcgan.sample import generate, save_grid, to_uint8_grid
+from dcgan.sample import LoadedGenerator, generate, save_grid, to_uint8_grid
 from dcgan.step import STAT_NAMES, GANStep, resolve_precision
 from dcgan.tracking import GanHealth, Progress, Tracker, make_tracker, new_run_id, sample_diversity, setup_logging
 
@@ -251,6 +252,28 @@ def write_samples(trainer: Trainer, tracker: Tracker, health: GanHealth) -> floa
     return diversity
 
 
+def evaluate_now(trainer: Trainer) -> dict[str, float]:
+    """eval.metrics of the current generator (eval mode, rank 0's BatchNorm statistics); collective."""
+    from dcgan.evaluate import evaluate
+
+    cfg = trainer.config
+    sync_buffers(trainer.g_bare, trainer.info)
+    loaded = LoadedGenerator(trainer.g_bare, cfg.model, trainer.step, trainer.fixed_noise)
+    data = cfg.eval.data or cfg.data.shards or "digits"
+    return evaluate(loaded, data, cfg.eval.num, list(cfg.eval.metrics), trainer.info, cfg.eval.inception)
+
+
+def keep_if_best(trainer: Trainer, results: dict[str, float], best: float) -> float:
+    """Checkpoint this step and mark it best when eval.best improved; return the best value so far."""
+    metric = trainer.config.eval.best
+    if not metric or results[metric] >= best:
+        return best
+    save_checkpoint(trainer)
+    trainer.checkpointer.mark_best(trainer.step, metric, results[metric])
+    log.info("step %d is the best so far by %s = %.5f: its checkpoint is kept", trainer.step, metric, results[metric])
+    return results[metric]
+
+
 def nonfinite_seen(trainer: Trainer) -> bool:
     """Whether any rank saw a non-finite loss since the run (re)started; one read, all ranks agree."""
     return any_rank(bool(trainer.nonfinite_flag.item()), trainer.info)
@@ -276,6 +299,8 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
     window = Window(info.device)
     health = GanHealth()
     diversity: float | None = None  # of the newest fixed-noise grid (rank 0)
+    previous_best = read_best(trainer.checkpointer.root)
+    best = previous_best["value"] if previous_best else math.inf
     while trainer.step < cfg.train.steps:
         waited = time.perf_counter()
         images = next(batches).to(info.device, non_blocking=True)
@@ -306,6 +331,12 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
             progress.report(step, metrics)
             health.observe_metrics(step, metrics)
             window = Window(info.device)
+        if cfg.eval.every and step % cfg.eval.every == 0:
+            results = evaluate_now(trainer)
+            tracker.log_metrics(step, {f"eval/{k}": v for k, v in results.items()})
+            log.info("step %d eval: %s", step, " ".join(f"{k}={v:.5f}" for k, v in results.items()))
+            best = keep_if_best(trainer, results, best)
+            due_ckpt = due_ckpt and trainer.last_good_checkpoint != step
         if any_rank(stop.requested, info):
             log.warning("stop signal received: checkpointing step %d, then exiting %d (requeue)", step, EXIT_REQUEUE)
             save_checkpoint(trainer, blocking=True)

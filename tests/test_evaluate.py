@@ -115,3 +115,31 @@ def test_trained_generator_beats_untrained_on_every_metric_and_ranks_agree(
     two = eval_cli(trained_digits_run, tmp_path / "two.json", inception, ranks=2)
     for key in ("fid", "kid", "swd", "digits_frechet"):
         assert two[key] == pytest.approx(trained[key], rel=1e-4, abs=1e-6), key
+
+
+def test_periodic_evaluation_logs_metrics_and_keeps_the_best_checkpoint(tmp_path: Path) -> None:
+    from dcgan.checkpoint import list_checkpoints, read_best
+    from dcgan.train import EXIT_OK, train
+
+    from conftest import tiny_config
+
+    run = tmp_path / "run"
+    config = tiny_config(run, "train.steps=40", "checkpoint.every=10", "checkpoint.keep=1", "eval.every=10",
+                         "eval.metrics=[swd,digits]", "eval.num=64", "eval.best=digits_frechet")
+    assert train(config) == EXIT_OK
+    lines = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    evals = [line for line in lines if "eval/swd" in line]
+    assert [line["step"] for line in evals] == [10, 20, 30, 40]
+    best = read_best(run / "checkpoints")
+    values = {line["step"]: line["eval/digits_frechet"] for line in evals}
+    assert best["metric"] == "digits_frechet" and best["value"] == min(values.values())
+    assert values[best["step"]] == best["value"]
+    kept = [s for s, _ in list_checkpoints(run / "checkpoints")]
+    assert best["step"] in kept and kept[-1] == 40 and len(kept) <= 2
+
+
+def test_eval_config_errors() -> None:
+    with pytest.raises(ConfigError, match="eval.metrics: must be a non-empty list from fid, kid, swd, digits"):
+        load_config(TINY, ["eval.metrics=[lpips]"])
+    with pytest.raises(ConfigError, match="eval.best: must be empty or one of eval.metrics"):
+        load_config(TINY, ["eval.best=fid"])
