@@ -122,3 +122,15 @@ def test_gan_health_warns_once_when_d_wins_and_when_samples_collapse(caplog: pyt
         calm.observe_metrics(step, {"D_G_z_before": 0.3})
         calm.observe_samples(step, 0.5)
     assert calm.warned == set()
+
+
+def test_skip_mode_skips_non_finite_updates_and_finishes(tmp_path: Path) -> None:
+    trainer = build_trainer(tiny_config(tmp_path / "run", "train.steps=6", "train.nonfinite=skip", "checkpoint.every=100"), CPU)
+    prepare_run_dir(trainer)
+    trainer.step_fn = PoisonAt(trainer.step_fn, trainer, at=4)  # type: ignore[assignment]
+    g_before = {k: v.clone() for k, v in trainer.g_bare.state_dict().items()}
+    assert run_loop(trainer, Tracker(), StopSignal()) == 0
+    trainer.checkpointer.close()
+    g_after = trainer.g_bare.state_dict()
+    assert all(torch.isfinite(v).all() for v in g_after.values())  # the NaN never reached G's weights
+    assert not torch.equal(g_before["main.0.weight"], g_after["main.0.weight"])  # steps 1-3 did update
