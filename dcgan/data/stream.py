@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
@@ -69,7 +68,7 @@ def resolve_shards(spec: str) -> ShardSet:
         urls = [str(path / s.name) for s in manifest.shards]
         counts = [s.samples for s in manifest.shards]
     else:
-        urls = list(braceexpand.braceexpand(spec))
+        urls = list(wds.shardlists.expand_urls(spec))  # braces, '::' lists, $WDS_ variables
         manifest_path = Path(urls[0]).parent / MANIFEST
         manifest = Manifest.read(manifest_path) if "://" not in spec and not spec.startswith("pipe:") and manifest_path.is_file() else None
         counts = None
