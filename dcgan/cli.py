@@ -5,6 +5,7 @@
   dcgan export RUN_DIR --out generator.pt   the newest checkpoint's generator as one file
   dcgan shards KIND SOURCE OUT_DIR          convert images into WebDataset shards
   dcgan bench data DATA                     loader throughput from shards on disk
+  dcgan bench step [CONFIG]                 training step vs the pytorch/examples reference step
   dcgan score SOURCE                        digits quality score of a generator
   dcgan eval SOURCE --data DATA             FID / KID / SWD / digits score, table + JSON
 """
