@@ -17,6 +17,7 @@ from torch import nn
 
 from dcgan.config import Config, load_config, replace
 from dcgan.distributed import DistInfo, pick_device
+from dcgan.graphs import make_runner
 from dcgan.models import Discriminator, Generator
 from dcgan.step import normalize
 from dcgan.train import build_step, build_trainer
@@ -102,7 +103,7 @@ def bench_step(config: Config, batch_size: int, precision: str | None, warmup: i
     images = synthetic_batch(config, device)
     reference = time_step(ReferenceStep(config, device), images, warmup, iters)
     _, _, step_fn = build_step(config, info)
-    ours = time_step(step_fn, images, warmup, iters)
+    ours = time_step(make_runner(step_fn, config, info), images, warmup, iters)
     return reference, ours
 
 
@@ -134,11 +135,11 @@ def bench_end_to_end(config: Config, shards: str, batch_size: int, warmup: int, 
     batches = iter(trainer.data)
     try:
         for _ in range(warmup):
-            trainer.step_fn(next(batches).to(device, non_blocking=True))
+            trainer.runner(next(batches).to(device, non_blocking=True))
         _sync(device)
         started = time.perf_counter()
         for _ in range(iters):
-            trainer.step_fn(next(batches).to(device, non_blocking=True))
+            trainer.runner(next(batches).to(device, non_blocking=True))
         _sync(device)
         return iters * batch_size / (time.perf_counter() - started)
     finally:

@@ -66,9 +66,10 @@ def _eval(args: argparse.Namespace) -> int:
     from dcgan.evaluate import evaluate
     from dcgan.sample import load_generator
 
-    info = init_distributed("cpu", 600)
+    info = init_distributed(args.device, 600)
     try:
         loaded = load_generator(Path(args.source))
+        loaded.generator.to(info.device)
         results = evaluate(loaded, args.data, args.num, args.metrics.split(","), info, args.inception)
     finally:
         destroy_distributed()
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("-n", "--num", type=int, default=10000, help="generated and real images (default 10000; under torchrun write -n, since torchrun takes --num for its --numa-binding)")
     evaluate.add_argument("--metrics", default="swd", help="comma-separated from fid,kid,swd,digits (default swd)")
     evaluate.add_argument("--inception", default="", help="TorchScript Inception for fid/kid (or env DCGAN_INCEPTION)")
+    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where G and Inception run (auto = cuda when available; one GPU per rank under torchrun)")
     evaluate.add_argument("--out", default="", help="JSON output (default RUN_DIR/eval-stepN.json or eval.json)")
     evaluate.set_defaults(func=_eval)
 

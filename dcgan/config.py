@@ -58,6 +58,9 @@ class TrainConfig:
     )
     compile: bool = _field(False, "torch.compile the bare G and D before DDP wraps them")
     channels_last: bool = _field(True, "channels-last memory format on CUDA (ignored on CPU)")
+    cuda_graph: bool = _field(
+        False, "replay the whole step as a CUDA graph after 3 eager steps (one CUDA process; bf16/fp32, nonfinite=stop)"
+    )
     device: Literal["auto", "cpu", "cuda"] = _field("auto", "auto = cuda when available, else cpu")
     nonfinite: Literal["stop", "skip"] = _field(
         "stop", "on a non-finite loss: stop the run (last good checkpoint kept) or skip the update"
@@ -306,6 +309,12 @@ def validate(config: Config) -> None:
         _require(getattr(m, key) >= 1, f"model.{key}", ">= 1", getattr(m, key))
     _require(t.steps >= 1, "train.steps", ">= 1", t.steps)
     _require(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
+    if t.cuda_graph:
+        _require(t.device != "cpu", "train.cuda_graph", "false with train.device=cpu (CUDA graphs need CUDA)", t.cuda_graph)
+        _require(
+            t.precision != "fp16" and t.nonfinite == "stop", "train.cuda_graph",
+            "false with train.precision=fp16 or train.nonfinite=skip (their GradScaler is not captured)", t.cuda_graph,
+        )
     _require(config.optim.lr > 0, "optim.lr", "> 0", config.optim.lr)
     for key in ("beta1", "beta2"):
         beta = getattr(config.optim, key)

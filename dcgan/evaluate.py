@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,20 +32,23 @@ METRICS = ("fid", "kid", "swd", "digits")
 INCEPTION_ENV = "DCGAN_INCEPTION"
 
 
-def load_inception(path: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The TorchScript feature network: uint8 (N, 3, H, W) -> float features (N, D)."""
+def load_inception(path: str, device: torch.device = torch.device("cpu")) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The TorchScript feature network on `device`: uint8 (N, 3, H, W) -> float64 features (N, D) on the host."""
     path = path or os.environ.get(INCEPTION_ENV, "")
     if not path:
         raise ConfigError(f"fid/kid need the Inception network: pass --inception PATH or set {INCEPTION_ENV} to inception-2015-12-05.pt")
     if not Path(path).is_file():
         raise ConfigError(f"Inception network not found: {path}")
-    network = torch.jit.load(path, map_location="cpu").eval()
+    with warnings.catch_warnings():  # the published FID network is TorchScript, deprecated or not
+        warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=FutureWarning)
+        network = torch.jit.load(path, map_location=device).eval()
 
     def features(images: torch.Tensor) -> torch.Tensor:
+        images = images.to(device)
         if images.shape[1] == 1:
             images = images.repeat(1, 3, 1, 1)
         with torch.no_grad():
-            return network(images, return_features=True).double()
+            return network(images, return_features=True).double().cpu()
 
     return features
 
@@ -211,7 +215,7 @@ def evaluate(loaded: LoadedGenerator, data: str, num: int, metrics: list[str], i
     real = real_images(data, num, m.resolution, m.channels)
     results: dict[str, float] = {}
     if "fid" in metrics or "kid" in metrics:
-        extract = load_inception(inception)
+        extract = load_inception(inception, info.device)
         real_feats = reference_features(data, real, extract, cache_dir, cache_key(data, m.resolution, num, inception or os.environ.get(INCEPTION_ENV, "")))
         mine = fake[info.rank :: info.world_size]
         fake_feats = gather_rows(torch.cat([extract(mine[i : i + 250]) for i in range(0, len(mine), 250)]), num, info).numpy()

@@ -50,7 +50,8 @@ def generate(generator: Generator, noise: torch.Tensor) -> torch.Tensor:
     was_training = generator.training
     generator.eval()
     try:
-        return generator(noise)
+        with torch.no_grad():
+            return generator(noise)
     finally:
         generator.train(was_training)
 

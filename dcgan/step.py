@@ -1,7 +1,9 @@
 """One DCGAN training iteration: a D update, then a G update, as a short list of phases.
 
 The step never reads a value back to the host: its statistics come back as one device tensor that the
-loop accumulates and reads every `log.every` steps, so that GPU work is queued without stalls.
+loop accumulates and reads every `log.every` steps, so that GPU work is queued without stalls. The
+body (`train`) takes its noise as an argument and has static shapes, so that dcgan.graphs can capture
+it whole in a CUDA graph; `__call__` draws the noise and runs it eagerly.
 """
 
 from __future__ import annotations
@@ -50,20 +52,29 @@ class GANStep:
     nz: int
     noise: torch.Generator
     channels_last: bool = False
+    autocast_cache: bool = True
+    """Off under CUDA-graph capture: autocast's cast cache must not outlive the captured region."""
     last_logits: tuple[torch.Tensor, torch.Tensor] | None = None
     """D's logits on the last real and fake batch (device tensors, for occasional histograms)."""
 
     def _autocast(self, device: torch.device) -> torch.autocast:
-        return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        enabled = self.dtype != torch.float32
+        return torch.autocast(device.type, dtype=self.dtype, enabled=enabled, cache_enabled=self.autocast_cache)
+
+    def draw_noise(self, batch: int, device: torch.device) -> torch.Tensor:
+        """This step's latent batch, from the per-rank generator that checkpoints save and restore."""
+        return torch.randn(batch, self.nz, device=device, generator=self.noise)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Train on one batch of uint8 images already on the device; return the stats vector."""
+        return self.train(images, self.draw_noise(images.shape[0], images.device))
+
+    def train(self, images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The step's body: only device work, no host reads, shapes fixed by the inputs' shapes."""
         device = images.device
-        batch = images.shape[0]
         real = normalize(images, self.dtype)
         if self.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
-        z = torch.randn(batch, self.nz, device=device, generator=self.noise)
 
         # Phase 1: D on a real batch and on a fake batch, two forwards (separate batch statistics).
         self.opt_d.zero_grad(set_to_none=True)

@@ -39,6 +39,7 @@ from dcgan.distributed import (
     replicas_agree,
     sync_buffers,
 )
+from dcgan.graphs import StepRunner, make_runner
 from dcgan.models import Discriminator, Generator
 from dcgan.preemption import EXIT_REQUEUE, StopSignal
 from dcgan.sample import LoadedGenerator, generate, save_grid, to_uint8_grid
@@ -71,6 +72,8 @@ class Trainer:
     g_bare: Generator
     d_bare: Discriminator
     step_fn: GANStep
+    runner: StepRunner
+    """What the loop calls each step: `step_fn` itself, or its CUDA-graph replay (train.cuda_graph)."""
     data: BatchSource
     fixed_noise: torch.Tensor
     checkpointer: Checkpointer
@@ -147,8 +150,10 @@ def build_step(config: Config, info: DistInfo) -> tuple[Generator, Discriminator
     d, d_bare = prepare_module(Discriminator(config.model), info, compile=t.compile, channels_last=t.channels_last)
     fused = device.type == "cuda"
     betas = (config.optim.beta1, config.optim.beta2)
-    opt_g = torch.optim.Adam(g_bare.parameters(), lr=config.optim.lr, betas=betas, fused=fused)
-    opt_d = torch.optim.Adam(d_bare.parameters(), lr=config.optim.lr, betas=betas, fused=fused)
+    # capturable: Adam keeps its step count on the device, which a CUDA-graph replay requires.
+    adam = {"lr": config.optim.lr, "betas": betas, "fused": fused, "capturable": t.cuda_graph}
+    opt_g = torch.optim.Adam(g_bare.parameters(), **adam)
+    opt_d = torch.optim.Adam(d_bare.parameters(), **adam)
     dtype = resolve_precision(t.precision, device)
     step_fn = GANStep(
         g=g, d=d, d_bare=d_bare, opt_g=opt_g, opt_d=opt_d, scaler=make_scaler(dtype, t.nonfinite, device),
@@ -170,6 +175,7 @@ def build_trainer(config: Config, info: DistInfo) -> Trainer:
         g_bare=g_bare,
         d_bare=d_bare,
         step_fn=step_fn,
+        runner=make_runner(step_fn, config, info),
         data=build_source(config, info),
         fixed_noise=fixed.to(info.device),
         checkpointer=Checkpointer(run_dir / "checkpoints", config.checkpoint, info),
@@ -305,7 +311,7 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
         waited = time.perf_counter()
         images = next(batches).to(info.device, non_blocking=True)
         waited = time.perf_counter() - waited
-        stats = trainer.step_fn(images)
+        stats = trainer.runner(images)
         trainer.nonfinite_flag += stats[-1]
         window.add(stats, waited)
         trainer.step += 1

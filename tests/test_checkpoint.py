@@ -49,7 +49,9 @@ def checkpoint_ready(run: Path, step: int) -> bool:
     return (run / "checkpoints" / f"step_{step:09d}" / ".metadata").exists()
 
 
-@pytest.mark.parametrize(("data", "sig"), [("digits", signal.SIGKILL), ("shards", signal.SIGKILL), ("digits", signal.SIGTERM), ("shards", signal.SIGTERM)])
+# Each signal once and each data source once: the resume path does not depend on which killed the run,
+# and the data position is restored by the same code for both sources (2 cases keep the suite short).
+@pytest.mark.parametrize(("data", "sig"), [("shards", signal.SIGKILL), ("digits", signal.SIGTERM)])
 def test_interrupted_and_resumed_run_is_bit_identical_to_a_straight_run(
     tmp_path: Path, straight_runs: dict[str, Path], digits_shards: Path, data: str, sig: int
 ) -> None:

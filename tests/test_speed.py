@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from dcgan.bench import synthetic_batch
-from dcgan.config import load_config
+from dcgan.config import ConfigError, load_config
 from dcgan.distributed import DistInfo
+from dcgan.graphs import make_runner, unsupported_reason
 from dcgan.step import STAT_NAMES
-from dcgan.train import build_step
+from dcgan.train import build_step, build_trainer
 
 from conftest import TINY, run_cli
 
@@ -66,3 +67,29 @@ def test_bench_step_prints_both_rates_and_their_ratio() -> None:
         size, reference, ours, ratio, _ = row.split()
         assert int(size) == batch and float(reference) > 0 and float(ours) > 0
         assert abs(float(ratio) - float(ours) / float(reference)) < 0.02
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        (["train.device=cpu"], "CUDA graphs need CUDA"),
+        (["train.device=cuda", "train.precision=fp16"], "GradScaler is not captured"),
+        (["train.device=cuda", "train.nonfinite=skip"], "GradScaler is not captured"),
+    ],
+)
+def test_cuda_graph_mode_is_refused_in_one_line_where_it_cannot_apply(overrides: list[str], reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason) as refused:
+        load_config(TINY, ["train.cuda_graph=true", *overrides])
+    assert "\n" not in str(refused.value) and "train.cuda_graph" in str(refused.value)
+
+
+def test_cuda_graph_mode_needs_one_cuda_process() -> None:
+    config = load_config(TINY, ["train.cuda_graph=true", "train.device=auto"])
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        build_trainer(config, CPU)  # an auto device that resolved to the CPU
+    gpu = torch.device("cuda", 0)
+    assert unsupported_reason(config, DistInfo(rank=0, world_size=1, local_rank=0, device=gpu)) is None
+    reason = unsupported_reason(config, DistInfo(rank=1, world_size=8, local_rank=1, device=gpu))
+    assert reason is not None and "world size here: 8" in reason and "train.cuda_graph=false" in reason
+    eager = build_step(load_config(TINY), CPU)[2]
+    assert make_runner(eager, load_config(TINY), CPU) is eager  # the default: no wrapper at all

@@ -76,26 +76,23 @@ def test_only_rank_zero_writes(tmp_path: Path) -> None:
 
 
 class PoisonAt:
-    """Wraps the real step and, once, sets one D weight to NaN first (a forced divergence)."""
+    """Wraps the real step runner and, once, sets one D weight to NaN first (a forced divergence)."""
 
-    def __init__(self, step_fn, trainer, at: int) -> None:  # type: ignore[no-untyped-def]
-        self.step_fn, self.trainer, self.at = step_fn, trainer, at
-
-    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
-        return getattr(self.step_fn, name)  # optimizers, scaler, noise: the real step's
+    def __init__(self, runner, trainer, at: int) -> None:  # type: ignore[no-untyped-def]
+        self.runner, self.trainer, self.at = runner, trainer, at
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.trainer.step + 1 == self.at:
             with torch.no_grad():
                 self.trainer.d_bare.main[0].weight[0, 0, 0, 0] = float("nan")
-        return self.step_fn(images)
+        return self.runner(images)
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     run = tmp_path / "run"
     trainer = build_trainer(tiny_config(run, "train.steps=30", "checkpoint.every=5", "log.every=10"), CPU)
     prepare_run_dir(trainer)
-    trainer.step_fn = PoisonAt(trainer.step_fn, trainer, at=7)  # type: ignore[assignment]
+    trainer.runner = PoisonAt(trainer.runner, trainer, at=7)
     with caplog.at_level(logging.ERROR):
         status = run_loop(trainer, Tracker(), StopSignal())
     trainer.checkpointer.close()
@@ -127,7 +124,7 @@ def test_gan_health_warns_once_when_d_wins_and_when_samples_collapse(caplog: pyt
 def test_skip_mode_skips_non_finite_updates_and_finishes(tmp_path: Path) -> None:
     trainer = build_trainer(tiny_config(tmp_path / "run", "train.steps=6", "train.nonfinite=skip", "checkpoint.every=100"), CPU)
     prepare_run_dir(trainer)
-    trainer.step_fn = PoisonAt(trainer.step_fn, trainer, at=4)  # type: ignore[assignment]
+    trainer.runner = PoisonAt(trainer.runner, trainer, at=4)
     g_before = {k: v.clone() for k, v in trainer.g_bare.state_dict().items()}
     assert run_loop(trainer, Tracker(), StopSignal()) == 0
     trainer.checkpointer.close()
