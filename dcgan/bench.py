@@ -17,7 +17,7 @@ from torch import nn
 
 from dcgan.config import Config, load_config, replace
 from dcgan.distributed import DistInfo, pick_device
-from dcgan.graphs import make_runner
+from dcgan.graphs import WARMUP_STEPS, make_runner
 from dcgan.models import Discriminator, Generator
 from dcgan.step import normalize
 from dcgan.train import build_step, build_trainer
@@ -103,6 +103,8 @@ def bench_step(config: Config, batch_size: int, precision: str | None, warmup: i
     images = synthetic_batch(config, device)
     reference = time_step(ReferenceStep(config, device), images, warmup, iters)
     _, _, step_fn = build_step(config, info)
+    if config.train.cuda_graph:
+        warmup = max(warmup, WARMUP_STEPS + 1)  # capture happens on the step after the eager warm-up
     ours = time_step(make_runner(step_fn, config, info), images, warmup, iters)
     return reference, ours
 
