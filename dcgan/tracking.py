@@ -67,8 +67,13 @@ class Tracker:
 class RunTracker(Tracker):
     """Rank 0's tracker: appends JSON lines to stats.jsonl and mirrors everything to wandb if enabled."""
 
-    def __init__(self, run_dir: Path, config: Config, run_id: str) -> None:
+    def __init__(self, run_dir: Path, config: Config, run_id: str, start_step: int = 0) -> None:
         self.run_id = run_id
+        dropped = rewind_stats(run_dir / "stats.jsonl", start_step)
+        if dropped:
+            log.info("dropped %d stats.jsonl line(s) logged after step %d, the step this run resumes from", dropped, start_step)
+            if config.log.wandb != "disabled":
+                log.warning("wandb keeps the values it first received for steps after %d (it ignores steps that go back)", start_step)
         self._stats: TextIO = (run_dir / "stats.jsonl").open("a")
         self._wandb = _start_wandb(run_dir, config, run_id) if config.log.wandb != "disabled" else None
 
@@ -118,8 +123,34 @@ def _start_wandb(run_dir: Path, config: Config, run_id: str) -> Any:
     )
 
 
-def make_tracker(run_dir: Path, config: Config, run_id: str, rank: int) -> Tracker:
-    return RunTracker(run_dir, config, run_id) if rank == 0 else Tracker()
+def make_tracker(run_dir: Path, config: Config, run_id: str, rank: int, start_step: int = 0) -> Tracker:
+    return RunTracker(run_dir, config, run_id, start_step) if rank == 0 else Tracker()
+
+
+def rewind_stats(path: Path, step: int) -> int:
+    """Drop the stats.jsonl lines of steps after `step`; return how many were dropped.
+
+    A run killed between two checkpoints resumes from the older one and logs those steps again; keeping
+    one line per step keeps the file a single history (what plots and `jq` users expect). A line torn
+    by the kill (not valid JSON) goes too. The file is replaced atomically.
+    """
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _logged_step(line) <= step]
+    if len(kept) == len(lines):
+        return 0
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text("".join(kept))
+    partial.replace(path)
+    return len(lines) - len(kept)
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _duration(seconds: float) -> str:

@@ -382,7 +382,7 @@ def train(config: Config) -> int:
             config.train.batch_size * info.world_size, trainer.step_fn.dtype, trainer.step, config.train.steps,
         )
         log_batchnorm_mode(info)
-        tracker = make_tracker(trainer.run_dir, config, trainer.run_id, info.rank)
+        tracker = make_tracker(trainer.run_dir, config, trainer.run_id, info.rank, trainer.step)
         if trainer.step >= config.train.steps:
             log.info("nothing to do: the run already reached step %d", trainer.step)
             return EXIT_OK

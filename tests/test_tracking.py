@@ -65,6 +65,25 @@ def test_resumed_run_keeps_the_wandb_run_id_and_steps_continue(tmp_path: Path) -
     assert [r["_step"] for r in history(second)] == [15, 20]
 
 
+def test_resume_after_a_kill_between_checkpoints_keeps_one_stats_line_per_step(tmp_path: Path) -> None:
+    import shutil
+
+    from dcgan.train import EXIT_OK, train
+
+    run = tmp_path / "run"
+    settings = ("log.every=10", "checkpoint.every=20", "checkpoint.keep=5", "sample.every=100")
+    assert train(tiny_config(run, "train.steps=30", *settings)) == EXIT_OK
+    # As if killed after logging step 30 but before its checkpoint, mid-way through another line.
+    shutil.rmtree(run / "checkpoints" / "step_000000030")
+    with (run / "stats.jsonl").open("a") as stats:
+        stats.write('{"step": 3')
+    first_pass = {json.loads(line)["step"]: line for line in (run / "stats.jsonl").read_text().splitlines()[:3]}
+    assert train(tiny_config(run, "train.steps=40", *settings)) == EXIT_OK  # resumes from step 20
+    lines = (run / "stats.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [10, 20, 30, 40]
+    assert lines[:2] == [first_pass[10], first_pass[20]] and lines[2] != first_pass[30]  # 30 is the new pass's
+
+
 def test_only_rank_zero_writes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     result = torchrun(2, "train", "configs/tiny.yaml", f"run.dir={run}", "log.wandb=offline", "train.steps=10")
