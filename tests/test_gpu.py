@@ -1,0 +1,127 @@
+"""What only a CUDA machine can check: CUDA-graph replay against eager steps, bf16 + channels-last +
+fused Adam, training and resuming through the CLI on the GPU, SyncBatchNorm against BatchNorm on the
+doubled batch. Skipped where torch sees no GPU (the SyncBatchNorm test needs two)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcgan.config import load_config
+from dcgan.distributed import DistInfo, init_distributed, prepare_module
+from dcgan.graphs import GraphedStep, make_runner
+from dcgan.models import Discriminator
+from dcgan.step import STAT_NAMES
+from dcgan.train import build_step
+
+from conftest import TINY, run_cli
+from distributed_helpers import spawn_ranks
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+GPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))
+LOSSES = [STAT_NAMES.index("loss_D"), STAT_NAMES.index("loss_G")]
+
+
+def batches(count: int, size: int = 32) -> list[torch.Tensor]:
+    """Distinct uint8 batches at the tiny config's shape, made on the host with fixed seeds."""
+    return [
+        torch.randint(0, 256, (size, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(i)).cuda()
+        for i in range(count)
+    ]
+
+
+def train_steps(count: int, *overrides: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stats of `count` steps on distinct batches and G's state afterwards, all on the host."""
+    config = load_config(TINY, ["train.device=cuda", "train.batch_size=32", *overrides])
+    g, _, step = build_step(config, GPU)
+    runner = make_runner(step, config, GPU)
+    stats = torch.stack([runner(images) for images in batches(count)]).cpu()
+    return stats, {k: v.detach().cpu() for k, v in g.state_dict().items()}
+
+
+@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-4), ("bf16", 2e-2)])
+def test_cuda_graph_replay_matches_eager_steps(precision: str, tolerance: float) -> None:
+    torch.backends.cudnn.deterministic = True
+    try:
+        eager, g_eager = train_steps(9, f"train.precision={precision}")
+        graphed, g_graphed = train_steps(9, f"train.precision={precision}", "train.cuda_graph=true")
+    finally:
+        torch.backends.cudnn.deterministic = False
+    # steps 1-3 eager warm-up, 4 captured, 5-9 replayed: every one must match the eager run
+    torch.testing.assert_close(graphed, eager, rtol=tolerance, atol=tolerance)
+    for name in g_eager:
+        torch.testing.assert_close(g_graphed[name], g_eager[name], rtol=tolerance, atol=tolerance, msg=name)
+
+
+def test_graphed_step_replays_after_warm_up() -> None:
+    config = load_config(TINY, ["train.device=cuda", "train.batch_size=32", "train.cuda_graph=true"])
+    runner = make_runner(build_step(config, GPU)[2], config, GPU)
+    assert isinstance(runner, GraphedStep)
+    stats = [runner(images) for images in batches(6)]
+    assert runner.graph is not None and runner.warmup_left == 0
+    assert not torch.equal(stats[-1], stats[-2])  # each replay trained on its own batch
+    assert all(torch.isfinite(s).all() for s in stats)
+
+
+def test_bf16_channels_last_fused_adam_step() -> None:
+    config = load_config(TINY, ["train.device=cuda", "train.precision=auto", "train.batch_size=32"])
+    g, d, step = build_step(config, GPU)
+    assert step.dtype == torch.bfloat16 and step.channels_last
+    assert all(group["fused"] for group in step.opt_g.param_groups + step.opt_d.param_groups)
+    conv = next(p for p in d.parameters() if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and conv.dtype == torch.float32
+    bf16, _ = train_steps(5, "train.precision=bf16")
+    fp32, _ = train_steps(5, "train.precision=fp32")
+    torch.testing.assert_close(bf16[:, LOSSES], fp32[:, LOSSES], rtol=0.05, atol=0.02)
+
+
+def test_cli_trains_and_resumes_on_the_gpu(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    common = ("train", "configs/tiny.yaml", f"run.dir={run}", "train.device=cuda", "checkpoint.every=10", "log.every=10")
+    run_cli(*common, "train.steps=20")
+    resumed = run_cli(*common, "train.steps=30")
+    assert f"resumed from {run / 'checkpoints'}/step_000000020" in resumed.stderr
+    lines = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [10, 20, 30]
+    assert all(line["peak_mem_gib"] > 0 for line in lines)
+
+
+def _syncbn_rank(rank: int, out: Path) -> None:
+    """Each of 2 ranks runs D with SyncBatchNorm on its half of one batch; rank 0 also runs plain
+    BatchNorm on the whole batch; both write D's outputs and first conv's gradient."""
+    info = init_distributed("cuda", 120)
+    model = load_config(TINY).model
+    torch.manual_seed(0)
+    reference = Discriminator(model).cuda()
+    torch.manual_seed(0)
+    ddp, _ = prepare_module(Discriminator(model), info, compile=False, channels_last=False)
+    images = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(1)).cuda()
+    mine = images[rank * 8 : (rank + 1) * 8]
+    logits = ddp(mine)
+    logits.sum().backward()  # DDP averages the two ranks' gradients
+    gathered = [torch.empty_like(logits) for _ in range(2)]
+    torch.distributed.all_gather(gathered, logits.detach())
+    if rank == 0:
+        full = reference(images)
+        (full.sum() / 2).backward()
+        torch.save(
+            {
+                "sync": torch.cat(gathered).cpu(), "full": full.detach().cpu(),
+                "sync_grad": next(ddp.module.parameters()).grad.cpu(), "full_grad": next(reference.parameters()).grad.cpu(),
+            },
+            out,
+        )
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="SyncBatchNorm across ranks needs two GPUs")
+def test_syncbatchnorm_over_two_gpus_equals_batchnorm_on_the_doubled_batch(tmp_path: Path) -> None:
+    out = tmp_path / "syncbn.pt"
+    spawn_ranks(_syncbn_rank, 2, out)
+    result = torch.load(out)
+    torch.testing.assert_close(result["sync"], result["full"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(result["sync_grad"], result["full_grad"], rtol=1e-4, atol=1e-5)
