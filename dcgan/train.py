@@ -297,6 +297,19 @@ def save_checkpoint(trainer: Trainer, *, blocking: bool = False) -> None:
     trainer.last_good_checkpoint = trainer.step
 
 
+STOP_CHECK_EVERY = 10
+"""With several ranks, steps between agreements on a stop signal (a host-side collective each time)."""
+
+
+def stop_agreed(stop: StopSignal, step: int, info: DistInfo) -> bool:
+    """Whether every rank stops after this step. One process checks its flag at every step; ranks agree
+    every STOP_CHECK_EVERY steps (the same steps everywhere), so that a launch-bound step does not wait
+    on a cross-node round trip each time: SLURM's 120 s warning leaves room for ten more steps."""
+    if not info.distributed:
+        return stop.requested
+    return step % STOP_CHECK_EVERY == 0 and any_rank(stop.requested, info)
+
+
 def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
     """Train until train.steps; return an exit status (0, EXIT_REQUEUE or EXIT_NONFINITE)."""
     cfg, info = trainer.config, trainer.info
@@ -343,7 +356,7 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
             log.info("step %d eval: %s", step, " ".join(f"{k}={v:.5f}" for k, v in results.items()))
             best = keep_if_best(trainer, results, best)
             due_ckpt = due_ckpt and trainer.last_good_checkpoint != step
-        if any_rank(stop.requested, info):
+        if stop_agreed(stop, step, info):
             log.warning("stop signal received: checkpointing step %d, then exiting %d (requeue)", step, EXIT_REQUEUE)
             save_checkpoint(trainer, blocking=True)
             return EXIT_REQUEUE

@@ -14,7 +14,7 @@ from dcgan.checkpoint import list_checkpoints
 from dcgan.distributed import DistInfo
 from dcgan.preemption import EXIT_REQUEUE
 from dcgan.sample import generate, load_export, save_grid
-from dcgan.train import EXIT_OK, build_trainer, train
+from dcgan.train import EXIT_OK, STOP_CHECK_EVERY, build_trainer, train
 
 from conftest import run_cli, tiny_config
 from distributed_helpers import assert_states_equal, load_checkpoint_tensors, torchrun, torchrun_until
@@ -63,6 +63,7 @@ def test_interrupted_and_resumed_run_is_bit_identical_to_a_straight_run(
         assert "stop signal received: checkpointing step" in stderr
         assert f"exiting {EXIT_REQUEUE}" in stderr
         assert steps[-1] % 50 != 0 or steps[-1] > 50  # the forced checkpoint, off the regular schedule
+        assert steps[-1] % STOP_CHECK_EVERY == 0  # where the ranks agree on the stop
     else:
         assert status != 0
     resumed = torchrun(2, *run_args(run, data, digits_shards))
