@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import get_total_norm
 
 from dcgan.losses import discriminator_loss, generator_loss
 
@@ -34,8 +35,9 @@ def normalize(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def total_grad_norm(module: nn.Module) -> torch.Tensor:
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    """L2 norm of all gradients: one fused multi-tensor kernel on CUDA rather than one per parameter,
+    which counts in a launch-bound step."""
+    return get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
 
 
 @dataclass

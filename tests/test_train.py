@@ -13,6 +13,7 @@ from PIL import Image
 from dcgan.distributed import DistInfo
 from dcgan.quality import DigitsScorer
 from dcgan.sample import generate
+from dcgan.step import STAT_NAMES
 from dcgan.train import EXIT_OK, build_trainer, train
 
 from conftest import DIGITS_MODEL, run_cli, tiny_config
@@ -51,6 +52,17 @@ def test_step_stats_are_sane(tmp_path: Path) -> None:
     assert 0 < loss_d < 5 and 0 < loss_g < 10
     assert 0 < d_x < 1 and 0 < d_gz < 1 and 0 < d_gz_after < 1
     assert gn_g > 0 and gn_d > 0 and nonfinite == 0
+
+
+def test_gradient_norms_are_those_of_the_applied_gradients(tmp_path: Path) -> None:
+    trainer = build_trainer(tiny_config(tmp_path), CPU)
+    stats = trainer.runner(next(iter(trainer.data)))
+    by_hand = {
+        name: torch.cat([p.grad.flatten() for p in module.parameters()]).norm().item()
+        for name, module in (("G", trainer.g_bare), ("D", trainer.d_bare))  # D's grads: its own step's
+    }
+    assert stats[STAT_NAMES.index("grad_norm_G")].item() == pytest.approx(by_hand["G"], rel=1e-5)
+    assert stats[STAT_NAMES.index("grad_norm_D")].item() == pytest.approx(by_hand["D"], rel=1e-5)
 
 
 def test_run_directory_contents(tmp_path: Path) -> None:
