@@ -1,6 +1,7 @@
-"""`dcgan bench step`: the project's training step against the pytorch/examples reference step.
+"""`dcgan bench step|data`: the training step against the pytorch/examples reference step, and the
+loader's throughput from shards on disk.
 
-Both run in ONE process on the same synthetic uint8 batch already on the device, so their ratio is
+The two steps run in ONE process on the same synthetic uint8 batch already on the device, so their ratio is
 meaningful whatever else the machine is doing. The reference is pytorch/examples' dcgan recipe: fp32,
 eager, NCHW, D ending in a Sigmoid with BCELoss, real and fake losses backpropagated separately.
 Optionally the end-to-end rate of the real training loop from shards on disk is measured as well.
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dcgan.config import Config, load_config, replace
+from dcgan.config import Config, ConfigError, load_config, replace
 from dcgan.distributed import DistInfo, pick_device
 from dcgan.graphs import WARMUP_STEPS, make_runner
 from dcgan.models import Discriminator, Generator
@@ -146,3 +147,42 @@ def bench_end_to_end(config: Config, shards: str, batch_size: int, warmup: int, 
         return iters * batch_size / (time.perf_counter() - started)
     finally:
         trainer.data.close()
+
+
+def measure_loader(shards: str, workers: int, batch_size: int, batches: int, seed: int = 0) -> float:
+    """Images per second the shard loader delivers to the training device: pinned and copied to the GPU
+    when there is one, as in training. A first batch is taken before timing (worker start-up)."""
+    from dcgan.data.stream import ShardSource, resolve_shards
+
+    manifest = resolve_shards(shards).manifest
+    if manifest is None:
+        raise ConfigError("dcgan bench data: point DATA at a shard directory with manifest.json")
+    config = load_config(
+        None,
+        [f"data.shards={shards}", f"data.workers={workers}", f"train.batch_size={batch_size}", f"seed={seed}",
+         f"model.resolution={manifest.resolution}", f"model.channels={manifest.channels}",
+         f"data.epoch_samples={batch_size * (batches + 1)}"],
+    )
+    device = pick_device("auto", 0)
+    source = ShardSource(config, DistInfo(rank=0, world_size=1, local_rank=0, device=device))
+    try:
+        stream = iter(source)
+        next(stream).to(device, non_blocking=True)
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(batches):
+            next(stream).to(device, non_blocking=True)
+        _sync(device)
+        return batches * batch_size / (time.perf_counter() - started)
+    finally:
+        source.close()
+
+
+def run_bench_data(shards: str, worker_counts: list[int], batch_size: int, batches: int) -> list[float]:
+    """Print one row per worker count: the images per second delivered to the device."""
+    print(f"{'workers':>8} {'img/s':>10}   (delivered to {pick_device('auto', 0)})")
+    rates = []
+    for workers in worker_counts:
+        rates.append(measure_loader(shards, workers, batch_size, batches))
+        print(f"{workers:>8} {rates[-1]:>10.0f}", flush=True)
+    return rates

@@ -277,5 +277,7 @@ def test_training_from_shards_through_the_cli(digits_shards: Path, tmp_path: Pat
 
 def test_bench_data_prints_a_table(digits_shards: Path) -> None:
     out = run_cli("bench", "data", str(digits_shards), "--workers", "0,1", "--batches", "5", "--batch-size", "16").stdout
-    rows = [line.split() for line in out.splitlines()[1:]]
+    header, *lines = out.splitlines()
+    assert header.split()[:2] == ["workers", "img/s"] and "delivered to cpu" in header
+    rows = [line.split() for line in lines]
     assert [r[0] for r in rows] == ["0", "1"] and all(float(r[1]) > 0 for r in rows)
