@@ -67,6 +67,23 @@ def test_graphed_step_replays_after_warm_up() -> None:
     assert all(torch.isfinite(s).all() for s in stats)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_the_step_never_waits_for_the_gpu(precision: str) -> None:
+    """No .item(), no device-to-host copy, no data-dependent shape: what makes the step capturable and
+    lets the host queue work ahead. torch raises on any synchronizing call in "error" mode."""
+    config = load_config(TINY, ["train.device=cuda", "train.batch_size=32", f"train.precision={precision}"])
+    step = build_step(config, GPU)[2]
+    inputs = batches(4)
+    step(inputs[0])  # lazy initialisation (cuDNN/cuBLAS handles, optimizer state) may synchronize once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for images in inputs[1:]:
+            step(images)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_bf16_channels_last_fused_adam_step() -> None:
     config = load_config(TINY, ["train.device=cuda", "train.precision=auto", "train.batch_size=32"])
     g, d, step = build_step(config, GPU)
