@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +37,11 @@ from dcgan.data.formats import MANIFEST, CorruptSample, Manifest, decode_block, 
 from dcgan.distributed import DistInfo
 
 log = logging.getLogger(__name__)
+
+# webdataset opens local shards with open(path, buffering=$GOPEN_BUFFER); with the default 8 KiB buffer,
+# tarfile's 10 KiB stream reads turn every 3 MB block into hundreds of system calls. 1 MiB raised the raw
+# tar rate from ~50k to ~90k img/s (64x64 RGB blocks, docs/performance.md). A user's own value wins.
+os.environ.setdefault("GOPEN_BUFFER", str(1 << 20))
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 
