@@ -110,8 +110,9 @@ class Trainer:
         self.checkpointer.load(path, state)
         set_model_state_dict(self.g_bare, state["model"]["G"])
         set_model_state_dict(self.d_bare, state["model"]["D"])
-        set_optimizer_state_dict(self.g_bare, self.step_fn.opt_g, state["optim"]["G"])
-        set_optimizer_state_dict(self.d_bare, self.step_fn.opt_d, state["optim"]["D"])
+        for name, model, optimizer in (("G", self.g_bare, self.step_fn.opt_g), ("D", self.d_bare, self.step_fn.opt_d)):
+            keep_configured_hyperparameters(state["optim"][name], optimizer, name)
+            set_optimizer_state_dict(model, optimizer, state["optim"][name])
         if state["scaler"]:
             self.step_fn.scaler.load_state_dict(state["scaler"])
         self.step = int(state["progress"]["step"])
@@ -125,6 +126,27 @@ class Trainer:
             log.warning("checkpoint has no noise RNG for rank %d (fewer ranks wrote it): reseeded", self.info.rank)
         self.last_good_checkpoint = self.step
         log.info("resumed from %s at step %d (data epoch %d, batch %d)", path, self.step, *self.data.state_dict().values())
+
+
+def keep_configured_hyperparameters(saved: dict[str, Any], optimizer: torch.optim.Optimizer, name: str) -> None:
+    """Put this run's hyperparameters into a loaded optimizer state before it is applied.
+
+    The checkpoint supplies the state (Adam's moments and step counts); the config supplies lr, betas and
+    the implementation flags: a resume with a new `optim.lr` must use it, and a run resumed on a GPU or
+    with `train.cuda_graph` needs fused/capturable Adam whatever wrote the checkpoint. torch's
+    `load_state_dict` would otherwise restore every value saved in `param_groups`.
+    """
+    for saved_group, live_group in zip(saved["param_groups"], optimizer.param_groups, strict=True):
+        for key in ("lr", "betas"):
+            before, now = _as_tuple(saved_group.get(key)), _as_tuple(live_group[key])
+            if before != now:
+                log.info("optimizer %s: %s %s in the checkpoint, %s in the config: using the config's", name, key, before, now)
+        saved_group.update({k: v for k, v in live_group.items() if k not in ("params", "param_names")})
+
+
+def _as_tuple(value: Any) -> tuple[Any, ...]:
+    """Betas come back from a checkpoint as a list, lr as a float: compare them as tuples."""
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 
 
 def check_compatible(path: Path, config: Config, checkpointer: Checkpointer) -> None:

@@ -107,6 +107,20 @@ def test_incompatible_config_is_refused_in_one_line(tmp_path: Path) -> None:
     assert checkpoint_ready(run, 5)  # the completed checkpoint is untouched
 
 
+def test_resume_takes_the_state_from_the_checkpoint_and_lr_and_betas_from_the_config(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert train(tiny_config(run, "train.steps=10")) == EXIT_OK
+    saved = load_checkpoint_tensors(run / "checkpoints" / "step_000000010")["optim"]["G"]
+    resumed = build_trainer(tiny_config(run, "train.steps=20", "optim.lr=1e-5", "optim.beta1=0.9"), CPU)
+    resumed.load_state_dict(run / "checkpoints" / "step_000000010")
+    resumed.checkpointer.close()
+    optimizer = resumed.step_fn.opt_g
+    assert [(g["lr"], tuple(g["betas"])) for g in optimizer.param_groups] == [(1e-5, (0.9, 0.999))]
+    first = dict(resumed.g_bare.named_parameters())["main.0.weight"]
+    assert torch.equal(optimizer.state[first]["exp_avg"], saved["state"]["main.0.weight"]["exp_avg"])
+    assert float(optimizer.state[first]["step"]) == 10.0
+
+
 def test_two_rank_checkpoint_loads_into_one_and_three_ranks(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert torchrun(2, "train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10").returncode == 0
