@@ -103,10 +103,14 @@ class Trainer:
         """Resume from the checkpoint at `path`, refusing one written for another model."""
         check_compatible(path, self.config, self.checkpointer)
         state = self.state_dict()
+        stored = stored_keys(path)
         rng_key = f"rank{self.info.rank}"
-        has_rng = f"rng.{rng_key}.noise" in stored_keys(path)
+        has_rng = f"rng.{rng_key}.noise" in stored
         if not has_rng:
             del state["rng"]
+        if state["scaler"] and not any(key.startswith("scaler.") for key in stored):
+            log.info("the checkpoint has no loss-scaler state (written without fp16 or nonfinite=skip): default scale")
+            state["scaler"] = {}
         self.checkpointer.load(path, state)
         set_model_state_dict(self.g_bare, state["model"]["G"])
         set_model_state_dict(self.d_bare, state["model"]["D"])
