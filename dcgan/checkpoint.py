@@ -66,6 +66,13 @@ def stored_keys(path: Path) -> set[str]:
     return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
 
 
+def stored_shape(path: Path, key: str) -> tuple[int, ...] | None:
+    """Shape of the tensor saved under a flattened key, or None when the key holds no tensor."""
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.get(key)
+    size = getattr(meta, "size", None)
+    return tuple(size) if size is not None else None
+
+
 class Checkpointer:
     """Saves (optionally in the background) and loads DCP checkpoints, and prunes old ones.
 

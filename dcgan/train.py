@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from dcgan.checkpoint import Checkpointer, read_best, stored_keys
+from dcgan.checkpoint import Checkpointer, read_best, stored_keys, stored_shape
 from dcgan.config import Config, config_to_dict, save_config
 from dcgan.data import build_source
 from dcgan.data.base import BatchSource
@@ -108,6 +108,9 @@ class Trainer:
         has_rng = f"rng.{rng_key}.noise" in stored
         if not has_rng:
             del state["rng"]
+        if stored_shape(path, "fixed_noise") != tuple(self.fixed_noise.shape):
+            log.info("sample.num changed since the checkpoint: sample grids from here on use new fixed noise")
+            del state["fixed_noise"]
         if state["scaler"] and not any(key.startswith("scaler.") for key in stored):
             log.info("the checkpoint has no loss-scaler state (written without fp16 or nonfinite=skip): default scale")
             state["scaler"] = {}
@@ -121,7 +124,8 @@ class Trainer:
             self.step_fn.scaler.load_state_dict(state["scaler"])
         self.step = int(state["progress"]["step"])
         self.data.load_state_dict(state["progress"]["data"])
-        self.fixed_noise.copy_(state["fixed_noise"])
+        if "fixed_noise" in state:
+            self.fixed_noise.copy_(state["fixed_noise"])
         self.run_id = str(state["meta"]["run_id"])
         if has_rng:
             self.step_fn.noise.set_state(state["rng"][rng_key]["noise"])

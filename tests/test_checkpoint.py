@@ -121,13 +121,13 @@ def test_resume_takes_the_state_from_the_checkpoint_and_lr_and_betas_from_the_co
     assert float(optimizer.state[first]["step"]) == 10.0
 
 
-def test_precision_can_change_on_resume_in_both_directions(tmp_path: Path) -> None:
+def test_resume_accepts_a_new_precision_and_sample_count(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert train(tiny_config(run, "train.steps=5", "checkpoint.every=5")) == EXIT_OK  # fp32: no scaler state
     assert train(tiny_config(run, "train.steps=10", "checkpoint.every=5", "train.precision=fp16")) == EXIT_OK
     assert "scale" in load_checkpoint_tensors(run / "checkpoints" / "step_000000010")["scaler"]
-    assert train(tiny_config(run, "train.steps=15", "checkpoint.every=5", "train.precision=bf16")) == EXIT_OK
-    assert [s for s, _ in list_checkpoints(run / "checkpoints")][-1] == 15
+    assert train(tiny_config(run, "train.steps=15", "checkpoint.every=5", "train.precision=bf16", "sample.num=36")) == EXIT_OK
+    assert load_checkpoint_tensors(run / "checkpoints" / "step_000000015")["fixed_noise"].shape[0] == 36
 
 
 def test_two_rank_checkpoint_loads_into_one_and_three_ranks(tmp_path: Path) -> None:
