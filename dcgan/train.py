@@ -105,7 +105,8 @@ class Trainer:
         state = self.state_dict()
         stored = stored_keys(path)
         rng_key = f"rank{self.info.rank}"
-        has_rng = f"rng.{rng_key}.noise" in stored
+        # absent when fewer ranks wrote the checkpoint; another shape when a CPU run resumes on a GPU
+        has_rng = stored_shape(path, f"rng.{rng_key}.noise") == tuple(self.step_fn.noise.get_state().shape)
         if not has_rng:
             del state["rng"]
         if stored_shape(path, "fixed_noise") != tuple(self.fixed_noise.shape):
@@ -131,7 +132,7 @@ class Trainer:
             self.step_fn.noise.set_state(state["rng"][rng_key]["noise"])
         else:
             self.step_fn.noise.manual_seed(noise_seed(self.config.seed, self.info.rank) + self.step)
-            log.warning("checkpoint has no noise RNG for rank %d (fewer ranks wrote it): reseeded", self.info.rank)
+            log.warning("checkpoint has no noise RNG for rank %d (fewer ranks or another device wrote it): reseeded", self.info.rank)
         self.last_good_checkpoint = self.step
         log.info("resumed from %s at step %d (data epoch %d, batch %d)", path, self.step, *self.data.state_dict().values())
 
