@@ -70,6 +70,7 @@ class GraphedStep:
         self.static_images: torch.Tensor | None = None
         self.static_z: torch.Tensor | None = None
         self.static_stats: torch.Tensor | None = None
+        self.side_stream: torch.cuda.Stream | None = None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         z = self.step.draw_noise(images.shape[0], images.device)
@@ -91,8 +92,11 @@ class GraphedStep:
         return self.static_stats.clone()
 
     def _eager_on_side_stream(self, images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Warm-up as the CUDA-graph docs prescribe: on a side stream, joined back before returning."""
-        side = torch.cuda.Stream(device=images.device)
+        """Warm-up as the CUDA-graph docs prescribe: on one side stream, joined back before returning.
+        The side stream first waits for the main one, so memory it reuses is no longer being read."""
+        if self.side_stream is None:
+            self.side_stream = torch.cuda.Stream(device=images.device)
+        side = self.side_stream
         side.wait_stream(torch.cuda.current_stream(images.device))
         with torch.cuda.stream(side), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*capturable=True.*")  # Adam: "not capturing yet"
