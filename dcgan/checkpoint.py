@@ -61,16 +61,11 @@ def latest_checkpoint(root: Path) -> Path | None:
     return complete[-1][1] if complete else None
 
 
-def stored_keys(path: Path) -> set[str]:
-    """Flattened keys ('rng.rank0.noise', ...) present in a complete checkpoint."""
-    return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
-
-
-def stored_shape(path: Path, key: str) -> tuple[int, ...] | None:
-    """Shape of the tensor saved under a flattened key, or None when the key holds no tensor."""
-    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.get(key)
-    size = getattr(meta, "size", None)
-    return tuple(size) if size is not None else None
+def stored_shapes(path: Path) -> dict[str, tuple[int, ...] | None]:
+    """Flattened keys ('rng.rank0.noise', ...) of a complete checkpoint, each with its tensor's shape
+    (None for non-tensor values), from one read of its metadata."""
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {key: tuple(meta.size) if hasattr(meta, "size") else None for key, meta in stored.items()}
 
 
 class Checkpointer:

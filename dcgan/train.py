@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from dcgan.checkpoint import Checkpointer, read_best, stored_keys, stored_shape
+from dcgan.checkpoint import Checkpointer, read_best, stored_shapes
 from dcgan.config import Config, config_to_dict, save_config
 from dcgan.data import build_source
 from dcgan.data.base import BatchSource
@@ -103,13 +103,13 @@ class Trainer:
         """Resume from the checkpoint at `path`, refusing one written for another model."""
         check_compatible(path, self.config, self.checkpointer)
         state = self.state_dict()
-        stored = stored_keys(path)
+        stored = stored_shapes(path)
         rng_key = f"rank{self.info.rank}"
         # absent when fewer ranks wrote the checkpoint; another shape when a CPU run resumes on a GPU
-        has_rng = stored_shape(path, f"rng.{rng_key}.noise") == tuple(self.step_fn.noise.get_state().shape)
+        has_rng = stored.get(f"rng.{rng_key}.noise") == tuple(self.step_fn.noise.get_state().shape)
         if not has_rng:
             del state["rng"]
-        if stored_shape(path, "fixed_noise") != tuple(self.fixed_noise.shape):
+        if stored.get("fixed_noise") != tuple(self.fixed_noise.shape):
             log.info("sample.num changed since the checkpoint: sample grids from here on use new fixed noise")
             del state["fixed_noise"]
         if state["scaler"] and not any(key.startswith("scaler.") for key in stored):
