@@ -102,6 +102,10 @@ class CheckpointConfig:
     async_save: bool = _field(True, "write checkpoints in the background while training continues")
 
 
+EVAL_METRICS = ("fid", "kid", "swd", "digits")
+"""What `dcgan eval` and eval.metrics can compute (dcgan.evaluate implements them)."""
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = _field(0, "steps between evaluations during training (0 = never); see `dcgan eval`")
@@ -334,9 +338,8 @@ def validate(config: Config) -> None:
     _require(config.dist.timeout_s >= 1, "dist.timeout_s", ">= 1", config.dist.timeout_s)
     _require(config.run.dir != "", "run.dir", "a directory path", config.run.dir)
     e = config.eval
-    allowed = ("fid", "kid", "swd", "digits")
     _require(e.every >= 0, "eval.every", ">= 0 (0 = never)", e.every)
-    _require(bool(e.metrics) and set(e.metrics) <= set(allowed), "eval.metrics", f"a non-empty list from {', '.join(allowed)}", list(e.metrics))
+    _require(bool(e.metrics) and set(e.metrics) <= set(EVAL_METRICS), "eval.metrics", f"a non-empty list from {', '.join(EVAL_METRICS)}", list(e.metrics))
     _require(e.num >= 2, "eval.num", ">= 2", e.num)
     digits_names = {"digits": "digits_frechet"}
     _require(e.best == "" or e.best in e.metrics or e.best in digits_names.values(), "eval.best", "empty or one of eval.metrics (digits_frechet for digits)", e.best)

@@ -23,12 +23,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dcgan.config import ConfigError
+from dcgan.config import EVAL_METRICS, ConfigError
 from dcgan.distributed import DistInfo
 from dcgan.quality import frechet_distance, gaussian_stats
 from dcgan.sample import LoadedGenerator, generate
 
-METRICS = ("fid", "kid", "swd", "digits")
 INCEPTION_ENV = "DCGAN_INCEPTION"
 
 
@@ -207,9 +206,9 @@ def default_cache_dir() -> Path:
 def evaluate(loaded: LoadedGenerator, data: str, num: int, metrics: list[str], info: DistInfo, inception: str = "", cache_dir: Path | None = None) -> dict[str, float]:
     """Every requested metric of `loaded` against `num` real images; identical on every rank."""
     cache_dir = cache_dir or default_cache_dir()
-    unknown = sorted(set(metrics) - set(METRICS))
+    unknown = sorted(set(metrics) - set(EVAL_METRICS))
     if unknown:
-        raise ConfigError(f"--metrics: unknown {', '.join(unknown)} (allowed: {', '.join(METRICS)})")
+        raise ConfigError(f"--metrics: unknown {', '.join(unknown)} (allowed: {', '.join(EVAL_METRICS)})")
     m = loaded.model
     fake = gather_rows(generated_images(loaded, num, info), num, info)
     real = real_images(data, num, m.resolution, m.channels)
