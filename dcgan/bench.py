@@ -66,19 +66,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_step(step: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, warmup: int, iters: int) -> Timing:
-    """Images per second of `step` on a fixed batch (after warm-up steps, which absorb compilation)."""
-    device = images.device
+def timed_seconds(run_once: Callable[[], object], warmup: int, iters: int, device: torch.device) -> float:
+    """Seconds that `iters` calls of `run_once` take after `warmup` untimed ones (which absorb
+    compilation, worker start-up and CUDA-graph capture); queued GPU work is drained at both ends."""
     for _ in range(warmup):
-        step(images)
+        run_once()
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     for _ in range(iters):
-        step(images)
+        run_once()
     _sync(device)
-    elapsed = time.perf_counter() - started
+    return time.perf_counter() - started
+
+
+def untimed_steps(config: Config, warmup: int) -> int:
+    """Warm-up steps for the project's step: in CUDA-graph mode the capture must be among them."""
+    return max(warmup, WARMUP_STEPS + 1) if config.train.cuda_graph else warmup
+
+
+def time_step(step: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, warmup: int, iters: int) -> Timing:
+    """Images per second of `step` on a fixed batch, and the peak GPU memory of the timed steps."""
+    device = images.device
+    elapsed = timed_seconds(lambda: step(images), warmup, iters, device)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     return Timing(iters * images.shape[0] / elapsed, peak)
 
@@ -104,9 +115,7 @@ def bench_step(config: Config, batch_size: int, precision: str | None, warmup: i
     images = synthetic_batch(config, device)
     reference = time_step(ReferenceStep(config, device), images, warmup, iters)
     _, _, step_fn = build_step(config, info)
-    if config.train.cuda_graph:
-        warmup = max(warmup, WARMUP_STEPS + 1)  # capture happens on the step after the eager warm-up
-    ours = time_step(make_runner(step_fn, config, info), images, warmup, iters)
+    ours = time_step(make_runner(step_fn, config, info), images, untimed_steps(config, warmup), iters)
     return reference, ours
 
 
@@ -137,14 +146,10 @@ def bench_end_to_end(config: Config, shards: str, batch_size: int, warmup: int, 
     trainer = build_trainer(config, DistInfo(rank=0, world_size=1, local_rank=0, device=device))
     batches = iter(trainer.data)
     try:
-        for _ in range(warmup):
-            trainer.runner(next(batches).to(device, non_blocking=True))
-        _sync(device)
-        started = time.perf_counter()
-        for _ in range(iters):
-            trainer.runner(next(batches).to(device, non_blocking=True))
-        _sync(device)
-        return iters * batch_size / (time.perf_counter() - started)
+        elapsed = timed_seconds(
+            lambda: trainer.runner(next(batches).to(device, non_blocking=True)), untimed_steps(config, warmup), iters, device
+        )
+        return iters * batch_size / elapsed
     finally:
         trainer.data.close()
 
@@ -167,13 +172,8 @@ def measure_loader(shards: str, workers: int, batch_size: int, batches: int, see
     source = ShardSource(config, DistInfo(rank=0, world_size=1, local_rank=0, device=device))
     try:
         stream = iter(source)
-        next(stream).to(device, non_blocking=True)
-        _sync(device)
-        started = time.perf_counter()
-        for _ in range(batches):
-            next(stream).to(device, non_blocking=True)
-        _sync(device)
-        return batches * batch_size / (time.perf_counter() - started)
+        elapsed = timed_seconds(lambda: next(stream).to(device, non_blocking=True), 1, batches, device)
+        return batches * batch_size / elapsed
     finally:
         source.close()
 
