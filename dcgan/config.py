@@ -37,6 +37,9 @@ class ModelConfig:
     ngf: int = _field(64, "generator width (channels of its last hidden layer)")
     ndf: int = _field(64, "discriminator width (channels of its first layer)")
     channels: int = _field(3, "image channels: 1 (grey) or 3 (RGB)")
+    sync_bn: bool = _field(
+        True, "with several ranks, BatchNorm statistics over the global batch (false: each rank's own batch)"
+    )
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,9 @@ class EvalConfig:
 @dataclass(frozen=True)
 class DistConfig:
     timeout_s: int = _field(600, "seconds a collective may wait for a missing rank before the job fails")
+    force: bool = _field(
+        False, "run the multi-rank code path (process group, DDP, cross-rank BatchNorm) even as one process"
+    )
 
 
 @dataclass(frozen=True)
@@ -255,6 +261,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         data = loaded or {}
     return config_from_dict(_merge(data, parse_overrides(overrides or [])))
+
+
+SHAPE_FREE_MODEL_KEYS = ("sync_bn",)
+"""Model settings that change how statistics are computed, not the parameters a checkpoint holds."""
+
+
+def architecture(model: ModelConfig) -> dict[str, Any]:
+    """The model settings that decide parameter shapes: what a checkpoint must match to be resumed."""
+    return {k: v for k, v in dataclasses.asdict(model).items() if k not in SHAPE_FREE_MODEL_KEYS}
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

@@ -2,24 +2,29 @@
 
 Everything is read from the variables torchrun (or submitit's TorchDistributedEnvironment under SLURM)
 exports: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT. A single process with none of them set
-runs the same code path with world size 1 and no process group.
+runs without a process group, unless `dist.force` asks for the multi-rank code path anyway (so that one
+GPU exercises NCCL, cross-rank BatchNorm and the capture of the multi-rank step).
 
-Order of wrapping (see DESIGN.md): SyncBatchNorm (CUDA only) -> device/memory format -> compile the bare
-module -> DDP. `torch.compile(DDP(m))` would silently compile nothing useful, and DDP refuses SyncBN
-modules on CPU, so CPU/gloo runs keep plain BatchNorm (each rank normalizes with its own batch).
+Order of wrapping: cross-rank BatchNorm (dcgan.batchnorm, CPU and CUDA alike) -> device/memory format ->
+compile the bare module -> DDP. Compiling the bare module first keeps one graph per model: compiled
+inside DDP, dynamo's DDP optimizer would split the graph at every gradient bucket boundary.
 """
 
 from __future__ import annotations
 
 import datetime
+import inspect
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dcgan.batchnorm import convert_to_cross_rank
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,8 @@ class DistInfo:
     device: torch.device
     flag_group: dist.ProcessGroup | None = None
     checkpoint_group: dist.ProcessGroup | None = None
+    forced: bool = False
+    """A process group of one (dist.force): the multi-rank code path, run by a single process."""
 
     @property
     def is_main(self) -> bool:
@@ -46,7 +53,8 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Whether a process group exists and collectives run: several ranks, or one forced."""
+        return self.world_size > 1 or self.forced
 
 
 def _env_int(name: str, default: int) -> int:
@@ -69,25 +77,33 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cuda", index)
 
 
-def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> DistInfo:
+def init_distributed(device_preference: str = "auto", timeout_s: int = 600, force: bool = False) -> DistInfo:
     """Join the process group described by the environment (NCCL on CUDA, gloo on CPU), if any.
 
     The timeout bounds how long a collective waits for a dead or stuck rank before raising, so that a
-    lost node ends the job with an error instead of a hang.
+    lost node ends the job with an error instead of a hang. With `force` and no launcher, a single
+    process forms a group of one through an in-memory store (no port, no MASTER_ADDR needed).
     """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     device = pick_device(device_preference, local_rank)
-    if world_size == 1:
+    if world_size == 1 and not force:
         return DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     timeout = datetime.timedelta(seconds=timeout_s)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+    if world_size == 1 and "MASTER_ADDR" not in os.environ:
+        kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
+    elif "MASTER_ADDR" not in os.environ:
+        raise SystemExit(f"WORLD_SIZE={world_size} but MASTER_ADDR is not set: start the ranks with torchrun or srun")
     dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     flag_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     checkpoint_group = dist.new_group(backend="gloo", timeout=timeout)
-    return DistInfo(rank, world_size, local_rank, device, flag_group, checkpoint_group)
+    return DistInfo(
+        rank=rank, world_size=world_size, local_rank=local_rank, device=device, flag_group=flag_group,
+        checkpoint_group=checkpoint_group, forced=world_size == 1,
+    )
 
 
 def destroy_distributed() -> None:
@@ -96,34 +112,83 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def prepare_module(module: nn.Module, info: DistInfo, *, compile: bool, channels_last: bool) -> tuple[nn.Module, nn.Module]:
-    """Return (module to train through, bare module): SyncBN -> device -> compile -> DDP.
+GradientSync = Literal["ddp", "explicit"]
+"""How replicas average gradients: DDP's bucketed all-reduce, overlapped with the backward pass; or one
+flat all-reduce per model called by the step itself (`average_gradients`), which a CUDA graph can
+capture whole."""
+
+
+def prepare_module(
+    module: nn.Module, info: DistInfo, *, compile: bool, channels_last: bool, sync_bn: bool = True,
+    gradient_sync: GradientSync = "ddp",
+) -> tuple[nn.Module, nn.Module]:
+    """Return (module to train through, bare module): cross-rank BN -> device -> compile -> DDP.
 
     The bare module shares parameters with the wrapper; it is what checkpoints read and what the G step
-    calls for D, so that a frozen D never triggers DDP's gradient hooks.
+    calls for D, so that a frozen D never triggers DDP's gradient hooks. With synchronized BatchNorm every
+    rank computes the same running statistics, so DDP need not broadcast buffers before each forward.
     """
-    if info.distributed and info.device.type == "cuda":
-        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if info.distributed and sync_bn:
+        module = convert_to_cross_rank(module, dist.group.WORLD)
     memory_format = torch.channels_last if channels_last and info.device.type == "cuda" else torch.preserve_format
     module = module.to(device=info.device, memory_format=memory_format)
     if compile:
         module.compile()
     if not info.distributed:
         return module, module
+    if gradient_sync == "explicit":
+        broadcast_state(module, info)
+        return module, module
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DDP(module, device_ids=device_ids, broadcast_buffers=True), module
+    return DDP(module, device_ids=device_ids, **{_DDP_BUFFER_SYNC_ARG: not sync_bn}), module
 
 
-def log_batchnorm_mode(info: DistInfo) -> None:
-    """Say once which BatchNorm the run uses, since it changes what the statistics mean."""
+_DDP_BUFFER_SYNC_ARG = (
+    "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters else "broadcast_buffers"
+)
+"""DDP's switch for broadcasting rank 0's buffers before each forward: renamed in newer torch (where the
+old name warns that it is deprecated); both still sync buffers once, when DDP is built."""
+
+
+def broadcast_state(module: nn.Module, info: DistInfo) -> None:
+    """Start every replica from rank 0's parameters and buffers, as DDP's constructor does."""
     if not info.distributed:
         return
-    if info.device.type == "cuda":
-        log.info("SyncBatchNorm: batch statistics are computed over all %d ranks", info.world_size)
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(tensor.data, src=0)
+
+
+def average_gradients(module: nn.Module, info: DistInfo) -> None:
+    """Replace each gradient of `module` by its mean over ranks: ONE all-reduce of all of them, flat.
+
+    Static shapes and no host read, so a CUDA graph captures it with the rest of the step (NCCL >= 2.9.6
+    allows collectives inside a capture). No-op for one process without a group.
+    """
+    if not info.distributed:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= info.world_size
+    for grad, mean in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        grad.copy_(mean.view(grad.shape))
+
+
+def log_batchnorm_mode(info: DistInfo, sync_bn: bool, batch_size: int) -> None:
+    """Say once which BatchNorm statistics the run uses, since it changes what they mean."""
+    if not info.distributed:
+        return
+    if sync_bn:
+        log.info(
+            "cross-rank BatchNorm: batch statistics over all %d rank(s), %d images (one all-reduce per layer)",
+            info.world_size, batch_size * info.world_size,
+        )
     else:
         log.info(
-            "CPU run: plain BatchNorm per rank (torch supports SyncBatchNorm only on CUDA); "
-            "running statistics are taken from rank 0"
+            "per-rank BatchNorm (model.sync_bn=false): each rank normalizes its own %d images; "
+            "running statistics are taken from rank 0", batch_size,
         )
 
 

@@ -8,9 +8,15 @@ outside the graph (the noise is drawn by the same generator as in eager mode, so
 are unchanged), gradients and activations live in the graph's private memory pool, and Adam keeps its
 step counter on the device (`capturable=True`).
 
+Several processes: the models are not wrapped in DDP (whose all-reduce is launched from autograd hooks
+on a bucket schedule that a capture would freeze mid-way); instead the step averages each model's
+gradients with one flat NCCL all-reduce of its own (`distributed.average_gradients`), and the cross-rank
+BatchNorm's all-reduces are plain collectives too, so the capture holds every collective of the step in
+order (NCCL >= 2.9.6). Replicas start equal by a broadcast of rank 0's weights. A captured collective
+is invisible to the NCCL watchdog: a rank that dies during a replay stalls the others until the job's
+time limit or `dist.timeout_s` of the next host-side collective (the stop agreement, every 10 steps).
+
 Where it does not apply (refused with one line, see `unsupported_reason`):
-- more than one process: DDP's gradient all-reduce is launched from autograd hooks on a bucket schedule
-  and SyncBatchNorm exchanges statistics with NCCL, neither of which this capture handles;
 - fp16 and `train.nonfinite=skip`: both need GradScaler, whose skip/backoff decision is not captured here;
 - CPU: CUDA graphs are a CUDA feature.
 """
@@ -23,7 +29,7 @@ from collections.abc import Callable
 import torch
 
 from dcgan.config import Config
-from dcgan.distributed import DistInfo
+from dcgan.distributed import DistInfo, GradientSync
 from dcgan.step import GANStep
 
 WARMUP_STEPS = 3
@@ -37,12 +43,12 @@ def unsupported_reason(config: Config, info: DistInfo) -> str | None:
     """Why `train.cuda_graph` cannot run in this setup, or None when it can."""
     if info.device.type != "cuda":
         return f"train.cuda_graph needs a CUDA device (this process runs on {info.device})"
-    if info.world_size > 1:
-        return (
-            f"train.cuda_graph runs a single process only (world size here: {info.world_size}); "
-            "DDP's all-reduce and SyncBatchNorm are not captured: set train.cuda_graph=false"
-        )
     return None
+
+
+def gradient_sync(config: Config, info: DistInfo) -> GradientSync:
+    """DDP for eager and compiled steps; the step's own flat all-reduce where a graph captures it."""
+    return "explicit" if config.train.cuda_graph and info.distributed else "ddp"
 
 
 def make_runner(step: GANStep, config: Config, info: DistInfo) -> StepRunner:

@@ -8,6 +8,7 @@ it whole in a CUDA graph; `__call__` draws the noise and runs it eagerly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,9 @@ class GANStep:
     channels_last: bool = False
     autocast_cache: bool = True
     """Off under CUDA-graph capture: autocast's cast cache must not outlive the captured region."""
+    average_gradients: Callable[[nn.Module], None] | None = None
+    """Averages a model's gradients over ranks after its backward pass, where `g`/`d` are bare modules
+    (train.cuda_graph with several ranks); None where DDP does it, or for one process."""
     last_logits: tuple[torch.Tensor, torch.Tensor] | None = None
     """D's logits on the last real and fake batch (device tensors, for occasional histograms)."""
 
@@ -86,6 +90,8 @@ class GANStep:
             fake_logits = self.d(fake.detach())
             loss_d = discriminator_loss(real_logits, fake_logits)
         self.scaler.scale(loss_d).backward()
+        if self.average_gradients is not None:
+            self.average_gradients(self.d_bare)
         self.scaler.unscale_(self.opt_d)
         grad_norm_d = total_grad_norm(self.d_bare)
         self.scaler.step(self.opt_d)
@@ -98,6 +104,8 @@ class GANStep:
             loss_g = generator_loss(fake_logits_after)
         self.scaler.scale(loss_g).backward()
         self.d_bare.requires_grad_(True)
+        if self.average_gradients is not None:
+            self.average_gradients(self.g)
         self.scaler.unscale_(self.opt_g)
         grad_norm_g = total_grad_norm(self.g)
         self.scaler.step(self.opt_g)

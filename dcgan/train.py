@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -25,12 +27,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dcgan.checkpoint import Checkpointer, read_best, stored_shapes
-from dcgan.config import Config, config_to_dict, save_config
+from dcgan.config import Config, architecture, config_to_dict, save_config
 from dcgan.data import build_source
 from dcgan.data.base import BatchSource
 from dcgan.distributed import (
     DistInfo,
+    GradientSync,
     all_mean,
+    average_gradients,
     any_rank,
     destroy_distributed,
     init_distributed,
@@ -39,7 +43,7 @@ from dcgan.distributed import (
     replicas_agree,
     sync_buffers,
 )
-from dcgan.graphs import StepRunner, make_runner
+from dcgan.graphs import StepRunner, gradient_sync, make_runner
 from dcgan.models import Discriminator, Generator
 from dcgan.preemption import EXIT_REQUEUE, StopSignal
 from dcgan.sample import LoadedGenerator, generate, save_grid, to_uint8_grid
@@ -163,7 +167,7 @@ def check_compatible(path: Path, config: Config, checkpointer: Checkpointer) -> 
     meta: dict[str, Any] = {"meta": {"config": ""}}
     checkpointer.load(path, meta)
     saved = (yaml.safe_load(meta["meta"]["config"]) or {}).get("model", {})
-    wanted = config_to_dict(config)["model"]
+    wanted = architecture(config.model)
     differing = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in wanted.items() if saved.get(k) != v]
     if differing:
         raise IncompatibleCheckpoint(
@@ -172,13 +176,24 @@ def check_compatible(path: Path, config: Config, checkpointer: Checkpointer) -> 
         )
 
 
-def build_step(config: Config, info: DistInfo) -> tuple[Generator, Discriminator, GANStep]:
-    """Models (wrapped for this rank), optimizers and the GAN step: everything but data and I/O."""
+def build_step(
+    config: Config, info: DistInfo, *, sync: GradientSync | None = None
+) -> tuple[Generator, Discriminator, GANStep]:
+    """Models (wrapped for this rank), optimizers and the GAN step: everything but data and I/O.
+    `sync` overrides how gradients are averaged (default: what the config's step mode needs)."""
     torch.manual_seed(config.seed)
     device = info.device
     t = config.train
-    g, g_bare = prepare_module(Generator(config.model), info, compile=t.compile, channels_last=t.channels_last)
-    d, d_bare = prepare_module(Discriminator(config.model), info, compile=t.compile, channels_last=t.channels_last)
+    sync = sync or gradient_sync(config, info)
+
+    def wrap(module: nn.Module) -> tuple[nn.Module, nn.Module]:
+        return prepare_module(
+            module, info, compile=t.compile, channels_last=t.channels_last, sync_bn=config.model.sync_bn,
+            gradient_sync=sync,
+        )
+
+    g, g_bare = wrap(Generator(config.model))
+    d, d_bare = wrap(Discriminator(config.model))
     fused = device.type == "cuda"
     betas = (config.optim.beta1, config.optim.beta2)
     # capturable: Adam keeps its step count on the device, which a CUDA-graph replay requires.
@@ -190,6 +205,7 @@ def build_step(config: Config, info: DistInfo) -> tuple[Generator, Discriminator
         g=g, d=d, d_bare=d_bare, opt_g=opt_g, opt_d=opt_d, scaler=make_scaler(dtype, t.nonfinite, device),
         dtype=dtype, nz=config.model.nz, noise=torch.Generator(device=device).manual_seed(noise_seed(config.seed, info.rank)),
         channels_last=t.channels_last and device.type == "cuda",
+        average_gradients=partial(average_gradients, info=info) if sync == "explicit" else None,
     )
     return g_bare, d_bare, step_fn  # type: ignore[return-value]
 
@@ -408,7 +424,7 @@ def prepare_run_dir(trainer: Trainer) -> Path | None:
 
 def train(config: Config) -> int:
     """Entry point of `dcgan train`: returns the process exit status."""
-    info = init_distributed(config.train.device, config.dist.timeout_s)
+    info = init_distributed(config.train.device, config.dist.timeout_s, force=config.dist.force)
     tracker: Tracker = Tracker()
     stop = StopSignal().install()
     trainer: Trainer | None = None
@@ -425,7 +441,7 @@ def train(config: Config) -> int:
             trainer.run_dir, info.world_size, info.device, config.train.batch_size,
             config.train.batch_size * info.world_size, trainer.step_fn.dtype, trainer.step, config.train.steps,
         )
-        log_batchnorm_mode(info)
+        log_batchnorm_mode(info, config.model.sync_bn, config.train.batch_size)
         tracker = make_tracker(trainer.run_dir, config, trainer.run_id, info.rank, trainer.step)
         if trainer.step >= config.train.steps:
             log.info("nothing to do: the run already reached step %d", trainer.step)

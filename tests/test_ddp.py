@@ -55,9 +55,10 @@ def test_two_ranks_keep_identical_replicas_and_consume_disjoint_data(tmp_path: P
     params = [k for k in r0["G"] if "running" not in k and "num_batches" not in k]
     assert all(torch.equal(r0["G"][k], r1["G"][k]) for k in params)
     assert all(torch.equal(r0["D"][k], r1["D"][k]) for k in r0["D"] if "running" not in k and "num_batches" not in k)
-    # CPU runs keep plain BatchNorm, so running statistics differ until synced from rank 0 (as before a checkpoint)
-    assert r0["before_sync"] and all("running" in name for name in r0["before_sync"])
+    # cross-rank BatchNorm: every rank computes the same running statistics, no broadcast needed
+    assert r0["before_sync"] == [] and r1["before_sync"] == []
     assert r0["after_sync"] == [] and r1["after_sync"] == []
+    assert torch.equal(r0["G"]["main.1.running_mean"], r1["G"]["main.1.running_mean"])
     assert r0["perturbed"] == r1["perturbed"] == ["main.0.weight"]
     # every rank trained on its own slice of each epoch: no image appears on both ranks
     a = {bytes(im.numpy().tobytes()) for im in r0["seen"]}
@@ -133,7 +134,7 @@ def test_torchrun_two_ranks_through_the_cli(tmp_path: Path) -> None:
     result = torchrun(2, "train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10")
     assert result.returncode == 0, result.stderr
     assert "2 rank(s) on cpu, batch 16 per rank (global 32)" in result.stderr
-    assert "plain BatchNorm per rank" in result.stderr
+    assert "cross-rank BatchNorm: batch statistics over all 2 rank(s), 32 images" in result.stderr
     assert sorted(p.name for p in (run / "checkpoints" / "step_000000010").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     lines = (run / "stats.jsonl").read_text().splitlines()
     assert len(lines) == 2 and '"global_batch": 32' in lines[-1]  # written once, by rank 0

@@ -9,7 +9,7 @@ import torch
 from dcgan.bench import synthetic_batch
 from dcgan.config import ConfigError, load_config
 from dcgan.distributed import DistInfo
-from dcgan.graphs import make_runner, unsupported_reason
+from dcgan.graphs import gradient_sync, make_runner, unsupported_reason
 from dcgan.step import STAT_NAMES
 from dcgan.train import build_step, build_trainer
 
@@ -86,13 +86,15 @@ def test_cuda_graph_mode_is_refused_in_one_line_where_it_cannot_apply(overrides:
     assert "\n" not in str(refused.value) and "train.cuda_graph" in str(refused.value)
 
 
-def test_cuda_graph_mode_needs_one_cuda_process() -> None:
+def test_cuda_graph_mode_needs_cuda_and_averages_gradients_itself_over_ranks() -> None:
     config = load_config(TINY, ["train.cuda_graph=true", "train.device=auto"])
     with pytest.raises(SystemExit, match="needs a CUDA device"):
         build_trainer(config, CPU)  # an auto device that resolved to the CPU
     gpu = torch.device("cuda", 0)
-    assert unsupported_reason(config, DistInfo(rank=0, world_size=1, local_rank=0, device=gpu)) is None
-    reason = unsupported_reason(config, DistInfo(rank=1, world_size=8, local_rank=1, device=gpu))
-    assert reason is not None and "world size here: 8" in reason and "train.cuda_graph=false" in reason
+    one, eight = (DistInfo(rank=0, world_size=w, local_rank=0, device=gpu) for w in (1, 8))
+    assert unsupported_reason(config, one) is None and unsupported_reason(config, eight) is None
+    # a captured step cannot hold DDP's hook-driven all-reduce: it averages gradients with its own
+    assert gradient_sync(config, eight) == "explicit" and gradient_sync(config, one) == "ddp"
+    assert gradient_sync(load_config(TINY), eight) == "ddp"
     eager = build_step(load_config(TINY), CPU)[2]
     assert make_runner(eager, load_config(TINY), CPU) is eager  # the default: no wrapper at all
