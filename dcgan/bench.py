@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dcgan.config import Config, ConfigError, load_config, replace
-from dcgan.distributed import DistInfo, pick_device
+from dcgan.distributed import DistInfo, destroy_distributed, init_distributed, pick_device
 from dcgan.graphs import WARMUP_STEPS, make_runner
 from dcgan.models import Discriminator, Generator
 from dcgan.step import normalize
@@ -107,29 +107,49 @@ def synthetic_batch(config: Config, device: torch.device) -> torch.Tensor:
     return torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def bench_step(config: Config, batch_size: int, precision: str | None, warmup: int, iters: int) -> tuple[Timing, Timing]:
-    """(reference timing, project timing) for one batch size, in this process."""
+def bench_step(
+    config: Config, batch_size: int, precision: str | None, warmup: int, iters: int, group_of_one: DistInfo | None = None
+) -> dict[str, Timing]:
+    """Timings of the reference step, the project's step and (given a process group of one) the
+    project's multi-rank code path, for one batch size, in this process."""
     config = bench_config(config, batch_size, precision)
     device = pick_device(config.train.device, 0)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     images = synthetic_batch(config, device)
-    reference = time_step(ReferenceStep(config, device), images, warmup, iters)
-    _, _, step_fn = build_step(config, info)
-    ours = time_step(make_runner(step_fn, config, info), images, untimed_steps(config, warmup), iters)
-    return reference, ours
+    timings = {"reference": time_step(ReferenceStep(config, device), images, warmup, iters)}
+    for name, step_info in (("dcgan", info), ("distributed", group_of_one)):
+        if step_info is not None:
+            step_fn = build_step(config, step_info)[2]
+            timings[name] = time_step(make_runner(step_fn, config, step_info), images, untimed_steps(config, warmup), iters)
+    return timings
 
 
-def run_bench_step(config_path: str, overrides: list[str], batch_sizes: list[int], precision: str | None, warmup: int, iters: int, shards: str = "") -> list[dict[str, float]]:
-    """Print one row per batch size: reference img/s, project img/s, their ratio, peak memory; then
-    the end-to-end rate from shards when given."""
+def run_bench_step(
+    config_path: str, overrides: list[str], batch_sizes: list[int], precision: str | None, warmup: int, iters: int,
+    shards: str = "", distributed: bool = False,
+) -> list[dict[str, float]]:
+    """Print one row per batch size: reference img/s, project img/s, their ratio, peak memory (and with
+    `distributed`, the multi-rank code path run by one process, with its ratio to the reference);
+    then the end-to-end rate from shards when given."""
     base = load_config(config_path, overrides)
-    print(f"{'batch':>6} {'reference img/s':>16} {'dcgan img/s':>12} {'ratio':>6} {'peak GiB':>9}")
-    rows = []
-    for batch in batch_sizes:
-        reference, ours = bench_step(base, batch, precision, warmup, iters)
-        ratio = ours.img_per_s / reference.img_per_s
-        print(f"{batch:>6} {reference.img_per_s:>16.0f} {ours.img_per_s:>12.0f} {ratio:>6.2f} {ours.peak_mem_gib:>9.2f}", flush=True)
-        rows.append({"batch": batch, "reference": reference.img_per_s, "dcgan": ours.img_per_s, "ratio": ratio})
+    group_of_one = init_distributed(base.train.device, base.dist.timeout_s, force=True) if distributed else None
+    try:
+        extra = f" {'1-rank dist img/s':>18} {'ratio':>6}" if distributed else ""
+        print(f"{'batch':>6} {'reference img/s':>16} {'dcgan img/s':>12} {'ratio':>6}{extra} {'peak GiB':>9}", flush=True)
+        rows = []
+        for batch in batch_sizes:
+            timings = bench_step(base, batch, precision, warmup, iters, group_of_one)
+            reference, ours = timings["reference"].img_per_s, timings["dcgan"].img_per_s
+            row = {"batch": batch, "reference": reference, "dcgan": ours, "ratio": ours / reference}
+            line = f"{batch:>6} {reference:>16.0f} {ours:>12.0f} {ours / reference:>6.2f}"
+            if "distributed" in timings:
+                row["distributed"] = timings["distributed"].img_per_s
+                line += f" {row['distributed']:>18.0f} {row['distributed'] / reference:>6.2f}"
+            peak = max(t.peak_mem_gib for name, t in timings.items() if name != "reference")
+            print(f"{line} {peak:>9.2f}", flush=True)
+            rows.append(row)
+    finally:
+        destroy_distributed()
     if shards:
         for row in rows:
             rate = bench_end_to_end(base, shards, int(row["batch"]), warmup, iters)

@@ -96,7 +96,7 @@ def _bench_step(args: argparse.Namespace) -> int:
     from dcgan.bench import run_bench_step
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    run_bench_step(args.config, args.overrides, sizes, args.precision, args.warmup, args.iters, args.data)
+    run_bench_step(args.config, args.overrides, sizes, args.precision, args.warmup, args.iters, args.data, args.distributed)
     return 0
 
 
@@ -122,6 +122,11 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     step.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
     step.add_argument("--iters", type=int, default=50, help="timed steps")
     step.add_argument("--data", default="", help="also time training end to end from these shards")
+    step.add_argument(
+        "--distributed", action="store_true",
+        help="also time the multi-rank code path (DDP or the graph's own all-reduce, cross-rank BatchNorm) "
+        "run by one process in a process group of one",
+    )
     step.set_defaults(func=_bench_step)
 
 

@@ -13,8 +13,8 @@ from dcgan.batchnorm import CrossRankBatchNorm2d, convert_to_cross_rank
 from dcgan.distributed import DistInfo, destroy_distributed, init_distributed
 from dcgan.train import build_step
 
-from conftest import tiny_config
-from distributed_helpers import spawn_ranks
+from conftest import run_cli, tiny_config
+from distributed_helpers import flatten, load_checkpoint_tensors, spawn_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -181,3 +181,20 @@ def test_compiled_multi_rank_step_has_no_graph_break_and_matches_eager(tmp_path:
         assert result["frames"].get("unique_graphs", 0) >= 2  # G and D really were compiled
         for key, value in reference.items():
             torch.testing.assert_close(result["state"][key], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+def test_one_process_runs_the_multi_rank_path_with_dist_force(tmp_path: Path) -> None:
+    """dist.force: a process group of one (no launcher, no port), DDP and cross-rank BatchNorm; it
+    trains what the plain single-process path trains, to float tolerance."""
+    runs = {}
+    for forced in ("true", "false"):
+        run = tmp_path / f"force-{forced}"
+        result = run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10", f"dist.force={forced}")
+        mentioned = "cross-rank BatchNorm: batch statistics over all 1 rank(s), 16 images" in result.stderr
+        assert mentioned == (forced == "true")
+        runs[forced] = flatten(load_checkpoint_tensors(run / "checkpoints" / "step_000000010"))
+    forced_state, plain_state = runs["true"], runs["false"]
+    weights = [k for k in plain_state if k.startswith("model.") and "num_batches" not in k]
+    assert len(weights) >= 10
+    for key in weights:
+        torch.testing.assert_close(forced_state[key], plain_state[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")

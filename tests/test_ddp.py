@@ -70,7 +70,9 @@ def _ddp_gradients(rank: int, out: Path) -> None:
     info = init_distributed("cpu", 60)
     try:
         torch.manual_seed(0)
-        ddp, bare = prepare_module(Discriminator(ModelConfig(resolution=16, ndf=4, channels=1)), info, compile=False, channels_last=False)
+        # per-rank BatchNorm (model.sync_bn=false): each rank's gradient is its own batch's, DDP averages them
+        d = Discriminator(ModelConfig(resolution=16, ndf=4, channels=1))
+        ddp, bare = prepare_module(d, info, compile=False, channels_last=False, sync_bn=False)
         real = torch.load(out / f"real{rank}.pt")
         fake = torch.load(out / f"fake{rank}.pt")
         discriminator_loss(ddp(real), ddp(fake)).backward()

@@ -72,6 +72,17 @@ def test_bench_step_prints_both_rates_and_their_ratio() -> None:
         assert abs(float(ratio) - implied) <= rounding
 
 
+def test_bench_step_times_the_multi_rank_path_of_one_process_beside_the_plain_step() -> None:
+    out = run_cli("bench", "step", "configs/tiny.yaml", "--batch-sizes", "8", "--warmup", "1", "--iters", "3", "--distributed")
+    header, row = out.stdout.strip().splitlines()
+    assert header.split() == ["batch", "reference", "img/s", "dcgan", "img/s", "ratio", "1-rank", "dist", "img/s", "ratio", "peak", "GiB"]
+    size, reference, ours, ratio, distributed, dist_ratio, _ = row.split()
+    assert int(size) == 8 and min(float(reference), float(ours), float(distributed)) > 0
+    implied = float(distributed) / float(reference)
+    assert abs(float(dist_ratio) - implied) <= 0.005 + implied * (0.5 / float(distributed) + 0.5 / float(reference)) * 1.01
+    assert "cross-rank BatchNorm" not in out.stderr  # a benchmark builds steps, it does not log a run
+
+
 @pytest.mark.parametrize(
     ("overrides", "reason"),
     [

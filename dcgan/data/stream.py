@@ -3,7 +3,7 @@
 Per rank, DataLoader workers each produce a "lane" of batches: in an epoch, lane l produces the batches
 at positions l, l+W, l+2W, ... (W = workers), from a sample stream seeded by (seed, rank, epoch, lane):
 - resampled mode (default): shards drawn with replacement, so every rank has an endless stream and all
-  ranks yield the same number of full batches (uneven counts would hang DDP and SyncBatchNorm);
+  ranks yield the same number of full batches (uneven counts would hang DDP and cross-rank BatchNorm);
 - exact mode (data.resampled=false): each epoch the shard list is shuffled (same order on all ranks) and
   dealt to ranks, then to lanes; every sample is seen at most once per epoch.
 Samples pass through a shuffle buffer before they are decoded and batched. The DataLoader hands out
