@@ -15,15 +15,19 @@ import re
 import shutil
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from dcgan.config import CheckpointConfig
 from dcgan.distributed import DistInfo
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
 METADATA = ".metadata"
@@ -61,6 +65,37 @@ def latest_checkpoint(root: Path) -> Path | None:
     return complete[-1][1] if complete else None
 
 
+DAMAGED_SUFFIX = ".damaged"
+"""A complete checkpoint that cannot be read back is renamed step_N.damaged: kept for inspection, no
+longer a resume candidate (the name no longer matches), so a requeued job does not fail on it again."""
+
+UNREADABLE = (Exception, CheckpointException)
+"""What reading a damaged checkpoint raises: EOFError/UnpicklingError from a truncated file in one
+process, DCP's CheckpointException (a BaseException) collecting every rank's error in a group. A
+refused model (a SystemExit) is not among them."""
+
+
+def read_newest(root: Path, read: Callable[[Path], T], *, set_aside: Callable[[Path], None] | None = None) -> T | None:
+    """`read` the newest complete checkpoint that reads back, falling back to older ones with a warning
+    naming each damaged one (passed to `set_aside` if given); None when there is no checkpoint. Raises
+    the last error when every checkpoint is damaged."""
+    candidates = [path for _, path in reversed(list_checkpoints(root))]
+    for index, path in enumerate(candidates):
+        try:
+            return read(path)
+        except UNREADABLE as exc:
+            if index == len(candidates) - 1:
+                raise
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            log.warning(
+                "checkpoint %s cannot be read (%s: %s): using the previous one, %s",
+                path, type(exc).__name__, reason[:200], candidates[index + 1].name,
+            )
+            if set_aside is not None:
+                set_aside(path)
+    return None
+
+
 def stored_shapes(path: Path) -> dict[str, tuple[int, ...] | None]:
     """Flattened keys ('rng.rank0.noise', ...) of a complete checkpoint, each with its tensor's shape
     (None for non-tensor values), from one read of its metadata."""
@@ -91,6 +126,17 @@ class Checkpointer:
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.root)
+
+    def set_aside(self, path: Path) -> None:
+        """Rename a damaged checkpoint out of the way (rank 0), keeping its files for inspection."""
+        if not self.info.is_main:
+            return
+        target = path.with_name(path.name + DAMAGED_SUFFIX)
+        suffix = 1
+        while target.exists():
+            target, suffix = path.with_name(f"{path.name}{DAMAGED_SUFFIX}{suffix}"), suffix + 1
+        path.rename(target)
+        log.warning("damaged checkpoint kept as %s", target)
 
     def save(self, step: int, state: dict[str, Any], *, blocking: bool = False) -> None:
         """Write `state` as the checkpoint of `step`, in the background unless blocking or configured off."""

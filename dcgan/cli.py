@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from dcgan.config import ConfigError, keys_help
+from dcgan.errors import DcganError, one_line
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -190,3 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dcgan: error: {exc}", file=sys.stderr)
         return 2
+    except DcganError as exc:
+        print(f"dcgan: error: {one_line(exc)}", file=sys.stderr)
+        return exc.exit_status

@@ -8,6 +8,8 @@ what is allowed, so that a typo in a 500-GPU job costs seconds rather than a que
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,9 +244,23 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a Config from nested plain data (as read from YAML)."""
-    config = _build(Config, data, "")
+    config = _expand_home(_build(Config, data, ""))
     validate(config)
     return config
+
+
+def _expand_home(config: Config) -> Config:
+    """`~/runs/x` means the home directory, as in a shell (a YAML value or an override is not expanded
+    by one): without this, run.dir=~/x creates a directory literally named '~'."""
+    def expand(path: str) -> str:
+        return os.path.expanduser(path) if path.startswith("~") else path
+
+    return dataclasses.replace(
+        config,
+        run=dataclasses.replace(config.run, dir=expand(config.run.dir)),
+        data=dataclasses.replace(config.data, shards=expand(config.data.shards)),
+        eval=dataclasses.replace(config.eval, data=expand(config.eval.data), inception=expand(config.eval.inception)),
+    )
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -334,7 +350,7 @@ def validate(config: Config) -> None:
             t.precision != "fp16" and t.nonfinite == "stop", "train.cuda_graph",
             "false with train.precision=fp16 or train.nonfinite=skip (their GradScaler is not captured)", t.cuda_graph,
         )
-    _require(config.optim.lr > 0, "optim.lr", "> 0", config.optim.lr)
+    _require(math.isfinite(config.optim.lr) and config.optim.lr > 0, "optim.lr", "a finite number > 0", config.optim.lr)
     for key in ("beta1", "beta2"):
         beta = getattr(config.optim, key)
         _require(0 <= beta < 1, f"optim.{key}", "in [0, 1)", beta)

@@ -84,6 +84,8 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 600, forc
     lost node ends the job with an error instead of a hang. With `force` and no launcher, a single
     process forms a group of one through an in-memory store (no port, no MASTER_ADDR needed).
     """
+    if os.environ.get("RANK") and not os.environ.get("WORLD_SIZE"):
+        raise SystemExit(f"RANK={os.environ['RANK']} is set but WORLD_SIZE is not: start the ranks with torchrun or srun")
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)

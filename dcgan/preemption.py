@@ -1,8 +1,9 @@
 """Turning SLURM/torchrun stop signals into a checkpoint at the next step boundary.
 
 A signal handler may interrupt a collective half-way, so it only records the signal. The training loop
-asks `any_rank(stop.requested)` once per step (a tiny CPU all-reduce on a gloo group): every rank then
-agrees on the same step, saves collectively, and exits with EXIT_REQUEUE.
+asks `any_rank(stop.requested)` every 10 steps with several ranks (a tiny CPU all-reduce on a gloo
+group; one process checks every step): every rank then agrees on the same step, saves collectively,
+and exits with EXIT_REQUEUE (EXIT_INTERRUPTED after Ctrl-C).
 """
 
 from __future__ import annotations
@@ -17,11 +18,18 @@ log = logging.getLogger(__name__)
 EXIT_REQUEUE = 75
 """Exit status after a checkpoint forced by a signal: "stopped early, requeue me" (EX_TEMPFAIL)."""
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+EXIT_INTERRUPTED = 130
+"""Exit status after a checkpoint asked for by Ctrl-C (SIGINT): the shell's 128 + 2, not a requeue."""
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
 
 class StopSignal:
-    """Records SIGTERM/SIGUSR1/SIGUSR2 instead of dying, while installed (main thread only)."""
+    """Records SIGTERM/SIGUSR1/SIGUSR2/SIGINT instead of dying, while installed (main thread only).
+
+    Ctrl-C is a graceful stop like the others (checkpoint at the next agreement), but a second Ctrl-C
+    stops at once, as a user pressing it twice expects (KeyboardInterrupt; the last complete
+    checkpoint stays)."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -31,7 +39,16 @@ class StopSignal:
     def requested(self) -> bool:
         return self.received is not None
 
+    @property
+    def exit_status(self) -> int:
+        """What the process exits with after the checkpoint this signal asked for."""
+        return EXIT_INTERRUPTED if self.received == signal.SIGINT else EXIT_REQUEUE
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: checkpointing at the next step boundary, then exiting (Ctrl-C again: stop now)")
         self.received = signum
 
     def install(self) -> StopSignal:

@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+import yaml
 from torchvision.utils import make_grid, save_image
 
-from dcgan.checkpoint import latest_checkpoint
-from dcgan.config import ConfigError, ModelConfig, load_config
+from dcgan.checkpoint import read_newest
+from dcgan.config import ConfigError, ModelConfig
 from dcgan.models import Generator
 
 EXPORT_FORMAT = "dcgan-generator/1"
@@ -57,14 +58,19 @@ def generate(generator: Generator, noise: torch.Tensor) -> torch.Tensor:
 
 
 def load_from_run(run_dir: Path) -> LoadedGenerator:
-    """The generator of the newest complete checkpoint of a run directory."""
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
+    """The generator of the newest complete checkpoint of a run directory that reads back (an older one,
+    with a warning, when the newest is damaged)."""
+    if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    model = load_config(config_path).model
-    checkpoint = latest_checkpoint(run_dir / "checkpoints")
-    if checkpoint is None:
+    loaded = read_newest(run_dir / "checkpoints", load_generator_checkpoint)
+    if loaded is None:
         raise ConfigError(f"{run_dir} has no complete checkpoint yet")
+    return loaded
+
+
+def load_generator_checkpoint(checkpoint: Path) -> LoadedGenerator:
+    """G, its step and the fixed noise from one DCP checkpoint, read in this process."""
+    model = checkpoint_model(checkpoint)
     generator = Generator(model)
     state: dict[str, Any] = {
         "model": {"G": generator.state_dict()},
@@ -77,6 +83,16 @@ def load_from_run(run_dir: Path) -> LoadedGenerator:
     dcp.load(state, storage_reader=reader, no_dist=True)
     generator.load_state_dict(state["model"]["G"])
     return LoadedGenerator(generator, model, int(state["progress"]["step"]), state["fixed_noise"])
+
+
+def checkpoint_model(checkpoint: Path) -> ModelConfig:
+    """The model settings a checkpoint was written with (its own copy of the config): config.yaml may
+    describe another model, e.g. after a resume with other settings was refused."""
+    meta: dict[str, Any] = {"meta": {"config": ""}}
+    dcp.load(meta, checkpoint_id=str(checkpoint), no_dist=True)
+    saved = (yaml.safe_load(meta["meta"]["config"]) or {}).get("model", {})
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in saved.items() if k in known})
 
 
 def export_generator(loaded: LoadedGenerator, out: Path) -> None:

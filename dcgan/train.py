@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from dcgan.checkpoint import Checkpointer, read_best, stored_shapes
+from dcgan.checkpoint import Checkpointer, read_best, read_newest, stored_shapes
 from dcgan.config import Config, architecture, config_to_dict, save_config
 from dcgan.data import build_source
 from dcgan.data.base import BatchSource
@@ -45,7 +45,9 @@ from dcgan.distributed import (
 )
 from dcgan.graphs import StepRunner, gradient_sync, make_runner
 from dcgan.models import Discriminator, Generator
-from dcgan.preemption import EXIT_REQUEUE, StopSignal
+from dcgan.preemption import StopSignal
+from dcgan.errors import RunDirInUse
+from dcgan.rundir import RunDirLock
 from dcgan.sample import LoadedGenerator, generate, save_grid, to_uint8_grid
 from dcgan.step import STAT_NAMES, GANStep, resolve_precision
 from dcgan.tracking import GanHealth, Progress, Tracker, make_tracker, new_run_id, sample_diversity, setup_logging
@@ -358,7 +360,7 @@ def stop_agreed(stop: StopSignal, step: int, info: DistInfo) -> bool:
 
 
 def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
-    """Train until train.steps; return an exit status (0, EXIT_REQUEUE or EXIT_NONFINITE)."""
+    """Train until train.steps; return an exit status (0, EXIT_REQUEUE, EXIT_INTERRUPTED or EXIT_NONFINITE)."""
     cfg, info = trainer.config, trainer.info
     progress = Progress(cfg.train.steps, trainer.step, enabled=info.is_main)
     batches = iter(trainer.data)
@@ -404,22 +406,49 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
             best = keep_if_best(trainer, results, best)
             due_ckpt = due_ckpt and trainer.last_good_checkpoint != step
         if stop_agreed(stop, step, info):
-            log.warning("stop signal received: checkpointing step %d, then exiting %d (requeue)", step, EXIT_REQUEUE)
+            log.warning("stop signal received: checkpointing step %d, then exiting %d", step, stop.exit_status)
             save_checkpoint(trainer, blocking=True)
-            return EXIT_REQUEUE
+            return stop.exit_status
         if due_ckpt:
             save_checkpoint(trainer, blocking=final)
     progress.close()
     return EXIT_OK
 
 
-def prepare_run_dir(trainer: Trainer) -> Path | None:
-    """Create the run directory (rank 0), save the resolved config; return the checkpoint to resume."""
+def prepare_run_dir(trainer: Trainer) -> None:
+    """Create the checkpoint directory, remove half-written checkpoints (nothing is resumed yet)."""
     if trainer.info.is_main:
         (trainer.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        save_config(trainer.config, trainer.run_dir / "config.yaml")
     trainer.checkpointer.remove_incomplete()
-    return trainer.checkpointer.latest()
+
+
+def resume(trainer: Trainer) -> Path | None:
+    """Load the newest complete checkpoint that reads back (a damaged newer one is set aside with a
+    warning); return its path, or None for a fresh run. The resolved config is written only after this
+    (`save_run_config`): a refused checkpoint must leave the run directory describing the run it holds."""
+    def load(path: Path) -> Path:
+        trainer.load_state_dict(path)
+        return path
+
+    return read_newest(trainer.checkpointer.root, load, set_aside=trainer.checkpointer.set_aside)
+
+
+def save_run_config(trainer: Trainer) -> None:
+    if trainer.info.is_main:
+        save_config(trainer.config, trainer.run_dir / "config.yaml")
+
+
+def own_run_dir(run_dir: Path, info: DistInfo) -> RunDirLock | None:
+    """Rank 0 takes the run directory's lock; every rank learns whether it did (one line each if not)."""
+    lock, refusal = None, None
+    if info.is_main:
+        try:
+            lock = RunDirLock(run_dir).acquire()
+        except RunDirInUse as exc:
+            refusal = exc
+    if any_rank(refusal is not None, info):
+        raise refusal or RunDirInUse(f"run directory {run_dir} is in use by another job (see rank 0's message)")
+    return lock
 
 
 def train(config: Config) -> int:
@@ -428,14 +457,16 @@ def train(config: Config) -> int:
     tracker: Tracker = Tracker()
     stop = StopSignal().install()
     trainer: Trainer | None = None
+    lock: RunDirLock | None = None
     try:
         if info.is_main:
             Path(config.run.dir).mkdir(parents=True, exist_ok=True)
+        lock = own_run_dir(Path(config.run.dir), info)
         setup_logging(Path(config.run.dir), info.rank)
         trainer = build_trainer(config, info)
-        resume_from = prepare_run_dir(trainer)
-        if resume_from is not None:
-            trainer.load_state_dict(resume_from)
+        prepare_run_dir(trainer)
+        resume(trainer)
+        save_run_config(trainer)
         log.info(
             "run %s: %d rank(s) on %s, batch %d per rank (global %d), %s precision, step %d -> %d",
             trainer.run_dir, info.world_size, info.device, config.train.batch_size,
@@ -453,4 +484,6 @@ def train(config: Config) -> int:
             trainer.data.close()
         tracker.close()
         stop.uninstall()
+        if lock is not None:
+            lock.release()
         destroy_distributed()

@@ -105,6 +105,13 @@ def test_incompatible_config_is_refused_in_one_line(tmp_path: Path) -> None:
     last = result.stderr.strip().splitlines()[-1]
     assert "belongs to another model (model.ngf: checkpoint 8, config 16)" in last
     assert checkpoint_ready(run, 5)  # the completed checkpoint is untouched
+    # and so is the run directory's description of it: readers still build the right generator
+    assert "ngf: 8" in (run / "config.yaml").read_text()
+    assert "generator of step 5" in run_cli("export", str(run), "--out", str(tmp_path / "g.pt")).stdout
+    # a config.yaml edited by hand cannot mislead them either: the checkpoint carries its model settings
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("ngf: 8", "ngf: 16"))
+    run_cli("sample", str(run), "--num", "4", "--out", str(tmp_path / "grid.png"))
+    assert (tmp_path / "grid.png").stat().st_size > 0
 
 
 def test_resume_takes_the_state_from_the_checkpoint_and_lr_and_betas_from_the_config(tmp_path: Path) -> None:

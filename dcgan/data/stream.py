@@ -35,6 +35,7 @@ from dcgan.config import Config, ConfigError
 from dcgan.data.base import EpochStream
 from dcgan.data.formats import MANIFEST, CorruptSample, Manifest, decode_block, decode_image
 from dcgan.distributed import DistInfo
+from dcgan.errors import ShardError
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,6 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("GOPEN_BUFFER", str(1 << 20))
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
-
-
-class ShardError(RuntimeError):
-    """A shard is missing or unreadable: the message names it."""
 
 
 @dataclass(frozen=True)
@@ -165,27 +162,62 @@ def _shard_stream(plan: StreamPlan, epoch: int, lane: int) -> Iterator[dict[str,
             yield {"url": plan.urls[index]}
 
 
-def _expand(samples: Iterator[dict[str, Any]], plan: StreamPlan, bad: list[int]) -> Iterator[Any]:
+CONSECUTIVE_BAD_LIMIT = 200
+"""Undecodable samples (or blocks) in a row after which a lane stops the run: shards of another shape
+or wholly damaged ones would otherwise be skipped forever without a step ever completing."""
+
+WARNED_BAD_BLOCKS = 5
+"""Corrupt blocks a lane names in the log; the rest are only counted (skipped_samples)."""
+
+
+@dataclass
+class BadSamples:
+    """A lane's undecodable samples: counted for stats.jsonl, bounded when they come in a row."""
+
+    since_batch: int = 0
+    in_a_row: int = 0
+    warned_blocks: int = 0
+
+    def skip(self, reason: str, url: str) -> None:
+        self.since_batch += 1
+        self.in_a_row += 1
+        if self.in_a_row >= CONSECUTIVE_BAD_LIMIT:
+            raise ShardError(
+                f"{self.in_a_row} samples in a row could not be decoded (last in {url}: {reason}): the shards "
+                "do not match model.resolution/model.channels, or they are damaged"
+            )
+
+    def good(self) -> None:
+        self.in_a_row = 0
+
+
+def _expand(samples: Iterator[dict[str, Any]], plan: StreamPlan, bad: BadSamples) -> Iterator[Any]:
     """Blocks -> one uint8 image each; per-sample formats stay encoded bytes until after the shuffle."""
     for sample in samples:
+        url = str(sample.get("__url__", "?"))
         if "images.npy" in sample:
             try:
-                yield from decode_block(sample["images.npy"], plan.channels, plan.resolution)
+                block = decode_block(sample["images.npy"], plan.channels, plan.resolution)
             except CorruptSample as exc:
-                bad[0] += 1
-                log.warning("skipping corrupt block %s in %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
+                if bad.warned_blocks < WARNED_BAD_BLOCKS:
+                    bad.warned_blocks += 1
+                    log.warning("skipping corrupt block %s in %s: %s", sample.get("__key__"), url, exc)
+                bad.skip(str(exc), url)
+                continue
+            bad.good()
+            yield from block
             continue
         data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if data is None:
-            bad[0] += 1
+            bad.skip("no image member", url)
             continue
-        yield data
+        yield (data, url)
 
 
 def lane_batches(plan: StreamPlan, epoch: int, lane: int, skip: int, count: int) -> Iterator[tuple[torch.Tensor, int]]:
     """`count` batches of this lane after skipping `skip`, each with the number of samples skipped as
     corrupt since the previous batch (so the main process can count them across worker processes)."""
-    bad = [0]
+    bad = BadSamples()
     samples = wds.tarfile_to_samples(handler=_raise_naming_shard)(_shard_stream(plan, epoch, lane))
     items = _expand(samples, plan, bad)
     shuffled = wds.shuffle(plan.shuffle_buffer, initial=plan.shuffle_buffer, rng=random.Random(_mix(plan.seed, epoch, plan.rank, lane, 2)))(items)
@@ -197,16 +229,17 @@ def lane_batches(plan: StreamPlan, epoch: int, lane: int, skip: int, count: int)
     for item in shuffled:
         if produced == count:
             return
-        if isinstance(item, bytes):
+        if isinstance(item, tuple):  # (encoded bytes, shard url): decoded after the shuffle
             try:
-                item = decode_image(item, plan.channels, plan.resolution)
-            except CorruptSample:
-                bad[0] += 1
+                item = decode_image(item[0], plan.channels, plan.resolution)
+            except CorruptSample as exc:
+                bad.skip(str(exc), item[1])
                 continue
+            bad.good()
         batch.append(item)
         if len(batch) == plan.batch_size:
-            yield torch.from_numpy(np.stack(batch)), bad[0]
-            bad[0] = 0
+            yield torch.from_numpy(np.stack(batch)), bad.since_batch
+            bad.since_batch = 0
             batch = []
             produced += 1
 
@@ -317,14 +350,16 @@ def read_images(spec: str, num: int, resolution: int, channels: int) -> torch.Te
         urls=shards.urls, counts=shards.counts, seed=0, rank=0, world_size=1, workers=1, batch_size=1,
         batches_per_epoch=0, shuffle_buffer=1, resampled=False, channels=channels, resolution=resolution,
     )
-    bad = [0]
+    bad = BadSamples()
     samples = wds.tarfile_to_samples(handler=_raise_naming_shard)({"url": u} for u in shards.urls)
     images: list[np.ndarray] = []
     for item in _expand(samples, plan, bad):
         if len(images) == num:
             break
         try:
-            images.append(decode_image(item, channels, resolution) if isinstance(item, bytes) else item)
-        except CorruptSample:
-            bad[0] += 1
+            images.append(decode_image(item[0], channels, resolution) if isinstance(item, tuple) else item)
+        except CorruptSample as exc:
+            bad.skip(str(exc), item[1])
+        else:
+            bad.good()
     return torch.from_numpy(np.stack(images)) if images else torch.empty(0, channels, resolution, resolution, dtype=torch.uint8)

@@ -1,0 +1,36 @@
+"""Errors a user can act on: one line each, with the exit status the CLI returns for them.
+
+Library code raises these (or `config.ConfigError` for a bad setting); `dcgan.cli.main` prints
+`dcgan: error: <message>` and exits with `exit_status`, so that a cluster log shows the cause instead
+of a traceback. An error raised in a DataLoader worker reaches the training process re-raised with the
+worker's traceback folded into its message: `one_line` recovers the original line.
+"""
+
+from __future__ import annotations
+
+
+class DcganError(Exception):
+    """Base of the project's one-line runtime errors."""
+
+    exit_status = 1
+
+
+class ShardError(DcganError):
+    """A shard is missing or unreadable, or its samples cannot be decoded: the message names it."""
+
+
+class RunDirInUse(DcganError):
+    """Another live process holds the run directory; the message names it."""
+
+    exit_status = 4
+
+
+def one_line(exc: BaseException) -> str:
+    """The user-facing line of an error, also when a DataLoader re-raised it with a worker traceback
+    ("Caught ShardError in DataLoader worker process 0. Original Traceback ... ShardError: <line>")."""
+    text = str(exc).strip()
+    if "Original Traceback" not in text:
+        return text.splitlines()[0] if text else type(exc).__name__
+    last = text.splitlines()[-1]
+    prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last.split(": ", 1)[-1]

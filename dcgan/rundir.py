@@ -1,0 +1,65 @@
+"""One job at a time per run directory: rank 0 holds an exclusive lock on RUN_DIR/.lock for the run.
+
+Two jobs writing one run directory (a double submission, a requeued job racing a manual restart)
+interleave the checkpoints of two runs. The lock is an `flock` held by the process itself, so the
+kernel releases it whenever that process ends, however it ends (a SIGKILL or a lost node leaves no
+stale lock behind, unlike a lock file whose mere existence counts). The file names the holder, so the
+refusal can say who it is.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import os
+import socket
+from pathlib import Path
+from typing import IO
+
+from dcgan.errors import RunDirInUse
+
+LOCK_NAME = ".lock"
+
+
+def holder_description() -> str:
+    """Who this process is, in the words a user needs to find it: pid, host, SLURM job, start time."""
+    job = os.environ.get("SLURM_JOB_ID")
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array:
+        job = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '?')}"
+    since = datetime.datetime.now().isoformat(timespec="seconds")
+    return f"pid {os.getpid()} on {socket.gethostname()}" + (f" (SLURM job {job})" if job else "") + f" since {since}"
+
+
+class RunDirLock:
+    """Exclusive, non-blocking ownership of a run directory for the life of this process (or `release`)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_NAME
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> RunDirLock:
+        """Take the lock or raise RunDirInUse naming the holder."""
+        handle = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunDirInUse(
+                f"run directory {self.path.parent} is in use by {holder}: wait for that job to end, "
+                "or use another run.dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(holder_description() + "\n")
+        handle.flush()
+        self._file = handle
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None

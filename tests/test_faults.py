@@ -1,0 +1,150 @@
+"""Faults a cluster and a hostile user produce, each ending in one line and an exit status, with no
+completed checkpoint lost: a second job on a busy run directory, Ctrl-C, a damaged newest checkpoint,
+shards whose samples cannot be decoded, impossible settings and launch environments."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dcgan.checkpoint import list_checkpoints
+from dcgan.config import ConfigError, load_config
+from dcgan.preemption import EXIT_INTERRUPTED, StopSignal
+
+from conftest import ROOT, TINY, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def start_training(run: Path, *overrides: str) -> subprocess.Popen[str]:
+    """`dcgan train configs/tiny.yaml` in the background, as a user's second terminal would start it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "dcgan", "train", "configs/tiny.yaml", f"run.dir={run}", *overrides],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_for(condition: object, process: subprocess.Popen[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if process.poll() is not None:
+            raise AssertionError(f"training ended early:\n{process.stderr.read() if process.stderr else ''}")
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.05)
+
+
+def completed_steps(run: Path) -> list[int]:
+    return [step for step, _ in list_checkpoints(run / "checkpoints")]
+
+
+def test_a_second_job_on_a_busy_run_dir_is_refused_and_a_killed_job_leaves_no_lock(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = start_training(run, "train.steps=100000", "checkpoint.every=20")
+    try:
+        wait_for(lambda: 20 in completed_steps(run), first)
+        second = run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=30", check=False)
+        assert second.returncode == 4
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1, second.stderr
+        assert f"run directory {run} is in use by pid {first.pid} on " in lines[0]
+        assert first.poll() is None  # the owner goes on undisturbed
+    finally:
+        first.kill()  # SIGKILL: no cleanup code runs, the kernel drops the lock
+        first.wait()
+    kept = completed_steps(run)
+    assert kept and kept[-1] >= 20
+    after = run_cli("train", "configs/tiny.yaml", f"run.dir={run}", f"train.steps={kept[-1] + 5}")
+    assert f"resumed from {run / 'checkpoints'}/step_{kept[-1]:09d}" in after.stderr
+    assert completed_steps(run)[-1] == kept[-1] + 5
+
+
+def test_ctrl_c_checkpoints_and_exits_130_and_a_second_one_stops_at_once(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    graceful = start_training(run, "train.steps=100000", "checkpoint.every=20")
+    wait_for(lambda: 20 in completed_steps(run), graceful)
+    graceful.send_signal(signal.SIGINT)
+    _, err = graceful.communicate(timeout=120)
+    assert graceful.returncode == EXIT_INTERRUPTED, err
+    assert "Traceback" not in err and f"exiting {EXIT_INTERRUPTED}" in err
+    forced = [line for line in err.splitlines() if "stop signal received: checkpointing step" in line]
+    step = int(forced[0].split("checkpointing step ")[1].split(",")[0])
+    assert completed_steps(run)[-1] == step > 20  # the Ctrl-C checkpoint, off the regular schedule
+
+
+
+def test_a_second_ctrl_c_interrupts_at_once() -> None:
+    """Real SIGINTs to this process: the first asks for a graceful stop, the second raises at once."""
+    stop = StopSignal().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.exit_status == EXIT_INTERRUPTED
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10", "checkpoint.every=5")
+    data = run / "checkpoints" / "step_000000010" / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # .metadata intact, data truncated
+
+    exported = run_cli("export", str(run), "--out", str(tmp_path / "g.pt"))
+    assert "generator of step 5" in exported.stdout
+    assert "checkpoint" in exported.stderr and "step_000000010 cannot be read" in exported.stderr
+
+    resumed = run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=12", "checkpoint.every=5")
+    assert "step_000000010 cannot be read" in resumed.stderr
+    assert f"resumed from {run / 'checkpoints'}/step_000000005" in resumed.stderr
+    assert (run / "checkpoints" / "step_000000010.damaged" / "__0_0.distcp").is_file()  # kept for inspection
+    assert completed_steps(run) == [5, 10, 12]
+
+
+def test_shards_whose_samples_cannot_be_decoded_stop_the_run_in_one_line(digits_shards: Path, tmp_path: Path) -> None:
+    """16x16 shards given by pattern (no manifest to check against) to a 32x32 model: every block is
+    refused; the run must stop instead of skipping forever."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for shard in digits_shards.glob("*.tar"):
+        shutil.copy(shard, bare / shard.name)
+    pattern = str(bare / "shard-{000000..000007}.tar")
+    started = time.monotonic()
+    result = run_cli(
+        "train", "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", f"data.shards={pattern}", "data.epoch_samples=512",
+        "model.resolution=32", "data.workers=1", check=False, timeout=120,
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("dcgan: error: 200 samples in a row could not be decoded (last in ")
+    assert "expected (N, 1, 32, 32) uint8" in last and "Traceback" not in result.stderr
+    assert result.stderr.count("skipping corrupt block") <= 5
+    assert time.monotonic() - started < 100
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RANK": "1"}, "RANK=1 is set but WORLD_SIZE is not"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "WORLD_SIZE=2 but MASTER_ADDR is not set"),
+    ],
+)
+def test_an_incomplete_launch_environment_is_refused_in_one_line(tmp_path: Path, env: dict[str, str], message: str) -> None:
+    result = run_cli("train", "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", check=False, env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [message + ": start the ranks with torchrun or srun"]
+
+
+def test_impossible_settings_fail_before_any_work() -> None:
+    with pytest.raises(ConfigError, match=r"optim.lr: must be a finite number > 0, got inf"):
+        load_config(TINY, ["optim.lr=.inf"])
+    assert load_config(TINY, ["run.dir=~/runs/x"]).run.dir == str(Path.home() / "runs" / "x")
