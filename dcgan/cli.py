@@ -38,6 +38,8 @@ def _sample(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from dcgan.sample import export_generator, load_from_run
 
+    if Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a directory: give a file name, e.g. {Path(args.out) / 'generator.pt'}")
     loaded = load_from_run(Path(args.run_dir))
     export_generator(loaded, Path(args.out))
     print(f"{args.out}: generator of step {loaded.step}")
@@ -131,6 +133,14 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     step.set_defaults(func=_bench_step)
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts: a clear message for 0 or a negative number instead of a crash later."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcgan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -148,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="write a PNG grid of generated images")
     sample.add_argument("source", help="run directory (newest checkpoint) or generator file from `dcgan export`")
-    sample.add_argument("--num", type=int, default=64, help="number of images (default 64)")
+    sample.add_argument("--num", type=positive_int, default=64, help="number of images (default 64)")
     sample.add_argument("--out", required=True, help="output PNG path")
     sample.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     sample.set_defaults(func=_sample)
@@ -160,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser("score", help="digits quality score (Frechet distance at 8x8, confidence, balance)")
     score.add_argument("source", help="run directory or exported generator (1 channel)")
-    score.add_argument("--num", type=int, default=1000, help="generated images to score (default 1000)")
+    score.add_argument("--num", type=positive_int, default=1000, help="generated images to score (default 1000)")
     score.add_argument("--seed", type=int, default=0)
     score.set_defaults(func=_score)
 
@@ -170,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("source", help="run directory (newest checkpoint) or generator file from `dcgan export`")
     evaluate.add_argument("--data", required=True, help="shard directory with manifest.json, or 'digits'")
-    evaluate.add_argument("-n", "--num", type=int, default=10000, help="generated and real images (default 10000; under torchrun write -n, since torchrun takes --num for its --numa-binding)")
+    evaluate.add_argument("-n", "--num", type=positive_int, default=10000, help="generated and real images (default 10000; under torchrun write -n, since torchrun takes --num for its --numa-binding)")
     evaluate.add_argument("--metrics", default="swd", help="comma-separated from fid,kid,swd,digits (default swd)")
     evaluate.add_argument("--inception", default="", help="TorchScript Inception for fid/kid (or env DCGAN_INCEPTION)")
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where G and Inception run (auto = cuda when available; one GPU per rank under torchrun)")

@@ -342,6 +342,7 @@ def validate(config: Config) -> None:
     _require(m.channels in (1, 3), "model.channels", "1 or 3", m.channels)
     for key in ("nz", "ngf", "ndf"):
         _require(getattr(m, key) >= 1, f"model.{key}", ">= 1", getattr(m, key))
+    _require(0 <= config.seed < 2**32, "seed", "an integer in [0, 2^32)", config.seed)
     _require(t.steps >= 1, "train.steps", ">= 1", t.steps)
     _require(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
     if t.cuda_graph:

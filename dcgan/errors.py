@@ -9,7 +9,7 @@ worker's traceback folded into its message: `one_line` recovers the original lin
 from __future__ import annotations
 
 
-class DcganError(Exception):
+class DcganError(RuntimeError):
     """Base of the project's one-line runtime errors."""
 
     exit_status = 1

@@ -170,8 +170,14 @@ def real_images(data: str, num: int, resolution: int, channels: int) -> torch.Te
 
         images = digits_images(resolution)
     else:
-        from dcgan.data.stream import read_images
+        from dcgan.data.stream import read_images, resolve_shards
 
+        manifest = resolve_shards(data).manifest
+        if manifest is not None and (manifest.resolution, manifest.channels) != (resolution, channels):
+            raise ConfigError(
+                f"--data {data} holds {manifest.resolution}x{manifest.resolution} {manifest.channels}-channel images; "
+                f"the generator makes {resolution}x{resolution} {channels}-channel ones"
+            )
         images = read_images(data, num, resolution, channels)
     if len(images) < num:
         raise ConfigError(f"--num {num}: the data holds only {len(images)} images")

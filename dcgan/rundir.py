@@ -16,6 +16,7 @@ import socket
 from pathlib import Path
 from typing import IO
 
+from dcgan.config import ConfigError
 from dcgan.errors import RunDirInUse
 
 LOCK_NAME = ".lock"
@@ -29,6 +30,18 @@ def holder_description() -> str:
         job = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '?')}"
     since = datetime.datetime.now().isoformat(timespec="seconds")
     return f"pid {os.getpid()} on {socket.gethostname()}" + (f" (SLURM job {job})" if job else "") + f" since {since}"
+
+
+def create_run_dir(run_dir: Path) -> None:
+    """Make the run directory, or say in one line why it cannot be used (a file, no permission)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.dir: {run_dir} is a file, not a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"run.dir: cannot create {run_dir} ({exc.strerror})") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.dir: {run_dir} is not writable by this user")
 
 
 class RunDirLock:

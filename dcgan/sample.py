@@ -110,7 +110,10 @@ def export_generator(loaded: LoadedGenerator, out: Path) -> None:
 
 
 def load_export(path: Path) -> LoadedGenerator:
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one line
+        raise ConfigError(f"{path} is not a generator exported by `dcgan export` ({type(exc).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
         raise ConfigError(f"{path} is not a generator exported by `dcgan export`")
     model = ModelConfig(**blob["model"])

@@ -47,7 +47,7 @@ from dcgan.graphs import StepRunner, gradient_sync, make_runner
 from dcgan.models import Discriminator, Generator
 from dcgan.preemption import StopSignal
 from dcgan.errors import RunDirInUse
-from dcgan.rundir import RunDirLock
+from dcgan.rundir import RunDirLock, create_run_dir
 from dcgan.sample import LoadedGenerator, generate, save_grid, to_uint8_grid
 from dcgan.step import STAT_NAMES, GANStep, resolve_precision
 from dcgan.tracking import GanHealth, Progress, Tracker, make_tracker, new_run_id, sample_diversity, setup_logging
@@ -460,7 +460,7 @@ def train(config: Config) -> int:
     lock: RunDirLock | None = None
     try:
         if info.is_main:
-            Path(config.run.dir).mkdir(parents=True, exist_ok=True)
+            create_run_dir(Path(config.run.dir))
         lock = own_run_dir(Path(config.run.dir), info)
         setup_logging(Path(config.run.dir), info.rank)
         trainer = build_trainer(config, info)

@@ -281,3 +281,47 @@ def test_bench_data_prints_a_table(digits_shards: Path) -> None:
     assert header.split()[:2] == ["workers", "img/s"] and "delivered to cpu" in header
     rows = [line.split() for line in lines]
     assert [r[0] for r in rows] == ["0", "1"] and all(float(r[1]) > 0 for r in rows)
+
+
+def damage_tar_header(shard: Path, member_index: int) -> int:
+    """Overwrite the checksum of one member's tar header (its data stays intact): Python's tarfile then
+    stops reading the shard there, silently. Returns the images the shard still yields before it."""
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    victim = members[member_index]
+    with open(shard, "r+b") as handle:
+        handle.seek(victim.offset + 148)  # the header's chksum field
+        handle.write(b"garbage!")
+    blocks_before = len({m.name.split(".")[0] for m in members[:member_index] if m.name.endswith("images.npy")})
+    return blocks_before
+
+
+def test_a_damaged_tar_header_counts_the_rest_of_the_shard_as_skipped(digits_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in digits_shards.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    manifest = Manifest.read(copy / "manifest.json")
+    expected = manifest.shards[0].samples
+    with tarfile.open(copy / "shard-000000.tar") as tar:
+        names = [m.name for m in tar.getmembers()]
+    fourth_block = [i for i, name in enumerate(names) if name.endswith("images.npy")][3]
+    blocks_before = damage_tar_header(copy / "shard-000000.tar", fourth_block)
+    yielded = sum(len(b) for b in _blocks_of(copy / "shard-000000.tar", blocks_before))
+    missing = expected - yielded
+    assert 0 < missing < expected
+    source = source_for(copy, tmp_path, 0, 1, "data.workers=0", "train.batch_size=32", "data.epoch_samples=3200")
+    with caplog.at_level("WARNING"):
+        take(source, 80)
+    assert source.skipped_samples > 0 and source.skipped_samples % missing == 0  # each read of shard 0 counts it
+    assert f"shard-000000.tar yielded {yielded} of its {expected} images: {missing} counted as skipped" in caplog.text
+
+
+def _blocks_of(shard: Path, count: int) -> list[np.ndarray]:
+    """The first `count` image blocks of an intact part of a shard, read directly with tarfile."""
+    blocks = []
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            if member.name.endswith("images.npy") and len(blocks) < count:
+                blocks.append(np.load(io.BytesIO(tar.extractfile(member).read())))
+    return blocks

@@ -148,3 +148,25 @@ def test_impossible_settings_fail_before_any_work() -> None:
     with pytest.raises(ConfigError, match=r"optim.lr: must be a finite number > 0, got inf"):
         load_config(TINY, ["optim.lr=.inf"])
     assert load_config(TINY, ["run.dir=~/runs/x"]).run.dir == str(Path.home() / "runs" / "x")
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        (["train", "configs/tiny.yaml", "run.dir={file}"], 2, "run.dir: {file} is a file, not a directory"),
+        (["train", "configs/tiny.yaml", "run.dir={tmp}/r", "seed=1180591620717411303424"], 2, "seed: must be an integer in [0, 2^32)"),
+        (["sample", "{file}", "--out", "{tmp}/x.png"], 2, "{file} is not a generator exported by `dcgan export` (EOFError)"),
+        (["sample", "{tmp}", "--num", "0", "--out", "{tmp}/x.png"], 2, "argument --num: must be >= 1, got 0"),
+        (["eval", "{tmp}", "--data", "digits", "-n", "0"], 2, "argument -n/--num: must be >= 1, got 0"),
+        (["export", "{tmp}", "--out", "{tmp}"], 2, "--out {tmp} is a directory: give a file name"),
+    ],
+)
+def test_bad_input_gets_one_line_and_a_status(tmp_path: Path, args: list[str], status: int, message: str) -> None:
+    (tmp_path / "config.yaml").write_text("")  # {tmp} looks like a run directory to the readers
+    a_file = tmp_path / "not-a-generator.pt"
+    a_file.write_bytes(b"")
+    fill = {"file": str(a_file), "tmp": str(tmp_path)}
+    result = run_cli(*[a.format(**fill) for a in args], check=False)
+    assert result.returncode == status
+    last = result.stderr.strip().splitlines()[-1]
+    assert message.format(**fill) in last and "Traceback" not in result.stderr

@@ -13,6 +13,8 @@ from typing import Protocol
 
 import torch
 
+from dcgan.errors import ShardError
+
 
 class BatchSource(Protocol):
     """What the training loop needs from data: batches, a resumable position, and a count of bad samples."""
@@ -54,7 +56,7 @@ class EpochStream:
                 taken += 1
                 yield images
             if self.batch < self.batches_per_epoch:
-                raise RuntimeError(
+                raise ShardError(
                     f"epoch {self.epoch} ended after {self.batch} of {self.batches_per_epoch} batches: "
                     "the data source yielded fewer batches than it promised (corrupt samples in the exact "
                     "mode shorten an epoch: use data.resampled=true for training)"

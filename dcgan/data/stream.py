@@ -176,10 +176,17 @@ class BadSamples:
 
     since_batch: int = 0
     in_a_row: int = 0
-    warned_blocks: int = 0
+    warned: int = 0
 
-    def skip(self, reason: str, url: str) -> None:
-        self.since_batch += 1
+    def warn(self, message: str, *args: object) -> None:
+        """Log the first WARNED_BAD_BLOCKS problems of a lane; the rest are only counted."""
+        if self.warned < WARNED_BAD_BLOCKS:
+            self.warned += 1
+            log.warning(message, *args)
+
+    def skip(self, reason: str, url: str, images: int = 1) -> None:
+        """One undecodable sample (or block, counting `images`, 0 when the shard's shortfall counts it)."""
+        self.since_batch += images
         self.in_a_row += 1
         if self.in_a_row >= CONSECUTIVE_BAD_LIMIT:
             raise ShardError(
@@ -191,23 +198,48 @@ class BadSamples:
         self.in_a_row = 0
 
 
+END_OF_SHARD = "__end_of_shard__"
+
+
+def _shard_passes(shards: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+    """Samples of each shard in turn, each pass followed by an END_OF_SHARD marker (the same shard may
+    be drawn twice in a row, so a change of URL cannot mark the end of a pass)."""
+    for shard in shards:
+        yield from wds.tarfile_to_samples(handler=_raise_naming_shard)(iter([shard]))
+        yield {END_OF_SHARD: shard["url"]}
+
+
 def _expand(samples: Iterator[dict[str, Any]], plan: StreamPlan, bad: BadSamples) -> Iterator[Any]:
-    """Blocks -> one uint8 image each; per-sample formats stay encoded bytes until after the shuffle."""
+    """Blocks -> one uint8 image each; per-sample formats stay encoded bytes (with their shard's URL)
+    until after the shuffle. At the end of each shard, what it yielded is compared with its manifest
+    count: Python's tarfile stops silently at a damaged header, and a damaged block hides how many
+    images it held, so the shortfall is what counts them."""
+    expected = dict(zip(plan.urls, plan.counts, strict=True)) if plan.counts is not None else {}
+    yielded = 0
     for sample in samples:
+        if END_OF_SHARD in sample:
+            url = sample[END_OF_SHARD]
+            missing = expected.get(url, yielded) - yielded
+            if missing > 0:
+                bad.since_batch += missing
+                bad.warn("shard %s yielded %d of its %d images: %d counted as skipped (damaged blocks, or a "
+                         "damaged tar header after which nothing more can be read)", url, yielded, expected[url], missing)
+            yielded = 0
+            continue
         url = str(sample.get("__url__", "?"))
         if "images.npy" in sample:
             try:
                 block = decode_block(sample["images.npy"], plan.channels, plan.resolution)
             except CorruptSample as exc:
-                if bad.warned_blocks < WARNED_BAD_BLOCKS:
-                    bad.warned_blocks += 1
-                    log.warning("skipping corrupt block %s in %s: %s", sample.get("__key__"), url, exc)
-                bad.skip(str(exc), url)
+                bad.warn("skipping corrupt block %s in %s: %s", sample.get("__key__"), url, exc)
+                bad.skip(str(exc), url, images=0 if url in expected else 1)
                 continue
             bad.good()
+            yielded += len(block)
             yield from block
             continue
         data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        yielded += 1  # an image member that fails to decode later is counted then
         if data is None:
             bad.skip("no image member", url)
             continue
@@ -218,8 +250,7 @@ def lane_batches(plan: StreamPlan, epoch: int, lane: int, skip: int, count: int)
     """`count` batches of this lane after skipping `skip`, each with the number of samples skipped as
     corrupt since the previous batch (so the main process can count them across worker processes)."""
     bad = BadSamples()
-    samples = wds.tarfile_to_samples(handler=_raise_naming_shard)(_shard_stream(plan, epoch, lane))
-    items = _expand(samples, plan, bad)
+    items = _expand(_shard_passes(_shard_stream(plan, epoch, lane)), plan, bad)
     shuffled = wds.shuffle(plan.shuffle_buffer, initial=plan.shuffle_buffer, rng=random.Random(_mix(plan.seed, epoch, plan.rank, lane, 2)))(items)
     for _ in range(skip * plan.batch_size):
         if next(shuffled, None) is None:
@@ -351,9 +382,8 @@ def read_images(spec: str, num: int, resolution: int, channels: int) -> torch.Te
         batches_per_epoch=0, shuffle_buffer=1, resampled=False, channels=channels, resolution=resolution,
     )
     bad = BadSamples()
-    samples = wds.tarfile_to_samples(handler=_raise_naming_shard)({"url": u} for u in shards.urls)
     images: list[np.ndarray] = []
-    for item in _expand(samples, plan, bad):
+    for item in _expand(_shard_passes({"url": u} for u in shards.urls), plan, bad):
         if len(images) == num:
             break
         try:
