@@ -9,6 +9,7 @@ load it back; per-rank values (noise RNG) are keyed by rank.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -24,6 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dcgan.config import CheckpointConfig
 from dcgan.distributed import DistInfo
+from dcgan.errors import CheckpointWriteError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +155,10 @@ class Checkpointer:
             )
             self._pending_step = step
         else:
-            dcp.save(state, checkpoint_id=str(path), process_group=group, no_dist=not self.info.distributed)
+            try:
+                dcp.save(state, checkpoint_id=str(path), process_group=group, no_dist=not self.info.distributed)
+            except UNREADABLE as exc:
+                raise self._write_error(exc, step) from None
             self._finished(step)
 
     def poll(self) -> None:
@@ -165,8 +170,23 @@ class Checkpointer:
         """Block until the save in flight (if any) is complete on disk."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            pending.result()
+            try:
+                pending.result()
+            except UNREADABLE as exc:
+                raise self._write_error(exc, self._pending_step) from None
             self._finished(self._pending_step)
+
+    def _write_error(self, exc: BaseException, step: int) -> CheckpointWriteError:
+        """One line for a failed save: a full disk says so, by name; anything else gives its first line.
+        The half-written directory has no .metadata: it is never loaded, and removed at the next start."""
+        path = checkpoint_dir(self.root, step)
+        if "No space left on device" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
+            reason = f"no space left on device at {path}"
+        else:
+            reason = f"cannot write checkpoint {path} ({type(exc).__name__}: {one_line(exc)[:300]})"
+        previous = latest_checkpoint(self.root)
+        kept = f"the last complete one, {previous.name}, is kept" if previous else "no earlier checkpoint exists"
+        return CheckpointWriteError(f"{reason}: step {step} was not saved; {kept}")
 
     def _finished(self, step: int) -> None:
         log.info("checkpoint of step %d complete: %s", step, checkpoint_dir(self.root, step))

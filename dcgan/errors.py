@@ -25,6 +25,10 @@ class RunDirInUse(DcganError):
     exit_status = 4
 
 
+class CheckpointWriteError(DcganError):
+    """A checkpoint could not be written (full disk, lost mount); the completed ones are untouched."""
+
+
 def one_line(exc: BaseException) -> str:
     """The user-facing line of an error, also when a DataLoader re-raised it with a worker traceback
     ("Caught ShardError in DataLoader worker process 0. Original Traceback ... ShardError: <line>")."""

@@ -325,3 +325,22 @@ def _blocks_of(shard: Path, count: int) -> list[np.ndarray]:
             if member.name.endswith("images.npy") and len(blocks) < count:
                 blocks.append(np.load(io.BytesIO(tar.extractfile(member).read())))
     return blocks
+
+
+def test_flipped_pixels_in_a_block_fail_its_checksum_and_count_its_images(digits_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in digits_shards.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    shard = copy / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        second_block = [m for m in tar.getmembers() if m.name.endswith("images.npy")][1]
+        images_in_block = len(np.load(io.BytesIO(tar.extractfile(second_block).read())))
+    with open(shard, "r+b") as handle:  # pixel bytes only: the block still decodes to the right shape
+        handle.seek(second_block.offset_data + second_block.size - 7)
+        handle.write(b"\xff\x00\xff")
+    source = source_for(copy, tmp_path, 0, 1, "data.workers=0", "train.batch_size=32", "data.epoch_samples=3200")
+    with caplog.at_level("WARNING"):
+        take(source, 80)
+    assert source.skipped_samples > 0 and source.skipped_samples % images_in_block == 0
+    assert "images.npy fails its CRC-32 check" in caplog.text

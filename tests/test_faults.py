@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,31 @@ def test_bad_input_gets_one_line_and_a_status(tmp_path: Path, args: list[str], s
     assert result.returncode == status
     last = result.stderr.strip().splitlines()[-1]
     assert message.format(**fill) in last and "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 700 KiB file system (tmpfs, needs root): room for about two tiny checkpoints."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_during_a_background_save_is_one_line_and_keeps_the_last_checkpoint(small_disk: Path, tmp_path: Path) -> None:
+    run = small_disk / "run"
+    result = run_cli(
+        "train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=60", "checkpoint.every=5",
+        "checkpoint.async_save=true", check=False,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"dcgan: error: no space left on device at {run / 'checkpoints'}/step_")
+    kept = completed_steps(run)
+    assert kept and f"the last complete one, step_{kept[-1]:09d}, is kept" in last
+    exported = run_cli("export", str(run), "--out", str(tmp_path / "g.pt"))  # and it reads back whole
+    assert f"generator of step {kept[-1]}" in exported.stdout

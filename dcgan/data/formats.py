@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -66,6 +67,25 @@ class Manifest:
         return cls(**data)
 
 
+CHECKSUM = "crc32"
+"""Member holding the CRC-32 of a sample's image payload (a block's images.npy, or the PNG/JPEG bytes).
+Flipped bits inside pixel data decode without complaint (a block is raw bytes; JPEG tolerates damage),
+so only a checksum notices them; zlib's CRC-32 costs ~3.5 us per 64x64 RGB image here, about a tenth of a
+worker's time per image. Shards written before checksums existed are read without the check."""
+
+
+def checksum(data: bytes) -> bytes:
+    return f"{zlib.crc32(data):08x}".encode()
+
+
+def verify_checksum(sample: dict[str, object], payload: str) -> None:
+    """Raise CorruptSample when the sample carries a checksum that its payload does not match."""
+    stored = sample.get(CHECKSUM)
+    data = sample.get(payload)
+    if isinstance(stored, bytes) and isinstance(data, bytes) and stored.strip() != checksum(data):
+        raise CorruptSample(f"{payload} fails its CRC-32 check (damaged on disk or in transfer)")
+
+
 def encode_image(image: np.ndarray, fmt: str) -> tuple[str, bytes]:
     """uint8 (C, H, W) -> (member extension, bytes) for the per-sample formats."""
     pil = Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
@@ -84,6 +104,7 @@ def encode_block(images: np.ndarray, labels: np.ndarray) -> dict[str, bytes]:
         buffer = io.BytesIO()
         np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
         members[name] = buffer.getvalue()
+    members[CHECKSUM] = checksum(members["images.npy"])
     return members
 
 

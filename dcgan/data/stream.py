@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dcgan.config import Config, ConfigError
 from dcgan.data.base import EpochStream
-from dcgan.data.formats import MANIFEST, CorruptSample, Manifest, decode_block, decode_image
+from dcgan.data.formats import MANIFEST, CorruptSample, Manifest, decode_block, decode_image, verify_checksum
 from dcgan.distributed import DistInfo
 from dcgan.errors import ShardError
 
@@ -229,6 +229,7 @@ def _expand(samples: Iterator[dict[str, Any]], plan: StreamPlan, bad: BadSamples
         url = str(sample.get("__url__", "?"))
         if "images.npy" in sample:
             try:
+                verify_checksum(sample, "images.npy")
                 block = decode_block(sample["images.npy"], plan.channels, plan.resolution)
             except CorruptSample as exc:
                 bad.warn("skipping corrupt block %s in %s: %s", sample.get("__key__"), url, exc)
@@ -238,12 +239,18 @@ def _expand(samples: Iterator[dict[str, Any]], plan: StreamPlan, bad: BadSamples
             yielded += len(block)
             yield from block
             continue
-        data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
         yielded += 1  # an image member that fails to decode later is counted then
-        if data is None:
+        if ext is None:
             bad.skip("no image member", url)
             continue
-        yield (data, url)
+        try:
+            verify_checksum(sample, ext)
+        except CorruptSample as exc:
+            bad.warn("skipping damaged sample %s in %s: %s", sample.get("__key__"), url, exc)
+            bad.skip(str(exc), url)
+            continue
+        yield (sample[ext], url)
 
 
 def lane_batches(plan: StreamPlan, epoch: int, lane: int, skip: int, count: int) -> Iterator[tuple[torch.Tensor, int]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from dcgan.data.formats import MANIFEST, Manifest, ShardInfo, encode_block, encode_image
+from dcgan.data.formats import CHECKSUM, MANIFEST, Manifest, ShardInfo, checksum, encode_block, encode_image
 from dcgan.data.inputs import find_mnist, list_images, load_image_file, read_idx, resize_array
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def write_shard(task: ShardTask) -> tuple[int, int, int]:
         else:
             for offset, (image, label) in enumerate(zip(images, labels, strict=True)):
                 ext, data = encode_image(image, task.fmt)
-                sink.write({"__key__": f"{task.first_key + offset:09d}", ext: data, "cls": str(label).encode()})
+                sink.write({"__key__": f"{task.first_key + offset:09d}", ext: data, "cls": str(label).encode(), CHECKSUM: checksum(data)})
     os.replace(tmp, final)
     return task.index, len(images), skipped
 
