@@ -14,6 +14,10 @@ class DcganError(RuntimeError):
 
     exit_status = 1
 
+    def __str__(self) -> str:
+        # webdataset appends (stream, url) to the args of an error crossing its pipeline: keep the message
+        return str(self.args[0]) if self.args else type(self).__name__
+
 
 class ShardError(DcganError):
     """A shard is missing or unreadable, or its samples cannot be decoded: the message names it."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,10 @@ EXIT_INTERRUPTED = 130
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
 
+class StoppedWhileWaiting(Exception):
+    """A stop signal arrived while the single process waited for data (see StopSignal.waiting)."""
+
+
 class StopSignal:
     """Records SIGTERM/SIGUSR1/SIGUSR2/SIGINT instead of dying, while installed (main thread only).
 
@@ -34,6 +40,7 @@ class StopSignal:
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, object] = {}
+        self._interrupt_waits = False
 
     @property
     def requested(self) -> bool:
@@ -50,6 +57,22 @@ class StopSignal:
         if signum == signal.SIGINT:
             log.warning("Ctrl-C: checkpointing at the next step boundary, then exiting (Ctrl-C again: stop now)")
         self.received = signum
+        if self._interrupt_waits:
+            raise StoppedWhileWaiting(signum)
+
+    @contextmanager
+    def waiting(self, interruptible: bool) -> Iterator[None]:
+        """Around a wait for data: with `interruptible` (one process, nothing to agree on with other
+        ranks), a stop signal raises StoppedWhileWaiting instead of waiting for a batch that may never
+        come (a hung mount). With several ranks the others would be inside the step's collectives, so
+        the signal is honoured at the next agreement as usual."""
+        if interruptible and self.requested:
+            raise StoppedWhileWaiting(self.received or 0)
+        self._interrupt_waits = interruptible
+        try:
+            yield
+        finally:
+            self._interrupt_waits = False
 
     def install(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():

@@ -45,7 +45,7 @@ from dcgan.distributed import (
 )
 from dcgan.graphs import StepRunner, gradient_sync, make_runner
 from dcgan.models import Discriminator, Generator
-from dcgan.preemption import StopSignal
+from dcgan.preemption import StopSignal, StoppedWhileWaiting
 from dcgan.errors import RunDirInUse
 from dcgan.rundir import RunDirLock, create_run_dir
 from dcgan.sample import LoadedGenerator, generate, save_grid, to_uint8_grid
@@ -359,6 +359,17 @@ def stop_agreed(stop: StopSignal, step: int, info: DistInfo) -> bool:
     return step % STOP_CHECK_EVERY == 0 and any_rank(stop.requested, info)
 
 
+def stop_while_waiting(trainer: Trainer, stop: StopSignal) -> int:
+    """A stop signal while a single process waited for data: checkpoint the last completed step (unless
+    it already is one) and exit as after any stop signal."""
+    if trainer.step > 0 and trainer.step != trainer.last_good_checkpoint:
+        log.warning("stop signal while waiting for data: checkpointing step %d, then exiting %d", trainer.step, stop.exit_status)
+        save_checkpoint(trainer, blocking=True)
+    else:
+        log.warning("stop signal while waiting for data: nothing trained since the last checkpoint, exiting %d", stop.exit_status)
+    return stop.exit_status
+
+
 def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
     """Train until train.steps; return an exit status (0, EXIT_REQUEUE, EXIT_INTERRUPTED or EXIT_NONFINITE)."""
     cfg, info = trainer.config, trainer.info
@@ -371,7 +382,11 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
     best = previous_best["value"] if previous_best else math.inf
     while trainer.step < cfg.train.steps:
         waited = time.perf_counter()
-        images = next(batches).to(info.device, non_blocking=True)
+        try:
+            with stop.waiting(interruptible=not info.distributed):
+                images = next(batches).to(info.device, non_blocking=True)
+        except StoppedWhileWaiting:
+            return stop_while_waiting(trainer, stop)
         waited = time.perf_counter() - waited
         stats = trainer.runner(images)
         trainer.nonfinite_flag += stats[-1]

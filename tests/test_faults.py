@@ -199,3 +199,44 @@ def test_a_full_disk_during_a_background_save_is_one_line_and_keeps_the_last_che
     assert kept and f"the last complete one, step_{kept[-1]:09d}, is kept" in last
     exported = run_cli("export", str(run), "--out", str(tmp_path / "g.pt"))  # and it reads back whole
     assert f"generator of step {kept[-1]}" in exported.stdout
+
+
+def test_a_truncated_shard_read_by_workers_is_one_line_naming_it(digits_shards: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "shards"
+    shutil.copytree(digits_shards, copy)
+    victim = copy / "shard-000002.tar"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    result = run_cli(
+        "train", "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", f"data.shards={copy}", "data.workers=2",
+        "train.steps=400", check=False,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"dcgan: error: cannot read shard {victim}: ReadError: unexpected end of data "
+        "(truncated or damaged: write it again with `dcgan shards`)"
+    )
+
+
+def test_a_stop_signal_while_waiting_for_data_that_never_comes_ends_the_run(digits_shards: Path, tmp_path: Path) -> None:
+    """A data source that hangs (here a pipe that sleeps before it sends anything, as a stuck mount
+    would): one process stops on SIGTERM at once instead of waiting for a batch."""
+    run = tmp_path / "run"
+    shard = f"pipe:sleep 60 && cat {digits_shards / 'shard-000000.tar'}"
+    waiting = start_training(run, f"data.shards={shard}", "data.epoch_samples=64", "data.workers=1", "train.steps=50")
+    wait_for(lambda: (run / "train.log").is_file() and "1 rank(s) on cpu" in (run / "train.log").read_text(), waiting)
+    time.sleep(1.0)
+    stopped = time.monotonic()
+    waiting.send_signal(signal.SIGTERM)
+    _, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 75, err
+    assert time.monotonic() - stopped < 30  # not after the pipe's 60 s
+    assert "stop signal while waiting for data: nothing trained since the last checkpoint, exiting 75" in err
+    assert completed_steps(run) == []
+
+
+def test_eval_against_data_of_another_shape_is_one_line(trained_digits_run: Path, digits_shards: Path) -> None:
+    result = run_cli("eval", str(trained_digits_run), "--data", str(digits_shards), "-n", "10", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"dcgan: error: --data {digits_shards} holds 16x16 1-channel images; the generator makes 32x32 1-channel ones"
+    )

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,9 +126,18 @@ def _mix(*values: int) -> int:
 
 
 def _raise_naming_shard(exc: Exception) -> bool:
-    """webdataset handler for tar-level errors: stop with the shard's name (never sleep, never skip)."""
-    where = next((a for a in reversed(exc.args) if isinstance(a, str) and ("/" in a or ":" in a)), "?")
-    raise ShardError(f"cannot read shard {where}: {type(exc).__name__}: {exc.args[0] if exc.args else ''}") from exc
+    """webdataset handler for tar-level errors: stop with the shard's name (never sleep, never skip).
+    webdataset passes an error to the handler once per pipeline stage it crosses, so a ShardError
+    already raised here comes back and is re-raised as it is."""
+    if isinstance(exc, ShardError):
+        raise exc
+    text = " ".join(str(a) for a in exc.args)
+    match = re.search(r"name='([^']+)'", text) or re.search(r"(\S+\.tar)\b", text)
+    where = match.group(1) if match else "?"
+    reason = str(exc.args[0]).split(" @ ")[0] if exc.args else ""
+    raise ShardError(
+        f"cannot read shard {where}: {type(exc).__name__}: {reason} (truncated or damaged: write it again with `dcgan shards`)"
+    ) from exc
 
 
 class LaneDataset(IterableDataset):
