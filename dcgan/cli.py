@@ -8,6 +8,7 @@
   dcgan bench step [CONFIG]                 training step vs the pytorch/examples reference step
   dcgan score SOURCE                        digits quality score of a generator
   dcgan eval SOURCE --data DATA             FID / KID / SWD / digits score, table + JSON
+  dcgan sync RUN_DIR                        upload the run's offline wandb segments as one wandb run
 """
 
 from __future__ import annotations
@@ -86,6 +87,17 @@ def _eval(args: argparse.Namespace) -> int:
         out.write_text(json.dumps({"source": args.source, "step": loaded.step, "data": args.data, "num": args.num, **results}, indent=1))
         print(f"written to {out}")
     return 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    import shlex
+    import subprocess
+
+    from dcgan.tracking import sync_command
+
+    command = sync_command(Path(args.run_dir))
+    print(shlex.join(command), flush=True)
+    return 0 if args.dry_run else subprocess.run(command).returncode
 
 
 def _bench_data(args: argparse.Namespace) -> int:
@@ -186,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where G and Inception run (auto = cuda when available; one GPU per rank under torchrun)")
     evaluate.add_argument("--out", default="", help="JSON output (default RUN_DIR/eval-stepN.json or eval.json)")
     evaluate.set_defaults(func=_eval)
+
+    sync = commands.add_parser(
+        "sync", help="upload a run's offline wandb segments (one per start or requeue) as one wandb run",
+        description="Runs `wandb sync --id RUN_ID --project P SEGMENT...` over every wandb/offline-run-* of the run "
+        "directory; needs `wandb login` (or WANDB_API_KEY) and network.",
+    )
+    sync.add_argument("run_dir", help="run directory (holds wandb/offline-run-* and config.yaml)")
+    sync.add_argument("--dry-run", action="store_true", help="print the wandb command without running it")
+    sync.set_defaults(func=_sync)
 
     from dcgan.data.cli import add_shards_command
 

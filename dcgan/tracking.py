@@ -19,7 +19,8 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
-from dcgan.config import Config, LogConfig, config_to_dict
+from dcgan.config import Config, ConfigError, LogConfig, config_to_dict, load_config
+from dcgan.wandb_files import logged_steps, readable_run_id, segments
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,10 @@ class Tracker:
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         pass
 
-    def log_image(self, step: int, key: str, image: np.ndarray) -> None:
+    def log_image(self, step: int, images_seen: int, key: str, image: np.ndarray) -> None:
         pass
 
-    def log_histogram(self, step: int, key: str, values: np.ndarray) -> None:
+    def log_histogram(self, step: int, images_seen: int, key: str, values: np.ndarray) -> None:
         pass
 
     def close(self) -> None:
@@ -67,44 +68,88 @@ class Tracker:
 class RunTracker(Tracker):
     """Rank 0's tracker: appends JSON lines to stats.jsonl and mirrors everything to wandb if enabled."""
 
-    def __init__(self, run_dir: Path, config: Config, run_id: str, start_step: int = 0) -> None:
-        self.run_id = run_id
+    def __init__(self, run_dir: Path, config: Config, wandb_id: str, start_step: int = 0) -> None:
+        self.run_id = wandb_id
+        self.run_dir = run_dir
         dropped = rewind_stats(run_dir / "stats.jsonl", start_step)
         if dropped:
             log.info("dropped %d stats.jsonl line(s) logged after step %d, the step this run resumes from", dropped, start_step)
             if config.log.wandb != "disabled":
                 log.warning("wandb keeps the values it first received for steps after %d (it ignores steps that go back)", start_step)
         self._stats: TextIO = (run_dir / "stats.jsonl").open("a")
-        self._wandb = _start_wandb(run_dir, config, run_id) if config.log.wandb != "disabled" else None
+        self._wandb_from = 0
+        if config.log.wandb == "offline":
+            uploadable = [s for s in segments(run_dir) if readable_run_id(s)]  # what `dcgan sync` will upload
+            self._wandb_from = 1 + max((max(logged_steps(s), default=0) for s in uploadable), default=0)
+            if start_step + 1 < self._wandb_from:
+                log.info(
+                    "earlier wandb segments already hold steps up to %d: this segment logs from step %d on, so "
+                    "that `dcgan sync` uploads every step once", self._wandb_from - 1, self._wandb_from,
+                )
+        self._wandb = _start_wandb(run_dir, config, wandb_id) if config.log.wandb != "disabled" else None
+        if config.log.wandb == "offline":
+            self._replay_unlogged(run_dir / "stats.jsonl", start_step)
+
+    def _replay_unlogged(self, stats: Path, start_step: int) -> None:
+        """A killed job loses the wandb records its service had not yet written: metrics of steps up to
+        the resumed one that no earlier segment holds are logged again from stats.jsonl (images and
+        histograms of those steps are lost), so that the segments together still hold every step."""
+        replayed = 0
+        for line in stats.read_text().splitlines():
+            row = json.loads(line)
+            if self._wandb_from <= row["step"] <= start_step:
+                self._wandb.log({k: v for k, v in row.items() if k not in ("step", "time")}, step=row["step"])
+                replayed += 1
+        if replayed:
+            log.info("logged %d metric line(s) of steps <= %d to wandb again: no earlier segment holds them", replayed, start_step)
+        self._wandb_from = max(self._wandb_from, start_step + 1)
+
+    def _to_wandb(self, step: int) -> bool:
+        return self._wandb is not None and step >= self._wandb_from
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self._stats.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
         self._stats.flush()
-        if self._wandb is not None:
+        if self._to_wandb(step):
             self._wandb.log(metrics, step=step)
 
-    def log_image(self, step: int, key: str, image: np.ndarray) -> None:
+    def log_image(self, step: int, images_seen: int, key: str, image: np.ndarray) -> None:
         if self._wandb is not None:
             import wandb
 
-            self._wandb.log({key: wandb.Image(image)}, step=step)
+            if self._to_wandb(step):
+                self._wandb.log({key: wandb.Image(image), IMAGE_AXIS: images_seen}, step=step)
 
-    def log_histogram(self, step: int, key: str, values: np.ndarray) -> None:
+    def log_histogram(self, step: int, images_seen: int, key: str, values: np.ndarray) -> None:
         if self._wandb is not None:
             import wandb
 
-            self._wandb.log({key: wandb.Histogram(values)}, step=step)
+            if self._to_wandb(step):
+                self._wandb.log({key: wandb.Histogram(values), IMAGE_AXIS: images_seen}, step=step)
 
     def close(self) -> None:
         self._stats.close()
         if self._wandb is not None:
             self._wandb.finish()
             if self._wandb.settings.mode == "offline":
-                log.info("wandb offline run saved; upload with: wandb sync %s", self._wandb.dir.rsplit("/files", 1)[0])
+                log.info("wandb offline run saved; upload all its segments as one run with: dcgan sync %s", self.run_dir)
             self._wandb = None
 
 
+IMAGE_AXIS = "images_seen"
+"""Logged with every metric and declared wandb's x-axis: runs on 1 and 64 GPUs line up on it."""
+
+
 def _start_wandb(run_dir: Path, config: Config, run_id: str) -> Any:
+    run = _init_wandb(run_dir, config, run_id)
+    run.define_metric(IMAGE_AXIS)
+    run.define_metric("*", step_metric=IMAGE_AXIS)
+    for summary in ("min", "max"):  # the best value of an eval metric may be either, by metric
+        run.define_metric("eval/*", step_metric=IMAGE_AXIS, summary=summary)
+    return run
+
+
+def _init_wandb(run_dir: Path, config: Config, run_id: str) -> Any:
     import wandb
 
     cfg: LogConfig = config.log
@@ -123,8 +168,26 @@ def _start_wandb(run_dir: Path, config: Config, run_id: str) -> Any:
     )
 
 
-def make_tracker(run_dir: Path, config: Config, run_id: str, rank: int, start_step: int = 0) -> Tracker:
-    return RunTracker(run_dir, config, run_id, start_step) if rank == 0 else Tracker()
+def make_tracker(run_dir: Path, config: Config, wandb_id: str, rank: int, start_step: int = 0) -> Tracker:
+    return RunTracker(run_dir, config, wandb_id, start_step) if rank == 0 else Tracker()
+
+
+def sync_command(run_dir: Path) -> list[str]:
+    """The `wandb sync` command that uploads every offline segment of a run (one per start or requeue)
+    as ONE wandb run: all segments in one call, with the run's id, so wandb syncs them in order of
+    start time into that run. Each segment holds only steps the earlier ones do not (RunTracker), so
+    the history is appended to, never rewritten."""
+    found = [segment for segment in segments(run_dir) if readable_run_id(segment)]
+    if not found:
+        raise ConfigError(f"{run_dir} has no offline wandb segments (run with log.wandb=offline)")
+    ids = {readable_run_id(segment) for segment in found}
+    if len(ids) != 1:
+        raise ConfigError(f"{run_dir}: the offline segments belong to {len(ids)} wandb runs ({', '.join(sorted(ids))})")
+    log_config = load_config(run_dir / "config.yaml").log
+    command = [sys.executable, "-m", "wandb", "sync", "--id", ids.pop(), "--project", log_config.project]
+    if log_config.entity:
+        command += ["--entity", log_config.entity]
+    return command + [str(segment) for segment in found]
 
 
 def rewind_stats(path: Path, step: int) -> int:

@@ -85,6 +85,9 @@ class Trainer:
     checkpointer: Checkpointer
     run_id: str
     step: int = 0
+    images_seen: int = 0
+    """Images trained on by all ranks together since step 0: the x-axis on which runs with different
+    numbers of GPUs (and a run resumed with another) compare."""
     last_good_checkpoint: int = -1
     nonfinite_flag: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
 
@@ -99,7 +102,7 @@ class Trainer:
                 "D": get_optimizer_state_dict(self.d_bare, step_fn.opt_d),
             },
             "scaler": step_fn.scaler.state_dict(),
-            "progress": {"step": self.step, "data": self.data.state_dict()},
+            "progress": {"step": self.step, "images_seen": self.images_seen, "data": self.data.state_dict()},
             "rng": {f"rank{self.info.rank}": {"noise": step_fn.noise.get_state()}},
             "fixed_noise": self.fixed_noise,
             "meta": {"run_id": self.run_id, "config": yaml.safe_dump(config_to_dict(self.config), sort_keys=False)},
@@ -118,6 +121,8 @@ class Trainer:
         if stored.get("fixed_noise") != tuple(self.fixed_noise.shape):
             log.info("sample.num changed since the checkpoint: sample grids from here on use new fixed noise")
             del state["fixed_noise"]
+        if "progress.images_seen" not in stored:  # written before the count existed
+            del state["progress"]["images_seen"]
         if state["scaler"] and not any(key.startswith("scaler.") for key in stored):
             log.info("the checkpoint has no loss-scaler state (written without fp16 or nonfinite=skip): default scale")
             state["scaler"] = {}
@@ -130,6 +135,8 @@ class Trainer:
         if state["scaler"]:
             self.step_fn.scaler.load_state_dict(state["scaler"])
         self.step = int(state["progress"]["step"])
+        global_batch = self.config.train.batch_size * self.info.world_size
+        self.images_seen = int(state["progress"].get("images_seen", self.step * global_batch))
         self.data.load_state_dict(state["progress"]["data"])
         if "fixed_noise" in state:
             self.fixed_noise.copy_(state["fixed_noise"])
@@ -280,6 +287,7 @@ def window_metrics(window: Window, trainer: Trainer) -> dict[str, float]:
     metrics.pop("nonfinite")
     img_per_s = window.steps * batch * info.world_size / elapsed
     metrics.update(
+        images_seen=trainer.images_seen,
         img_per_s=img_per_s,
         img_per_s_per_gpu=img_per_s / info.world_size,
         step_time_ms=1000 * elapsed / max(window.steps, 1),
@@ -296,14 +304,14 @@ def write_samples(trainer: Trainer, tracker: Tracker, health: GanHealth) -> floa
     """Fixed-noise grid (eval mode) to samples/ and wandb, plus histograms of D's last outputs."""
     images = generate(trainer.g_bare, trainer.fixed_noise)
     save_grid(images, trainer.run_dir / "samples" / f"step_{trainer.step:09d}.png")
-    tracker.log_image(trainer.step, "samples", to_uint8_grid(images))
+    tracker.log_image(trainer.step, trainer.images_seen, "samples", to_uint8_grid(images))
     diversity = sample_diversity(images)
     health.observe_samples(trainer.step, diversity)
     every = trainer.config.log.histogram_every or trainer.config.sample.every
     if trainer.step % every == 0 and trainer.step_fn.last_logits is not None:
         real, fake = trainer.step_fn.last_logits
-        tracker.log_histogram(trainer.step, "D_real", torch.sigmoid(real.float()).cpu().numpy())
-        tracker.log_histogram(trainer.step, "D_fake", torch.sigmoid(fake.float()).cpu().numpy())
+        for key, logits in (("D_real", real), ("D_fake", fake)):
+            tracker.log_histogram(trainer.step, trainer.images_seen, key, torch.sigmoid(logits.float()).cpu().numpy())
     return diversity
 
 
@@ -392,6 +400,7 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
         trainer.nonfinite_flag += stats[-1]
         window.add(stats, waited)
         trainer.step += 1
+        trainer.images_seen += cfg.train.batch_size * info.world_size
         trainer.checkpointer.poll()
         step, final = trainer.step, trainer.step == cfg.train.steps
         progress.update(step)
@@ -416,7 +425,7 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
             window = Window(info.device)
         if cfg.eval.every and step % cfg.eval.every == 0:
             results = evaluate_now(trainer)
-            tracker.log_metrics(step, {f"eval/{k}": v for k, v in results.items()})
+            tracker.log_metrics(step, {"images_seen": trainer.images_seen, **{f"eval/{k}": v for k, v in results.items()}})
             log.info("step %d eval: %s", step, " ".join(f"{k}={v:.5f}" for k, v in results.items()))
             best = keep_if_best(trainer, results, best)
             due_ckpt = due_ckpt and trainer.last_good_checkpoint != step

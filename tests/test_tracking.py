@@ -19,7 +19,7 @@ from dcgan.distributed import DistInfo
 
 from conftest import run_cli, tiny_config
 from distributed_helpers import load_checkpoint_tensors, torchrun
-from wandb_reader import history, records, run_id
+from dcgan.wandb_files import history, readable_run_id, records, run_id
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -150,3 +150,56 @@ def test_skip_mode_skips_non_finite_updates_and_finishes(tmp_path: Path) -> None
     g_after = trainer.g_bare.state_dict()
     assert all(torch.isfinite(v).all() for v in g_after.values())  # the NaN never reached G's weights
     assert not torch.equal(g_before["main.0.weight"], g_after["main.0.weight"])  # steps 1-3 did update
+
+
+def test_images_seen_is_logged_everywhere_and_counts_across_world_sizes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    common = ("train", "configs/tiny.yaml", f"run.dir={run}", "log.wandb=offline", "log.every=5", "sample.every=10")
+    run_cli(*common, "train.steps=10")  # one process, batch 16
+    resumed = torchrun(2, *common, "train.steps=20")  # two ranks: 32 images a step from here on
+    assert resumed.returncode == 0, resumed.stderr
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["images_seen"]) for s in stats] == [(5, 80), (10, 160), (15, 320), (20, 480)]
+    first, second = offline_runs(run)
+    rows = history(first) + history(second)
+    assert [row["images_seen"] for row in rows if "loss_D" in row] == [80, 160, 320, 480]
+    assert all("images_seen" in row for row in rows)  # images and histograms carry it too
+    metrics = [r.metric for r in records(next(second.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "metric"]
+    assert any(m.glob_name == "*" and m.step_metric == "images_seen" for m in metrics)
+    eval_summaries = {(m.summary.min, m.summary.max) for m in metrics if m.glob_name == "eval/*"}
+    assert (True, False) in eval_summaries and (False, True) in eval_summaries
+
+
+def test_offline_segments_of_a_twice_killed_run_log_every_step_exactly_once(tmp_path: Path) -> None:
+    """Each start writes an offline segment with the same run id; a segment resumed from a checkpoint
+    older than the last logged step must not log the steps in between again: `dcgan sync` uploads the
+    segments in order into one run, and their union is the whole history, once."""
+    import signal
+
+    from distributed_helpers import signal_tree
+    from test_faults import start_training, wait_for
+
+    run = tmp_path / "run"
+    settings = ("log.wandb=offline", "log.every=5", "checkpoint.every=20", "sample.every=1000")
+
+    def last_logged() -> int:
+        lines = (run / "stats.jsonl").read_text().splitlines() if (run / "stats.jsonl").is_file() else []
+        return max((json.loads(line)["step"] for line in lines if line.endswith("}")), default=0)
+
+    for kill_after in (30, 70):
+        process = start_training(run, "train.steps=100000", *settings)
+        wait_for(lambda: last_logged() >= kill_after, process)
+        signal_tree(process.pid, signal.SIGKILL)  # the job's whole process tree, wandb's service included
+        process.wait()
+    run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=160", *settings)
+    segments = offline_runs(run)
+    assert len(segments) == 3
+    # a SIGKILLed segment may have lost its unwritten records, even its run record: only readable ones count
+    readable = [s for s in segments if readable_run_id(s)]
+    assert segments[-1] in readable and len({run_id(s) for s in readable}) == 1
+    logged = [row["_step"] for s in readable for row in history(s) if "loss_D" in row]
+    assert sorted(logged) == list(range(5, 161, 5))  # every logged step, none twice
+    assert logged == sorted(logged)  # and in order, segment after segment
+    sync = run_cli("sync", str(run), "--dry-run").stdout.strip()
+    assert sync.endswith(" ".join(str(s) for s in readable))
+    assert f"wandb sync --id {run_id(segments[-1])} --project dcgan " in sync

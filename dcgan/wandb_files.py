@@ -1,4 +1,9 @@
-"""Read back what an offline wandb run recorded (tests only).
+"""Read back what an offline wandb run recorded: the steps a requeued run already logged, and tests.
+
+Every requeue of an offline run writes another `wandb/offline-run-*` segment with the same run id. A
+segment resumed from a checkpoint older than the last logged step would log the steps in between a
+second time; `logged_steps` tells the new segment which steps the earlier ones hold, so that the
+segments together log every step once and `dcgan sync` can upload them as one history.
 
 wandb >= 0.20 no longer ships a Python reader for its `.wandb` files, so this reads the format directly:
 a 7-byte header (":W&B", version), then LevelDB-log records in 32 KiB blocks (crc 4 bytes, length 2,
@@ -49,6 +54,29 @@ def history(run_dir: Path) -> list[dict[str, Any]]:
         if record.WhichOneof("record_type") == "history":
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
     return rows
+
+
+def logged_steps(segment: Path) -> list[int]:
+    """The history steps one offline segment holds (empty when its file is unreadable)."""
+    if len(list(segment.glob("run-*.wandb"))) != 1:
+        return []
+    try:
+        return [int(row["_step"]) for row in history(segment)]
+    except (AssertionError, ValueError, KeyError, struct.error, ImportError):
+        return []
+
+
+def segments(run_dir: Path) -> list[Path]:
+    """The offline segments of a run directory, oldest first (their names start with a timestamp)."""
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def readable_run_id(segment: Path) -> str:
+    """The run id of a segment, or "" when a kill left its file without one (nothing to upload)."""
+    try:
+        return run_id(segment)
+    except (AssertionError, ValueError, struct.error):
+        return ""
 
 
 def run_id(run_dir: Path) -> str:
