@@ -22,10 +22,19 @@ from dcgan.errors import DcganError, one_line
 
 
 def _train(args: argparse.Namespace) -> int:
+    import os
+
     from dcgan.config import load_config
     from dcgan.train import train
 
-    return train(load_config(args.config, args.overrides))
+    config = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from dcgan.plan import describe
+
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
+            print(describe(config, int(os.environ.get("WORLD_SIZE") or 1)))
+        return 0
+    return train(config)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -166,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", help="YAML config file, e.g. configs/digits.yaml")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. train.steps=500 run.dir=runs/x")
+    train.add_argument(
+        "--dry-run", action="store_true",
+        help="print the resolved config, world size, global batch, the data each rank reads, steps per epoch and "
+        "the cadences (in wall-clock terms when run.dir has measured step times), then exit without training",
+    )
     train.set_defaults(func=_train)
 
     sample = commands.add_parser("sample", help="write a PNG grid of generated images")

@@ -158,7 +158,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--signal-delay", type=int, default=SIGNAL_DELAY_S, help="seconds before the time limit at which the job checkpoints and requeues")
     parser.add_argument("--local", action="store_true", help="run with submitit's local executor instead of SLURM")
     parser.add_argument("--folder", default="slurm_logs", help="submitit log folder (default slurm_logs/)")
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="print the run's plan (config, world size, data per rank, cadences) and the sbatch script submitit "
+        "would submit, then exit without submitting",
+    )
     return parser
+
+
+def sbatch_text(res: Resources, folder: Path, name: str) -> str:
+    """The batch script submitit would submit for these resources (nothing is submitted)."""
+    executor = make_executor(res, folder, name)._executor
+    return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
+
+
+def dry_run(config: str, overrides: list[str], res: Resources, folder: Path) -> str:
+    """What `submit` would do: the same checks, then the plan and the script instead of a job."""
+    from dcgan.plan import describe
+
+    validate(res)
+    run_config = load_config(config, overrides)
+    report = describe(run_config, res.nodes * res.tasks)
+    if res.local:
+        return report + "\n--local: submitit's local executor runs the job here, with no sbatch script"
+    return report + "\nsbatch script:\n" + sbatch_text(res, folder, f"dcgan-{Path(run_config.run.dir).name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         signal_delay_s=args.signal_delay,
     )
     try:
+        if args.dry_run:
+            print(dry_run(args.config, args.overrides, res, Path(args.folder)))
+            return 0
         job = submit(args.config, args.overrides, res, Path(args.folder))
     except ConfigError as exc:
         print(f"launch.slurm: error: {exc}", file=sys.stderr)

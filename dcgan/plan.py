@@ -1,0 +1,104 @@
+"""`--dry-run`: what a run would do, printed before anything trains or is submitted.
+
+A 512-GPU job that reads the wrong shards or checkpoints every 40 minutes instead of every 4 costs a
+queue wait to find out. The plan resolves everything that can be known without training: the config,
+the world size and global batch, the data each rank will read, steps per epoch, the cadences in steps
+and, where the run directory already holds measured step times, in wall-clock terms.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import yaml
+
+from dcgan.checkpoint import latest_checkpoint
+from dcgan.config import Config, config_to_dict
+from dcgan.distributed import DistInfo
+
+
+def measured_step_ms(run_dir: Path) -> float | None:
+    """The step time of the newest metric line of an existing run directory, if any."""
+    stats = run_dir / "stats.jsonl"
+    if not stats.is_file():
+        return None
+    for line in reversed(stats.read_text().splitlines()):
+        try:
+            return float(json.loads(line)["step_time_ms"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def data_lines(config: Config, world_size: int) -> tuple[list[str], int]:
+    """What each rank reads, and batches per rank per epoch (rank 0's; every rank has the same)."""
+    from dcgan.data import build_source
+
+    info = DistInfo(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"))
+    source = build_source(config, info)
+    try:
+        batches = source.batches_per_epoch  # type: ignore[attr-defined]
+        if config.uses_builtin_digits:
+            return [f"data: built-in digits, {len(source.images)} images; each rank its own {len(source.images) // world_size}"], batches  # type: ignore[attr-defined]
+        shards = source.shards  # type: ignore[attr-defined]
+        total = f"{shards.total} images" if shards.total is not None else "image count unknown (no manifest)"
+        lines = [f"data: {config.data.shards}: {len(shards.urls)} shard(s), {total}"]
+        if config.data.resampled:
+            lines.append(
+                f"  each rank draws shards from all {len(shards.urls)} with replacement (data.resampled=true), "
+                f"{batches * config.train.batch_size} images per rank per epoch"
+            )
+        else:
+            per_rank = len(shards.urls) // world_size
+            lines.append(
+                f"  each rank gets {per_rank} shard(s) of a new deal every epoch (data.resampled=false), "
+                f"{batches * config.train.batch_size} images per rank per epoch"
+            )
+        return lines, batches
+    finally:
+        source.close()
+
+
+def cadence(name: str, every: int, step_ms: float | None) -> str:
+    wall = f" (~{format_seconds(every * step_ms / 1000)})" if step_ms else ""
+    return f"  {name:<11} every {every} steps{wall}"
+
+
+def format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def describe(config: Config, world_size: int) -> str:
+    """The dry-run report of a training run with `world_size` ranks."""
+    t, run_dir = config.train, Path(config.run.dir)
+    data, batches_per_epoch = data_lines(config, world_size)
+    step_ms = measured_step_ms(run_dir)
+    resume = latest_checkpoint(run_dir / "checkpoints")
+    lines = [
+        "resolved config:",
+        *("  " + line for line in yaml.safe_dump(config_to_dict(config), sort_keys=False).splitlines()),
+        f"world size: {world_size} rank(s); batch {t.batch_size} per rank, global batch {t.batch_size * world_size}",
+        *data,
+        f"steps per epoch: {batches_per_epoch}; train.steps {t.steps} = {t.steps / max(batches_per_epoch, 1):.1f} epochs, "
+        f"{t.steps * t.batch_size * world_size} images",
+        f"run.dir: {run_dir} ({f'resumes from {resume.name}' if resume else 'starts fresh'})",
+        "cadence" + (f" (at the {step_ms:.0f} ms/step last measured in {run_dir / 'stats.jsonl'}):" if step_ms
+                     else " (wall clock unknown until the run has logged a step):"),
+        cadence("metrics", config.log.every, step_ms),
+        cadence("samples", config.sample.every, step_ms),
+        cadence("checkpoint", config.checkpoint.every, step_ms),
+    ]
+    if config.eval.every:
+        lines.append(cadence("eval", config.eval.every, step_ms))
+    if step_ms:
+        lines.append(f"  whole run   ~{format_seconds(t.steps * step_ms / 1000)} of training")
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""`--dry-run` of `dcgan train` and `python -m launch.slurm`: the plan, field by field, and nothing run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli
+
+
+def field(report: str, prefix: str) -> str:
+    (line,) = [line for line in report.splitlines() if line.startswith(prefix)]
+    return line
+
+
+def test_train_dry_run_prints_the_plan_and_trains_nothing(digits_shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = ("train", "configs/tiny.yaml", f"run.dir={run}", f"data.shards={digits_shards}", "train.steps=300", "--dry-run")
+    report = run_cli(*args, env={"WORLD_SIZE": "2", "RANK": "0"}).stdout
+    assert report.startswith("resolved config:\n  seed: 0\n")
+    assert f"    shards: {digits_shards}\n" in report
+    assert field(report, "world size") == "world size: 2 rank(s); batch 16 per rank, global batch 32"
+    assert field(report, "data:") == f"data: {digits_shards}: 8 shard(s), 1797 images"
+    assert "each rank draws shards from all 8 with replacement (data.resampled=true), 896 images per rank per epoch" in report
+    assert field(report, "steps per epoch") == "steps per epoch: 56; train.steps 300 = 5.4 epochs, 9600 images"
+    assert field(report, "run.dir") == f"run.dir: {run} (starts fresh)"
+    assert field(report, "cadence") == "cadence (wall clock unknown until the run has logged a step):"
+    assert field(report, "  checkpoint  every") == "  checkpoint  every 10 steps"
+    assert not run.exists()  # nothing was created, let alone trained
+
+    run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10")
+    again = run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=300", "--dry-run").stdout
+    assert field(again, "run.dir") == f"run.dir: {run} (resumes from step_000000010)"
+    assert f"ms/step last measured in {run / 'stats.jsonl'}):" in field(again, "cadence")
+    assert field(again, "  checkpoint  every").startswith("  checkpoint  every 10 steps (~")
+    assert field(again, "  whole run").startswith("  whole run   ~")
+    assert field(again, "world size") == "world size: 1 rank(s); batch 16 per rank, global batch 16"
+
+
+def test_slurm_dry_run_prints_the_plan_and_the_sbatch_script_and_submits_nothing(tmp_path: Path) -> None:
+    folder = tmp_path / "logs"
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.slurm", "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", "--nodes", "2",
+         "--tasks-per-node", "2", "--cpus-per-task", "1", "--partition", "debug", "--folder", str(folder), "--dry-run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = result.stdout
+    assert field(report, "world size") == "world size: 4 rank(s); batch 16 per rank, global batch 64"
+    script = report.split("sbatch script:\n", 1)[1]
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=2", "#SBATCH --cpus-per-task=1",
+                 "#SBATCH --partition=debug", "#SBATCH --signal=USR2@120", "#SBATCH --job-name=dcgan-run"):
+        assert line in script.splitlines()
+    assert "srun --unbuffered" in script and "submitit.core._submit" in script
+    assert not folder.exists()  # no job, no log folder
+
+
+@pytest.mark.parametrize("bad", [["model.resolution=48"], ["--nodes", "0"]])
+def test_slurm_dry_run_fails_like_a_submission_would(tmp_path: Path, bad: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.slurm", "configs/tiny.yaml", *bad, "--dry-run", "--folder", str(tmp_path / "f")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2 and result.stderr.startswith("launch.slurm: error: ")
