@@ -180,6 +180,11 @@ class Checkpointer:
         """One line for a failed save: a full disk says so, by name; anything else gives its first line.
         The half-written directory has no .metadata: it is never loaded, and removed at the next start."""
         path = checkpoint_dir(self.root, step)
+        if is_complete(path):  # every rank's data and the metadata are on disk: only the closing exchange failed
+            return CheckpointWriteError(
+                f"checkpoint {path} is complete, but a rank failed while the save finished "
+                f"({type(exc).__name__}: {one_line(exc)[:300]})"
+            )
         if "No space left on device" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
             reason = f"no space left on device at {path}"
         else:

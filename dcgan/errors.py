@@ -33,6 +33,12 @@ class CheckpointWriteError(DcganError):
     """A checkpoint could not be written (full disk, lost mount); the completed ones are untouched."""
 
 
+class NoProgress(DcganError):
+    """Requeued attempts keep resuming from the same step: requeueing again would only burn the budget."""
+
+    exit_status = 5
+
+
 def one_line(exc: BaseException) -> str:
     """The user-facing line of an error, also when a DataLoader re-raised it with a worker traceback
     ("Caught ShardError in DataLoader worker process 0. Original Traceback ... ShardError: <line>")."""

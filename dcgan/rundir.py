@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import json
 import os
 import socket
 from pathlib import Path
 from typing import IO
 
 from dcgan.config import ConfigError
-from dcgan.errors import RunDirInUse
+from dcgan.errors import NoProgress, RunDirInUse
 
 LOCK_NAME = ".lock"
 
@@ -76,3 +77,38 @@ class RunDirLock:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+
+
+ATTEMPTS = "attempts.json"
+MAX_ATTEMPTS_WITHOUT_PROGRESS = 3
+"""Requeued starts in a row that resume from the same step before a job stops requeueing itself."""
+
+
+def count_attempt(run_dir: Path, resumed_step: int) -> int:
+    """Record a requeued start at `resumed_step` (rank 0); return how many starts in a row resumed there.
+
+    A start is counted only under SLURM after a requeue (SLURM_RESTART_COUNT > 0): a job whose time
+    slice ends before start-up and resume are done never saves a newer checkpoint, and without this
+    bound it would requeue itself until the requeue budget or the user's patience runs out."""
+    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0:
+        return 0
+    path = run_dir / ATTEMPTS
+    try:
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        previous = {}
+    same = previous.get("resumed_step") == resumed_step
+    attempts = int(previous.get("attempts", 0)) + 1 if same else 1
+    tmp = path.with_name(ATTEMPTS + ".tmp")
+    tmp.write_text(json.dumps({"resumed_step": resumed_step, "attempts": attempts}))
+    tmp.replace(path)
+    return attempts
+
+
+def refuse_without_progress(run_dir: Path, resumed_step: int, attempts: int) -> None:
+    if attempts > MAX_ATTEMPTS_WITHOUT_PROGRESS:
+        raise NoProgress(
+            f"{attempts - 1} requeued attempts in a row resumed from step {resumed_step} and saved nothing newer "
+            "(start-up and resume outlast the job's time slice, or every attempt fails): not training, so that "
+            f"the job is not requeued again; give it more time (--time), fix the failure, or delete {run_dir / ATTEMPTS}"
+        )

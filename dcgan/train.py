@@ -47,7 +47,7 @@ from dcgan.graphs import StepRunner, gradient_sync, make_runner
 from dcgan.models import Discriminator, Generator
 from dcgan.preemption import StopSignal, StoppedWhileWaiting
 from dcgan.errors import RunDirInUse
-from dcgan.rundir import RunDirLock, create_run_dir
+from dcgan.rundir import MAX_ATTEMPTS_WITHOUT_PROGRESS, RunDirLock, count_attempt, create_run_dir, refuse_without_progress
 from dcgan.sample import LoadedGenerator, generate, save_grid, to_uint8_grid
 from dcgan.step import STAT_NAMES, GANStep, resolve_precision
 from dcgan.tracking import GanHealth, Progress, Tracker, make_tracker, new_run_id, sample_diversity, setup_logging
@@ -462,6 +462,16 @@ def save_run_config(trainer: Trainer) -> None:
         save_config(trainer.config, trainer.run_dir / "config.yaml")
 
 
+def check_progress(trainer: Trainer) -> None:
+    """Stop a requeued job that keeps resuming from the same step (see rundir.count_attempt); all ranks
+    learn rank 0's decision."""
+    info, attempts = trainer.info, 0
+    if info.is_main and trainer.step < trainer.config.train.steps:
+        attempts = count_attempt(trainer.run_dir, trainer.step)
+    if any_rank(attempts > MAX_ATTEMPTS_WITHOUT_PROGRESS, info):
+        refuse_without_progress(trainer.run_dir, trainer.step, max(attempts, MAX_ATTEMPTS_WITHOUT_PROGRESS + 1))
+
+
 def own_run_dir(run_dir: Path, info: DistInfo) -> RunDirLock | None:
     """Rank 0 takes the run directory's lock; every rank learns whether it did (one line each if not)."""
     lock, refusal = None, None
@@ -490,6 +500,7 @@ def train(config: Config) -> int:
         trainer = build_trainer(config, info)
         prepare_run_dir(trainer)
         resume(trainer)
+        check_progress(trainer)
         save_run_config(trainer)
         log.info(
             "run %s: %d rank(s) on %s, batch %d per rank (global %d), %s precision, step %d -> %d",

@@ -140,3 +140,4 @@ def test_torchrun_two_ranks_through_the_cli(tmp_path: Path) -> None:
     assert sorted(p.name for p in (run / "checkpoints" / "step_000000010").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     lines = (run / "stats.jsonl").read_text().splitlines()
     assert len(lines) == 2 and '"global_batch": 32' in lines[-1]  # written once, by rank 0
+

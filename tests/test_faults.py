@@ -240,3 +240,27 @@ def test_eval_against_data_of_another_shape_is_one_line(trained_digits_run: Path
     assert result.stderr.strip().splitlines()[-1] == (
         f"dcgan: error: --data {digits_shards} holds 16x16 1-channel images; the generator makes 32x32 1-channel ones"
     )
+
+
+def test_requeued_attempts_that_never_progress_stop_requeueing(digits_shards: Path, tmp_path: Path) -> None:
+    """Every requeued attempt resumes from step 10 and fails before saving anything newer (here a shard
+    that cannot be read; a time slice shorter than start-up ends the same way): the fourth refuses."""
+    run = tmp_path / "run"
+    run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10")
+    broken = tmp_path / "shards"
+    shutil.copytree(digits_shards, broken)
+    for shard in broken.glob("*.tar"):
+        shard.write_bytes(shard.read_bytes()[:2000])
+    attempt = ("train", "configs/tiny.yaml", f"run.dir={run}", f"data.shards={broken}", "train.steps=100")
+    assert run_cli(*attempt, check=False).returncode == 1  # by hand (no SLURM requeue): never counted
+    for restart in (1, 2, 3):
+        assert run_cli(*attempt, check=False, env={"SLURM_RESTART_COUNT": str(restart)}).returncode == 1
+    refused = run_cli(*attempt, check=False, env={"SLURM_RESTART_COUNT": "4"})
+    assert refused.returncode == 5
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        "dcgan: error: 3 requeued attempts in a row resumed from step 10 and saved nothing newer"
+    )
+    # the remedy the message names: without the record of attempts the job starts (and progresses) again
+    (run / "attempts.json").unlink()
+    resumed = run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=20", env={"SLURM_RESTART_COUNT": "5"})
+    assert "resumed from" in resumed.stderr and completed_steps(run)[-1] == 20
