@@ -3,6 +3,7 @@
     python -m launch.slurm configs/celeba64.yaml data.shards=shards/celeba64 --nodes 2 --gpus-per-node 8 \
         --partition gpu --time 1440
     python -m launch.slurm configs/tiny.yaml --local            # submitit's local executor, no SLURM
+    python -m launch.slurm configs/digits.yaml --sweep optim.lr=1e-4,2e-4 seed=0,1,2   # one job array
 
 srun starts one process per task (no torchrun inside); each exports the torch.distributed environment
 from SLURM's variables and runs the same training code as torchrun does. On preemption or when the time
@@ -14,6 +15,7 @@ handler, which requeues the job. The requeued job resumes from that checkpoint (
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import signal
 import sys
@@ -139,6 +141,69 @@ def submit(config: str, overrides: list[str], res: Resources, folder: Path) -> s
     return executor.submit(TrainJob(config, list(overrides)))
 
 
+SweepPoint = dict[str, str]
+"""One point of a sweep grid: config key -> value, as written on the command line."""
+
+
+def parse_sweep(specs: list[str]) -> list[SweepPoint]:
+    """`["optim.lr=1e-4,2e-4", "seed=0,1,2"]` -> the 6 points of the grid, the last key varying fastest."""
+    axes: list[tuple[str, list[str]]] = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        choices = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key or not choices:
+            raise ConfigError(f"--sweep {spec!r}: write key=value1,value2,... e.g. optim.lr=1e-4,2e-4")
+        if any(key == seen for seen, _ in axes):
+            raise ConfigError(f"--sweep: {key} is given twice")
+        axes.append((key, choices))
+    return [dict(zip([k for k, _ in axes], combo, strict=True)) for combo in itertools.product(*(v for _, v in axes))]
+
+
+def point_name(point: SweepPoint) -> str:
+    """A readable directory name for a point: `lr=1e-4_seed=0` (the last part of each key)."""
+    return "_".join(f"{key.rsplit('.', 1)[-1]}={value}".replace("/", "-") for key, value in point.items())
+
+
+def point_overrides(config: str, overrides: list[str], point: SweepPoint) -> list[str]:
+    """The overrides of one point: the common ones, the point's values, its own run.dir under the
+    sweep's run.dir, and one wandb group (the sweep's) with the point's name as the run name."""
+    base = load_config(config, overrides)
+    sweep_dir = Path(base.run.dir)
+    extra = [f"{key}={value}" for key, value in point.items()]
+    extra += [f"run.dir={sweep_dir / point_name(point)}", f"log.name={point_name(point)}"]
+    if not base.log.group:
+        extra.append(f"log.group={sweep_dir.name}")
+    resolved = [*overrides, *extra]
+    load_config(config, resolved)  # every point must be a valid config before anything is submitted
+    return resolved
+
+
+def submit_sweep(
+    config: str, overrides: list[str], points: list[SweepPoint], res: Resources, folder: Path, parallelism: int
+) -> list[tuple[SweepPoint, submitit.Job, str]]:
+    """Submit every point as ONE job array (on SLURM; --local runs them as local jobs); return
+    (point, job, run dir) per point, in grid order."""
+    validate(res)
+    per_point = [point_overrides(config, overrides, point) for point in points]
+    name = f"dcgan-{Path(load_config(config, overrides).run.dir).name}"
+    executor = make_executor(res, folder, name)
+    if not res.local:
+        executor.update_parameters(slurm_array_parallelism=parallelism)
+    with executor.batch():
+        jobs = [executor.submit(TrainJob(config, resolved)) for resolved in per_point]
+    return [
+        (point, job, load_config(config, resolved).run.dir) for point, job, resolved in zip(points, jobs, per_point, strict=True)
+    ]
+
+
+def sweep_table(rows: list[tuple[SweepPoint, str, str]]) -> str:
+    """point | job id | run dir, one line each (job id '-' in a dry run)."""
+    width = max(len(point_name(point)) for point, _, _ in rows)
+    lines = [f"{'point':<{width}}  {'job':<14}  run dir"]
+    lines += [f"{point_name(point):<{width}}  {job_id:<14}  {run_dir}" for point, job_id, run_dir in rows]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m launch.slurm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -158,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--signal-delay", type=int, default=SIGNAL_DELAY_S, help="seconds before the time limit at which the job checkpoints and requeues")
     parser.add_argument("--local", action="store_true", help="run with submitit's local executor instead of SLURM")
     parser.add_argument("--folder", default="slurm_logs", help="submitit log folder (default slurm_logs/)")
+    parser.add_argument(
+        "--sweep", nargs="+", metavar="KEY=V1,V2", default=None,
+        help="submit the grid over these values as ONE job array, each point in run.dir/<point> with one wandb "
+        "group, e.g. --sweep optim.lr=1e-4,2e-4 seed=0,1,2",
+    )
+    parser.add_argument(
+        "--array-parallelism", type=int, default=64, help="sweep points running at once (SLURM's %%N; default 64)",
+    )
     parser.add_argument(
         "--dry-run", action="store_true",
         help="print the run's plan (config, world size, data per rank, cadences) and the sbatch script submitit "
@@ -193,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         signal_delay_s=args.signal_delay,
     )
     try:
+        if args.sweep:
+            return run_sweep(args, res)
         if args.dry_run:
             print(dry_run(args.config, args.overrides, res, Path(args.folder)))
             return 0
@@ -202,6 +277,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = load_config(args.config, args.overrides).run.dir
     print(f"job {job.job_id}\nlogs {job.paths.folder}\nrun {run_dir}")
+    return 0
+
+
+def run_sweep(args: argparse.Namespace, res: Resources) -> int:
+    """`--sweep`: print the table of points, job ids and run dirs (a dry run: the plan of the first
+    point and the table, nothing submitted)."""
+    if args.array_parallelism < 1:
+        raise ConfigError("--array-parallelism must be >= 1")
+    points = parse_sweep(args.sweep)
+    if args.dry_run:
+        first = point_overrides(args.config, args.overrides, points[0])
+        rows = [(p, "-", load_config(args.config, point_overrides(args.config, args.overrides, p)).run.dir) for p in points]
+        print(dry_run(args.config, first, res, Path(args.folder)).split("\nsbatch script:")[0])
+        print(f"sweep: {len(points)} point(s) as one job array, at most {args.array_parallelism} at once")
+        print(sweep_table(rows))
+        return 0
+    submitted = submit_sweep(args.config, args.overrides, points, res, Path(args.folder), args.array_parallelism)
+    print(sweep_table([(point, str(job.job_id), run_dir) for point, job, run_dir in submitted]))
     return 0
 
 

@@ -33,7 +33,7 @@ def test_offline_wandb_run_holds_metrics_images_histograms_and_config(tmp_path: 
     result = run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "log.wandb=offline", "train.steps=20",
                      "log.every=5", "sample.every=10", "log.tags=a,b")
     (wandb_dir,) = offline_runs(run)
-    assert f"wandb sync {wandb_dir}" in result.stderr
+    assert f"upload all its segments as one run with: dcgan sync {run}" in result.stderr
     rows = history(wandb_dir)
     assert [row["_step"] for row in rows] == [5, 10, 15, 20]
     for key in ("loss_D", "loss_G", "D_x", "D_G_z_before", "D_G_z_after", "grad_norm_G", "grad_norm_D",

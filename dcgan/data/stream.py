@@ -250,10 +250,10 @@ def _expand(samples: Iterator[dict[str, Any]], plan: StreamPlan, bad: BadSamples
             yield from block
             continue
         ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-        yielded += 1  # an image member that fails to decode later is counted then
-        if ext is None:
-            bad.skip("no image member", url)
+        if ext is None:  # e.g. a sample cut short by a damaged header: the shard's shortfall counts it
+            bad.skip("no image member", url, images=0 if url in expected else 1)
             continue
+        yielded += 1  # an image member that fails to decode later is counted then
         try:
             verify_checksum(sample, ext)
         except CorruptSample as exc:
