@@ -164,17 +164,22 @@ def point_name(point: SweepPoint) -> str:
     return "_".join(f"{key.rsplit('.', 1)[-1]}={value}".replace("/", "-") for key, value in point.items())
 
 
-def point_overrides(config: str, overrides: list[str], point: SweepPoint) -> list[str]:
-    """The overrides of one point: the common ones, the point's values, its own run.dir under the
-    sweep's run.dir, and one wandb group (the sweep's) with the point's name as the run name."""
+def point_extra(config: str, overrides: list[str], point: SweepPoint) -> list[str]:
+    """What one point adds to the common overrides: its values, its own run.dir under the sweep's
+    run.dir, and one wandb group (the sweep's) with the point's name as the run name."""
     base = load_config(config, overrides)
     sweep_dir = Path(base.run.dir)
     extra = [f"{key}={value}" for key, value in point.items()]
     extra += [f"run.dir={sweep_dir / point_name(point)}", f"log.name={point_name(point)}"]
     if not base.log.group:
         extra.append(f"log.group={sweep_dir.name}")
-    resolved = [*overrides, *extra]
-    load_config(config, resolved)  # every point must be a valid config before anything is submitted
+    return extra
+
+
+def point_overrides(config: str, overrides: list[str], point: SweepPoint) -> list[str]:
+    """All overrides of one point, checked: every point must be a valid config before anything is submitted."""
+    resolved = [*overrides, *point_extra(config, overrides, point)]
+    load_config(config, resolved)
     return resolved
 
 
@@ -227,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--sweep", nargs="+", metavar="KEY=V1,V2", default=None,
         help="submit the grid over these values as ONE job array, each point in run.dir/<point> with one wandb "
         "group, e.g. --sweep optim.lr=1e-4,2e-4 seed=0,1,2",
+    )
+    parser.add_argument(
+        "--write-points", metavar="FILE", default="",
+        help="with --sweep: write each point's overrides as one line of FILE (for POINTS=FILE sbatch --array=... "
+        "slurm/train.sbatch) and exit without submitting",
     )
     parser.add_argument(
         "--array-parallelism", type=int, default=64, help="sweep points running at once (SLURM's %%N; default 64)",
@@ -286,6 +296,14 @@ def run_sweep(args: argparse.Namespace, res: Resources) -> int:
     if args.array_parallelism < 1:
         raise ConfigError("--array-parallelism must be >= 1")
     points = parse_sweep(args.sweep)
+    if args.write_points:
+        for point in points:
+            point_overrides(args.config, args.overrides, point)  # validate every point now
+        lines = [" ".join(point_extra(args.config, args.overrides, p)) for p in points]
+        Path(args.write_points).write_text("\n".join(lines) + "\n")
+        print(f"{args.write_points}: {len(points)} point(s); submit with: POINTS={args.write_points} "
+              f"sbatch --array=0-{len(points) - 1}%{args.array_parallelism} slurm/train.sbatch {args.config}")
+        return 0
     if args.dry_run:
         first = point_overrides(args.config, args.overrides, points[0])
         rows = [(p, "-", load_config(args.config, point_overrides(args.config, args.overrides, p)).run.dir) for p in points]

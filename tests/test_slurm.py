@@ -135,3 +135,73 @@ def test_cli_rejects_a_bad_config_before_submitting(tmp_path: Path) -> None:
 def test_local_executor_parameters_carry_no_slurm_keys() -> None:
     params = executor_parameters(Resources(local=True, tasks_per_node=2), "x")
     assert params["tasks_per_node"] == 2 and not any(k.startswith("slurm_") for k in params)
+
+
+@pytest.mark.slurm
+def test_a_sweep_is_one_job_array_and_a_preempted_task_resumes_without_touching_its_siblings(cluster: None, tmp_path: Path) -> None:
+    from launch.slurm import parse_sweep, point_name, submit_sweep
+
+    from dcgan.config import load_config
+
+    base = tmp_path / "sweep"
+    points = parse_sweep(["optim.lr=1e-4,2e-4", "seed=0,1"])
+    submitted = submit_sweep(
+        "configs/tiny.yaml", [f"run.dir={base}", "train.steps=200", "checkpoint.every=50", "train.batch_size=64"], points,
+        Resources(cpus_per_task=1, mem_gb=2, time_min=5), tmp_path / "logs", parallelism=2,
+    )
+    array_ids = {str(job.job_id).split("_")[0] for _, job, _ in submitted}
+    assert len(array_ids) == 1  # ONE array job
+    assert [str(job.job_id).split("_")[1] for _, job, _ in submitted] == ["0", "1", "2", "3"]
+    first_run = Path(submitted[0][2])
+    deadline = time.monotonic() + 180
+    while not (first_run / "checkpoints" / "step_000000050" / ".metadata").exists():
+        assert time.monotonic() < deadline, "the first task never wrote its first checkpoint"
+        time.sleep(0.2)
+    for attempt in range(5):  # preempt task 0 only: SIGTERM, then USR2 (SLURM may briefly refuse: retry)
+        try:
+            submitted[0][1]._interrupt()
+            break
+        except subprocess.CalledProcessError:
+            time.sleep(1)
+    assert [job.results() for _, job, _ in submitted] == [[0]] * 4
+    for index, (point, _, run_dir) in enumerate(submitted):
+        run = Path(run_dir)
+        assert run == base / point_name(point)
+        saved = load_config(run / "config.yaml")
+        assert (saved.optim.lr, saved.seed) == (float(point["optim.lr"]), int(point["seed"]))
+        assert (saved.log.group, saved.log.name) == ("sweep", point_name(point))
+        assert list_checkpoints(run / "checkpoints")[-1][0] == 200
+        resumed = "resumed from" in (run / "train.log").read_text()
+        assert resumed == (index == 0), f"task {index}"  # only the preempted task was restarted
+
+
+@pytest.mark.slurm
+def test_sbatch_job_array_runs_one_point_per_task_from_a_points_file(cluster: None, tmp_path: Path) -> None:
+    points = tmp_path / "points.txt"
+    written = subprocess.run(
+        [sys.executable, "-m", "launch.slurm", "configs/tiny.yaml", f"run.dir={tmp_path / 'sweep'}", "train.steps=10",
+         "--sweep", "seed=0,1", "--write-points", str(points)],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout
+    assert f"POINTS={points} sbatch --array=0-1%64 slurm/train.sbatch configs/tiny.yaml" in written
+    assert points.read_text().splitlines() == [
+        f"seed=0 run.dir={tmp_path / 'sweep' / 'seed=0'} log.name=seed=0 log.group=sweep",
+        f"seed=1 run.dir={tmp_path / 'sweep' / 'seed=1'} log.name=seed=1 log.group=sweep",
+    ]
+    out = tmp_path / "out-%A_%a.txt"
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--array=0-1", f"--chdir={ROOT}", "--gres=none", "--cpus-per-task=1", "--mem=2G",
+         f"--output={out}", f"--export=ALL,PYTHON={sys.executable},NPROC_PER_NODE=1,POINTS={points}",
+         str(ROOT / "slurm" / "train.sbatch"), "configs/tiny.yaml", "train.steps=10"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    deadline = time.monotonic() + 240
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    for task in (0, 1):
+        text = (tmp_path / f"out-{job}_{task}.txt").read_text()
+        assert f"job {job}_{task} restart 0" in text  # the task's own id: what a requeue addresses
+        run = tmp_path / "sweep" / f"seed={task}"
+        assert (run / "checkpoints" / "step_000000010" / ".metadata").exists()
+        assert f"seed: {task}" in (run / "config.yaml").read_text()
