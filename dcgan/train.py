@@ -436,7 +436,20 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
         if due_ckpt:
             save_checkpoint(trainer, blocking=final)
     progress.close()
+    if info.is_main:
+        log.info("%s", finished_message(trainer))
     return EXIT_OK
+
+
+def finished_message(trainer: Trainer) -> str:
+    """Where a finished run's results are and what to do next, for the end of the log."""
+    run = trainer.run_dir
+    return (
+        f"finished step {trainer.step} ({trainer.images_seen} images): samples in {run / 'samples'}, checkpoints in "
+        f"{run / 'checkpoints'}, metrics in {run / 'stats.jsonl'}. Next: `dcgan sample {run} --num 64 --out grid.png`, "
+        f"`dcgan eval {run} --data DATA`, `dcgan export {run} --out generator.pt`; to train further, run the same "
+        "command with a larger train.steps (it resumes)"
+    )
 
 
 def prepare_run_dir(trainer: Trainer) -> None:
@@ -503,9 +516,10 @@ def train(config: Config) -> int:
         check_progress(trainer)
         save_run_config(trainer)
         log.info(
-            "run %s: %d rank(s) on %s, batch %d per rank (global %d), %s precision, step %d -> %d",
-            trainer.run_dir, info.world_size, info.device, config.train.batch_size,
-            config.train.batch_size * info.world_size, trainer.step_fn.dtype, trainer.step, config.train.steps,
+            "run %s: %d rank(s) on %s, batch %d per rank (global %d), %s precision, %d CPU thread(s) per rank, "
+            "step %d -> %d", trainer.run_dir, info.world_size, info.device, config.train.batch_size,
+            config.train.batch_size * info.world_size, trainer.step_fn.dtype, torch.get_num_threads(),
+            trainer.step, config.train.steps,
         )
         log_batchnorm_mode(info, config.model.sync_bn, config.train.batch_size)
         tracker = make_tracker(trainer.run_dir, config, trainer.run_id, info.rank, trainer.step)

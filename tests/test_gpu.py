@@ -151,7 +151,13 @@ def test_cross_rank_batchnorm_over_two_gpus_equals_batchnorm_on_the_doubled_batc
     torch.testing.assert_close(result["sync_grad"], result["full_grad"], rtol=1e-4, atol=1e-5)
 
 
-STEP_MODES = {"eager": (), "compiled": ("train.compile=true",), "graph": ("train.cuda_graph=true",)}
+STEP_MODES = {
+    "eager": (),
+    # channels-last off: torch 2.11's compile fails on channels-last ConvTranspose2d chains (pytorch#171622),
+    # a separate problem (issue #14); this test is about the multi-rank path
+    "compiled": ("train.compile=true", "train.channels_last=false"),
+    "graph": ("train.cuda_graph=true",),
+}
 
 
 def _distributed_path_of_one_gpu(rank: int, mode: str, out: Path) -> None:

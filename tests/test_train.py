@@ -107,7 +107,12 @@ def test_quality_score_of_real_digits_is_near_perfect() -> None:
 
 def test_cli_train_then_sample(tmp_path: Path) -> None:
     run = tmp_path / "cli_run"
-    run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10")
+    trained = run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10", env={"OMP_NUM_THREADS": "1"})
+    assert "1 CPU thread(s) per rank" in trained.stderr
+    # the end of the log says where everything is and what to run next
+    last = trained.stderr.strip().splitlines()[-1]
+    assert f"finished step 10 (160 images): samples in {run / 'samples'}, checkpoints in {run / 'checkpoints'}" in last
+    assert f"`dcgan sample {run} --num 64 --out grid.png`" in last
     out = tmp_path / "grid.png"
     result = run_cli("sample", str(run), "--num", "9", "--out", str(out))
     assert str(out) in result.stdout
