@@ -75,8 +75,12 @@ class StopSignal:
             self._interrupt_waits = False
 
     def install(self) -> StopSignal:
+        """Take over the stop signals. An ignored SIGINT stays ignored: a shell starts background jobs
+        that way so that Ctrl-C at the terminal does not reach them."""
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
+                if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
+                    continue
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

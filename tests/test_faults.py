@@ -30,6 +30,7 @@ def start_training(run: Path, *overrides: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "dcgan", "train", "configs/tiny.yaml", f"run.dir={run}", *overrides],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal, even if this runs in the background
     )
 
 
@@ -83,6 +84,7 @@ def test_ctrl_c_checkpoints_and_exits_130_and_a_second_one_stops_at_once(tmp_pat
 
 def test_a_second_ctrl_c_interrupts_at_once() -> None:
     """Real SIGINTs to this process: the first asks for a graceful stop, the second raises at once."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (CI may run us with it ignored)
     stop = StopSignal().install()
     try:
         os.kill(os.getpid(), signal.SIGINT)
@@ -91,7 +93,20 @@ def test_a_second_ctrl_c_interrupts_at_once() -> None:
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         stop.uninstall()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        restored = signal.signal(signal.SIGINT, before)
+    assert restored is signal.default_int_handler  # uninstall put back what was there
+
+
+def test_an_ignored_sigint_stays_ignored() -> None:
+    """A background job started by a shell ignores SIGINT so that Ctrl-C at the terminal spares it."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop = StopSignal().install()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert not stop.requested and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        stop.uninstall()
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
