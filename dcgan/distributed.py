@@ -154,9 +154,14 @@ old name warns that it is deprecated); both still sync buffers once, when DDP is
 
 def broadcast_state(module: nn.Module, info: DistInfo) -> None:
     """Start every replica from rank 0's parameters and buffers, as DDP's constructor does."""
+    _broadcast_from_rank0([*module.parameters(), *module.buffers()], info)
+
+
+def _broadcast_from_rank0(tensors: list[torch.Tensor], info: DistInfo) -> None:
+    """Overwrite `tensors` with rank 0's values (no-op for one process without a group)."""
     if not info.distributed:
         return
-    for tensor in list(module.parameters()) + list(module.buffers()):
+    for tensor in tensors:
         dist.broadcast(tensor.data, src=0)
 
 
@@ -218,10 +223,7 @@ def sync_buffers(module: nn.Module, info: DistInfo) -> None:
     DDP does this at the start of every forward anyway; doing it before a checkpoint or a sample grid
     makes the saved replicas identical without changing what training computes next.
     """
-    if not info.distributed:
-        return
-    for buffer in module.buffers():
-        dist.broadcast(buffer.data, src=0)
+    _broadcast_from_rank0(list(module.buffers()), info)
 
 
 def replicas_agree(module: nn.Module, info: DistInfo) -> list[str]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dcgan.config import Config, ConfigError, LogConfig, config_to_dict, load_config
-from dcgan.wandb_files import logged_steps, readable_run_id, segments
+from dcgan.wandb_files import uploadable_segments
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ class RunTracker(Tracker):
         self._stats: TextIO = (run_dir / "stats.jsonl").open("a")
         self._wandb_from = 0
         if config.log.wandb == "offline":
-            uploadable = [s for s in segments(run_dir) if readable_run_id(s)]  # what `dcgan sync` will upload
-            self._wandb_from = 1 + max((max(logged_steps(s), default=0) for s in uploadable), default=0)
+            earlier = uploadable_segments(run_dir)  # what `dcgan sync` will upload
+            self._wandb_from = 1 + max((max(s.steps, default=0) for s in earlier), default=0)
             if start_step + 1 < self._wandb_from:
                 log.info(
                     "earlier wandb segments already hold steps up to %d: this segment logs from step %d on, so "
@@ -114,18 +114,16 @@ class RunTracker(Tracker):
             self._wandb.log(metrics, step=step)
 
     def log_image(self, step: int, images_seen: int, key: str, image: np.ndarray) -> None:
-        if self._wandb is not None:
+        if self._to_wandb(step):
             import wandb
 
-            if self._to_wandb(step):
-                self._wandb.log({key: wandb.Image(image), IMAGE_AXIS: images_seen}, step=step)
+            self._wandb.log({key: wandb.Image(image), IMAGE_AXIS: images_seen}, step=step)
 
     def log_histogram(self, step: int, images_seen: int, key: str, values: np.ndarray) -> None:
-        if self._wandb is not None:
+        if self._to_wandb(step):
             import wandb
 
-            if self._to_wandb(step):
-                self._wandb.log({key: wandb.Histogram(values), IMAGE_AXIS: images_seen}, step=step)
+            self._wandb.log({key: wandb.Histogram(values), IMAGE_AXIS: images_seen}, step=step)
 
     def close(self) -> None:
         self._stats.close()
@@ -177,17 +175,17 @@ def sync_command(run_dir: Path) -> list[str]:
     as ONE wandb run: all segments in one call, with the run's id, so wandb syncs them in order of
     start time into that run. Each segment holds only steps the earlier ones do not (RunTracker), so
     the history is appended to, never rewritten."""
-    found = [segment for segment in segments(run_dir) if readable_run_id(segment)]
+    found = uploadable_segments(run_dir)
     if not found:
         raise ConfigError(f"{run_dir} has no offline wandb segments (run with log.wandb=offline)")
-    ids = {readable_run_id(segment) for segment in found}
+    ids = {segment.run_id for segment in found}
     if len(ids) != 1:
         raise ConfigError(f"{run_dir}: the offline segments belong to {len(ids)} wandb runs ({', '.join(sorted(ids))})")
     log_config = load_config(run_dir / "config.yaml").log
     command = [sys.executable, "-m", "wandb", "sync", "--id", ids.pop(), "--project", log_config.project]
     if log_config.entity:
         command += ["--entity", log_config.entity]
-    return command + [str(segment) for segment in found]
+    return command + [str(segment.path) for segment in found]
 
 
 def rewind_stats(path: Path, step: int) -> int:

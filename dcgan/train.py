@@ -91,6 +91,11 @@ class Trainer:
     last_good_checkpoint: int = -1
     nonfinite_flag: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
 
+    @property
+    def global_batch(self) -> int:
+        """Images one step trains on across all ranks."""
+        return self.config.train.batch_size * self.info.world_size
+
     # --- state that must survive a resume ---------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -135,8 +140,7 @@ class Trainer:
         if state["scaler"]:
             self.step_fn.scaler.load_state_dict(state["scaler"])
         self.step = int(state["progress"]["step"])
-        global_batch = self.config.train.batch_size * self.info.world_size
-        self.images_seen = int(state["progress"].get("images_seen", self.step * global_batch))
+        self.images_seen = int(state["progress"].get("images_seen", self.step * self.global_batch))
         self.data.load_state_dict(state["progress"]["data"])
         if "fixed_noise" in state:
             self.fixed_noise.copy_(state["fixed_noise"])
@@ -274,7 +278,7 @@ class Window:
 
 def window_metrics(window: Window, trainer: Trainer) -> dict[str, float]:
     """Means over the window and over ranks; rates from wall time. One device->host read."""
-    info, batch = trainer.info, trainer.config.train.batch_size
+    info = trainer.info
     elapsed = max(time.perf_counter() - window.started, 1e-9)
     local = torch.cat(
         [
@@ -285,7 +289,7 @@ def window_metrics(window: Window, trainer: Trainer) -> dict[str, float]:
     values = all_mean(local, info).tolist()
     metrics = dict(zip(STAT_NAMES, values[: len(STAT_NAMES)], strict=True))
     metrics.pop("nonfinite")
-    img_per_s = window.steps * batch * info.world_size / elapsed
+    img_per_s = window.steps * trainer.global_batch / elapsed
     metrics.update(
         images_seen=trainer.images_seen,
         img_per_s=img_per_s,
@@ -293,7 +297,7 @@ def window_metrics(window: Window, trainer: Trainer) -> dict[str, float]:
         step_time_ms=1000 * elapsed / max(window.steps, 1),
         data_wait_share=values[len(STAT_NAMES)],
         skipped_samples=values[len(STAT_NAMES) + 1] * info.world_size,
-        global_batch=batch * info.world_size,
+        global_batch=trainer.global_batch,
     )
     if info.device.type == "cuda":
         metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30
@@ -400,7 +404,7 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
         trainer.nonfinite_flag += stats[-1]
         window.add(stats, waited)
         trainer.step += 1
-        trainer.images_seen += cfg.train.batch_size * info.world_size
+        trainer.images_seen += trainer.global_batch
         trainer.checkpointer.poll()
         step, final = trainer.step, trainer.step == cfg.train.steps
         progress.update(step)
@@ -518,7 +522,7 @@ def train(config: Config) -> int:
         log.info(
             "run %s: %d rank(s) on %s, batch %d per rank (global %d), %s precision, %d CPU thread(s) per rank, "
             "step %d -> %d", trainer.run_dir, info.world_size, info.device, config.train.batch_size,
-            config.train.batch_size * info.world_size, trainer.step_fn.dtype, torch.get_num_threads(),
+            trainer.global_batch, trainer.step_fn.dtype, torch.get_num_threads(),
             trainer.step, config.train.steps,
         )
         log_batchnorm_mode(info, config.model.sync_bn, config.train.batch_size)

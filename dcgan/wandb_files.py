@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,24 +47,18 @@ def records(path: Path) -> list[Any]:
     return out
 
 
+def _rows(found: list[Any]) -> list[dict[str, Any]]:
+    return [
+        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+        for record in found
+        if record.WhichOneof("record_type") == "history"
+    ]
+
+
 def history(run_dir: Path) -> list[dict[str, Any]]:
     """The logged rows of an offline run directory (wandb/offline-run-*), in order."""
     (wandb_file,) = run_dir.glob("run-*.wandb")
-    rows = []
-    for record in records(wandb_file):
-        if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
-    return rows
-
-
-def logged_steps(segment: Path) -> list[int]:
-    """The history steps one offline segment holds (empty when its file is unreadable)."""
-    if len(list(segment.glob("run-*.wandb"))) != 1:
-        return []
-    try:
-        return [int(row["_step"]) for row in history(segment)]
-    except (AssertionError, ValueError, KeyError, struct.error, ImportError):
-        return []
+    return _rows(records(wandb_file))
 
 
 def segments(run_dir: Path) -> list[Path]:
@@ -71,12 +66,32 @@ def segments(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "wandb").glob("offline-run-*"))
 
 
-def readable_run_id(segment: Path) -> str:
-    """The run id of a segment, or "" when a kill left its file without one (nothing to upload)."""
-    try:
-        return run_id(segment)
-    except (AssertionError, ValueError, struct.error):
-        return ""
+@dataclass(frozen=True)
+class Segment:
+    """An offline segment that `wandb sync` can upload: its directory, run id and logged steps."""
+
+    path: Path
+    run_id: str
+    steps: list[int]
+
+
+def uploadable_segments(run_dir: Path) -> list[Segment]:
+    """The segments of a run directory that hold a run record, oldest first, each file read once. A kill
+    can leave a segment without one (nothing wandb could upload); such segments are left out."""
+    found = []
+    for path in segments(run_dir):
+        files = list(path.glob("run-*.wandb"))
+        if len(files) != 1:
+            continue
+        try:
+            parsed = records(files[0])
+            steps = [int(row["_step"]) for row in _rows(parsed)]
+        except (AssertionError, ValueError, KeyError, struct.error, ImportError):
+            continue
+        ids = [r.run.run_id for r in parsed if r.WhichOneof("record_type") == "run"]
+        if ids:
+            found.append(Segment(path, ids[0], steps))
+    return found
 
 
 def run_id(run_dir: Path) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import shutil
 import struct
 import tarfile
 from collections import Counter
@@ -188,11 +189,13 @@ def test_exact_mode_with_a_corrupt_sample_fails_clearly(image_folder: Path, tmp_
         take(source, source.batches_per_epoch)
 
 
+def copied_shards(shards: Path, tmp_path: Path) -> Path:
+    """A copy of a shard directory that a test may damage (the session's shards stay intact)."""
+    return Path(shutil.copytree(shards, tmp_path / "copy"))
+
+
 def test_missing_shard_names_itself(digits_shards: Path, tmp_path: Path) -> None:
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for p in digits_shards.iterdir():
-        (copy / p.name).write_bytes(p.read_bytes())
+    copy = copied_shards(digits_shards, tmp_path)
     (copy / "shard-000003.tar").unlink()
     with pytest.raises(ShardError, match="shard not found: .*shard-000003.tar"):
         source_for(copy, tmp_path)
@@ -297,10 +300,7 @@ def damage_tar_header(shard: Path, member_index: int) -> int:
 
 
 def test_a_damaged_tar_header_counts_the_rest_of_the_shard_as_skipped(digits_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for p in digits_shards.iterdir():
-        (copy / p.name).write_bytes(p.read_bytes())
+    copy = copied_shards(digits_shards, tmp_path)
     manifest = Manifest.read(copy / "manifest.json")
     expected = manifest.shards[0].samples
     with tarfile.open(copy / "shard-000000.tar") as tar:
@@ -328,10 +328,7 @@ def _blocks_of(shard: Path, count: int) -> list[np.ndarray]:
 
 
 def test_flipped_pixels_in_a_block_fail_its_checksum_and_count_its_images(digits_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for p in digits_shards.iterdir():
-        (copy / p.name).write_bytes(p.read_bytes())
+    copy = copied_shards(digits_shards, tmp_path)
     shard = copy / "shard-000000.tar"
     with tarfile.open(shard) as tar:
         second_block = [m for m in tar.getmembers() if m.name.endswith("images.npy")][1]

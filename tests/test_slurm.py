@@ -75,19 +75,27 @@ def test_job_at_its_time_limit_is_requeued_and_finishes(cluster: None, tmp_path:
     assert list_checkpoints(run / "checkpoints")[-1][0] == 300
 
 
-@pytest.mark.slurm
-def test_sbatch_script_runs_two_processes_through_srun_and_torchrun(cluster: None, tmp_path: Path) -> None:
-    out = tmp_path / "out.txt"
+def sbatch_and_wait(*args: str, timeout: float = 180) -> str:
+    """Submit with plain sbatch (no GPU, 2 GB, from the repository root), wait until the job (all its
+    array tasks) has left the queue, and return its id."""
     job = subprocess.run(
-        ["sbatch", "--parsable", f"--chdir={ROOT}", "--gres=none", "--cpus-per-task=2", "--mem=2G", f"--output={out}",
-         f"--export=ALL,PYTHON={sys.executable},NPROC_PER_NODE=2",
-         str(ROOT / "slurm" / "train.sbatch"), "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", "train.steps=10"],
+        ["sbatch", "--parsable", f"--chdir={ROOT}", "--gres=none", "--mem=2G", *args],
         capture_output=True, text=True, check=True,
     ).stdout.strip()
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + timeout
     while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
         assert time.monotonic() < deadline
         time.sleep(1)
+    return job
+
+
+@pytest.mark.slurm
+def test_sbatch_script_runs_two_processes_through_srun_and_torchrun(cluster: None, tmp_path: Path) -> None:
+    out = tmp_path / "out.txt"
+    sbatch_and_wait(
+        "--cpus-per-task=2", f"--output={out}", f"--export=ALL,PYTHON={sys.executable},NPROC_PER_NODE=2",
+        str(ROOT / "slurm" / "train.sbatch"), "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", "train.steps=10",
+    )
     text = out.read_text()
     assert "1 node(s) x 2 process(es)" in text and "2 rank(s) on cpu" in text
     assert (tmp_path / "run" / "checkpoints" / "step_000000010" / ".metadata").exists()
@@ -189,16 +197,11 @@ def test_sbatch_job_array_runs_one_point_per_task_from_a_points_file(cluster: No
         f"seed=1 run.dir={tmp_path / 'sweep' / 'seed=1'} log.name=seed=1 log.group=sweep",
     ]
     out = tmp_path / "out-%A_%a.txt"
-    job = subprocess.run(
-        ["sbatch", "--parsable", "--array=0-1", f"--chdir={ROOT}", "--gres=none", "--cpus-per-task=1", "--mem=2G",
-         f"--output={out}", f"--export=ALL,PYTHON={sys.executable},NPROC_PER_NODE=1,POINTS={points}",
-         str(ROOT / "slurm" / "train.sbatch"), "configs/tiny.yaml", "train.steps=10"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    deadline = time.monotonic() + 240
-    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
-        assert time.monotonic() < deadline
-        time.sleep(1)
+    job = sbatch_and_wait(
+        "--array=0-1", "--cpus-per-task=1", f"--output={out}",
+        f"--export=ALL,PYTHON={sys.executable},NPROC_PER_NODE=1,POINTS={points}",
+        str(ROOT / "slurm" / "train.sbatch"), "configs/tiny.yaml", "train.steps=10", timeout=240,
+    )
     for task in (0, 1):
         text = (tmp_path / f"out-{job}_{task}.txt").read_text()
         assert f"job {job}_{task} restart 0" in text  # the task's own id: what a requeue addresses

@@ -19,7 +19,7 @@ from dcgan.distributed import DistInfo
 
 from conftest import run_cli, tiny_config
 from distributed_helpers import load_checkpoint_tensors, torchrun
-from dcgan.wandb_files import history, readable_run_id, records, run_id
+from dcgan.wandb_files import history, records, run_id, uploadable_segments
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -195,7 +195,7 @@ def test_offline_segments_of_a_twice_killed_run_log_every_step_exactly_once(tmp_
     segments = offline_runs(run)
     assert len(segments) == 3
     # a SIGKILLed segment may have lost its unwritten records, even its run record: only readable ones count
-    readable = [s for s in segments if readable_run_id(s)]
+    readable = [s.path for s in uploadable_segments(run)]
     assert segments[-1] in readable and len({run_id(s) for s in readable}) == 1
     logged = [row["_step"] for s in readable for row in history(s) if "loss_D" in row]
     assert sorted(logged) == list(range(5, 161, 5))  # every logged step, none twice
