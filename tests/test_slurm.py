@@ -68,11 +68,11 @@ def test_preempted_job_is_requeued_and_continues_from_its_checkpoint(cluster: No
 def test_job_at_its_time_limit_is_requeued_and_finishes(cluster: None, tmp_path: Path) -> None:
     run = tmp_path / "run"
     res = Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=1, signal_delay_s=30)
-    job = submit("configs/tiny.yaml", tiny(run, "train.steps=3000", "checkpoint.every=1000", "log.every=50"), res, tmp_path / "logs")
+    job = submit("configs/tiny.yaml", tiny(run, "train.steps=300", "checkpoint.every=100", "log.every=50"), res, tmp_path / "logs")
     assert job.results() == [0, 0]
     logs = log_text(tmp_path / "logs")
     assert "stop signal received" in logs and "resumed from" in logs
-    assert list_checkpoints(run / "checkpoints")[-1][0] == 3000
+    assert list_checkpoints(run / "checkpoints")[-1][0] == 300
 
 
 def sbatch_and_wait(*args: str, timeout: float = 180) -> str:
