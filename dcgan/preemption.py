@@ -3,7 +3,12 @@
 A signal handler may interrupt a collective half-way, so it only records the signal. The training loop
 asks `any_rank(stop.requested)` every 10 steps with several ranks (a tiny CPU all-reduce on a gloo
 group; one process checks every step): every rank then agrees on the same step, saves collectively,
-and exits with EXIT_REQUEUE (EXIT_INTERRUPTED after Ctrl-C).
+and exits with a status that says which stop it was.
+
+Which signal asks for a requeue follows SLURM and submitit: the user signal (`--signal`, USR1/USR2) comes
+before the time limit, and at preemption where the cluster sets `PreemptParameters=send_user_signal`;
+SIGTERM alone is what `scancel` sends, so it checkpoints and stops for good (a cluster that preempts
+with PreemptMode=REQUEUE requeues the job itself).
 """
 
 from __future__ import annotations
@@ -18,12 +23,16 @@ from types import FrameType
 log = logging.getLogger(__name__)
 
 EXIT_REQUEUE = 75
-"""Exit status after a checkpoint forced by a signal: "stopped early, requeue me" (EX_TEMPFAIL)."""
+"""Exit status after a checkpoint forced by USR1/USR2: "stopped early, requeue me" (EX_TEMPFAIL)."""
+
+EXIT_TERMINATED = 143
+"""Exit status after a checkpoint forced by SIGTERM alone (scancel, `kill`): the shell's 128 + 15."""
 
 EXIT_INTERRUPTED = 130
 """Exit status after a checkpoint asked for by Ctrl-C (SIGINT): the shell's 128 + 2, not a requeue."""
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StoppedWhileWaiting(Exception):
@@ -38,25 +47,28 @@ class StopSignal:
     checkpoint stays)."""
 
     def __init__(self) -> None:
-        self.received: int | None = None
+        self.received: list[int] = []
         self._previous: dict[int, object] = {}
         self._interrupt_waits = False
 
     @property
     def requested(self) -> bool:
-        return self.received is not None
+        return bool(self.received)
 
     @property
     def exit_status(self) -> int:
-        """What the process exits with after the checkpoint this signal asked for."""
-        return EXIT_INTERRUPTED if self.received == signal.SIGINT else EXIT_REQUEUE
+        """What the process exits with after the checkpoint the signals asked for: a requeue wins over a
+        stop (submitit's preemption sends SIGTERM, then USR2)."""
+        if any(sig in REQUEUE_SIGNALS for sig in self.received):
+            return EXIT_REQUEUE
+        return EXIT_INTERRUPTED if signal.SIGINT in self.received else EXIT_TERMINATED
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGINT and self.received == signal.SIGINT:
+        if signum == signal.SIGINT and signal.SIGINT in self.received:
             raise KeyboardInterrupt
         if signum == signal.SIGINT:
             log.warning("Ctrl-C: checkpointing at the next step boundary, then exiting (Ctrl-C again: stop now)")
-        self.received = signum
+        self.received.append(signum)
         if self._interrupt_waits:
             raise StoppedWhileWaiting(signum)
 
@@ -67,7 +79,7 @@ class StopSignal:
         come (a hung mount). With several ranks the others would be inside the step's collectives, so
         the signal is honoured at the next agreement as usual."""
         if interruptible and self.requested:
-            raise StoppedWhileWaiting(self.received or 0)
+            raise StoppedWhileWaiting(self.received[-1])
         self._interrupt_waits = interruptible
         try:
             yield

@@ -383,7 +383,7 @@ def stop_while_waiting(trainer: Trainer, stop: StopSignal) -> int:
 
 
 def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
-    """Train until train.steps; return an exit status (0, EXIT_REQUEUE, EXIT_INTERRUPTED or EXIT_NONFINITE)."""
+    """Train until train.steps; return an exit status (0, EXIT_REQUEUE, EXIT_TERMINATED, EXIT_INTERRUPTED or EXIT_NONFINITE)."""
     cfg, info = trainer.config, trainer.info
     progress = Progress(cfg.train.steps, trainer.step, enabled=info.is_main)
     batches = iter(trainer.data)

@@ -7,9 +7,11 @@
 
 srun starts one process per task (no torchrun inside); each exports the torch.distributed environment
 from SLURM's variables and runs the same training code as torchrun does. On preemption or when the time
-limit nears, SLURM signals the tasks (SIGTERM and/or USR2): the training loop notices at the next step,
-every rank agrees, a checkpoint is written collectively, and rank 0 hands over to submitit's own USR2
-handler, which requeues the job. The requeued job resumes from that checkpoint (same run directory).
+limit nears, SLURM sends the tasks USR2 (at preemption too where the cluster sets
+PreemptParameters=send_user_signal): the training loop notices at the next step agreement, every rank
+agrees, a checkpoint is written collectively, and rank 0 hands over to submitit's own USR2 handler, which
+requeues the job. The requeued job resumes from that checkpoint (same run directory). SIGTERM alone
+(`scancel JOB`) checkpoints and ends the job for good, as submitit itself treats it.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     overrides: list[str] = field(default_factory=list)
 
     def __call__(self) -> int:
-        from dcgan.preemption import EXIT_REQUEUE
+        from dcgan.preemption import EXIT_REQUEUE, EXIT_TERMINATED
         from dcgan.train import train
 
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
@@ -52,6 +54,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         status = train(load_config(self.config, self.overrides))
         if status == EXIT_REQUEUE:
             hand_over_to_submitit(env.rank)
+        if status == EXIT_TERMINATED:
+            wait_for_slurm_after_sigterm()
+            return status
         if status not in (0, EXIT_REQUEUE):
             raise RuntimeError(f"training exited with status {status}")
         return status
@@ -71,12 +76,29 @@ def limit_threads_to_allocation() -> None:
         torch.set_num_threads(int(cpus))
 
 
+REQUEUE_WAIT_S = 300
+"""How long a task waits, after a forced checkpoint, for SLURM to end it: ranks other than 0 for the
+requeue that rank 0's handler asks for, every rank after SIGTERM for the cancel's kill (KillWait, 30 s
+by default) or a preemption's USR2. SLURM stops every task of the job at once, so the wait never runs out
+in a healthy cluster."""
+
+
+def wait_for_slurm_after_sigterm() -> None:
+    """After the checkpoint that SIGTERM alone asked for, do what submitit's own handler does with
+    SIGTERM: keep the task alive. A `scancel` then ends it (SLURM's KillWait later) and nothing is
+    requeued; a preemption's USR2, which may follow the SIGTERM by a moment, reaches submitit's handler
+    (ours is uninstalled by now) and requeues the job, which resumes from that checkpoint."""
+    log.warning("stopped by SIGTERM after its checkpoint: not requeueing unless USR2 follows (preemption); scancel ends the job")
+    time.sleep(REQUEUE_WAIT_S)
+
+
 def hand_over_to_submitit(rank: int) -> None:
     """After the forced checkpoint: rank 0 runs submitit's USR2 handler (requeue, then exit); the other
-    ranks wait to be stopped by the requeue rather than report a finished task."""
+    ranks wait to be stopped by the requeue rather than report a finished task, which would make
+    submitit record the job as done."""
     if rank == 0:
         signal.raise_signal(signal.SIGUSR2)
-    time.sleep(300)
+    time.sleep(REQUEUE_WAIT_S)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from dcgan.checkpoint import list_checkpoints
 from dcgan.distributed import DistInfo
-from dcgan.preemption import EXIT_REQUEUE
+from dcgan.preemption import EXIT_TERMINATED
 from dcgan.sample import generate, load_export, save_grid
 from dcgan.train import EXIT_OK, STOP_CHECK_EVERY, build_trainer, train
 
@@ -61,7 +61,7 @@ def test_interrupted_and_resumed_run_is_bit_identical_to_a_straight_run(
     assert steps and steps[-1] < STEPS, f"the run was not interrupted early: {steps}"
     if sig == signal.SIGTERM:
         assert "stop signal received: checkpointing step" in stderr
-        assert f"exiting {EXIT_REQUEUE}" in stderr
+        assert f"exiting {EXIT_TERMINATED}" in stderr
         assert steps[-1] % 50 != 0 or steps[-1] > 50  # the forced checkpoint, off the regular schedule
         assert steps[-1] % STOP_CHECK_EVERY == 0  # where the ranks agree on the stop
     else:

@@ -17,7 +17,7 @@ import pytest
 
 from dcgan.checkpoint import list_checkpoints
 from dcgan.config import ConfigError, load_config
-from dcgan.preemption import EXIT_INTERRUPTED, StopSignal
+from dcgan.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, EXIT_TERMINATED, StopSignal
 
 from conftest import ROOT, TINY, run_cli
 
@@ -95,6 +95,26 @@ def test_a_second_ctrl_c_interrupts_at_once() -> None:
         stop.uninstall()
         restored = signal.signal(signal.SIGINT, before)
     assert restored is signal.default_int_handler  # uninstall put back what was there
+
+
+@pytest.mark.parametrize(
+    ("signals", "status"),
+    [
+        ([signal.SIGTERM], EXIT_TERMINATED),  # scancel, kill: stop for good
+        ([signal.SIGUSR2], EXIT_REQUEUE),  # SLURM's warning before the time limit
+        ([signal.SIGTERM, signal.SIGUSR2], EXIT_REQUEUE),  # preemption as submitit simulates it
+        ([signal.SIGUSR1, signal.SIGTERM], EXIT_REQUEUE),  # train.sbatch forwards USR1 as SIGTERM
+    ],
+)
+def test_only_the_user_signal_asks_for_a_requeue(signals: list[int], status: int) -> None:
+    """Real signals to this process: a `scancel` (SIGTERM alone) must not requeue the job it cancels."""
+    stop = StopSignal().install()
+    try:
+        for sig in signals:
+            os.kill(os.getpid(), sig)
+        assert stop.received == signals and stop.exit_status == status
+    finally:
+        stop.uninstall()
 
 
 def test_an_ignored_sigint_stays_ignored() -> None:
@@ -243,9 +263,9 @@ def test_a_stop_signal_while_waiting_for_data_that_never_comes_ends_the_run(digi
     stopped = time.monotonic()
     waiting.send_signal(signal.SIGTERM)
     _, err = waiting.communicate(timeout=60)
-    assert waiting.returncode == 75, err
+    assert waiting.returncode == EXIT_TERMINATED, err
     assert time.monotonic() - stopped < 30  # not after the pipe's 60 s
-    assert "stop signal while waiting for data: nothing trained since the last checkpoint, exiting 75" in err
+    assert f"stop signal while waiting for data: nothing trained since the last checkpoint, exiting {EXIT_TERMINATED}" in err
     assert completed_steps(run) == []
 
 

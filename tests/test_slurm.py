@@ -64,15 +64,34 @@ def test_preempted_job_is_requeued_and_continues_from_its_checkpoint(cluster: No
     assert list_checkpoints(run / "checkpoints")[-1][0] == 200
 
 
+def wait_until_gone(job_id: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline, f"job {job_id} is still in the queue"
+        time.sleep(1)
+
+
 @pytest.mark.slurm
-def test_job_at_its_time_limit_is_requeued_and_finishes(cluster: None, tmp_path: Path) -> None:
+def test_job_at_its_time_limit_is_requeued_and_resumes_and_scancel_ends_it_for_good(cluster: None, tmp_path: Path) -> None:
+    """No dependence on speed: the run is far longer than any time slice, however fast or loaded the
+    machine, so it always meets its limit; the test ends it with scancel once a requeued slice has
+    trained past its resume step."""
     run = tmp_path / "run"
     res = Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=1, signal_delay_s=30)
-    job = submit("configs/tiny.yaml", tiny(run, "train.steps=300", "checkpoint.every=100", "log.every=50"), res, tmp_path / "logs")
-    assert job.results() == [0, 0]
+    job = submit("configs/tiny.yaml", tiny(run, "train.steps=1000000", "checkpoint.every=50", "log.every=50"), res, tmp_path / "logs")
+    deadline = time.monotonic() + 300
+    while not (resumed := re.search(r"resumed from \S+ at step (\d+)", log_text(tmp_path / "logs"))) or not any(
+        step > int(resumed.group(1)) for step, _ in list_checkpoints(run / "checkpoints")
+    ):
+        assert time.monotonic() < deadline, "no requeued slice trained past its resume step"
+        time.sleep(1)
+    subprocess.run(["scancel", job.job_id], check=True)
+    wait_until_gone(job.job_id, timeout=120)
     logs = log_text(tmp_path / "logs")
-    assert "stop signal received" in logs and "resumed from" in logs
-    assert list_checkpoints(run / "checkpoints")[-1][0] == 300
+    stops = [(int(step), int(status)) for step, status in re.findall(r"stop signal received: checkpointing step (\d+), then exiting (\d+)", logs)]
+    assert stops[0] == (int(resumed.group(1)), 75)  # the time limit: checkpoint, requeue, resume there
+    assert stops[-1][1] == 143 and "not requeueing" in logs  # the scancel: checkpoint, and gone
+    assert list_checkpoints(run / "checkpoints")[-1][0] == stops[-1][0]
 
 
 def sbatch_and_wait(*args: str, timeout: float = 180) -> str:
