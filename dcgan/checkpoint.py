@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dcgan.config import CheckpointConfig
 from dcgan.distributed import DistInfo
-from dcgan.errors import CheckpointWriteError, one_line
+from dcgan.errors import CheckpointWriteError, IncompatibleCheckpoint, one_line
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ longer a resume candidate (the name no longer matches), so a requeued job does n
 UNREADABLE = (Exception, CheckpointException)
 """What reading a damaged checkpoint raises: EOFError/UnpicklingError from a truncated file in one
 process, DCP's CheckpointException (a BaseException) collecting every rank's error in a group. A
-refused model (a SystemExit) is not among them."""
+refused model (errors.IncompatibleCheckpoint) is re-raised before them."""
 
 
 def read_newest(root: Path, read: Callable[[Path], T], *, set_aside: Callable[[Path], None] | None = None) -> T | None:
@@ -85,6 +85,8 @@ def read_newest(root: Path, read: Callable[[Path], T], *, set_aside: Callable[[P
     for index, path in enumerate(candidates):
         try:
             return read(path)
+        except IncompatibleCheckpoint:
+            raise
         except UNREADABLE as exc:
             if index == len(candidates) - 1:
                 raise

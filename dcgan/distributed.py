@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dcgan.batchnorm import convert_to_cross_rank
+from dcgan.errors import LaunchError
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +69,31 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     if not use_cuda:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise SystemExit("train.device=cuda, but no CUDA device is visible to this process")
+        raise LaunchError("train.device=cuda, but no CUDA device is visible to this process")
     count = torch.cuda.device_count()
     index = 0 if count == 1 else local_rank
     if index >= count:
-        raise SystemExit(f"local rank {local_rank} has no GPU: only {count} visible (check --nproc_per_node)")
+        raise LaunchError(f"local rank {local_rank} has no GPU: only {count} visible (check --nproc_per_node)")
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
+
+
+SHARED_STORE_FIX = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+"""What torchrun needs in its own environment for `--max-restarts` to work: by default (torch >= 2.5)
+the agent keeps one store across restarts, and a restarted rank can read the previous round's
+addresses and fail to connect ("connectFullMesh ... Connection refused"; pytorch/pytorch#135712).
+Measured here: 2 of 2 restarts failed without it, 4 of 4 resumed with it."""
+
+
+def check_elastic_restarts() -> None:
+    """Refuse, before any work, restarts that torchrun would start but not reconnect: one line naming
+    the fix beats a first restart that fails after hours of training."""
+    restarts = _env_int("TORCHELASTIC_MAX_RESTARTS", 0)
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise LaunchError(
+            f"torchrun --max-restarts={restarts} needs {SHARED_STORE_FIX} in torchrun's environment "
+            f"(restarted ranks otherwise read stale addresses from torch's shared store): {SHARED_STORE_FIX} torchrun ..."
+        )
 
 
 def init_distributed(device_preference: str = "auto", timeout_s: int = 600, force: bool = False) -> DistInfo:
@@ -85,7 +104,8 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 600, forc
     process forms a group of one through an in-memory store (no port, no MASTER_ADDR needed).
     """
     if os.environ.get("RANK") and not os.environ.get("WORLD_SIZE"):
-        raise SystemExit(f"RANK={os.environ['RANK']} is set but WORLD_SIZE is not: start the ranks with torchrun or srun")
+        raise LaunchError(f"RANK={os.environ['RANK']} is set but WORLD_SIZE is not: start the ranks with torchrun or srun")
+    check_elastic_restarts()
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -98,7 +118,7 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 600, forc
     if world_size == 1 and "MASTER_ADDR" not in os.environ:
         kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
     elif "MASTER_ADDR" not in os.environ:
-        raise SystemExit(f"WORLD_SIZE={world_size} but MASTER_ADDR is not set: start the ranks with torchrun or srun")
+        raise LaunchError(f"WORLD_SIZE={world_size} but MASTER_ADDR is not set: start the ranks with torchrun or srun")
     dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     flag_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     checkpoint_group = dist.new_group(backend="gloo", timeout=timeout)

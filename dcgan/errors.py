@@ -19,6 +19,18 @@ class DcganError(RuntimeError):
         return str(self.args[0]) if self.args else type(self).__name__
 
 
+class LaunchError(DcganError):
+    """The launch cannot work as started: an incomplete torchrun/srun environment, a GPU that is not
+    there, a launcher setting that breaks restarts, a missing optional dependency."""
+
+
+class IncompatibleCheckpoint(DcganError):
+    """The newest checkpoint was written for another model: resuming would train something else.
+    Not a damaged checkpoint: `checkpoint.read_newest` lets it through instead of falling back."""
+
+    exit_status = 2
+
+
 class ShardError(DcganError):
     """A shard is missing or unreadable, or its samples cannot be decoded: the message names it."""
 

@@ -30,6 +30,7 @@ import torch
 
 from dcgan.config import Config
 from dcgan.distributed import DistInfo, GradientSync
+from dcgan.errors import LaunchError
 from dcgan.step import GANStep
 
 WARMUP_STEPS = 3
@@ -57,7 +58,7 @@ def make_runner(step: GANStep, config: Config, info: DistInfo) -> StepRunner:
         return step
     reason = unsupported_reason(config, info)
     if reason:
-        raise SystemExit(reason)
+        raise LaunchError(reason)
     return GraphedStep(step)
 
 

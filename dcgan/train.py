@@ -46,7 +46,7 @@ from dcgan.distributed import (
 from dcgan.graphs import StepRunner, gradient_sync, make_runner
 from dcgan.models import Discriminator, Generator
 from dcgan.preemption import StopSignal, StoppedWhileWaiting
-from dcgan.errors import RunDirInUse
+from dcgan.errors import IncompatibleCheckpoint, RunDirInUse
 from dcgan.rundir import MAX_ATTEMPTS_WITHOUT_PROGRESS, RunDirLock, count_attempt, create_run_dir, refuse_without_progress
 from dcgan.sample import LoadedGenerator, generate, save_grid, to_uint8_grid
 from dcgan.step import STAT_NAMES, GANStep, resolve_precision
@@ -57,10 +57,6 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_NONFINITE = 3
 """Exit status when a non-finite loss stopped the run (train.nonfinite=stop)."""
-
-
-class IncompatibleCheckpoint(SystemExit):
-    """The newest checkpoint was written for another model; raised with a one-line message."""
 
 
 def noise_seed(seed: int, rank: int) -> int:

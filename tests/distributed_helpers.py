@@ -42,20 +42,20 @@ def torchrun_cmd(nproc: int, *dcgan_args: str) -> list[str]:
     ]
 
 
-def test_env() -> dict[str, str]:
+def subprocess_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
 
 
 def torchrun(nproc: int, *dcgan_args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node=N -m dcgan ...`, waited for."""
-    return subprocess.run(torchrun_cmd(nproc, *dcgan_args), cwd=ROOT, env=test_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(torchrun_cmd(nproc, *dcgan_args), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def torchrun_until(nproc: int, ready: Callable[[], bool], sig: int, *dcgan_args: str, timeout: float = 300) -> tuple[int, str]:
     """Start torchrun in its own process group, wait until `ready()`, send `sig` to the whole group
     (as a cluster's kill or preemption does), and return (exit status, stderr)."""
     proc = subprocess.Popen(
-        torchrun_cmd(nproc, *dcgan_args), cwd=ROOT, env=test_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        torchrun_cmd(nproc, *dcgan_args), cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True,
     )
     deadline = time.monotonic() + timeout

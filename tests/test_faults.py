@@ -4,7 +4,9 @@ shards whose samples cannot be decoded, impossible settings and launch environme
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +22,7 @@ from dcgan.config import ConfigError, load_config
 from dcgan.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, EXIT_TERMINATED, StopSignal
 
 from conftest import ROOT, TINY, run_cli
+from distributed_helpers import descendants, signal_tree, subprocess_env, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -170,14 +173,45 @@ def test_shards_whose_samples_cannot_be_decoded_stop_the_run_in_one_line(digits_
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"RANK": "1"}, "RANK=1 is set but WORLD_SIZE is not"),
-        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "WORLD_SIZE=2 but MASTER_ADDR is not set"),
+        ({"RANK": "1"}, "RANK=1 is set but WORLD_SIZE is not: start the ranks with torchrun or srun"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "WORLD_SIZE=2 but MASTER_ADDR is not set: start the ranks with torchrun or srun"),
+        (  # what torchrun --max-restarts=3 exports without the fix for its shared store
+            {"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"},
+            "torchrun --max-restarts=3 needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment",
+        ),
     ],
 )
 def test_an_incomplete_launch_environment_is_refused_in_one_line(tmp_path: Path, env: dict[str, str], message: str) -> None:
     result = run_cli("train", "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", check=False, env=env)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [message + ": start the ranks with torchrun or srun"]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"dcgan: error: {message}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_from_its_newest_checkpoint(tmp_path: Path) -> None:
+    """Elastic restarts with no human: SIGKILL one worker after the first checkpoint; torchrun
+    (--max-restarts=1) starts a new round, which resumes there and finishes with one stats line a step."""
+    run = tmp_path / "run"
+    log = tmp_path / "torchrun.log"
+    env = {**subprocess_env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    command = torchrun_cmd(2, "train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=200", "checkpoint.every=50")
+    with log.open("w") as out:
+        launcher = subprocess.Popen([*command[:3], "--max-restarts=1", *command[3:]], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: 50 in completed_steps(run), launcher, timeout=180)
+            [rank1] = [pid for pid in descendants(launcher.pid) if "RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")]
+            os.kill(rank1, signal.SIGKILL)
+            assert launcher.wait(timeout=240) == 0, log.read_text()[-3000:]
+        finally:
+            if launcher.poll() is None:
+                signal_tree(launcher.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "failed (exitcode: -9) local_rank: 1" in text  # torchrun saw the kill ...
+    resumed = int(re.search(r"resumed from \S+ at step (\d+)", text).group(1))  # ... and the new round resumed
+    assert 50 <= resumed < 200 and completed_steps(run)[-1] == 200
+    steps = [json.loads(line)["step"] for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert sorted(steps) == sorted(set(steps)) and steps[-1] == 200
 
 
 def test_impossible_settings_fail_before_any_work() -> None:

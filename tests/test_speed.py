@@ -9,6 +9,7 @@ import torch
 from dcgan.bench import synthetic_batch
 from dcgan.config import ConfigError, load_config
 from dcgan.distributed import DistInfo
+from dcgan.errors import LaunchError
 from dcgan.graphs import gradient_sync, make_runner, unsupported_reason
 from dcgan.step import STAT_NAMES
 from dcgan.train import build_step, build_trainer
@@ -99,7 +100,7 @@ def test_cuda_graph_mode_is_refused_in_one_line_where_it_cannot_apply(overrides:
 
 def test_cuda_graph_mode_needs_cuda_and_averages_gradients_itself_over_ranks() -> None:
     config = load_config(TINY, ["train.cuda_graph=true", "train.device=auto"])
-    with pytest.raises(SystemExit, match="needs a CUDA device"):
+    with pytest.raises(LaunchError, match="needs a CUDA device"):
         build_trainer(config, CPU)  # an auto device that resolved to the CPU
     gpu = torch.device("cuda", 0)
     one, eight = (DistInfo(rank=0, world_size=w, local_rank=0, device=gpu) for w in (1, 8))

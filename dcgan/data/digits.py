@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dcgan.data.base import EpochStream
+from dcgan.errors import LaunchError
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -20,7 +21,7 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise SystemExit(
+        raise LaunchError(
             "the built-in digits need scikit-learn: pip install 'dcgan[demo]' (or set data.shards)"
         ) from None
     digits = load_digits()
