@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import shutil
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from collections.abc import Callable
@@ -30,6 +31,10 @@ from dcgan.errors import CheckpointWriteError, IncompatibleCheckpoint, one_line
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# DCP warns on every save and load without a process group ("assuming the intent is to save in a single
+# process"): that is exactly what one process, `sample`, `export`, `eval` and `score` mean to do.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized", category=UserWarning)
 
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
 METADATA = ".metadata"

@@ -1,14 +1,5 @@
 """The `dcgan` command line: a thin layer that parses, calls one function, and turns errors into one line.
-
-  dcgan train CONFIG [key=value ...]        train (torchrun/SLURM: the same command in every process)
-  dcgan sample SOURCE --num N --out PNG     a grid from a run directory or an exported generator
-  dcgan export RUN_DIR --out generator.pt   the newest checkpoint's generator as one file
-  dcgan shards KIND SOURCE OUT_DIR          convert images into WebDataset shards
-  dcgan bench data DATA                     loader throughput from shards on disk
-  dcgan bench step [CONFIG]                 training step vs the pytorch/examples reference step
-  dcgan score SOURCE                        digits quality score of a generator
-  dcgan eval SOURCE --data DATA             FID / KID / SWD / digits score, table + JSON
-  dcgan sync RUN_DIR                        upload the run's offline wandb segments as one wandb run
+`DESCRIPTION` is what `dcgan --help` shows a user; `HelpFormatter` gives every option its default.
 """
 
 from __future__ import annotations
@@ -19,6 +10,46 @@ from pathlib import Path
 
 from dcgan.config import ConfigError, keys_help
 from dcgan.errors import DcganError, one_line
+
+DESCRIPTION = """Train DCGANs (Radford et al. 2015) on a laptop CPU or on many GPUs and nodes, and use the result.
+
+  dcgan train CONFIG [key=value ...]        train (torchrun/SLURM: the same command in every process)
+  dcgan sample SOURCE --num N --out PNG     a grid from a run directory or an exported generator
+  dcgan export RUN_DIR --out generator.pt   the newest checkpoint's generator as one file
+  dcgan shards KIND SOURCE OUT_DIR          convert images into WebDataset shards
+  dcgan bench data DATA                     loader throughput from shards on disk
+  dcgan bench step [CONFIG]                 training step vs the pytorch/examples reference step
+  dcgan score SOURCE                        digits quality score of a generator
+  dcgan eval SOURCE --data DATA             FID / KID / SWD / digits score, table + JSON
+  dcgan sync RUN_DIR                        upload the run's offline wandb segments as one wandb run
+  dcgan report RUN_DIR                      one HTML page: curves, eval metrics, sample grids over time
+
+First run (2 minutes on a laptop): dcgan train configs/digits.yaml run.dir=runs/digits
+A run resumes from its newest checkpoint when started again with the same run.dir.
+`dcgan COMMAND --help` shows each command's options and their defaults.
+"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends "(default: X)" to every option that has a default worth printing, so that `--help`
+    alone says what a command will do; descriptions keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if "(default" in text or default is None or default is False or default == "" or default == [] or default is argparse.SUPPRESS:
+            return text
+        if not action.option_strings and action.nargs not in ("?", "*"):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose subcommands, too, use HelpFormatter (subparsers take the parent's class)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -38,10 +69,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    import secrets
+
     from dcgan.sample import sample_grid
 
-    out = sample_grid(Path(args.source), args.num, Path(args.out), args.seed)
-    print(out)
+    if args.fixed_noise:
+        out = sample_grid(Path(args.source), args.num, Path(args.out), seed=None)
+        print(f"{out} (the training's fixed noise)")
+        return 0
+    seed = secrets.randbelow(2**31) if args.seed is None else args.seed
+    out = sample_grid(Path(args.source), args.num, Path(args.out), seed)
+    print(f"{out} (seed {seed}: --seed {seed} draws the same grid again)")
     return 0
 
 
@@ -128,8 +166,8 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     data = bench.add_parser("data", help="images/s the loader delivers from shards on disk, per worker count")
     data.add_argument("data", help="shard directory with manifest.json")
-    data.add_argument("--workers", default="0,1,2,4", help="comma-separated worker counts (default 0,1,2,4)")
-    data.add_argument("--batch-size", type=int, default=128)
+    data.add_argument("--workers", default="0,1,2,4", help="comma-separated worker counts")
+    data.add_argument("--batch-size", type=int, default=128, help="images per batch")
     data.add_argument("--batches", type=int, default=50, help="timed batches per worker count")
     data.set_defaults(func=_bench_data)
 
@@ -139,9 +177,9 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
         description="Times the pytorch/examples dcgan step (fp32, eager, NCHW, Sigmoid+BCELoss) and this "
         "project's configured step on one synthetic batch already on the device, and prints the ratio.",
     )
-    step.add_argument("config", nargs="?", default="configs/celeba64.yaml", help="config (default configs/celeba64.yaml)")
-    step.add_argument("overrides", nargs="*", metavar="key=value")
-    step.add_argument("--batch-sizes", default="128,1024", help="comma-separated (default 128,1024)")
+    step.add_argument("config", nargs="?", default="configs/celeba64.yaml", help="config whose step is timed")
+    step.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.compile=false")
+    step.add_argument("--batch-sizes", default="128,1024", help="comma-separated per-process batch sizes")
     step.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None, help="override train.precision")
     step.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
     step.add_argument("--iters", type=int, default=50, help="timed steps")
@@ -163,7 +201,7 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dcgan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="dcgan", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
@@ -171,7 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a DCGAN (resumes automatically from the run directory's newest checkpoint)",
         description="Train a DCGAN. Under torchrun or SLURM every process runs this same command.",
         epilog=keys_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("config", help="YAML config file, e.g. configs/digits.yaml")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. train.steps=500 run.dir=runs/x")
@@ -184,20 +221,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="write a PNG grid of generated images")
     sample.add_argument("source", help="run directory (newest checkpoint) or generator file from `dcgan export`")
-    sample.add_argument("--num", type=positive_int, default=64, help="number of images (default 64)")
+    sample.add_argument("--num", type=positive_int, default=64, help="number of images")
     sample.add_argument("--out", required=True, help="output PNG path")
-    sample.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    noise = sample.add_mutually_exclusive_group()
+    noise.add_argument("--seed", type=int, default=None, help="seed of the noise (default: a fresh one, printed so that it can be repeated)")
+    noise.add_argument("--fixed-noise", action="store_true", help="the training's own fixed noise: the run's sample grid of that step, pixel for pixel")
     sample.set_defaults(func=_sample)
 
     export = commands.add_parser("export", help="save the newest checkpoint's generator as one torch.load-able file")
-    export.add_argument("run_dir")
+    export.add_argument("run_dir", help="run directory: its newest complete checkpoint is exported")
     export.add_argument("--out", required=True, help="output file, e.g. generator.pt")
     export.set_defaults(func=_export)
 
     score = commands.add_parser("score", help="digits quality score (Frechet distance at 8x8, confidence, balance)")
     score.add_argument("source", help="run directory or exported generator (1 channel)")
-    score.add_argument("--num", type=positive_int, default=1000, help="generated images to score (default 1000)")
-    score.add_argument("--seed", type=int, default=0)
+    score.add_argument("--num", type=positive_int, default=1000, help="generated images to score")
+    score.add_argument("--seed", type=int, default=0, help="seed of the noise (fixed, so that scores compare across runs)")
     score.set_defaults(func=_score)
 
     evaluate = commands.add_parser(

@@ -131,9 +131,15 @@ def load_generator(source: Path) -> LoadedGenerator:
     raise ConfigError(f"{source}: no such run directory or generator file")
 
 
-def sample_grid(source: Path, num: int, out: Path, seed: int) -> Path:
-    """`dcgan sample`: `num` images from fresh noise (seeded) as one PNG grid."""
+def sample_grid(source: Path, num: int, out: Path, seed: int | None) -> Path:
+    """`dcgan sample`: `num` images from seeded noise as one PNG grid; with no seed, from the training's
+    fixed noise (its first `num` vectors), which redraws the run's own sample grid of that step."""
     loaded = load_generator(source)
-    noise = torch.randn(num, loaded.model.nz, generator=torch.Generator().manual_seed(seed))
+    if seed is None:
+        if num > len(loaded.fixed_noise):
+            raise ConfigError(f"--fixed-noise: the run has {len(loaded.fixed_noise)} fixed noise vectors, asked for --num {num}")
+        noise = loaded.fixed_noise[:num].cpu()
+    else:
+        noise = torch.randn(num, loaded.model.nz, generator=torch.Generator().manual_seed(seed))
     save_grid(generate(loaded.generator, noise), out)
     return out

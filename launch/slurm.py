@@ -1,16 +1,15 @@
 """Submit `dcgan train` to SLURM through submitit: one task per GPU, requeued on preemption and timeout.
 
-    python -m launch.slurm configs/celeba64.yaml data.shards=shards/celeba64 --nodes 2 --gpus-per-node 8 \
-        --partition gpu --time 1440
+    python -m launch.slurm configs/celeba64.yaml data.shards=shards/celeba64 --nodes 2 --gpus-per-node 8 --time 1440
+    python -m launch.slurm configs/digits.yaml --tasks-per-node 2 --cpus-per-task 1   # a CPU cluster
     python -m launch.slurm configs/tiny.yaml --local            # submitit's local executor, no SLURM
     python -m launch.slurm configs/digits.yaml --sweep optim.lr=1e-4,2e-4 seed=0,1,2   # one job array
 
 srun starts one process per task (no torchrun inside); each exports the torch.distributed environment
-from SLURM's variables and runs the same training code as torchrun does. On preemption or when the time
-limit nears, SLURM sends the tasks USR2 (at preemption too where the cluster sets
-PreemptParameters=send_user_signal): the training loop notices at the next step agreement, every rank
-agrees, a checkpoint is written collectively, and rank 0 hands over to submitit's own USR2 handler, which
-requeues the job. The requeued job resumes from that checkpoint (same run directory). SIGTERM alone
+from SLURM's variables and runs the same training code as torchrun does. When the time limit nears,
+SLURM sends the tasks USR2 (and at preemption where the cluster sets PreemptParameters=send_user_signal):
+the training loop notices at the next step agreement, every rank agrees, a checkpoint is written
+collectively, and rank 0 hands over to submitit's own USR2 handler, which requeues the job. The requeued job resumes from that checkpoint (same run directory). SIGTERM alone
 (`scancel JOB`) checkpoints and ends the job for good, as submitit itself treats it.
 """
 
@@ -20,8 +19,11 @@ import argparse
 import itertools
 import logging
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ from typing import Any
 
 import submitit
 
-from dcgan.config import ConfigError, load_config
+from dcgan.config import Config, ConfigError, load_config
 
 log = logging.getLogger(__name__)
 
@@ -166,14 +168,56 @@ def make_executor(res: Resources, folder: Path, name: str, max_requeues: int = 2
     return executor
 
 
-def submit(config: str, overrides: list[str], res: Resources, folder: Path) -> submitit.Job:
-    """Validate the config and resources, submit, and return the job."""
+def check_shards_visible(shards: str) -> None:
+    """A data.shards path that does not exist here would fail only once the job leaves the queue.
+    URLs and pipes are left to the job; a brace pattern is checked by its directory."""
+    if not shards or "://" in shards or shards.startswith("pipe:"):
+        return
+    path = Path(shards.split("{", 1)[0])
+    if not (path if "{" not in shards else path.parent).exists():
+        raise ConfigError(f"data.shards: {shards} does not exist on this machine (give a path the cluster's nodes share)")
+
+
+def check_with_slurm(res: Resources, folder: Path, name: str) -> None:
+    """`sbatch --test-only` on the script submitit would submit: a request the partition can never
+    satisfy (4 CPUs a task on a 2-CPU node, GPUs it does not have) is refused here in one line instead
+    of pending forever with reason PartitionConfig. Skipped where sbatch is not installed."""
+    if res.local or shutil.which("sbatch") is None:
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".sbatch") as script:
+        script.write(sbatch_text(res, folder, name))
+        script.flush()
+        result = subprocess.run(["sbatch", "--test-only", script.name], capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["no reason given"])[-1].removeprefix("sbatch: error: ")
+        raise ConfigError(
+            f"SLURM refuses this request ({res.nodes} node(s) x {res.tasks} task(s) x {res.cpus_per_task} CPU(s), "
+            f"{res.gpus_per_node} GPU(s) a node): {reason}"
+        )
+
+
+def checked_config(config: str, overrides: list[str], res: Resources) -> Config:
+    """The run's config, after every check that can be made before anything is queued."""
     validate(res)
-    run_config = load_config(config, overrides)  # fail now, not in the queue
+    run_config = load_config(config, overrides)
     if res.gpus_per_node == 0 and run_config.train.device == "cuda":
         raise ConfigError("train.device=cuda needs --gpus-per-node >= 1")
-    executor = make_executor(res, folder, name=f"dcgan-{Path(run_config.run.dir).name}")
-    return executor.submit(TrainJob(config, list(overrides)))
+    check_shards_visible(run_config.data.shards)
+    return run_config
+
+
+def log_folder(folder: Path | None, run_config: Config) -> Path:
+    """submitit's logs: `--folder`, else `run.dir/slurm_logs` (beside the run, not in the current directory)."""
+    return folder if folder is not None else Path(run_config.run.dir) / "slurm_logs"
+
+
+def submit(config: str, overrides: list[str], res: Resources, folder: Path | None = None) -> submitit.Job:
+    """Check the config and resources (with SLURM itself where it is installed), submit, return the job."""
+    run_config = checked_config(config, overrides, res)
+    name = f"dcgan-{Path(run_config.run.dir).name}"
+    folder = log_folder(folder, run_config)
+    check_with_slurm(res, folder, name)
+    return make_executor(res, folder, name).submit(TrainJob(config, list(overrides)))
 
 
 SweepPoint = dict[str, str]
@@ -219,13 +263,15 @@ def point_overrides(config: str, overrides: list[str], point: SweepPoint) -> lis
 
 
 def submit_sweep(
-    config: str, overrides: list[str], points: list[SweepPoint], res: Resources, folder: Path, parallelism: int
+    config: str, overrides: list[str], points: list[SweepPoint], res: Resources, folder: Path | None, parallelism: int
 ) -> list[tuple[SweepPoint, submitit.Job, str]]:
     """Submit every point as ONE job array (on SLURM; --local runs them as local jobs); return
     (point, job, run dir) per point, in grid order."""
-    validate(res)
+    run_config = checked_config(config, overrides, res)
     per_point = [point_overrides(config, overrides, point) for point in points]
-    name = f"dcgan-{Path(load_config(config, overrides).run.dir).name}"
+    name = f"dcgan-{Path(run_config.run.dir).name}"
+    folder = log_folder(folder, run_config)
+    check_with_slurm(res, folder, name)
     executor = make_executor(res, folder, name)
     if not res.local:
         executor.update_parameters(slurm_array_parallelism=parallelism)
@@ -245,24 +291,24 @@ def sweep_table(rows: list[tuple[SweepPoint, str, str]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m launch.slurm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    from dcgan.cli import Parser
+
+    parser = Parser(prog="python -m launch.slurm", description=__doc__)
     parser.add_argument("config", help="YAML config, e.g. configs/celeba64.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.dir=runs/x")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes of the allocation")
     parser.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU (0 = CPU job)")
-    parser.add_argument("--tasks-per-node", type=int, default=None, help="CPU jobs: processes per node (default 1)")
-    parser.add_argument("--cpus-per-task", type=int, default=4, help="CPU cores per task (data loader workers live here)")
-    parser.add_argument("--mem-gb", type=int, default=None, help="memory per node in GB")
-    parser.add_argument("--partition", default="")
+    parser.add_argument("--tasks-per-node", type=int, default=None, help="CPU jobs: processes per node (default: 1, or one per GPU)")
+    parser.add_argument("--cpus-per-task", type=int, default=4, help="CPU cores per task (data loader workers live here); on a CPU cluster ask for 1 per process")
+    parser.add_argument("--mem-gb", type=int, default=None, help="memory per node in GB (default: the partition's)")
+    parser.add_argument("--partition", default="", help="SLURM partition (default: the cluster's default partition)")
     parser.add_argument("--time", type=int, default=60, help="time limit in minutes (the job requeues itself at the limit)")
-    parser.add_argument("--account", default="")
-    parser.add_argument("--qos", default="")
-    parser.add_argument("--constraint", default="")
+    parser.add_argument("--account", default="", help="SLURM account to charge (default: yours)")
+    parser.add_argument("--qos", default="", help="SLURM quality of service (default: the account's)")
+    parser.add_argument("--constraint", default="", help="SLURM node features, e.g. h100 (default: none)")
     parser.add_argument("--signal-delay", type=int, default=SIGNAL_DELAY_S, help="seconds before the time limit at which the job checkpoints and requeues")
     parser.add_argument("--local", action="store_true", help="run with submitit's local executor instead of SLURM")
-    parser.add_argument("--folder", default="slurm_logs", help="submitit log folder (default slurm_logs/)")
+    parser.add_argument("--folder", default="", help="submitit's log folder (default: run.dir/slurm_logs)")
     parser.add_argument(
         "--sweep", nargs="+", metavar="KEY=V1,V2", default=None,
         help="submit the grid over these values as ONE job array, each point in run.dir/<point> with one wandb "
@@ -274,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         "slurm/train.sbatch) and exit without submitting",
     )
     parser.add_argument(
-        "--array-parallelism", type=int, default=64, help="sweep points running at once (SLURM's %%N; default 64)",
+        "--array-parallelism", type=int, default=64, help="sweep points running at once (SLURM's %%N)",
     )
     parser.add_argument(
         "--dry-run", action="store_true",
@@ -290,12 +336,13 @@ def sbatch_text(res: Resources, folder: Path, name: str) -> str:
     return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
 
 
-def dry_run(config: str, overrides: list[str], res: Resources, folder: Path) -> str:
+def dry_run(config: str, overrides: list[str], res: Resources, folder: Path | None) -> str:
     """What `submit` would do: the same checks, then the plan and the script instead of a job."""
     from dcgan.plan import describe
 
-    validate(res)
-    run_config = load_config(config, overrides)
+    run_config = checked_config(config, overrides, res)
+    folder = log_folder(folder, run_config)
+    check_with_slurm(res, folder, f"dcgan-{Path(run_config.run.dir).name}")
     report = describe(run_config, res.nodes * res.tasks)
     if res.local:
         return report + "\n--local: submitit's local executor runs the job here, with no sbatch script"
@@ -310,13 +357,14 @@ def main(argv: list[str] | None = None) -> int:
         account=args.account, qos=args.qos, constraint=args.constraint, local=args.local,
         signal_delay_s=args.signal_delay,
     )
+    folder = Path(args.folder) if args.folder else None
     try:
         if args.sweep:
-            return run_sweep(args, res)
+            return run_sweep(args, res, folder)
         if args.dry_run:
-            print(dry_run(args.config, args.overrides, res, Path(args.folder)))
+            print(dry_run(args.config, args.overrides, res, folder))
             return 0
-        job = submit(args.config, args.overrides, res, Path(args.folder))
+        job = submit(args.config, args.overrides, res, folder)
     except ConfigError as exc:
         print(f"launch.slurm: error: {exc}", file=sys.stderr)
         return 2
@@ -325,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_sweep(args: argparse.Namespace, res: Resources) -> int:
+def run_sweep(args: argparse.Namespace, res: Resources, folder: Path | None) -> int:
     """`--sweep`: print the table of points, job ids and run dirs (a dry run: the plan of the first
     point and the table, nothing submitted)."""
     if args.array_parallelism < 1:
@@ -342,11 +390,11 @@ def run_sweep(args: argparse.Namespace, res: Resources) -> int:
     if args.dry_run:
         first = point_overrides(args.config, args.overrides, points[0])
         rows = [(p, "-", load_config(args.config, point_overrides(args.config, args.overrides, p)).run.dir) for p in points]
-        print(dry_run(args.config, first, res, Path(args.folder)).split("\nsbatch script:")[0])
+        print(dry_run(args.config, first, res, folder).split("\nsbatch script:")[0])
         print(f"sweep: {len(points)} point(s) as one job array, at most {args.array_parallelism} at once")
         print(sweep_table(rows))
         return 0
-    submitted = submit_sweep(args.config, args.overrides, points, res, Path(args.folder), args.array_parallelism)
+    submitted = submit_sweep(args.config, args.overrides, points, res, folder, args.array_parallelism)
     print(sweep_table([(point, str(job.job_id), run_dir) for point, job, run_dir in submitted]))
     return 0
 
