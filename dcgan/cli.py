@@ -130,10 +130,20 @@ def _eval(args: argparse.Namespace) -> int:
             print(f"{key:<22} {value:>12.5f}")
         source = Path(args.source)
         default = source / f"eval-step{loaded.step}.json" if source.is_dir() else Path("eval.json")
-        out = Path(args.out) if args.out else default
+        out = Path(args.out) if args.out else first_free(default)
         out.write_text(json.dumps({"source": args.source, "step": loaded.step, "data": args.data, "num": args.num, **results}, indent=1))
         print(f"written to {out}")
     return 0
+
+
+def first_free(path: Path) -> Path:
+    """`path`, or the first of path.2, path.3, ... (before the suffix) that does not exist yet: a second
+    eval of the same step adds a file instead of overwriting the first."""
+    candidate, index = path, 1
+    while candidate.exists():
+        index += 1
+        candidate = path.with_name(f"{path.stem}.{index}{path.suffix}")
+    return candidate
 
 
 def _sync(args: argparse.Namespace) -> int:
@@ -145,6 +155,14 @@ def _sync(args: argparse.Namespace) -> int:
     command = sync_command(Path(args.run_dir))
     print(shlex.join(command), flush=True)
     return 0 if args.dry_run else subprocess.run(command).returncode
+
+
+def _report(args: argparse.Namespace) -> int:
+    from dcgan.report import write_report
+
+    out = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    print(f"{out}: open it in a browser (file://{out.resolve()})")
+    return 0
 
 
 def _bench_data(args: argparse.Namespace) -> int:
@@ -260,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("run_dir", help="run directory (holds wandb/offline-run-* and config.yaml)")
     sync.add_argument("--dry-run", action="store_true", help="print the wandb command without running it")
     sync.set_defaults(func=_sync)
+
+    report = commands.add_parser(
+        "report", help="one HTML page of a run: curves over images seen, eval metrics, sample grids over time",
+        description="Reads only RUN_DIR's stats.jsonl, samples/ and config.yaml: works offline and on a run in progress.",
+    )
+    report.add_argument("run_dir", help="run directory")
+    report.add_argument("--out", default="", help="HTML file to write (default: RUN_DIR/report.html)")
+    report.set_defaults(func=_report)
 
     from dcgan.data.cli import add_shards_command
 

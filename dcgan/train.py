@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,7 +113,7 @@ class Trainer:
 
     def load_state_dict(self, path: Path) -> None:
         """Resume from the checkpoint at `path`, refusing one written for another model."""
-        check_compatible(path, self.config, self.checkpointer)
+        saved_config = check_compatible(path, self.config, self.checkpointer)
         state = self.state_dict()
         stored = stored_shapes(path)
         rng_key = f"rank{self.info.rank}"
@@ -148,6 +150,21 @@ class Trainer:
             log.warning("checkpoint has no noise RNG for rank %d (fewer ranks or another device wrote it): reseeded", self.info.rank)
         self.last_good_checkpoint = self.step
         log.info("resumed from %s at step %d (data epoch %d, batch %d)", path, self.step, *self.data.state_dict().values())
+        warn_if_global_batch_changed(saved_config, stored, self.config.train.batch_size, self.info.world_size)
+
+
+def warn_if_global_batch_changed(saved_config: dict[str, Any], stored: dict[str, Any], batch_size: int, world_size: int) -> None:
+    """A resume on another number of ranks changes the global batch (batch_size is per process): say so,
+    since the lr was chosen for the old one. The writers are counted by their per-rank noise state."""
+    writers = sum(1 for key in stored if key.startswith("rng.rank") and key.endswith(".noise"))
+    saved_batch = int(saved_config.get("train", {}).get("batch_size", 0))
+    before, now = saved_batch * writers, batch_size * world_size
+    if writers and before != now:
+        log.warning(
+            "the global batch changed on resume: %d (%d rank(s) x %d) when checkpointed, %d (%d x %d) now; optim.lr "
+            "is not rescaled (for the same global batch: train.batch_size=%d)",
+            before, writers, saved_batch, now, world_size, batch_size, max(before // world_size, 1),
+        )
 
 
 def keep_configured_hyperparameters(saved: dict[str, Any], optimizer: torch.optim.Optimizer, name: str) -> None:
@@ -171,11 +188,13 @@ def _as_tuple(value: Any) -> tuple[Any, ...]:
     return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 
 
-def check_compatible(path: Path, config: Config, checkpointer: Checkpointer) -> None:
-    """Refuse, in one line, a checkpoint whose model settings differ from this config's."""
+def check_compatible(path: Path, config: Config, checkpointer: Checkpointer) -> dict[str, Any]:
+    """Refuse, in one line, a checkpoint whose model settings differ from this config's; return the
+    checkpoint's own config (as a dict)."""
     meta: dict[str, Any] = {"meta": {"config": ""}}
     checkpointer.load(path, meta)
-    saved = (yaml.safe_load(meta["meta"]["config"]) or {}).get("model", {})
+    saved_config = yaml.safe_load(meta["meta"]["config"]) or {}
+    saved = saved_config.get("model", {})
     wanted = architecture(config.model)
     differing = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in wanted.items() if saved.get(k) != v]
     if differing:
@@ -183,6 +202,7 @@ def check_compatible(path: Path, config: Config, checkpointer: Checkpointer) -> 
             f"checkpoint {path} belongs to another model ({'; '.join(differing)}): "
             "use a new run.dir or the checkpoint's model settings"
         )
+    return saved_config
 
 
 def build_step(
@@ -255,27 +275,47 @@ def make_scaler(dtype: torch.dtype, nonfinite: str, device: torch.device) -> tor
 
 @dataclass
 class Window:
-    """Statistics accumulated on the device between two metric lines (read once per window)."""
+    """Statistics accumulated on the device between two metric lines (read once per window).
+
+    Rates count training time only: work between steps that is not training (evaluation, sample grids,
+    checkpoint saves) runs inside `outside_training()` and is subtracted, so that a window with an eval
+    reports the training rate (it read ~45 img/s instead of ~2800 when eval time counted)."""
 
     device: torch.device
     sums: torch.Tensor = field(init=False)
     steps: int = 0
     data_wait_s: float = 0.0
-    started: float = field(default_factory=time.perf_counter)
+    excluded_s: float = 0.0
+    clock: Callable[[], float] = time.perf_counter
+    started: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.sums = torch.zeros(len(STAT_NAMES), device=self.device)
+        self.started = self.clock()
 
     def add(self, stats: torch.Tensor, data_wait_s: float) -> None:
         self.sums += stats
         self.steps += 1
         self.data_wait_s += data_wait_s
 
+    @contextmanager
+    def outside_training(self) -> Iterator[None]:
+        """Time spent in this block is not training time."""
+        began = self.clock()
+        try:
+            yield
+        finally:
+            self.excluded_s += self.clock() - began
+
+    def training_s(self) -> float:
+        """Seconds of this window spent training (steps and waiting for their data)."""
+        return max(self.clock() - self.started - self.excluded_s, 1e-9)
+
 
 def window_metrics(window: Window, trainer: Trainer) -> dict[str, float]:
     """Means over the window and over ranks; rates from wall time. One device->host read."""
     info = trainer.info
-    elapsed = max(time.perf_counter() - window.started, 1e-9)
+    elapsed = window.training_s()
     local = torch.cat(
         [
             window.sums / max(window.steps, 1),
@@ -414,7 +454,8 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
         if step % cfg.sample.every == 0 or final:
             sync_buffers(trainer.g_bare, info)
             if info.is_main:
-                diversity = write_samples(trainer, tracker, health)
+                with window.outside_training():
+                    diversity = write_samples(trainer, tracker, health)
         if due_log:
             metrics = window_metrics(window, trainer)
             if diversity is not None:
@@ -424,9 +465,12 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
             health.observe_metrics(step, metrics)
             window = Window(info.device)
         if cfg.eval.every and step % cfg.eval.every == 0:
-            results = evaluate_now(trainer)
-            tracker.log_metrics(step, {"images_seen": trainer.images_seen, **{f"eval/{k}": v for k, v in results.items()}})
-            log.info("step %d eval: %s", step, " ".join(f"{k}={v:.5f}" for k, v in results.items()))
+            eval_started = time.perf_counter()
+            with window.outside_training():
+                results = evaluate_now(trainer)
+            eval_s = time.perf_counter() - eval_started
+            tracker.log_metrics(step, {"images_seen": trainer.images_seen, "eval_time_s": eval_s, **{f"eval/{k}": v for k, v in results.items()}})
+            log.info("step %d eval (%.1f s): %s", step, eval_s, " ".join(f"{k}={v:.5f}" for k, v in results.items()))
             best = keep_if_best(trainer, results, best)
             due_ckpt = due_ckpt and trainer.last_good_checkpoint != step
         if stop_agreed(stop, step, info):
@@ -434,7 +478,8 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
             save_checkpoint(trainer, blocking=True)
             return stop.exit_status
         if due_ckpt:
-            save_checkpoint(trainer, blocking=final)
+            with window.outside_training():
+                save_checkpoint(trainer, blocking=final)
     progress.close()
     if info.is_main:
         log.info("%s", finished_message(trainer))

@@ -14,7 +14,7 @@ from dcgan.distributed import DistInfo
 from dcgan.quality import DigitsScorer
 from dcgan.sample import generate
 from dcgan.step import STAT_NAMES
-from dcgan.train import EXIT_OK, build_trainer, train
+from dcgan.train import EXIT_OK, Window, build_trainer, train, warn_if_global_batch_changed
 
 from conftest import DIGITS_MODEL, run_cli, tiny_config
 
@@ -132,3 +132,26 @@ def test_help_is_useful() -> None:
     top = run_cli("--help").stdout
     for command in ("train", "sample", "export", "shards", "bench"):
         assert command in top
+
+
+def test_a_window_counts_training_time_only() -> None:
+    """An eval (or a sample grid, or a blocking save) between steps is not training time: a window
+    that holds one reports the training rate, not a rate diluted by the eval (a clock the test drives)."""
+    now = [100.0]
+    window = Window(torch.device("cpu"), clock=lambda: now[0])
+    now[0] = 102.0  # two seconds of steps
+    with window.outside_training():
+        now[0] = 160.0  # a minute of eval
+    now[0] = 163.0  # three more seconds of steps
+    assert window.training_s() == pytest.approx(5.0)
+
+
+def test_a_resume_on_another_number_of_ranks_warns_that_the_global_batch_changed(caplog: pytest.LogCaptureFixture) -> None:
+    stored = {"rng.rank0.noise": (5056,), "rng.rank1.noise": (5056,), "model.G.x": (3,)}  # written by 2 ranks
+    saved = {"train": {"batch_size": 128}}
+    warn_if_global_batch_changed(saved, stored, batch_size=128, world_size=2)
+    assert not caplog.records
+    warn_if_global_batch_changed(saved, stored, batch_size=128, world_size=1)
+    [record] = caplog.records
+    assert "256 (2 rank(s) x 128) when checkpointed, 128 (1 x 128) now" in record.getMessage()
+    assert "train.batch_size=256" in record.getMessage()
