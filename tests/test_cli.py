@@ -6,6 +6,7 @@ import argparse
 import json
 import shutil
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from dcgan.cli import build_parser
 from dcgan.config import load_config
 from launch.slurm import build_parser as slurm_parser
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 
 def every_parser(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
@@ -99,3 +100,36 @@ def test_a_second_eval_of_the_same_step_adds_a_file_instead_of_overwriting(train
     written = sorted(p.name for p in run.glob("eval-step*.json"))
     assert written == ["eval-step300.2.json", "eval-step300.json"]
     assert json.loads((run / "eval-step300.json").read_text())["num"] == 64
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `dcgan ...` and `python -m launch.slurm ...` command of the README's bash blocks, as argv
+    after the program name (continuation lines joined, comments and environment assignments dropped)."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("#", 1)[0].split("&&"):
+                words = shlex.split(part)
+                while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+                    words = words[1:]
+                if words[:1] in (["dcgan"], [".venv/bin/dcgan"]):
+                    commands.append(["dcgan", *words[1:]])
+                elif "-m" in words and words[words.index("-m") + 1 : words.index("-m") + 2] in (["dcgan"], ["launch.slurm"]):
+                    at = words.index("-m")
+                    commands.append([words[at + 1], *words[at + 2 :]])
+    return commands
+
+
+def test_every_readme_command_parses_and_its_config_loads() -> None:
+    """The README's commands, as written: options that exist, config keys that exist, values that are valid."""
+    commands = readme_commands()
+    assert sum(c[0] == "dcgan" for c in commands) >= 12 and sum(c[0] == "launch.slurm" for c in commands) >= 4
+    for program, *argv in commands:
+        parser = build_parser() if program == "dcgan" else slurm_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"README: `{program} {shlex.join(argv)}` does not parse")
+        if getattr(args, "config", None) and getattr(args, "command", "train") == "train" and hasattr(args, "overrides"):
+            load_config(args.config, args.overrides)

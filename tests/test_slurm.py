@@ -228,3 +228,30 @@ def test_sbatch_job_array_runs_one_point_per_task_from_a_points_file(cluster: No
         run = tmp_path / "sweep" / f"seed={task}"
         assert (run / "checkpoints" / "step_000000010" / ".metadata").exists()
         assert f"seed: {task}" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.slurm
+def test_a_request_the_partition_can_never_satisfy_is_refused_before_submission(cluster: None, tmp_path: Path) -> None:
+    """4 CPUs a task x 2 tasks on the 2-CPU node would pend forever (PartitionConfig): sbatch --test-only
+    says so first, and nothing reaches the queue."""
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.slurm", "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", "--tasks-per-node", "2", "--cpus-per-task", "4"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "launch.slurm: error: SLURM refuses this request (1 node(s) x 2 task(s) x 4 CPU(s), 0 GPU(s) a node): "
+        "Batch job submission failed: Requested node configuration is not available"
+    )
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split() == before
+
+
+def test_shards_that_do_not_exist_here_are_refused_before_submission(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.slurm", "configs/tiny.yaml", f"data.shards={tmp_path / 'nowhere'}", "--local", "--folder", str(tmp_path / "logs")],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"launch.slurm: error: data.shards: {tmp_path / 'nowhere'} does not exist on this machine (give a path the cluster's nodes share)"
+    assert not (tmp_path / "logs").exists()

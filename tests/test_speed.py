@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dcgan.bench import synthetic_batch
+from dcgan.bench import end_to_end_share, synthetic_batch
 from dcgan.config import ConfigError, load_config
 from dcgan.distributed import DistInfo
 from dcgan.errors import LaunchError
@@ -60,9 +60,12 @@ def test_compiled_step_matches_eager() -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_bench_step_prints_both_rates_and_their_ratio() -> None:
-    out = run_cli("bench", "step", "configs/tiny.yaml", "--batch-sizes", "8,16", "--warmup", "1", "--iters", "3").stdout
-    header, *rows = out.strip().splitlines()
+def test_bench_step_prints_both_rates_and_their_ratio_and_its_progress_on_stderr() -> None:
+    result = run_cli("bench", "step", "configs/tiny.yaml", "--batch-sizes", "8,16", "--warmup", "1", "--iters", "3")
+    assert [line.split(":")[0] for line in result.stderr.splitlines() if line.startswith("... ")] == [
+        "... batch 8", "... batch 8", "... batch 16", "... batch 16",
+    ]
+    header, *rows = result.stdout.strip().splitlines()
     assert header.split() == ["batch", "reference", "img/s", "dcgan", "img/s", "ratio", "peak", "GiB"]
     for row, batch in zip(rows, (8, 16), strict=True):
         size, reference, ours, ratio, _ = row.split()
@@ -71,6 +74,11 @@ def test_bench_step_prints_both_rates_and_their_ratio() -> None:
         implied = float(ours) / float(reference)
         rounding = 0.005 + implied * (0.5 / float(ours) + 0.5 / float(reference)) * 1.01
         assert abs(float(ratio) - implied) <= rounding
+
+
+def test_an_end_to_end_rate_above_the_synthetic_rate_is_not_printed_as_a_share() -> None:
+    assert end_to_end_share(450, 500) == "90% of the synthetic-data rate"
+    assert "load changed" in end_to_end_share(453, 53) and "%" not in end_to_end_share(453, 53)
 
 
 def test_bench_step_times_the_multi_rank_path_of_one_process_beside_the_plain_step() -> None:
