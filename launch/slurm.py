@@ -178,21 +178,27 @@ def check_shards_visible(shards: str) -> None:
         raise ConfigError(f"data.shards: {shards} does not exist on this machine (give a path the cluster's nodes share)")
 
 
-def check_with_slurm(res: Resources, folder: Path, name: str) -> None:
-    """`sbatch --test-only` on the script submitit would submit: a request the partition can never
-    satisfy (4 CPUs a task on a 2-CPU node, GPUs it does not have) is refused here in one line instead
-    of pending forever with reason PartitionConfig. Skipped where sbatch is not installed."""
+def ask_slurm(res: Resources, folder: Path, name: str) -> tuple[bool, str] | None:
+    """(accepted, SLURM's answer) of `sbatch --test-only` on the script submitit would submit; None
+    where it cannot be asked (--local, or no sbatch on this machine). Nothing is queued."""
     if res.local or shutil.which("sbatch") is None:
-        return
+        return None
     with tempfile.NamedTemporaryFile("w", suffix=".sbatch") as script:
         script.write(sbatch_text(res, folder, name))
         script.flush()
         result = subprocess.run(["sbatch", "--test-only", script.name], capture_output=True, text=True)
-    if result.returncode != 0:
-        reason = (result.stderr.strip().splitlines() or ["no reason given"])[-1].removeprefix("sbatch: error: ")
+    lines = [line.removeprefix("sbatch: error: ").removeprefix("sbatch: ") for line in result.stderr.strip().splitlines()]
+    return result.returncode == 0, (lines or ["no answer"])[-1]
+
+
+def check_with_slurm(res: Resources, folder: Path, name: str) -> None:
+    """A request the partition can never satisfy (4 CPUs a task on a 2-CPU node, GPUs it does not have)
+    is refused here in one line instead of pending forever with reason PartitionConfig."""
+    answer = ask_slurm(res, folder, name)
+    if answer is not None and not answer[0]:
         raise ConfigError(
             f"SLURM refuses this request ({res.nodes} node(s) x {res.tasks} task(s) x {res.cpus_per_task} CPU(s), "
-            f"{res.gpus_per_node} GPU(s) a node): {reason}"
+            f"{res.gpus_per_node} GPU(s) a node): {answer[1]}"
         )
 
 
@@ -342,8 +348,10 @@ def dry_run(config: str, overrides: list[str], res: Resources, folder: Path | No
 
     run_config = checked_config(config, overrides, res)
     folder = log_folder(folder, run_config)
-    check_with_slurm(res, folder, f"dcgan-{Path(run_config.run.dir).name}")
+    answer = ask_slurm(res, folder, f"dcgan-{Path(run_config.run.dir).name}")
     report = describe(run_config, res.nodes * res.tasks)
+    if answer is not None:
+        report += f"\nSLURM (sbatch --test-only): {'accepts' if answer[0] else 'REFUSES'}: {answer[1]}"
     if res.local:
         return report + "\n--local: submitit's local executor runs the job here, with no sbatch script"
     return report + "\nsbatch script:\n" + sbatch_text(res, folder, f"dcgan-{Path(run_config.run.dir).name}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +57,8 @@ def test_slurm_dry_run_prints_the_plan_and_the_sbatch_script_and_submits_nothing
                  "#SBATCH --partition=debug", "#SBATCH --signal=USR2@120", "#SBATCH --job-name=dcgan-run"):
         assert line in script.splitlines()
     assert "srun --unbuffered" in script and "submitit.core._submit" in script
+    if shutil.which("sbatch"):  # SLURM's own verdict on the request (2 nodes: refused by a 1-node cluster)
+        assert re.search(r"^SLURM \(sbatch --test-only\): (accepts|REFUSES): \S", report.split("sbatch script:")[0], re.M)
     assert not folder.exists()  # no job, no log folder
 
 
