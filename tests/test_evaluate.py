@@ -115,6 +115,8 @@ def test_trained_generator_beats_untrained_on_every_metric_and_ranks_agree(
     two = eval_cli(trained_digits_run, tmp_path / "two.json", inception, ranks=2)
     for key in ("fid", "kid", "swd", "digits_frechet"):
         assert two[key] == pytest.approx(trained[key], rel=1e-4, abs=1e-6), key
+    for key in ("digits_confident", "digits_class_balance"):  # shares of 500 samples: at most one sample apart
+        assert two[key] == pytest.approx(trained[key], abs=1 / 500 + 1e-9), key
 
 
 def test_periodic_evaluation_logs_metrics_and_keeps_the_best_checkpoint(tmp_path: Path) -> None:
