@@ -155,6 +155,10 @@ def prepare_module(
     memory_format = torch.channels_last if channels_last and info.device.type == "cuda" else torch.preserve_format
     module = module.to(device=info.device, memory_format=memory_format)
     if compile:
+        if not torch.cuda.is_available():
+            # inductor's C++ backend probes for CUDA and warns "No CUDA runtime is found" at every compile
+            # on a machine that has none: noise where no CUDA was asked for
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         module.compile()
     if not info.distributed:
         return module, module

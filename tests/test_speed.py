@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -118,3 +120,14 @@ def test_cuda_graph_mode_needs_cuda_and_averages_gradients_itself_over_ranks() -
     assert gradient_sync(load_config(TINY), eight) == "ddp"
     eager = build_step(load_config(TINY), CPU)[2]
     assert make_runner(eager, load_config(TINY), CPU) is eager  # the default: no wrapper at all
+
+
+@pytest.mark.slow
+def test_compiling_on_a_machine_without_cuda_prints_no_cuda_warning(tmp_path: Path) -> None:
+    """inductor warns "No CUDA runtime is found" when it compiles C++ kernels on a machine without CUDA;
+    the project compiles quietly there."""
+    if torch.cuda.is_available():
+        pytest.skip("the warning only exists without CUDA")
+    result = run_cli("train", "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", "train.steps=2", "train.compile=true", "log.wandb=disabled")
+    assert "checkpoint of step 2 complete" in result.stderr
+    assert "No CUDA runtime" not in result.stderr
