@@ -162,8 +162,10 @@ def executor_parameters(res: Resources, name: str) -> dict[str, Any]:
 
 
 def make_executor(res: Resources, folder: Path, name: str, max_requeues: int = 20) -> submitit.AutoExecutor:
+    """One folder per job on SLURM (`%j`); the local executor does not expand `%j` everywhere (it left an
+    empty directory of that name), so its jobs' files share the folder, prefixed by their job id."""
     cluster = "local" if res.local else "slurm"
-    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster, slurm_max_num_timeout=max_requeues)
+    executor = submitit.AutoExecutor(folder=str(folder if res.local else folder / "%j"), cluster=cluster, slurm_max_num_timeout=max_requeues)
     executor.update_parameters(**executor_parameters(res, name))
     return executor
 

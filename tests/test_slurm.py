@@ -254,3 +254,23 @@ def test_shards_that_do_not_exist_here_are_refused_before_submission(tmp_path: P
     assert result.returncode == 2
     assert result.stderr.strip() == f"launch.slurm: error: data.shards: {tmp_path / 'nowhere'} does not exist on this machine (give a path the cluster's nodes share)"
     assert not (tmp_path / "logs").exists()
+
+
+def test_a_local_job_logs_beside_its_run_and_leaves_nothing_else(tmp_path: Path) -> None:
+    """--local: logs under run.dir/slurm_logs, named by the job id (not in the current directory), and no
+    empty directory literally named %j beside them."""
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.slurm", str(ROOT / "configs" / "tiny.yaml"), f"run.dir={run}", "train.steps=2", "--local"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    job_id = re.search(r"^job (\d+)$", result.stdout, re.M).group(1)
+    assert f"logs {run / 'slurm_logs'}\n" in result.stdout
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "step_000000002" / ".metadata").exists():
+        assert time.monotonic() < deadline, "the local job never finished"
+        time.sleep(0.5)
+    logs = sorted(p.name for p in (run / "slurm_logs").iterdir())
+    assert logs and all(name.startswith(f"{job_id}_") for name in logs), logs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
