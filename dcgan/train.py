@@ -167,6 +167,23 @@ def warn_if_global_batch_changed(saved_config: dict[str, Any], stored: dict[str,
         )
 
 
+PAPER_LR, PAPER_BATCH = 2e-4, 128
+"""Radford et al.'s Adam learning rate and the (global) batch it was chosen for."""
+
+
+def lr_advice(lr: float, global_batch: int) -> str | None:
+    """The README's one rule, at the start of every run whose global batch is not the paper's: for a
+    k-fold global batch start from lr x sqrt(k). Advice, not a change: the paper's per-GPU batch at the
+    paper's lr is also a sound (slower) choice, and the user's lr stands."""
+    if global_batch == PAPER_BATCH:
+        return None
+    suggested = PAPER_LR * math.sqrt(global_batch / PAPER_BATCH)
+    return (
+        f"global batch {global_batch}: optim.lr {lr:.3g}; the sqrt rule from the paper's {PAPER_LR:.0e} at {PAPER_BATCH} "
+        f"suggests {suggested:.2g} (README: Many GPUs and nodes)"
+    )
+
+
 def keep_configured_hyperparameters(saved: dict[str, Any], optimizer: torch.optim.Optimizer, name: str) -> None:
     """Put this run's hyperparameters into a loaded optimizer state before it is applied.
 
@@ -567,6 +584,8 @@ def train(config: Config) -> int:
             trainer.step, config.train.steps,
         )
         log_batchnorm_mode(info, config.model.sync_bn, config.train.batch_size)
+        if info.is_main and (advice := lr_advice(config.optim.lr, trainer.global_batch)):
+            log.info("%s", advice)
         tracker = make_tracker(trainer.run_dir, config, trainer.run_id, info.rank, trainer.step)
         if trainer.step >= config.train.steps:
             log.info("nothing to do: the run already reached step %d", trainer.step)

@@ -155,3 +155,11 @@ def test_a_resume_on_another_number_of_ranks_warns_that_the_global_batch_changed
     [record] = caplog.records
     assert "256 (2 rank(s) x 128) when checkpointed, 128 (1 x 128) now" in record.getMessage()
     assert "train.batch_size=256" in record.getMessage()
+
+
+def test_lr_advice_follows_the_readmes_one_rule() -> None:
+    from dcgan.train import lr_advice
+
+    assert lr_advice(2e-4, 128) is None
+    assert "suggests 0.00057" in lr_advice(2e-4, 1024) and "optim.lr 0.0002" in lr_advice(2e-4, 1024)
+    assert "suggests 0.00028" in lr_advice(4e-4, 256)
