@@ -24,7 +24,7 @@ updates it in place produced silently wrong gradients in torch 2.15.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -108,9 +108,13 @@ class CrossRankBatchNorm2d(nn.BatchNorm2d):
         self.running_var.lerp_(unbiased, factor)
 
 
-def convert_to_cross_rank(module: nn.Module, group: dist.ProcessGroup) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def convert_to_cross_rank(module: M, group: dist.ProcessGroup) -> M:
     """Replace every BatchNorm2d in `module` by a CrossRankBatchNorm2d with the same state (in place for
-    containers; returns the converted module, as torch's convert_sync_batchnorm does)."""
+    containers; returns the converted module, as torch's convert_sync_batchnorm does). A bare
+    BatchNorm2d becomes a CrossRankBatchNorm2d, which is one: the type promised holds."""
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, CrossRankBatchNorm2d):
         converted = CrossRankBatchNorm2d(
             module.num_features, group, eps=module.eps, momentum=module.momentum, affine=module.affine,
@@ -118,7 +122,7 @@ def convert_to_cross_rank(module: nn.Module, group: dist.ProcessGroup) -> nn.Mod
         ).to(device=_device_of(module))
         converted.load_state_dict(module.state_dict())
         converted.train(module.training)
-        return converted
+        return cast(M, converted)  # a BatchNorm2d asked for, a CrossRankBatchNorm2d given: a subclass
     for name, child in module.named_children():
         module.add_module(name, convert_to_cross_rank(child, group))
     return module

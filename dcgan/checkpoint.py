@@ -157,9 +157,11 @@ class Checkpointer:
         if self.info.distributed:
             dist.barrier(group=group)
         if self.config.async_save and not blocking:
-            self._pending = dcp.async_save(
+            pending = dcp.async_save(
                 state, checkpoint_id=str(path), process_group=group, no_dist=not self.info.distributed
             )
+            assert isinstance(pending, Future), "without an async stager DCP returns a Future"
+            self._pending = pending
             self._pending_step = step
         else:
             try:

@@ -201,7 +201,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if name not in known:
             raise ConfigError(f"unknown key '{key}' (allowed here: {', '.join(sorted(known))})")
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a section of keys, got {value!r}")
             kwargs[name] = _build(tp, value, f"{key}.")
@@ -310,7 +310,7 @@ def iter_keys(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             yield from iter_keys(tp, f"{prefix}{f.name}.")
         else:
             yield f"{prefix}{f.name}", tp, f.default, f.metadata.get("help", "")

@@ -17,7 +17,7 @@ import inspect
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -120,12 +120,26 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 600, forc
     elif "MASTER_ADDR" not in os.environ:
         raise LaunchError(f"WORLD_SIZE={world_size} but MASTER_ADDR is not set: start the ranks with torchrun or srun")
     dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
-    flag_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
-    checkpoint_group = dist.new_group(backend="gloo", timeout=timeout)
+    flag_group = _gloo_group(timeout) if backend != "gloo" else _world()
+    checkpoint_group = _gloo_group(timeout)
     return DistInfo(
         rank=rank, world_size=world_size, local_rank=local_rank, device=device, flag_group=flag_group,
         checkpoint_group=checkpoint_group, forced=world_size == 1,
     )
+
+
+def _world() -> dist.ProcessGroup:
+    """The default group, once initialized (torch types it as optional)."""
+    world = dist.group.WORLD
+    assert world is not None, "the default process group is not initialized"
+    return world
+
+
+def _gloo_group(timeout: datetime.timedelta) -> dist.ProcessGroup:
+    """A new gloo group of every rank (torch types the result as possibly a non-member marker)."""
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    assert isinstance(group, dist.ProcessGroup), "every rank is a member of a group of all ranks"
+    return group
 
 
 def destroy_distributed() -> None:
@@ -140,10 +154,13 @@ flat all-reduce per model called by the step itself (`average_gradients`), which
 capture whole."""
 
 
+Bare = TypeVar("Bare", bound=nn.Module)
+
+
 def prepare_module(
-    module: nn.Module, info: DistInfo, *, compile: bool, channels_last: bool, sync_bn: bool = True,
+    module: Bare, info: DistInfo, *, compile: bool, channels_last: bool, sync_bn: bool = True,
     gradient_sync: GradientSync = "ddp",
-) -> tuple[nn.Module, nn.Module]:
+) -> tuple[nn.Module, Bare]:
     """Return (module to train through, bare module): cross-rank BN -> device -> compile -> DDP.
 
     The bare module shares parameters with the wrapper; it is what checkpoints read and what the G step
@@ -151,9 +168,10 @@ def prepare_module(
     rank computes the same running statistics, so DDP need not broadcast buffers before each forward.
     """
     if info.distributed and sync_bn:
-        module = convert_to_cross_rank(module, dist.group.WORLD)
-    memory_format = torch.channels_last if channels_last and info.device.type == "cuda" else torch.preserve_format
-    module = module.to(device=info.device, memory_format=memory_format)
+        module = convert_to_cross_rank(module, _world())
+    module = module.to(device=info.device)
+    if channels_last and info.device.type == "cuda":
+        module = module.to(memory_format=torch.channels_last)
     if compile:
         if not torch.cuda.is_available():
             # inductor's C++ backend probes for CUDA and warns "No CUDA runtime is found" at every compile
@@ -166,7 +184,8 @@ def prepare_module(
         broadcast_state(module, info)
         return module, module
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DDP(module, device_ids=device_ids, **{_DDP_BUFFER_SYNC_ARG: not sync_bn}), module
+    buffer_sync: dict[str, Any] = {_DDP_BUFFER_SYNC_ARG: not sync_bn}
+    return DDP(module, device_ids=device_ids, **buffer_sync), module
 
 
 _DDP_BUFFER_SYNC_ARG = (

@@ -40,7 +40,7 @@ def data_lines(config: Config, world_size: int) -> tuple[list[str], int]:
     info = DistInfo(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"))
     source = build_source(config, info)
     try:
-        batches = source.batches_per_epoch  # type: ignore[attr-defined]
+        batches = source.batches_per_epoch
         if config.uses_builtin_digits:
             return [f"data: built-in digits, {len(source.images)} images; each rank its own {len(source.images) // world_size}"], batches  # type: ignore[attr-defined]
         shards = source.shards  # type: ignore[attr-defined]

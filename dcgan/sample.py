@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 import yaml
 from torchvision.utils import make_grid, save_image
 
@@ -79,6 +80,7 @@ def load_generator_checkpoint(checkpoint: Path) -> LoadedGenerator:
     }
     reader = dcp.FileSystemReader(str(checkpoint))
     noise_meta = reader.read_metadata().state_dict_metadata["fixed_noise"]
+    assert isinstance(noise_meta, TensorStorageMetadata), "fixed_noise is stored as a tensor"
     state["fixed_noise"] = torch.empty(noise_meta.size)
     dcp.load(state, storage_reader=reader, no_dist=True)
     generator.load_state_dict(state["model"]["G"])

@@ -86,7 +86,7 @@ class RunTracker(Tracker):
                     "earlier wandb segments already hold steps up to %d: this segment logs from step %d on, so "
                     "that `dcgan sync` uploads every step once", self._wandb_from - 1, self._wandb_from,
                 )
-        self._wandb = _start_wandb(run_dir, config, wandb_id) if config.log.wandb != "disabled" else None
+        self._wandb: Any = _start_wandb(run_dir, config, wandb_id) if config.log.wandb != "disabled" else None
         if config.log.wandb == "offline":
             self._replay_unlogged(run_dir / "stats.jsonl", start_step)
 

@@ -41,6 +41,7 @@ from dcgan.distributed import (
     destroy_distributed,
     init_distributed,
     log_batchnorm_mode,
+    Bare,
     prepare_module,
     replicas_agree,
     sync_buffers,
@@ -232,7 +233,7 @@ def build_step(
     t = config.train
     sync = sync or gradient_sync(config, info)
 
-    def wrap(module: nn.Module) -> tuple[nn.Module, nn.Module]:
+    def wrap(module: Bare) -> tuple[nn.Module, Bare]:
         return prepare_module(
             module, info, compile=t.compile, channels_last=t.channels_last, sync_bn=config.model.sync_bn,
             gradient_sync=sync,
@@ -243,7 +244,7 @@ def build_step(
     fused = device.type == "cuda"
     betas = (config.optim.beta1, config.optim.beta2)
     # capturable: Adam keeps its step count on the device, which a CUDA-graph replay requires.
-    adam = {"lr": config.optim.lr, "betas": betas, "fused": fused, "capturable": t.cuda_graph}
+    adam: dict[str, Any] = {"lr": config.optim.lr, "betas": betas, "fused": fused, "capturable": t.cuda_graph}
     opt_g = torch.optim.Adam(g_bare.parameters(), **adam)
     opt_d = torch.optim.Adam(d_bare.parameters(), **adam)
     dtype = resolve_precision(t.precision, device)
@@ -253,7 +254,7 @@ def build_step(
         channels_last=t.channels_last and device.type == "cuda",
         average_gradients=partial(average_gradients, info=info) if sync == "explicit" else None,
     )
-    return g_bare, d_bare, step_fn  # type: ignore[return-value]
+    return g_bare, d_bare, step_fn
 
 
 def build_trainer(config: Config, info: DistInfo) -> Trainer:

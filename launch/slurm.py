@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def sbatch_text(res: Resources, folder: Path, name: str) -> str:
     """The batch script submitit would submit for these resources (nothing is submitted)."""
-    executor = make_executor(res, folder, name)._executor
+    executor: Any = make_executor(res, folder, name)._executor  # submitit's SlurmExecutor: its own text, not public API
     return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
 
 

@@ -68,7 +68,8 @@ def resolve_shards(spec: str) -> ShardSet:
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise ConfigError(f"data.shards: {path} has no {MANIFEST} (write shards with `dcgan shards`)")
-        manifest = Manifest.read(manifest_path)
+        manifest: Manifest | None = Manifest.read(manifest_path)
+        assert manifest is not None
         urls = [str(path / s.name) for s in manifest.shards]
         counts = [s.samples for s in manifest.shards]
     else:

@@ -14,6 +14,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import webdataset as wds
@@ -89,7 +91,7 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
 
 def plan_tasks(kind: str, source: Path, out_dir: Path, *, fmt: str, resolution: int, channels: int, crop: int, shard_size: int, block_size: int) -> tuple[list[ShardTask], int]:
     """Split the input into shard tasks; returns (tasks, channels actually written)."""
-    common = dict(out_dir=out_dir, fmt=fmt, resolution=resolution, crop=crop, block_size=block_size)
+    common: dict[str, Any] = dict(out_dir=out_dir, fmt=fmt, resolution=resolution, crop=crop, block_size=block_size)
     if kind == "folder":
         files = list_images(source)
         if not files:
@@ -162,5 +164,5 @@ class _InlinePool:
         pass
 
     @staticmethod
-    def imap_unordered(fn, items):  # type: ignore[no-untyped-def]
+    def imap_unordered(fn: Callable[..., Any], items: Iterable[Any]) -> Iterator[Any]:
         return map(fn, items)
