@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import os
 import io
 import shutil
 import struct
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -24,7 +27,7 @@ from dcgan.data.writer import write_shards
 from dcgan.distributed import DistInfo
 from dcgan.train import EXIT_OK, train
 
-from conftest import image_index, indexed_image, run_cli, tiny_config, write_image_folder
+from conftest import ROOT, image_index, indexed_image, run_cli, tiny_config, write_image_folder
 
 
 def rank_info(rank: int, world: int) -> DistInfo:
@@ -341,3 +344,18 @@ def test_flipped_pixels_in_a_block_fail_its_checksum_and_count_its_images(digits
         take(source, 80)
     assert source.skipped_samples > 0 and source.skipped_samples % images_in_block == 0
     assert "images.npy fails its CRC-32 check" in caplog.text
+
+
+def test_the_read_buffer_is_set_by_reading_shards_not_by_importing(digits_shards: Path) -> None:
+    """Importing the loader changes no environment; reading a shard sets webdataset's GOPEN_BUFFER
+    (unless the user set one), in the process that reads."""
+    program = (
+        "import os, sys\n"
+        "from dcgan.data.stream import READ_BUFFER, read_images\n"
+        "print(os.environ.get('GOPEN_BUFFER'))\n"
+        "images = read_images(sys.argv[1], 8, 16, 1)\n"
+        "print(os.environ.get('GOPEN_BUFFER') == str(READ_BUFFER), tuple(images.shape))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GOPEN_BUFFER"}
+    result = subprocess.run([sys.executable, "-c", program, str(digits_shards)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split("\n")[:2] == ["None", "True (8, 1, 16, 16)"], result.stderr

@@ -3,7 +3,7 @@
 Three formats (chosen with `dcgan shards --format`):
 - `blocks` (default): each tar member holds a block of a few hundred pre-decoded uint8 images
   (`images.npy`, N x C x H x W) and their labels. Reading a block is a memcpy, so one worker delivers
-  tens of thousands of images per second; per-sample decoding tops out near 3k/s per core (DESIGN.md).
+  tens of thousands of images per second; per-sample decoding tops out near 3k/s per core (docs/performance.md).
 - `png`: one lossless PNG per sample (pixel-exact, ~2/3 of the raw size, slow to decode).
 - `jpeg`: one JPEG (quality 95) per sample (smallest, lossy, faster than PNG to decode).
 Keys are zero-padded indices with no dots (webdataset splits a member name at its first dot).

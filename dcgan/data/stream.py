@@ -40,10 +40,10 @@ from dcgan.errors import ShardError
 
 log = logging.getLogger(__name__)
 
-# webdataset opens local shards with open(path, buffering=$GOPEN_BUFFER); with the default 8 KiB buffer,
-# tarfile's 10 KiB stream reads turn every 3 MB block into hundreds of system calls. 1 MiB raised the raw
-# tar rate from ~50k to ~90k img/s (64x64 RGB blocks, docs/performance.md). A user's own value wins.
-os.environ.setdefault("GOPEN_BUFFER", str(1 << 20))
+READ_BUFFER = 1 << 20
+"""webdataset opens local shards with open(path, buffering=$GOPEN_BUFFER), read when each shard is opened;
+with the default 8 KiB buffer, tarfile's 10 KiB stream reads turn every 3 MB block into hundreds of system
+calls. 1 MiB raised the raw tar rate from ~50k to ~90k img/s (64x64 RGB blocks, docs/performance.md)."""
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 
@@ -214,7 +214,9 @@ END_OF_SHARD = "__end_of_shard__"
 
 def _shard_passes(shards: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
     """Samples of each shard in turn, each pass followed by an END_OF_SHARD marker (the same shard may
-    be drawn twice in a row, so a change of URL cannot mark the end of a pass)."""
+    be drawn twice in a row, so a change of URL cannot mark the end of a pass). Set here, in the process
+    that reads (a loader worker, or training itself): the read buffer, unless the user chose one."""
+    os.environ.setdefault("GOPEN_BUFFER", str(READ_BUFFER))
     for shard in shards:
         yield from wds.tarfile_to_samples(handler=_raise_naming_shard)(iter([shard]))
         yield {END_OF_SHARD: shard["url"]}
