@@ -110,6 +110,18 @@ class CheckpointConfig:
 EVAL_METRICS = ("fid", "kid", "swd", "digits")
 """What `dcgan eval` and eval.metrics can compute (dcgan.evaluate implements them)."""
 
+DIGITS_KEYS = ("digits_frechet", "digits_confident", "digits_class_balance")
+"""The three results of the digits metric (dcgan.quality.DigitsScore, prefixed)."""
+
+LOWER_IS_BETTER = ("fid", "kid", "swd", "digits_frechet")
+"""Result keys for which a smaller value is a better generator: what eval.best may name."""
+
+
+def metric_keys(metrics: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The result keys `dcgan.evaluate.evaluate` returns for these metrics, in order: the one source of
+    metric names for config validation, evaluation and eval.best."""
+    return tuple(key for metric in metrics for key in (DIGITS_KEYS if metric == "digits" else (metric,)))
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -118,7 +130,7 @@ class EvalConfig:
     num: int = _field(2000, "generated (and real) images per evaluation")
     data: str = _field("", "real images to compare with (shard directory or 'digits'); empty = data.shards, or digits")
     inception: str = _field("", "TorchScript Inception for fid/kid (empty = env DCGAN_INCEPTION)")
-    best: str = _field("", "keep the checkpoint with the lowest value of this metric (e.g. swd, fid) until a better one")
+    best: str = _field("", "keep the checkpoint with the lowest value of this result of eval.metrics (fid, kid, swd or digits_frechet) until a better one")
 
 
 @dataclass(frozen=True)
@@ -373,8 +385,8 @@ def validate(config: Config) -> None:
     _require(e.every >= 0, "eval.every", ">= 0 (0 = never)", e.every)
     _require(bool(e.metrics) and set(e.metrics) <= set(EVAL_METRICS), "eval.metrics", f"a non-empty list from {', '.join(EVAL_METRICS)}", list(e.metrics))
     _require(e.num >= 2, "eval.num", ">= 2", e.num)
-    digits_names = {"digits": "digits_frechet"}
-    _require(e.best == "" or e.best in e.metrics or e.best in digits_names.values(), "eval.best", "empty or one of eval.metrics (digits_frechet for digits)", e.best)
+    eligible = [key for key in metric_keys(e.metrics) if key in LOWER_IS_BETTER]
+    _require(e.best == "" or e.best in eligible, "eval.best", f"empty or one of {', '.join(eligible)} (what eval.metrics produces; lower is better)", e.best)
     _require(not ("digits" in e.metrics and m.channels != 1), "eval.metrics", "without digits for a 3-channel model", list(e.metrics))
 
 

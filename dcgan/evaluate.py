@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dcgan.config import EVAL_METRICS, ConfigError
+from dcgan.config import EVAL_METRICS, ConfigError, metric_keys
 from dcgan.distributed import DistInfo
 from dcgan.quality import frechet_distance, gaussian_stats
 from dcgan.sample import LoadedGenerator, generate
@@ -237,4 +237,6 @@ def evaluate(loaded: LoadedGenerator, data: str, num: int, metrics: list[str], i
             raise ConfigError("--metrics digits needs a 1-channel generator")
         score = DigitsScorer(m.resolution).score(fake.float().div(127.5).sub(1))
         results.update({f"digits_{k}": v for k, v in score.as_dict().items()})
+    expected = metric_keys([metric for metric in EVAL_METRICS if metric in metrics])
+    assert tuple(results) == expected, f"evaluate returned {tuple(results)}, config.metric_keys promises {expected}"
     return results

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
-from dcgan.config import ConfigError, load_config
+from dcgan.config import ConfigError, load_config, metric_keys
 from dcgan.evaluate import fid, kid, load_inception, swd
 from dcgan.models import Generator
 from dcgan.sample import LoadedGenerator, export_generator
@@ -143,5 +143,13 @@ def test_periodic_evaluation_logs_metrics_and_keeps_the_best_checkpoint(tmp_path
 def test_eval_config_errors() -> None:
     with pytest.raises(ConfigError, match="eval.metrics: must be a non-empty list from fid, kid, swd, digits"):
         load_config(TINY, ["eval.metrics=[lpips]"])
-    with pytest.raises(ConfigError, match="eval.best: must be empty or one of eval.metrics"):
+    with pytest.raises(ConfigError, match=r"eval.best: must be empty or one of swd \(what eval.metrics produces"):
         load_config(TINY, ["eval.best=fid"])
+    # named by what evaluate() returns: digits gives digits_frechet (lower is better), not "digits"; a
+    # key that eval.metrics does not produce would crash at the first eval (KeyError) if it passed here
+    for bad in (["eval.metrics=[swd]", "eval.best=digits_frechet"], ["eval.metrics=[digits]", "eval.best=digits"],
+                ["eval.metrics=[digits]", "eval.best=digits_confident"]):
+        with pytest.raises(ConfigError, match="eval.best: must be empty or one of"):
+            load_config(TINY, bad)
+    assert load_config(TINY, ["eval.metrics=[swd,digits]", "eval.best=digits_frechet"]).eval.best == "digits_frechet"
+    assert metric_keys(["fid", "swd", "digits"]) == ("fid", "swd", "digits_frechet", "digits_confident", "digits_class_balance")
