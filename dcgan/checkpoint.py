@@ -16,6 +16,7 @@ import re
 import shutil
 import warnings
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -39,6 +40,14 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
 METADATA = ".metadata"
 BEST = "best.json"
+
+
+@dataclass(frozen=True)
+class Best:
+    """Why a checkpoint is the best so far: its value of the eval.best metric (lower is better)."""
+
+    metric: str
+    value: float
 
 
 def read_best(root: Path) -> dict[str, Any] | None:
@@ -124,6 +133,15 @@ class Checkpointer:
         self.info = info
         self._pending: Future | None = None
         self._pending_step = -1
+        self._pending_best: Best | None = None
+        self.saved_step = -1
+        """The newest step whose save has started (in flight or complete): never saved twice."""
+        self.complete_step = -1
+        """The newest step whose checkpoint is complete on disk (its .metadata written)."""
+
+    def resumed(self, step: int) -> None:
+        """The run resumed from the complete checkpoint of `step`."""
+        self.saved_step = self.complete_step = step
 
     def remove_incomplete(self) -> None:
         """Delete half-written checkpoint directories (rank 0, before any save of this run)."""
@@ -147,9 +165,12 @@ class Checkpointer:
         path.rename(target)
         log.warning("damaged checkpoint kept as %s", target)
 
-    def save(self, step: int, state: dict[str, Any], *, blocking: bool = False) -> None:
-        """Write `state` as the checkpoint of `step`, in the background unless blocking or configured off."""
+    def save(self, step: int, state: dict[str, Any], *, blocking: bool = False, best: Best | None = None) -> None:
+        """Write `state` as the checkpoint of `step`, in the background unless blocking or configured off.
+        With `best`, this checkpoint becomes the best one (best.json, kept by prune), once it is complete."""
         self.wait()
+        self.saved_step = step
+        self._pending_best = best
         path = checkpoint_dir(self.root, step)
         if self.info.is_main:
             path.mkdir(parents=True, exist_ok=True)
@@ -203,7 +224,13 @@ class Checkpointer:
         return CheckpointWriteError(f"{reason}: step {step} was not saved; {kept}")
 
     def _finished(self, step: int) -> None:
+        """After a save completed: the best marker (only now, so that it never names a half-written
+        checkpoint), then pruning (which keeps the best)."""
+        self.complete_step = step
         log.info("checkpoint of step %d complete: %s", step, checkpoint_dir(self.root, step))
+        if self._pending_best is not None:
+            self._write_best(step, self._pending_best)
+            self._pending_best = None
         self.prune()
 
     def load(self, path: Path, state: dict[str, Any]) -> None:
@@ -223,11 +250,11 @@ class Checkpointer:
                 continue
             shutil.rmtree(path, ignore_errors=True)
 
-    def mark_best(self, step: int, metric: str, value: float) -> None:
-        """Record `step` as the best checkpoint by `metric` (rank 0; kept by prune until replaced)."""
+    def _write_best(self, step: int, best: Best) -> None:
+        """Record `step` as the best checkpoint (rank 0; kept by prune until replaced)."""
         if self.info.is_main:
             tmp = self.root / (BEST + ".tmp")
-            tmp.write_text(json.dumps({"step": step, "metric": metric, "value": value}))
+            tmp.write_text(json.dumps({"step": step, "metric": best.metric, "value": best.value}))
             tmp.replace(self.root / BEST)
 
     def close(self) -> None:

@@ -18,7 +18,12 @@ from torch.nn.utils import get_total_norm
 from dcgan.losses import discriminator_loss, generator_loss
 
 STAT_NAMES = ("loss_D", "loss_G", "D_x", "D_G_z_before", "D_G_z_after", "grad_norm_G", "grad_norm_D", "nonfinite")
-"""Order of the values in the vector a step returns (summed over steps by the loop)."""
+"""Names of the values in the vector a step returns, in order (one device tensor, summed over steps by
+the loop and read once per metric line); index it by name with STAT_INDEX."""
+
+STAT_INDEX = {name: index for index, name in enumerate(STAT_NAMES)}
+NONFINITE = STAT_INDEX["nonfinite"]
+"""Where the step's non-finite-loss flag sits in its statistics vector."""
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:

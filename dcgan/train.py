@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from dcgan.checkpoint import Checkpointer, read_best, read_newest, stored_shapes
+from dcgan.checkpoint import Best, Checkpointer, read_best, read_newest, stored_shapes
 from dcgan.config import Config, architecture, config_to_dict, save_config
 from dcgan.data import build_source
 from dcgan.data.base import BatchSource
@@ -52,7 +52,7 @@ from dcgan.preemption import StopSignal, StoppedWhileWaiting
 from dcgan.errors import IncompatibleCheckpoint, RunDirInUse
 from dcgan.rundir import MAX_ATTEMPTS_WITHOUT_PROGRESS, RunDirLock, count_attempt, create_run_dir, refuse_without_progress
 from dcgan.sample import LoadedGenerator, generate, save_grid, to_uint8_grid
-from dcgan.step import STAT_NAMES, GANStep, resolve_precision
+from dcgan.step import NONFINITE, STAT_NAMES, GANStep, resolve_precision
 from dcgan.tracking import GanHealth, Progress, Tracker, make_tracker, new_run_id, sample_diversity, setup_logging
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,6 @@ class Trainer:
     images_seen: int = 0
     """Images trained on by all ranks together since step 0: the x-axis on which runs with different
     numbers of GPUs (and a run resumed with another) compare."""
-    last_good_checkpoint: int = -1
     nonfinite_flag: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
 
     @property
@@ -149,7 +148,7 @@ class Trainer:
         else:
             self.step_fn.noise.manual_seed(noise_seed(self.config.seed, self.info.rank) + self.step)
             log.warning("checkpoint has no noise RNG for rank %d (fewer ranks or another device wrote it): reseeded", self.info.rank)
-        self.last_good_checkpoint = self.step
+        self.checkpointer.resumed(self.step)
         log.info("resumed from %s at step %d (data epoch %d, batch %d)", path, self.step, *self.data.state_dict().values())
         warn_if_global_batch_changed(saved_config, stored, self.config.train.batch_size, self.info.world_size)
 
@@ -385,12 +384,12 @@ def evaluate_now(trainer: Trainer) -> dict[str, float]:
 
 
 def keep_if_best(trainer: Trainer, results: dict[str, float], best: float) -> float:
-    """Checkpoint this step and mark it best when eval.best improved; return the best value so far."""
+    """Checkpoint this step as the best when eval.best improved (the checkpointer marks it once the save
+    is complete); return the best value so far."""
     metric = trainer.config.eval.best
     if not metric or results[metric] >= best:
         return best
-    save_checkpoint(trainer)
-    trainer.checkpointer.mark_best(trainer.step, metric, results[metric])
+    save_checkpoint(trainer, best=Best(metric, results[metric]))
     log.info("step %d is the best so far by %s = %.5f: its checkpoint is kept", trainer.step, metric, results[metric])
     return results[metric]
 
@@ -400,7 +399,7 @@ def nonfinite_seen(trainer: Trainer) -> bool:
     return any_rank(bool(trainer.nonfinite_flag.item()), trainer.info)
 
 
-def save_checkpoint(trainer: Trainer, *, blocking: bool = False) -> None:
+def save_checkpoint(trainer: Trainer, *, blocking: bool = False, best: Best | None = None) -> None:
     """Check replicas agree, then write this step's checkpoint (collective: every rank calls it)."""
     info = trainer.info
     sync_buffers(trainer.g_bare, info)
@@ -408,8 +407,7 @@ def save_checkpoint(trainer: Trainer, *, blocking: bool = False) -> None:
     differing = replicas_agree(trainer.g_bare, info) + replicas_agree(trainer.d_bare, info)
     if differing:
         raise RuntimeError(f"replicas disagree before checkpoint at step {trainer.step}: {', '.join(differing[:5])}")
-    trainer.checkpointer.save(trainer.step, trainer.state_dict(), blocking=blocking)
-    trainer.last_good_checkpoint = trainer.step
+    trainer.checkpointer.save(trainer.step, trainer.state_dict(), blocking=blocking, best=best)
 
 
 STOP_CHECK_EVERY = 10
@@ -428,7 +426,7 @@ def stop_agreed(stop: StopSignal, step: int, info: DistInfo) -> bool:
 def stop_while_waiting(trainer: Trainer, stop: StopSignal) -> int:
     """A stop signal while a single process waited for data: checkpoint the last completed step (unless
     it already is one) and exit as after any stop signal."""
-    if trainer.step > 0 and trainer.step != trainer.last_good_checkpoint:
+    if trainer.step > 0 and trainer.step != trainer.checkpointer.saved_step:
         log.warning("stop signal while waiting for data: checkpointing step %d, then exiting %d", trainer.step, stop.exit_status)
         save_checkpoint(trainer, blocking=True)
     else:
@@ -436,16 +434,135 @@ def stop_while_waiting(trainer: Trainer, stop: StopSignal) -> int:
     return stop.exit_status
 
 
+@dataclass
+class LoopState:
+    """What the end-of-step schedule carries from one step to the next."""
+
+    window: Window
+    progress: Progress
+    health: GanHealth = field(default_factory=GanHealth)
+    diversity: float | None = None
+    """Of the newest fixed-noise grid (rank 0): reported with the next metric line, which may come later."""
+    best: float = math.inf
+    """The best eval.best value so far (from best.json on resume)."""
+
+
+@dataclass(frozen=True)
+class Due:
+    """Which cadences fall on this step (the final step is due for everything but eval)."""
+
+    step: int
+    final: bool
+    log: bool
+    samples: bool
+    eval: bool
+    checkpoint: bool
+
+    @staticmethod
+    def at(step: int, config: Config) -> Due:
+        final = step == config.train.steps
+        return Due(
+            step=step, final=final,
+            log=step % config.log.every == 0 or final,
+            samples=step % config.sample.every == 0 or final,
+            eval=config.eval.every > 0 and step % config.eval.every == 0,
+            checkpoint=step % config.checkpoint.every == 0 or final,
+        )
+
+
+Action = Callable[[Trainer, Tracker, StopSignal, LoopState, Due], "int | None"]
+"""One entry of the end-of-step schedule: returns an exit status to end the run, None to go on."""
+
+
+def check_finite(trainer: Trainer, tracker: Tracker, stop: StopSignal, state: LoopState, due: Due) -> int | None:
+    """A non-finite loss ends the run before anything records it. Checked only when a metric line or a
+    checkpoint is due: the check reads a device flag (a host sync), and a NaN between those steps is
+    caught at the next one, before it can be logged or saved."""
+    if not (due.log or due.checkpoint) or trainer.config.train.nonfinite != "stop" or not nonfinite_seen(trainer):
+        return None
+    trainer.checkpointer.wait()
+    log.error(
+        "non-finite loss at or before step %d: stopping; the last complete checkpoint (step %d) is kept",
+        due.step, trainer.checkpointer.complete_step,
+    )
+    return EXIT_NONFINITE
+
+
+def samples_if_due(trainer: Trainer, tracker: Tracker, stop: StopSignal, state: LoopState, due: Due) -> int | None:
+    """The fixed-noise grid, before the metric line that reports its diversity."""
+    if due.samples:
+        sync_buffers(trainer.g_bare, trainer.info)
+        if trainer.info.is_main:
+            with state.window.outside_training():
+                state.diversity = write_samples(trainer, tracker, state.health)
+    return None
+
+
+def metrics_if_due(trainer: Trainer, tracker: Tracker, stop: StopSignal, state: LoopState, due: Due) -> int | None:
+    """The metric line of the window that ends here; a new window starts."""
+    if due.log:
+        metrics = window_metrics(state.window, trainer)
+        if state.diversity is not None:
+            metrics["sample_diversity"] = state.diversity
+        tracker.log_metrics(due.step, metrics)
+        state.progress.report(due.step, metrics)
+        state.health.observe_metrics(due.step, metrics)
+        state.window = Window(trainer.info.device)
+    return None
+
+
+def eval_if_due(trainer: Trainer, tracker: Tracker, stop: StopSignal, state: LoopState, due: Due) -> int | None:
+    """Evaluation (its time kept out of the training rate); a new best is checkpointed here, which
+    makes this step's regular checkpoint unnecessary (see checkpoint_if_due)."""
+    if due.eval:
+        started = time.perf_counter()
+        with state.window.outside_training():
+            results = evaluate_now(trainer)
+        seconds = time.perf_counter() - started
+        tracker.log_metrics(due.step, {"images_seen": trainer.images_seen, "eval_time_s": seconds, **{f"eval/{k}": v for k, v in results.items()}})
+        log.info("step %d eval (%.1f s): %s", due.step, seconds, " ".join(f"{k}={v:.5f}" for k, v in results.items()))
+        state.best = keep_if_best(trainer, results, state.best)
+    return None
+
+
+def stop_if_agreed(trainer: Trainer, tracker: Tracker, stop: StopSignal, state: LoopState, due: Due) -> int | None:
+    """A stop signal every rank agreed on: this step's checkpoint, written before exiting, then the exit."""
+    if not stop_agreed(stop, due.step, trainer.info):
+        return None
+    log.warning("stop signal received: checkpointing step %d, then exiting %d", due.step, stop.exit_status)
+    if trainer.checkpointer.saved_step != due.step:
+        save_checkpoint(trainer, blocking=True)
+    trainer.checkpointer.wait()
+    return stop.exit_status
+
+
+def checkpoint_if_due(trainer: Trainer, tracker: Tracker, stop: StopSignal, state: LoopState, due: Due) -> int | None:
+    """The regular checkpoint, unless this step is saved already (as the best, by eval_if_due); the
+    final one blocks, so that the run ends with it complete."""
+    if due.checkpoint and trainer.checkpointer.saved_step != due.step:
+        with state.window.outside_training():
+            save_checkpoint(trainer, blocking=due.final)
+    elif due.final:
+        trainer.checkpointer.wait()
+    return None
+
+
+END_OF_STEP: tuple[Action, ...] = (check_finite, samples_if_due, metrics_if_due, eval_if_due, stop_if_agreed, checkpoint_if_due)
+"""What happens after each step, in this order: the one place the loop's schedule is written down.
+The order matters: nothing is logged or saved after a non-finite loss; the grid comes before the metric
+line that reports its diversity; eval may save this step as the best; a stop saves and ends the run
+before the regular checkpoint, which then only runs when this step is not saved yet."""
+
+
 def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
     """Train until train.steps; return an exit status (0, EXIT_REQUEUE, EXIT_TERMINATED, EXIT_INTERRUPTED or EXIT_NONFINITE)."""
     cfg, info = trainer.config, trainer.info
-    progress = Progress(cfg.train.steps, trainer.step, enabled=info.is_main)
     batches = iter(trainer.data)
-    window = Window(info.device)
-    health = GanHealth()
-    diversity: float | None = None  # of the newest fixed-noise grid (rank 0)
     previous_best = read_best(trainer.checkpointer.root)
-    best = previous_best["value"] if previous_best else math.inf
+    state = LoopState(
+        Window(info.device), Progress(cfg.train.steps, trainer.step, enabled=info.is_main),
+        best=previous_best["value"] if previous_best else math.inf,
+    )
     while trainer.step < cfg.train.steps:
         waited = time.perf_counter()
         try:
@@ -455,50 +572,18 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
             return stop_while_waiting(trainer, stop)
         waited = time.perf_counter() - waited
         stats = trainer.runner(images)
-        trainer.nonfinite_flag += stats[-1]
-        window.add(stats, waited)
+        trainer.nonfinite_flag += stats[NONFINITE]
+        state.window.add(stats, waited)
         trainer.step += 1
         trainer.images_seen += trainer.global_batch
         trainer.checkpointer.poll()
-        step, final = trainer.step, trainer.step == cfg.train.steps
-        progress.update(step)
-        due_log, due_ckpt = step % cfg.log.every == 0 or final, step % cfg.checkpoint.every == 0 or final
-        if (due_log or due_ckpt) and cfg.train.nonfinite == "stop" and nonfinite_seen(trainer):
-            log.error(
-                "non-finite loss at or before step %d: stopping; the last good checkpoint (step %d) is kept",
-                step, trainer.last_good_checkpoint,
-            )
-            return EXIT_NONFINITE
-        if step % cfg.sample.every == 0 or final:
-            sync_buffers(trainer.g_bare, info)
-            if info.is_main:
-                with window.outside_training():
-                    diversity = write_samples(trainer, tracker, health)
-        if due_log:
-            metrics = window_metrics(window, trainer)
-            if diversity is not None:
-                metrics["sample_diversity"] = diversity
-            tracker.log_metrics(step, metrics)
-            progress.report(step, metrics)
-            health.observe_metrics(step, metrics)
-            window = Window(info.device)
-        if cfg.eval.every and step % cfg.eval.every == 0:
-            eval_started = time.perf_counter()
-            with window.outside_training():
-                results = evaluate_now(trainer)
-            eval_s = time.perf_counter() - eval_started
-            tracker.log_metrics(step, {"images_seen": trainer.images_seen, "eval_time_s": eval_s, **{f"eval/{k}": v for k, v in results.items()}})
-            log.info("step %d eval (%.1f s): %s", step, eval_s, " ".join(f"{k}={v:.5f}" for k, v in results.items()))
-            best = keep_if_best(trainer, results, best)
-            due_ckpt = due_ckpt and trainer.last_good_checkpoint != step
-        if stop_agreed(stop, step, info):
-            log.warning("stop signal received: checkpointing step %d, then exiting %d", step, stop.exit_status)
-            save_checkpoint(trainer, blocking=True)
-            return stop.exit_status
-        if due_ckpt:
-            with window.outside_training():
-                save_checkpoint(trainer, blocking=final)
-    progress.close()
+        state.progress.update(trainer.step)
+        due = Due.at(trainer.step, cfg)
+        for action in END_OF_STEP:
+            status = action(trainer, tracker, stop, state, due)
+            if status is not None:
+                return status
+    state.progress.close()
     if info.is_main:
         log.info("%s", finished_message(trainer))
     return EXIT_OK
