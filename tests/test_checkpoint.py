@@ -167,3 +167,24 @@ def test_exported_generator_reproduces_the_runs_fixed_noise_samples(tmp_path: Pa
     grid = tmp_path / "from_export.png"
     run_cli("sample", str(out), "--num", "4", "--out", str(grid))
     assert Image.open(grid).size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
+
+
+def test_the_best_marker_names_only_a_complete_checkpoint_and_survives_pruning(tmp_path: Path) -> None:
+    """Background saves: best.json appears once its checkpoint is complete, never before, and pruning
+    keeps the best one while it removes the others beyond `keep`."""
+    from dcgan.checkpoint import Best, Checkpointer, is_complete, read_best
+    from dcgan.config import CheckpointConfig
+
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    checkpointer = Checkpointer(tmp_path, CheckpointConfig(keep=1, async_save=True), cpu)
+    state = {"w": torch.arange(200_000, dtype=torch.float32)}
+    checkpointer.save(10, state, best=Best("swd", 2.5))
+    marker = read_best(tmp_path)
+    assert marker is None or is_complete(tmp_path / "step_000000010")  # never a half-written checkpoint
+    assert checkpointer.saved_step == 10
+    checkpointer.wait()
+    assert read_best(tmp_path) == {"step": 10, "metric": "swd", "value": 2.5} and checkpointer.complete_step == 10
+    for step in (20, 30):
+        checkpointer.save(step, state)
+    checkpointer.close()
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [10, 30]  # keep=1, plus the best
