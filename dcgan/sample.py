@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-import yaml
 from torchvision.utils import make_grid, save_image
 
+from dcgan import schema
 from dcgan.checkpoint import read_newest
 from dcgan.config import ConfigError, ModelConfig
 from dcgan.models import Generator
@@ -73,26 +72,19 @@ def load_generator_checkpoint(checkpoint: Path) -> LoadedGenerator:
     """G, its step and the fixed noise from one DCP checkpoint, read in this process."""
     model = checkpoint_model(checkpoint)
     generator = Generator(model)
-    state: dict[str, Any] = {
-        "model": {"G": generator.state_dict()},
-        "progress": {"step": 0},
-        "fixed_noise": torch.empty(0),
-    }
     reader = dcp.FileSystemReader(str(checkpoint))
-    noise_meta = reader.read_metadata().state_dict_metadata["fixed_noise"]
+    noise_meta = reader.read_metadata().state_dict_metadata[schema.FIXED_NOISE]
     assert isinstance(noise_meta, TensorStorageMetadata), "fixed_noise is stored as a tensor"
-    state["fixed_noise"] = torch.empty(noise_meta.size)
+    state = schema.generator_part(generator, tuple(noise_meta.size))
     dcp.load(state, storage_reader=reader, no_dist=True)
-    generator.load_state_dict(state["model"]["G"])
-    return LoadedGenerator(generator, model, int(state["progress"]["step"]), state["fixed_noise"])
+    generator.load_state_dict(state[schema.MODEL]["G"])
+    return LoadedGenerator(generator, model, int(state[schema.PROGRESS]["step"]), state[schema.FIXED_NOISE])
 
 
 def checkpoint_model(checkpoint: Path) -> ModelConfig:
     """The model settings a checkpoint was written with (its own copy of the config): config.yaml may
     describe another model, e.g. after a resume with other settings was refused."""
-    meta: dict[str, Any] = {"meta": {"config": ""}}
-    dcp.load(meta, checkpoint_id=str(checkpoint), no_dist=True)
-    saved = (yaml.safe_load(meta["meta"]["config"]) or {}).get("model", {})
+    saved = schema.saved_config(checkpoint, lambda path, state: dcp.load(state, checkpoint_id=str(path), no_dist=True)).get("model", {})
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in saved.items() if k in known})
 

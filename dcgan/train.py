@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from dcgan import schema
 from dcgan.checkpoint import Best, Checkpointer, read_best, read_newest, stored_shapes
 from dcgan.config import Config, architecture, config_to_dict, save_config
 from dcgan.data import build_source
@@ -98,53 +99,52 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         step_fn = self.step_fn
-        return {
-            "model": {"G": get_model_state_dict(self.g_bare), "D": get_model_state_dict(self.d_bare)},
-            "optim": {
-                "G": get_optimizer_state_dict(self.g_bare, step_fn.opt_g),
-                "D": get_optimizer_state_dict(self.d_bare, step_fn.opt_d),
-            },
-            "scaler": step_fn.scaler.state_dict(),
-            "progress": {"step": self.step, "images_seen": self.images_seen, "data": self.data.state_dict()},
-            "rng": {f"rank{self.info.rank}": {"noise": step_fn.noise.get_state()}},
-            "fixed_noise": self.fixed_noise,
-            "meta": {"run_id": self.run_id, "config": yaml.safe_dump(config_to_dict(self.config), sort_keys=False)},
-        }
+        return schema.training_state(
+            g=get_model_state_dict(self.g_bare), d=get_model_state_dict(self.d_bare),
+            optim_g=get_optimizer_state_dict(self.g_bare, step_fn.opt_g),
+            optim_d=get_optimizer_state_dict(self.d_bare, step_fn.opt_d),
+            scaler=step_fn.scaler.state_dict(), step=self.step, images_seen=self.images_seen, data=self.data.state_dict(),
+            rank=self.info.rank, noise_rng=step_fn.noise.get_state(), fixed_noise=self.fixed_noise,
+            run_id=self.run_id, config_yaml=yaml.safe_dump(config_to_dict(self.config), sort_keys=False),
+        )
 
     def load_state_dict(self, path: Path) -> None:
         """Resume from the checkpoint at `path`, refusing one written for another model."""
         saved_config = check_compatible(path, self.config, self.checkpointer)
         state = self.state_dict()
         stored = stored_shapes(path)
-        rng_key = f"rank{self.info.rank}"
-        # absent when fewer ranks wrote the checkpoint; another shape when a CPU run resumes on a GPU
-        has_rng = stored.get(f"rng.{rng_key}.noise") == tuple(self.step_fn.noise.get_state().shape)
+        rank = schema.rank_key(self.info.rank)
+        # the schema's optional parts: left out of what is read when this checkpoint lacks them
+        # rng: absent when fewer ranks wrote the checkpoint; another shape when a CPU run resumes on a GPU
+        has_rng = stored.get(schema.flat_key(schema.RNG, rank, "noise")) == tuple(self.step_fn.noise.get_state().shape)
         if not has_rng:
-            del state["rng"]
-        if stored.get("fixed_noise") != tuple(self.fixed_noise.shape):
+            del state[schema.RNG]
+        if stored.get(schema.FIXED_NOISE) != tuple(self.fixed_noise.shape):
             log.info("sample.num changed since the checkpoint: sample grids from here on use new fixed noise")
-            del state["fixed_noise"]
-        if "progress.images_seen" not in stored:  # written before the count existed
-            del state["progress"]["images_seen"]
-        if state["scaler"] and not any(key.startswith("scaler.") for key in stored):
+            del state[schema.FIXED_NOISE]
+        if schema.flat_key(schema.PROGRESS, "images_seen") not in stored:  # written before the count existed
+            del state[schema.PROGRESS]["images_seen"]
+        if state[schema.SCALER] and not any(key.startswith(schema.SCALER + ".") for key in stored):
             log.info("the checkpoint has no loss-scaler state (written without fp16 or nonfinite=skip): default scale")
-            state["scaler"] = {}
+            state[schema.SCALER] = {}
         self.checkpointer.load(path, state)
-        set_model_state_dict(self.g_bare, state["model"]["G"])
-        set_model_state_dict(self.d_bare, state["model"]["D"])
+        models, optims = state[schema.MODEL], state[schema.OPTIM]
+        set_model_state_dict(self.g_bare, models["G"])
+        set_model_state_dict(self.d_bare, models["D"])
         for name, model, optimizer in (("G", self.g_bare, self.step_fn.opt_g), ("D", self.d_bare, self.step_fn.opt_d)):
-            keep_configured_hyperparameters(state["optim"][name], optimizer, name)
-            set_optimizer_state_dict(model, optimizer, state["optim"][name])
-        if state["scaler"]:
-            self.step_fn.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["progress"]["step"])
-        self.images_seen = int(state["progress"].get("images_seen", self.step * self.global_batch))
-        self.data.load_state_dict(state["progress"]["data"])
-        if "fixed_noise" in state:
-            self.fixed_noise.copy_(state["fixed_noise"])
-        self.run_id = str(state["meta"]["run_id"])
+            keep_configured_hyperparameters(optims[name], optimizer, name)
+            set_optimizer_state_dict(model, optimizer, optims[name])
+        if state[schema.SCALER]:
+            self.step_fn.scaler.load_state_dict(state[schema.SCALER])
+        progress = state[schema.PROGRESS]
+        self.step = int(progress["step"])
+        self.images_seen = int(progress.get("images_seen", self.step * self.global_batch))
+        self.data.load_state_dict(progress["data"])
+        if schema.FIXED_NOISE in state:
+            self.fixed_noise.copy_(state[schema.FIXED_NOISE])
+        self.run_id = str(state[schema.META]["run_id"])
         if has_rng:
-            self.step_fn.noise.set_state(state["rng"][rng_key]["noise"])
+            self.step_fn.noise.set_state(state[schema.RNG][rank]["noise"])
         else:
             self.step_fn.noise.manual_seed(noise_seed(self.config.seed, self.info.rank) + self.step)
             log.warning("checkpoint has no noise RNG for rank %d (fewer ranks or another device wrote it): reseeded", self.info.rank)
@@ -156,7 +156,7 @@ class Trainer:
 def warn_if_global_batch_changed(saved_config: dict[str, Any], stored: dict[str, Any], batch_size: int, world_size: int) -> None:
     """A resume on another number of ranks changes the global batch (batch_size is per process): say so,
     since the lr was chosen for the old one. The writers are counted by their per-rank noise state."""
-    writers = sum(1 for key in stored if key.startswith("rng.rank") and key.endswith(".noise"))
+    writers = sum(1 for key in stored if key.startswith(schema.flat_key(schema.RNG, "rank")) and key.endswith(".noise"))
     saved_batch = int(saved_config.get("train", {}).get("batch_size", 0))
     before, now = saved_batch * writers, batch_size * world_size
     if writers and before != now:
@@ -208,9 +208,7 @@ def _as_tuple(value: Any) -> tuple[Any, ...]:
 def check_compatible(path: Path, config: Config, checkpointer: Checkpointer) -> dict[str, Any]:
     """Refuse, in one line, a checkpoint whose model settings differ from this config's; return the
     checkpoint's own config (as a dict)."""
-    meta: dict[str, Any] = {"meta": {"config": ""}}
-    checkpointer.load(path, meta)
-    saved_config = yaml.safe_load(meta["meta"]["config"]) or {}
+    saved_config = schema.saved_config(path, checkpointer.load)
     saved = saved_config.get("model", {})
     wanted = architecture(config.model)
     differing = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in wanted.items() if saved.get(k) != v]

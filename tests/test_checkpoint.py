@@ -188,3 +188,13 @@ def test_the_best_marker_names_only_a_complete_checkpoint_and_survives_pruning(t
         checkpointer.save(step, state)
     checkpointer.close()
     assert [step for step, _ in list_checkpoints(tmp_path)] == [10, 30]  # keep=1, plus the best
+
+
+def test_a_training_checkpoint_holds_the_schemas_parts_and_nothing_else(trained_digits_run: Path) -> None:
+    from dcgan import schema
+    from dcgan.checkpoint import stored_shapes
+
+    [(_, path)] = list_checkpoints(trained_digits_run / "checkpoints")[-1:]
+    parts = {key.split(".")[0] for key in stored_shapes(path)}
+    assert set(schema.PARTS) - {schema.SCALER} <= parts <= set(schema.PARTS)  # scaler: empty without fp16
+    assert schema.flat_key(schema.RNG, schema.rank_key(0), "noise") in stored_shapes(path)
