@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
 
@@ -62,8 +63,9 @@ def test_interrupted_and_resumed_run_is_bit_identical_to_a_straight_run(
     if sig == signal.SIGTERM:
         assert "stop signal received: checkpointing step" in stderr
         assert f"exiting {EXIT_TERMINATED}" in stderr
-        assert steps[-1] % 50 != 0 or steps[-1] > 50  # the forced checkpoint, off the regular schedule
-        assert steps[-1] % STOP_CHECK_EVERY == 0  # where the ranks agree on the stop
+        forced = int(re.search(r"stop signal received: checkpointing step (\d+)", stderr).group(1))
+        assert steps[-1] == forced > 50  # the checkpoint of the step the ranks stopped at, after the signal
+        assert forced % STOP_CHECK_EVERY == 0  # where the ranks agree on the stop
     else:
         assert status != 0
     resumed = torchrun(2, *run_args(run, data, digits_shards))

@@ -37,6 +37,9 @@ def test_each_precision_trains(precision: str) -> None:
     # fp16's GradScaler starts at 2^16 and skips the first steps whose gradients overflow; then finite
     assert torch.isfinite(stats[-1]).all()
     assert all(p.dtype == torch.float32 for p in g.parameters())  # autocast: weights stay fp32
+    untrained = build_step(load_config(TINY, ["train.batch_size=8", f"train.precision={precision}"]), CPU)[0]
+    changed = [not torch.equal(a, b) for a, b in zip(g.parameters(), untrained.parameters(), strict=True)]
+    assert all(changed), "every parameter of G was updated"  # the same seed builds the same initial G
 
 
 def test_fp16_uses_one_grad_scaler_and_others_none() -> None:
