@@ -12,18 +12,17 @@ import torch
 from PIL import Image
 
 from dcgan.checkpoint import list_checkpoints
-from dcgan.distributed import DistInfo
 from dcgan.preemption import EXIT_TERMINATED
 from dcgan.sample import generate, load_export, save_grid
 from dcgan.train import EXIT_OK, STOP_CHECK_EVERY, build_trainer, train
 
 from conftest import run_cli, tiny_config
 from distributed_helpers import assert_states_equal, load_checkpoint_tensors, torchrun, torchrun_until
+from helpers import CPU, checkpoint_complete, completed_steps
 
 pytestmark = pytest.mark.slow
 
 STEPS = 200
-CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def run_args(run: Path, data: str, shards: Path) -> list[str]:
@@ -47,7 +46,7 @@ def straight_runs(tmp_path_factory: pytest.TempPathFactory, digits_shards: Path)
 
 
 def checkpoint_ready(run: Path, step: int) -> bool:
-    return (run / "checkpoints" / f"step_{step:09d}" / ".metadata").exists()
+    return checkpoint_complete(run, step)
 
 
 # Each signal once and each data source once: the resume path does not depend on which killed the run,
@@ -58,7 +57,7 @@ def test_interrupted_and_resumed_run_is_bit_identical_to_a_straight_run(
 ) -> None:
     run = tmp_path / "run"
     status, stderr = torchrun_until(2, lambda: checkpoint_ready(run, 50), sig, *run_args(run, data, digits_shards))
-    steps = [s for s, _ in list_checkpoints(run / "checkpoints")]
+    steps = completed_steps(run)
     assert steps and steps[-1] < STEPS, f"the run was not interrupted early: {steps}"
     if sig == signal.SIGTERM:
         assert "stop signal received: checkpointing step" in stderr
@@ -88,14 +87,14 @@ def test_half_written_checkpoint_is_ignored_and_removed(tmp_path: Path) -> None:
     assert train(tiny_config(run, "train.steps=12")) == EXIT_OK
     assert not broken.exists()
     assert "resumed from" in (run / "train.log").read_text() and "step_000000010" in (run / "train.log").read_text()
-    assert [s for s, _ in list_checkpoints(run / "checkpoints")][-1] == 12
+    assert completed_steps(run)[-1] == 12
 
 
 def test_keep_last_k_plus_every_nth(tmp_path: Path) -> None:
     run = tmp_path / "run"
     config = tiny_config(run, "train.steps=10", "checkpoint.every=2", "checkpoint.keep=2", "checkpoint.keep_every=4")
     assert train(config) == EXIT_OK
-    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [4, 8, 10]
+    assert completed_steps(run) == [4, 8, 10]
     assert list_checkpoints(run / "checkpoints", complete=False) == []
 
 
@@ -177,8 +176,7 @@ def test_the_best_marker_names_only_a_complete_checkpoint_and_survives_pruning(t
     from dcgan.checkpoint import Best, Checkpointer, is_complete, read_best
     from dcgan.config import CheckpointConfig
 
-    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    checkpointer = Checkpointer(tmp_path, CheckpointConfig(keep=1, async_save=True), cpu)
+    checkpointer = Checkpointer(tmp_path, CheckpointConfig(keep=1, async_save=True), CPU)
     state = {"w": torch.arange(200_000, dtype=torch.float32)}
     checkpointer.save(10, state, best=Best("swd", 2.5))
     marker = read_best(tmp_path)

@@ -15,6 +15,7 @@ from dcgan.train import build_step
 
 from conftest import run_cli, tiny_config
 from distributed_helpers import flatten, load_checkpoint_tensors, spawn_ranks
+from helpers import CPU
 
 pytestmark = pytest.mark.slow
 
@@ -141,7 +142,7 @@ def _two_rank_steps(rank: int, out: Path) -> None:
 def test_two_ranks_at_batch_b_train_exactly_like_one_process_at_2b(tmp_path: Path) -> None:
     """DDP and the step's own flat all-reduce (what a CUDA graph captures) both match one process."""
     spawn_ranks(_two_rank_steps, 2, tmp_path)
-    one = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    one = CPU
     reference = train_state(tmp_path, one, slice(0, 2 * BATCH))
     for rank in (0, 1):
         states = torch.load(tmp_path / f"steps{rank}.pt")
@@ -173,7 +174,7 @@ def test_compiled_multi_rank_step_has_no_graph_break_and_matches_eager(tmp_path:
     """torch.compile traces the cross-rank BatchNorm's all-reduces (forward and backward) into the
     models' graphs: no break, and the same weights as the eager joint-batch reference."""
     spawn_ranks(_compiled_two_rank_steps, 2, tmp_path)
-    one = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    one = CPU
     reference = train_state(tmp_path, one, slice(0, 2 * BATCH))
     for rank in (0, 1):
         result = torch.load(tmp_path / f"compiled{rank}.pt")

@@ -25,9 +25,9 @@ from dcgan.data.inputs import center_crop_resize, read_idx
 from dcgan.data.stream import ShardError, ShardSource
 from dcgan.data.writer import write_shards
 from dcgan.distributed import DistInfo
-from dcgan.train import EXIT_OK, train
 
 from conftest import ROOT, image_index, indexed_image, run_cli, tiny_config, write_image_folder
+from helpers import checkpoint_complete
 
 
 def rank_info(rank: int, world: int) -> DistInfo:
@@ -277,7 +277,7 @@ def test_digits_shards_match_the_builtin_digits(digits_shards: Path, tmp_path: P
 def test_training_from_shards_through_the_cli(digits_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     run_cli("train", "configs/tiny.yaml", f"run.dir={run}", f"data.shards={digits_shards}", "data.workers=2", "train.steps=10")
-    assert (run / "checkpoints" / "step_000000010" / ".metadata").is_file()
+    assert checkpoint_complete(run, 10)
     assert Counter(line.count('"step"') for line in (run / "stats.jsonl").read_text().splitlines()) == Counter({1: 2})
 
 

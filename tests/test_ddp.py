@@ -102,7 +102,7 @@ def test_applied_gradient_is_the_mean_of_the_per_rank_gradients(tmp_path: Path) 
 
 
 def _die_or_wait(rank: int, out: Path) -> None:
-    info = init_distributed("cpu", 5)
+    init_distributed("cpu", 5)
     if rank == 1:
         os._exit(17)  # a crashed rank: no clean shutdown, no message
     started = time.monotonic()

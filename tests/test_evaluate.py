@@ -18,6 +18,7 @@ from dcgan.sample import LoadedGenerator, export_generator
 
 from conftest import DIGITS_MODEL, TINY, run_cli
 from distributed_helpers import torchrun
+from helpers import completed_steps, read_stats
 
 
 def gaussian_features(n: int, dim: int, seed: int) -> np.ndarray:
@@ -120,7 +121,7 @@ def test_trained_generator_beats_untrained_on_every_metric_and_ranks_agree(
 
 
 def test_periodic_evaluation_logs_metrics_and_keeps_the_best_checkpoint(tmp_path: Path) -> None:
-    from dcgan.checkpoint import list_checkpoints, read_best
+    from dcgan.checkpoint import read_best
     from dcgan.train import EXIT_OK, train
 
     from conftest import tiny_config
@@ -129,14 +130,14 @@ def test_periodic_evaluation_logs_metrics_and_keeps_the_best_checkpoint(tmp_path
     config = tiny_config(run, "train.steps=40", "checkpoint.every=10", "checkpoint.keep=1", "eval.every=10",
                          "eval.metrics=[swd,digits]", "eval.num=64", "eval.best=digits_frechet")
     assert train(config) == EXIT_OK
-    lines = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    lines = read_stats(run)
     evals = [line for line in lines if "eval/swd" in line]
     assert [line["step"] for line in evals] == [10, 20, 30, 40]
     best = read_best(run / "checkpoints")
     values = {line["step"]: line["eval/digits_frechet"] for line in evals}
     assert best["metric"] == "digits_frechet" and best["value"] == min(values.values())
     assert values[best["step"]] == best["value"]
-    kept = [s for s, _ in list_checkpoints(run / "checkpoints")]
+    kept = completed_steps(run)
     assert best["step"] in kept and kept[-1] == 40 and len(kept) <= 2
 
 

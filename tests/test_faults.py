@@ -4,7 +4,6 @@ shards whose samples cannot be decoded, impossible settings and launch environme
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -17,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from dcgan.checkpoint import list_checkpoints
 from dcgan.config import ConfigError, load_config
 from dcgan.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, EXIT_TERMINATED, StopSignal
 
 from conftest import ROOT, TINY, run_cli
 from distributed_helpers import descendants, signal_tree, subprocess_env, torchrun_cmd
+from helpers import completed_steps, read_stats
 
 pytestmark = pytest.mark.slow
 
@@ -44,10 +43,6 @@ def wait_for(condition: object, process: subprocess.Popen[str], timeout: float =
             raise AssertionError(f"training ended early:\n{process.stderr.read() if process.stderr else ''}")
         assert time.monotonic() < deadline, "condition never became true"
         time.sleep(0.05)
-
-
-def completed_steps(run: Path) -> list[int]:
-    return [step for step, _ in list_checkpoints(run / "checkpoints")]
 
 
 def test_a_second_job_on_a_busy_run_dir_is_refused_and_a_killed_job_leaves_no_lock(tmp_path: Path) -> None:
@@ -210,7 +205,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_from_its_newest_c
     assert "failed (exitcode: -9) local_rank: 1" in text  # torchrun saw the kill ...
     resumed = int(re.search(r"resumed from \S+ at step (\d+)", text).group(1))  # ... and the new round resumed
     assert 50 <= resumed < 200 and completed_steps(run)[-1] == 200
-    steps = [json.loads(line)["step"] for line in (run / "stats.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in read_stats(run)]
     assert sorted(steps) == sorted(set(steps)) and steps[-1] == 200
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from dcgan.checkpoint import list_checkpoints
 from dcgan.config import ConfigError
 from launch.slurm import Resources, executor_parameters, make_executor, submit, validate
 
 from conftest import ROOT
+from helpers import checkpoint_complete, completed_steps
 
 REFERENCE = ROOT / "tests" / "data" / "sbatch_4x8gpu.txt"
 
@@ -43,7 +43,7 @@ def log_text(job_folder: Path) -> str:
 def test_two_task_job_finishes_and_leaves_a_complete_checkpoint(cluster: None, tmp_path: Path) -> None:
     job = submit("configs/tiny.yaml", tiny(tmp_path / "run", "train.steps=20"), Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=5), tmp_path / "logs")
     assert job.results() == [0, 0]
-    assert [s for s, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [10, 20]
+    assert completed_steps(tmp_path / "run") == [10, 20]
     assert "2 rank(s) on cpu" in log_text(tmp_path / "logs")
 
 
@@ -52,7 +52,7 @@ def test_preempted_job_is_requeued_and_continues_from_its_checkpoint(cluster: No
     run = tmp_path / "run"
     job = submit("configs/tiny.yaml", tiny(run, "train.steps=200", "checkpoint.every=50"), Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=5), tmp_path / "logs")
     deadline = time.monotonic() + 120
-    while not (run / "checkpoints" / "step_000000050" / ".metadata").exists():
+    while not checkpoint_complete(run, 50):
         assert time.monotonic() < deadline, "the job never wrote its first checkpoint"
         time.sleep(0.2)
     job._interrupt()  # submitit's preemption simulation: SIGTERM, then USR2
@@ -61,7 +61,7 @@ def test_preempted_job_is_requeued_and_continues_from_its_checkpoint(cluster: No
     stopped = int(re.search(r"stop signal received: checkpointing step (\d+)", logs).group(1))
     assert 50 <= stopped < 200
     assert f"resumed from {run / 'checkpoints'}/step_{stopped:09d} at step {stopped}" in logs
-    assert list_checkpoints(run / "checkpoints")[-1][0] == 200
+    assert completed_steps(run)[-1] == 200
 
 
 def wait_until_gone(job_id: str, timeout: float) -> None:
@@ -81,7 +81,7 @@ def test_job_at_its_time_limit_is_requeued_and_resumes_and_scancel_ends_it_for_g
     job = submit("configs/tiny.yaml", tiny(run, "train.steps=1000000", "checkpoint.every=50", "log.every=50"), res, tmp_path / "logs")
     deadline = time.monotonic() + 300
     while not (resumed := re.search(r"resumed from \S+ at step (\d+)", log_text(tmp_path / "logs"))) or not any(
-        step > int(resumed.group(1)) for step, _ in list_checkpoints(run / "checkpoints")
+        step > int(resumed.group(1)) for step in completed_steps(run)
     ):
         assert time.monotonic() < deadline, "no requeued slice trained past its resume step"
         time.sleep(1)
@@ -91,7 +91,7 @@ def test_job_at_its_time_limit_is_requeued_and_resumes_and_scancel_ends_it_for_g
     stops = [(int(step), int(status)) for step, status in re.findall(r"stop signal received: checkpointing step (\d+), then exiting (\d+)", logs)]
     assert stops[0] == (int(resumed.group(1)), 75)  # the time limit: checkpoint, requeue, resume there
     assert stops[-1][1] == 143 and "not requeueing" in logs  # the scancel: checkpoint, and gone
-    assert list_checkpoints(run / "checkpoints")[-1][0] == stops[-1][0]
+    assert completed_steps(run)[-1] == stops[-1][0]
 
 
 def sbatch_and_wait(*args: str, timeout: float = 180) -> str:
@@ -117,7 +117,7 @@ def test_sbatch_script_runs_two_processes_through_srun_and_torchrun(cluster: Non
     )
     text = out.read_text()
     assert "1 node(s) x 2 process(es)" in text and "2 rank(s) on cpu" in text
-    assert (tmp_path / "run" / "checkpoints" / "step_000000010" / ".metadata").exists()
+    assert checkpoint_complete(tmp_path / "run", 10)
 
 
 def normalized_sbatch(folder: Path) -> str:
@@ -183,7 +183,7 @@ def test_a_sweep_is_one_job_array_and_a_preempted_task_resumes_without_touching_
     first_run = Path(submitted[0][2])
     deadline = time.monotonic() + 180
     # task 0 is interrupted right after its first checkpoint, 190 steps before its end, whatever the speed
-    while not (first_run / "checkpoints" / "step_000000010" / ".metadata").exists():
+    while not checkpoint_complete(first_run, 10):
         assert time.monotonic() < deadline, "the first task never wrote its first checkpoint"
         time.sleep(0.2)
     for attempt in range(20):  # preempt task 0 only: SIGTERM, then USR2 (SLURM may briefly refuse: retry)
@@ -199,7 +199,7 @@ def test_a_sweep_is_one_job_array_and_a_preempted_task_resumes_without_touching_
         saved = load_config(run / "config.yaml")
         assert (saved.optim.lr, saved.seed) == (float(point["optim.lr"]), int(point["seed"]))
         assert (saved.log.group, saved.log.name) == ("sweep", point_name(point))
-        assert list_checkpoints(run / "checkpoints")[-1][0] == 200
+        assert completed_steps(run)[-1] == 200
         resumed = "resumed from" in (run / "train.log").read_text()
         assert resumed == (index == 0), f"task {index}"  # only the preempted task was restarted
 
@@ -227,7 +227,7 @@ def test_sbatch_job_array_runs_one_point_per_task_from_a_points_file(cluster: No
         text = (tmp_path / f"out-{job}_{task}.txt").read_text()
         assert f"job {job}_{task} restart 0" in text  # the task's own id: what a requeue addresses
         run = tmp_path / "sweep" / f"seed={task}"
-        assert (run / "checkpoints" / "step_000000010" / ".metadata").exists()
+        assert checkpoint_complete(run, 10)
         assert f"seed: {task}" in (run / "config.yaml").read_text()
 
 
@@ -269,7 +269,7 @@ def test_a_local_job_logs_beside_its_run_and_leaves_nothing_else(tmp_path: Path)
     job_id = re.search(r"^job (\d+)$", result.stdout, re.M).group(1)
     assert f"logs {run / 'slurm_logs'}\n" in result.stdout
     deadline = time.monotonic() + 120
-    while not (run / "checkpoints" / "step_000000002" / ".metadata").exists():
+    while not checkpoint_complete(run, 2):
         assert time.monotonic() < deadline, "the local job never finished"
         time.sleep(0.5)
     logs = sorted(p.name for p in (run / "slurm_logs").iterdir())

@@ -17,8 +17,8 @@ from dcgan.step import STAT_NAMES
 from dcgan.train import build_step, build_trainer
 
 from conftest import TINY, run_cli
+from helpers import CPU
 
-CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def run_steps(n: int, *overrides: str) -> tuple[torch.Tensor, torch.nn.Module]:

@@ -11,17 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from dcgan.checkpoint import list_checkpoints
 from dcgan.preemption import StopSignal
 from dcgan.tracking import GanHealth, Tracker, sample_diversity
 from dcgan.train import EXIT_NONFINITE, build_trainer, prepare_run_dir, run_loop
-from dcgan.distributed import DistInfo
 
 from conftest import run_cli, tiny_config
 from distributed_helpers import load_checkpoint_tensors, torchrun
 from dcgan.wandb_files import history, records, run_id, uploadable_segments
+from helpers import CPU, completed_steps, read_stats
 
-CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def offline_runs(run: Path) -> list[Path]:
@@ -50,7 +48,7 @@ def test_offline_wandb_run_holds_metrics_images_histograms_and_config(tmp_path: 
     config = {item.key: json.loads(item.value_json) for item in run_record.config.update}
     model = config["model"].get("value", config["model"])  # wandb wraps values as {"value": ...} in some versions
     assert model["resolution"] == 16 and list(run_record.tags) == ["a", "b"]
-    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    stats = read_stats(run)
     assert [s["step"] for s in stats] == [5, 10, 15, 20]
     assert [s["loss_D"] for s in stats] == [row["loss_D"] for row in rows]
 
@@ -89,7 +87,7 @@ def test_only_rank_zero_writes(tmp_path: Path) -> None:
     result = torchrun(2, "train", "configs/tiny.yaml", f"run.dir={run}", "log.wandb=offline", "train.steps=10")
     assert result.returncode == 0, result.stderr
     assert len(offline_runs(run)) == 1
-    assert [json.loads(line)["step"] for line in (run / "stats.jsonl").read_text().splitlines()] == [5, 10]
+    assert [row["step"] for row in read_stats(run)] == [5, 10]
     assert "[rank 1]" not in (run / "train.log").read_text()
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000000010.png"]
 
@@ -117,7 +115,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     trainer.checkpointer.close()
     assert status == EXIT_NONFINITE
     assert "non-finite loss at or before step 10" in caplog.text and "checkpoint (step 5) is kept" in caplog.text
-    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [5]
+    assert completed_steps(run) == [5]
     saved = load_checkpoint_tensors(run / "checkpoints" / "step_000000005")
     assert all(torch.isfinite(t).all() for t in saved["model"]["D"].values())
 
@@ -158,7 +156,7 @@ def test_images_seen_is_logged_everywhere_and_counts_across_world_sizes(tmp_path
     run_cli(*common, "train.steps=10")  # one process, batch 16
     resumed = torchrun(2, *common, "train.steps=20")  # two ranks: 32 images a step from here on
     assert resumed.returncode == 0, resumed.stderr
-    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    stats = read_stats(run)
     assert [(s["step"], s["images_seen"]) for s in stats] == [(5, 80), (10, 160), (15, 320), (20, 480)]
     first, second = offline_runs(run)
     rows = history(first) + history(second)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dcgan.distributed import DistInfo
 from dcgan.quality import DigitsScorer
 from dcgan.sample import generate
 from dcgan.step import STAT_NAMES
 from dcgan.train import EXIT_OK, Window, build_trainer, train, warn_if_global_batch_changed
 
 from conftest import DIGITS_MODEL, run_cli, tiny_config
+from helpers import CPU, read_stats
 
-CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -69,7 +67,7 @@ def test_run_directory_contents(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert train(tiny_config(run, "train.steps=20", "log.every=5", "sample.every=10", "checkpoint.every=10")) == EXIT_OK
     assert (run / "config.yaml").is_file() and (run / "train.log").is_file()
-    lines = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    lines = read_stats(run)
     assert [line["step"] for line in lines] == [5, 10, 15, 20]
     for key in ("loss_D", "loss_G", "D_x", "D_G_z_before", "D_G_z_after", "img_per_s", "grad_norm_G", "data_wait_share"):
         assert all(np.isfinite(line[key]) for line in lines), key

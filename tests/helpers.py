@@ -1,0 +1,31 @@
+"""What many test modules need: the single CPU rank, and a run directory's checkpoints and stats read
+back the way the assertions want them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dcgan.checkpoint import checkpoint_dir, is_complete, list_checkpoints
+from dcgan.distributed import DistInfo
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+"""One process on the CPU, with no process group."""
+
+
+def completed_steps(run: Path) -> list[int]:
+    """Steps of the run's complete checkpoints, oldest first."""
+    return [step for step, _ in list_checkpoints(run / "checkpoints")]
+
+
+def checkpoint_complete(run: Path, step: int) -> bool:
+    """Whether the checkpoint of `step` is complete on disk (its .metadata written)."""
+    return is_complete(checkpoint_dir(run / "checkpoints", step))
+
+
+def read_stats(run: Path) -> list[dict[str, Any]]:
+    """stats.jsonl as dicts, one per line."""
+    return [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
