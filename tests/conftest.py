@@ -86,3 +86,15 @@ def trained_digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = tiny_config(run, *DIGITS_MODEL, "train.steps=300", "log.every=100", "sample.every=300", "checkpoint.every=300")
     assert train(config) == EXIT_OK
     return run
+
+
+SLOW_FIXTURES = {"trained_digits_run", "straight_runs", "cluster"}
+"""Fixtures that train a model or start a cluster: every test that uses one is slow."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`slow` marks every multi-process or long test (module marks, explicit marks, and here: the users
+    of SLOW_FIXTURES and every SLURM test), so that `pytest -m "not slow"` is a fast lane."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slow)

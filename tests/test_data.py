@@ -102,6 +102,7 @@ def epoch_indices(source: ShardSource) -> list[int]:
     return [image_index(im) for im in torch.cat(batches).numpy()]
 
 
+@pytest.mark.slow
 def test_exact_mode_sees_every_sample_once_across_two_ranks_and_two_workers(tmp_path: Path) -> None:
     shards = make_indexed_blocks(tmp_path, 80, 10)  # 8 shards -> 2 per (rank, worker)
     seen: list[int] = []
@@ -122,6 +123,7 @@ def test_exact_mode_sees_every_sample_once_across_two_ranks_and_two_workers(tmp_
     assert len(set(second)) == len(second) == 40
 
 
+@pytest.mark.slow
 def test_resampled_mode_gives_every_rank_the_same_number_of_full_batches(tmp_path: Path) -> None:
     shards = make_indexed_blocks(tmp_path, 70, 30)  # uneven shards: 30, 30, 10
     counts = []
@@ -134,6 +136,7 @@ def test_resampled_mode_gives_every_rank_the_same_number_of_full_batches(tmp_pat
     assert counts == [70 // 3 // 4] * 3
 
 
+@pytest.mark.slow
 def test_stream_is_deterministic_and_differs_by_rank(tmp_path: Path) -> None:
     shards = make_indexed_blocks(tmp_path, 60, 20)
     a = [b.clone() for b in take(source_for(shards, tmp_path, 0, 2, "data.workers=2", "train.batch_size=4"), 6)]
@@ -144,6 +147,7 @@ def test_stream_is_deterministic_and_differs_by_rank(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("workers", [0, 2, 3])
+@pytest.mark.slow
 def test_resume_mid_epoch_replays_the_same_stream(tmp_path: Path, workers: int) -> None:
     shards = make_indexed_blocks(tmp_path, 60, 20)
     args = (f"data.workers={workers}", "train.batch_size=4", "data.shuffle_buffer=16")
@@ -256,6 +260,7 @@ def test_celeba_recipe_center_crops_then_resizes() -> None:
     assert small.shape == (64, 64, 3) and abs(int(small[32, 32, 0]) - 109) <= 2
 
 
+@pytest.mark.slow
 def test_shards_cli_refuses_non_empty_out_dir_and_overwrites_when_asked(image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = run_cli("shards", "folder", str(image_folder), str(out), "--resolution", "16", "--shard-size", "40", "--workers", "1")
@@ -274,6 +279,7 @@ def test_digits_shards_match_the_builtin_digits(digits_shards: Path, tmp_path: P
     assert len(images) == 1775 and all(bytes(im.numpy().tobytes()) in reference for im in images)
 
 
+@pytest.mark.slow
 def test_training_from_shards_through_the_cli(digits_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     run_cli("train", "configs/tiny.yaml", f"run.dir={run}", f"data.shards={digits_shards}", "data.workers=2", "train.steps=10")
@@ -281,6 +287,7 @@ def test_training_from_shards_through_the_cli(digits_shards: Path, tmp_path: Pat
     assert Counter(line.count('"step"') for line in (run / "stats.jsonl").read_text().splitlines()) == Counter({1: 2})
 
 
+@pytest.mark.slow
 def test_bench_data_prints_a_table(digits_shards: Path) -> None:
     out = run_cli("bench", "data", str(digits_shards), "--workers", "0,1", "--batches", "5", "--batch-size", "16").stdout
     header, *lines = out.splitlines()

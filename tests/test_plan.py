@@ -12,6 +12,8 @@ import pytest
 
 from conftest import ROOT, run_cli
 
+pytestmark = pytest.mark.slow  # wandb runs, trainings and subprocesses
+
 
 def field(report: str, prefix: str) -> str:
     (line,) = [line for line in report.splitlines() if line.startswith(prefix)]

@@ -257,6 +257,7 @@ def test_shards_that_do_not_exist_here_are_refused_before_submission(tmp_path: P
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow
 def test_a_local_job_logs_beside_its_run_and_leaves_nothing_else(tmp_path: Path) -> None:
     """--local: logs under run.dir/slurm_logs, named by the job id (not in the current directory), and no
     empty directory literally named %j beside them."""

@@ -20,6 +20,8 @@ from distributed_helpers import load_checkpoint_tensors, torchrun
 from dcgan.wandb_files import history, records, run_id, uploadable_segments
 from helpers import CPU, completed_steps, read_stats
 
+pytestmark = pytest.mark.slow  # wandb runs, trainings and subprocesses
+
 
 
 def offline_runs(run: Path) -> list[Path]:

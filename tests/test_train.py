@@ -93,6 +93,7 @@ def test_training_on_digits_improves_the_quality_score(trained_digits_run: Path)
     assert after.confident > 0.3, after  # (an untrained G is "confidently" one class: balance tells)
 
 
+@pytest.mark.slow
 def test_quality_score_of_real_digits_is_near_perfect() -> None:
     from dcgan.data.digits import digits_images
 
@@ -103,6 +104,7 @@ def test_quality_score_of_real_digits_is_near_perfect() -> None:
     assert real.confident > 0.8 and real.class_balance > 0.99
 
 
+@pytest.mark.slow
 def test_cli_train_then_sample(tmp_path: Path) -> None:
     run = tmp_path / "cli_run"
     trained = run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10", env={"OMP_NUM_THREADS": "1"})
