@@ -69,29 +69,43 @@ def _train(args: argparse.Namespace) -> int:
     return train(config)
 
 
+def loaded_generator(args: argparse.Namespace) -> Any:
+    """The generator a command's SOURCE names, with its --raw/--bn choices (see add_generator_options)."""
+    from dcgan.sample import load_generator
+
+    return load_generator(Path(args.source), weights="raw" if args.raw else None, bn=args.bn)
+
+
+def described(loaded: Any) -> str:
+    return f"step {loaded.step}, {loaded.weights} weights, {loaded.bn} BatchNorm statistics"
+
+
 def _sample(args: argparse.Namespace) -> int:
     import secrets
 
     from dcgan.sample import sample_grid
 
+    loaded = loaded_generator(args)
     if args.fixed_noise:
-        out = sample_grid(Path(args.source), args.num, Path(args.out), seed=None)
-        print(f"{out} (the training's fixed noise)")
+        out = sample_grid(loaded, args.num, Path(args.out), seed=None)
+        print(f"{out} (the training's fixed noise; {described(loaded)})")
         return 0
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed
-    out = sample_grid(Path(args.source), args.num, Path(args.out), seed)
-    print(f"{out} (seed {seed}: --seed {seed} draws the same grid again)")
+    out = sample_grid(loaded, args.num, Path(args.out), seed)
+    print(f"{out} (seed {seed}: --seed {seed} draws the same grid again; {described(loaded)})")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from dcgan.sample import export_generator, load_from_run
+    from dcgan.sample import export_generator
 
     if Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out} is a directory: give a file name, e.g. {Path(args.out) / 'generator.pt'}")
-    loaded = load_from_run(Path(args.run_dir))
+    if not Path(args.source).is_dir():
+        raise ConfigError(f"{args.source} is not a run directory")
+    loaded = loaded_generator(args)
     export_generator(loaded, Path(args.out))
-    print(f"{args.out}: generator of step {loaded.step}")
+    print(f"{args.out}: generator of {described(loaded)}")
     return 0
 
 
@@ -99,13 +113,12 @@ def _score(args: argparse.Namespace) -> int:
     import torch
 
     from dcgan.quality import DigitsScorer
-    from dcgan.sample import generate, load_generator
 
-    loaded = load_generator(Path(args.source))
+    loaded = loaded_generator(args)
     if loaded.model.channels != 1:
         raise ConfigError("dcgan score: the digits score needs a 1-channel generator")
     noise = torch.randn(args.num, loaded.model.nz, generator=torch.Generator().manual_seed(args.seed))
-    score = DigitsScorer(loaded.model.resolution).score(generate(loaded.generator, noise))
+    score = DigitsScorer(loaded.model.resolution).score(loaded.images(noise))
     for key, value in score.as_dict().items():
         print(f"{key:<14} {value:.4f}")
     return 0
@@ -116,23 +129,24 @@ def _eval(args: argparse.Namespace) -> int:
 
     from dcgan.distributed import destroy_distributed, init_distributed
     from dcgan.evaluate import evaluate
-    from dcgan.sample import load_generator
 
     info = init_distributed(args.device, 600)
     try:
-        loaded = load_generator(Path(args.source))
+        loaded = loaded_generator(args)
         loaded.generator.to(info.device)
-        results = evaluate(loaded, args.data, args.num, args.metrics.split(","), info, args.inception)
+        evaluation = evaluate(loaded, args.data, args.num, args.metrics.split(","), info, args.inception)
     finally:
         destroy_distributed()
     if info.is_main:
+        print(f"{described(loaded)}; reference: {evaluation.protocol['reference']['selection']} of {args.data}")
         print(f"{'metric':<22} {'value':>12}")
-        for key, value in results.items():
+        for key, value in evaluation.results.items():
             print(f"{key:<22} {value:>12.5f}")
         source = Path(args.source)
         default = source / f"eval-step{loaded.step}.json" if source.is_dir() else Path("eval.json")
         out = Path(args.out) if args.out else first_free(default)
-        out.write_text(json.dumps({"source": args.source, "step": loaded.step, "data": args.data, "num": args.num, **results}, indent=1))
+        record = {"source": args.source, "step": loaded.step, "data": args.data, "num": args.num, **evaluation.results, "protocol": evaluation.protocol}
+        out.write_text(json.dumps(record, indent=1))
         print(f"written to {out}")
     return 0
 
@@ -211,6 +225,20 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     step.set_defaults(func=_bench_step)
 
 
+def add_generator_options(parser: argparse.ArgumentParser) -> None:
+    """Which of a run's generators a command uses, and its BatchNorm statistics."""
+    from dcgan.config import BN_STATS
+
+    parser.add_argument(
+        "--raw", action="store_true",
+        help="the trained G's own weights, not their average (runs trained with train.ema > 0 use the average by default)",
+    )
+    parser.add_argument(
+        "--bn", choices=BN_STATS, default=None,
+        help="BatchNorm statistics: running (eval mode) or batch (each batch's own); default: the run's sample.bn",
+    )
+
+
 def positive_int(text: str) -> int:
     """argparse type for counts: a clear message for 0 or a negative number instead of a crash later."""
     value = int(text)
@@ -245,17 +273,20 @@ def build_parser() -> argparse.ArgumentParser:
     noise = sample.add_mutually_exclusive_group()
     noise.add_argument("--seed", type=int, default=None, help="seed of the noise (default: a fresh one, printed so that it can be repeated)")
     noise.add_argument("--fixed-noise", action="store_true", help="the training's own fixed noise: the run's sample grid of that step, pixel for pixel")
+    add_generator_options(sample)
     sample.set_defaults(func=_sample)
 
     export = commands.add_parser("export", help="save the newest checkpoint's generator as one torch.load-able file")
-    export.add_argument("run_dir", help="run directory: its newest complete checkpoint is exported")
+    export.add_argument("source", metavar="run_dir", help="run directory: its newest complete checkpoint is exported")
     export.add_argument("--out", required=True, help="output file, e.g. generator.pt")
+    add_generator_options(export)
     export.set_defaults(func=_export)
 
     score = commands.add_parser("score", help="digits quality score (Frechet distance at 8x8, confidence, balance)")
     score.add_argument("source", help="run directory or exported generator (1 channel)")
     score.add_argument("--num", type=positive_int, default=1000, help="generated images to score")
     score.add_argument("--seed", type=int, default=0, help="seed of the noise (fixed, so that scores compare across runs)")
+    add_generator_options(score)
     score.set_defaults(func=_score)
 
     evaluate = commands.add_parser(
@@ -268,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--metrics", default="swd", help="comma-separated from fid,kid,swd,digits (default swd)")
     evaluate.add_argument("--inception", default="", help="TorchScript Inception for fid/kid (or env DCGAN_INCEPTION)")
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where G and Inception run (auto = cuda when available; one GPU per rank under torchrun)")
-    evaluate.add_argument("--out", default="", help="JSON output (default RUN_DIR/eval-stepN.json or eval.json)")
+    evaluate.add_argument("--out", default="", help="JSON output with the protocol (default RUN_DIR/eval-stepN.json or eval.json)")
+    add_generator_options(evaluate)
     evaluate.set_defaults(func=_eval)
 
     sync = commands.add_parser(

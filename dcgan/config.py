@@ -70,6 +70,10 @@ class TrainConfig:
     nonfinite: Literal["stop", "skip"] = _field(
         "stop", "on a non-finite loss: stop the run (last good checkpoint kept) or skip the update"
     )
+    ema: float = _field(
+        0.0, "decay of an exponential moving average of G's weights, kept in checkpoints (0 = off; e.g. 0.999): "
+        "grids, sample, export and eval use it (sample.ema=false: the raw G); eval logs both"
+    )
 
 
 @dataclass(frozen=True)
@@ -93,10 +97,20 @@ class LogConfig:
     histogram_every: int = _field(0, "steps between histograms of D's outputs (0 = with every sample grid)")
 
 
+BnStats = Literal["running", "batch"]
+"""BatchNorm statistics a generator can make images with (dcgan.sample.generate implements them)."""
+BN_STATS: tuple[str, ...] = get_args(BnStats)
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     every: int = _field(500, "steps between fixed-noise sample grids")
     num: int = _field(64, "images in each sample grid")
+    bn: BnStats = _field(
+        "running", "G's BatchNorm statistics when making images (grids, sample, eval): running = the averages kept "
+        "in training (eval mode), batch = each generated batch's own (train mode)"
+    )
+    ema: bool = _field(True, "with train.ema > 0, images come from the averaged G (false: from the raw G)")
 
 
 @dataclass(frozen=True)
@@ -367,6 +381,7 @@ def validate(config: Config) -> None:
     for key in ("beta1", "beta2"):
         beta = getattr(config.optim, key)
         _require(0 <= beta < 1, f"optim.{key}", "in [0, 1)", beta)
+    _require(0 <= t.ema < 1, "train.ema", "in [0, 1) (0 = off)", t.ema)
     _require(d.workers >= 0, "data.workers", ">= 0", d.workers)
     _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1", d.shuffle_buffer)
     _require(d.epoch_samples >= 0, "data.epoch_samples", ">= 0 (0 = derive from the data set)", d.epoch_samples)

@@ -6,7 +6,10 @@
 - SWD is the sliced Wasserstein distance between 7x7 patches of Laplacian pyramids (Karras et al.
   2018): no pretrained network, so every run can be scored anywhere. Reported x1e3, averaged over levels.
 - digits: the digits score of dcgan.quality (Frechet distance at 8x8; lower is better).
-Under torchrun each rank generates and featurizes its share of the images; features are gathered.
+Under torchrun each rank generates and featurizes its share of the images (the reference's too, once:
+its features are cached by rank 0); features are gathered. `Evaluation.protocol` records what a number
+was measured on: the generator's weights and BatchNorm statistics, image counts, seeds, how the
+reference was chosen and the feature network's hash.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import json
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,9 +30,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dcgan.config import EVAL_METRICS, ConfigError, metric_keys
-from dcgan.distributed import DistInfo
+from dcgan.distributed import DistInfo, any_rank
 from dcgan.quality import frechet_distance, gaussian_stats
-from dcgan.sample import LoadedGenerator, generate
+from dcgan.sample import LoadedGenerator
 
 INCEPTION_ENV = "DCGAN_INCEPTION"
 
@@ -140,14 +146,38 @@ def swd(real: torch.Tensor, fake: torch.Tensor, patches_per_image: int = 64, dir
 # ---------------------------------------------------------------------------------------------------
 # Images in, numbers out
 
+GENERATION_BATCH = 250
+"""Generated images are made in batches of this many, batch i by rank i % world: the same batches
+whatever the number of ranks, so that batch statistics (sample.bn=batch) do not depend on it either."""
+NOISE_SEED, REFERENCE_SEED = 12345, 0
+"""Seeds of the generated images' noise and of the random reference subset: fixed, so that numbers
+compare across runs and steps."""
+KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 0
+SWD_PATCHES, SWD_DIRECTIONS, SWD_SEED = 64, 512, 0
 
-def generated_images(loaded: LoadedGenerator, num: int, info: DistInfo, batch: int = 250, seed: int = 12345) -> torch.Tensor:
-    """This rank's share (every world-th image) of `num` generated uint8 images; the noise of image i is
-    the same whatever the number of ranks, so results do not depend on it."""
-    noise = torch.randn(num, loaded.model.nz, generator=torch.Generator().manual_seed(seed))[info.rank :: info.world_size]
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The metric values, and how they were measured: what a number needs to be compared with another."""
+
+    results: dict[str, float]
+    protocol: dict[str, Any]
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 [0, 255], as image files hold them."""
+    return images.float().cpu().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def generated_images(loaded: LoadedGenerator, num: int, info: DistInfo, batch: int = GENERATION_BATCH, seed: int = NOISE_SEED) -> torch.Tensor:
+    """`num` generated uint8 images, identical on every rank; rank r makes batches r, r + world, ..."""
+    m = loaded.model
+    batches = -(-num // batch)
+    noise = torch.randn(batches, batch, m.nz, generator=torch.Generator().manual_seed(seed))
     device = next(loaded.generator.parameters()).device
-    out = [generate(loaded.generator, noise[i : i + batch].to(device)).float().cpu() for i in range(0, len(noise), batch)]
-    return torch.cat(out).add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    mine = [to_uint8(loaded.images(z.to(device))) for z in noise[info.rank :: info.world_size]]
+    local = torch.stack(mine) if mine else torch.empty(0, batch, m.channels, m.resolution, m.resolution, dtype=torch.uint8)
+    return gather_rows(local, batches, info).flatten(0, 1)[:num]
 
 
 def gather_rows(local: torch.Tensor, total: int, info: DistInfo) -> torch.Tensor:
@@ -163,45 +193,102 @@ def gather_rows(local: torch.Tensor, total: int, info: DistInfo) -> torch.Tensor
     return interleaved[:total]
 
 
-def real_images(data: str, num: int, resolution: int, channels: int) -> torch.Tensor:
-    """The first `num` images of a shard directory in stored order, or of the built-in digits."""
+@dataclass(frozen=True)
+class Reference:
+    """The real images generated ones are compared with: all of a data set, or a seeded random subset
+    (never the first n in stored order, which would be a few shards' worth of whatever order they hold)."""
+
+    images: torch.Tensor
+    available: int
+    seed: int | None
+    """Seed of the subset; None when the whole data set is the reference."""
+
+    def describe(self, data: str) -> dict[str, Any]:
+        chosen = "all" if self.seed is None else "seeded random subset"
+        return {"data": data, "images": len(self.images), "available": self.available, "selection": chosen, "seed": self.seed}
+
+
+def _subset_order(available: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(available)
+
+
+@lru_cache(maxsize=2)
+def reference_images(data: str, num: int, resolution: int, channels: int, seed: int = REFERENCE_SEED) -> Reference:
+    """`num` real images of a shard directory or the built-in digits: all of them when `num` is the data
+    set's size, else a random subset drawn with `seed` (kept in memory: training evaluates often)."""
     if data == "digits":
         from dcgan.data.digits import digits_images
 
-        images = digits_images(resolution)
-    else:
-        from dcgan.data.stream import read_images, resolve_shards
+        every = digits_images(resolution)
+        return _choose(every, num, seed, data)
+    from dcgan.data.stream import read_images, resolve_shards
 
-        manifest = resolve_shards(data).manifest
-        if manifest is not None and (manifest.resolution, manifest.channels) != (resolution, channels):
-            raise ConfigError(
-                f"--data {data} holds {manifest.resolution}x{manifest.resolution} {manifest.channels}-channel images; "
-                f"the generator makes {resolution}x{resolution} {channels}-channel ones"
-            )
-        images = read_images(data, num, resolution, channels)
-    if len(images) < num:
-        raise ConfigError(f"--num {num}: the data holds only {len(images)} images")
-    return images[:num]
+    shards = resolve_shards(data)
+    manifest = shards.manifest
+    if manifest is not None and (manifest.resolution, manifest.channels) != (resolution, channels):
+        raise ConfigError(
+            f"--data {data} holds {manifest.resolution}x{manifest.resolution} {manifest.channels}-channel images; "
+            f"the generator makes {resolution}x{resolution} {channels}-channel ones"
+        )
+    if shards.total is None or num >= shards.total:  # no count to draw from, or all of them are wanted
+        found = read_images(data, resolution, channels)
+        return _choose(torch.from_numpy(np.stack([found[i] for i in sorted(found)])) if found else torch.empty(0), num, seed, data)
+    order = _subset_order(shards.total, seed)
+    spare = min(shards.total - num, max(16, num // 100))  # stand-ins for unreadable picks, in the same order
+    found = read_images(data, resolution, channels, set(order[: num + spare].tolist()))
+    picked = [found[i] for i in order[: num + spare].tolist() if i in found][:num]
+    if len(picked) < num:
+        raise ConfigError(f"--num {num}: only {len(picked)} of the {num} randomly chosen reference images of {data} are readable")
+    return Reference(torch.from_numpy(np.stack(picked)), shards.total, seed)
 
 
-def cache_key(data: str, resolution: int, num: int, extractor: str) -> str:
-    """Reference features are cached per data set (its manifest), resolution, count and network."""
+def _choose(every: torch.Tensor, num: int, seed: int, data: str) -> Reference:
+    if len(every) < num:
+        raise ConfigError(f"--num {num}: {data} holds only {len(every)} images")
+    if num == len(every):
+        return Reference(every, len(every), None)
+    return Reference(every[torch.from_numpy(_subset_order(len(every), seed)[:num])], len(every), seed)
+
+
+def network_hash(path: str) -> str:
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
+def cache_key(data: str, reference: Reference, resolution: int, network_sha1: str) -> str:
+    """Reference features are cached per data set (its manifest), images chosen, resolution and network."""
     manifest = Path(data) / "manifest.json"
     identity = manifest.read_text() if manifest.is_file() else data
-    network = hashlib.sha1(Path(extractor).read_bytes()).hexdigest() if extractor else ""
-    blob = json.dumps([identity, resolution, num, network])
+    blob = json.dumps([identity, resolution, len(reference.images), reference.available, reference.seed, network_sha1])
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def reference_features(data: str, images: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor], cache_dir: Path, key: str, batch: int = 250) -> np.ndarray:
-    path = cache_dir / f"ref-{key}.npy"
-    if path.is_file():
+def featurize(images: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor], batch: int = GENERATION_BATCH) -> torch.Tensor:
+    if not len(images):
+        return torch.empty(0, 0, dtype=torch.float64)
+    return torch.cat([features(images[i : i + batch]) for i in range(0, len(images), batch)])
+
+
+def sharded_features(images: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor], info: DistInfo) -> np.ndarray:
+    """Features of `images`, each rank featurizing every world-th one; every rank gets all, in order."""
+    mine = featurize(images[info.rank :: info.world_size], features)
+    if info.distributed:  # a rank with no images still needs the width to take part in the gather
+        width = torch.tensor([mine.shape[1] if len(mine) else 0])
+        dist.all_reduce(width, op=dist.ReduceOp.MAX, group=info.flag_group)
+        mine = mine if len(mine) else torch.empty(0, int(width), dtype=torch.float64)
+    return gather_rows(mine, len(images), info).numpy()
+
+
+def reference_features(reference: Reference, features: Callable[[torch.Tensor], torch.Tensor], path: Path, info: DistInfo) -> np.ndarray:
+    """The reference's features from the cache file when every rank sees it; else computed with the
+    work shared by the ranks, and the file written by rank 0 alone (atomically)."""
+    if not any_rank(not path.is_file(), info):
         return np.load(path)
-    feats = torch.cat([features(images[i : i + batch]) for i in range(0, len(images), batch)]).numpy()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, feats)
-    tmp.replace(path)
+    feats = sharded_features(reference.images, features, info)
+    if info.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, feats)
+        tmp.replace(path)
     return feats
 
 
@@ -209,27 +296,39 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DCGAN_CACHE", Path.home() / ".cache" / "dcgan"))
 
 
-def evaluate(loaded: LoadedGenerator, data: str, num: int, metrics: list[str], info: DistInfo, inception: str = "", cache_dir: Path | None = None) -> dict[str, float]:
-    """Every requested metric of `loaded` against `num` real images; identical on every rank."""
+def evaluate(loaded: LoadedGenerator, data: str, num: int, metrics: list[str], info: DistInfo, inception: str = "", cache_dir: Path | None = None) -> Evaluation:
+    """Every requested metric of `loaded` against `num` real images, identical on every rank, with the
+    protocol that produced them (images, seeds, selection, network)."""
     cache_dir = cache_dir or default_cache_dir()
     unknown = sorted(set(metrics) - set(EVAL_METRICS))
     if unknown:
         raise ConfigError(f"--metrics: unknown {', '.join(unknown)} (allowed: {', '.join(EVAL_METRICS)})")
     m = loaded.model
-    fake = gather_rows(generated_images(loaded, num, info), num, info)
-    real = real_images(data, num, m.resolution, m.channels)
+    fake = generated_images(loaded, num, info)
+    reference = reference_images(data, num, m.resolution, m.channels)
+    real = reference.images
     results: dict[str, float] = {}
+    protocol: dict[str, Any] = {
+        "generator": {"step": loaded.step, "weights": loaded.weights, "bn": loaded.bn, "images": num,
+                      "noise_seed": NOISE_SEED, "batch": GENERATION_BATCH},
+        "reference": reference.describe(data),
+        "ranks": info.world_size,
+    }
     if "fid" in metrics or "kid" in metrics:
-        extract = load_inception(inception, info.device)
-        real_feats = reference_features(data, real, extract, cache_dir, cache_key(data, m.resolution, num, inception or os.environ.get(INCEPTION_ENV, "")))
-        mine = fake[info.rank :: info.world_size]
-        fake_feats = gather_rows(torch.cat([extract(mine[i : i + 250]) for i in range(0, len(mine), 250)]), num, info).numpy()
+        network = inception or os.environ.get(INCEPTION_ENV, "")
+        extract = load_inception(network, info.device)
+        sha1 = network_hash(network)
+        protocol["network"] = {"path": str(Path(network).resolve()), "sha1": sha1}
+        real_feats = reference_features(reference, extract, cache_dir / f"ref-{cache_key(data, reference, m.resolution, sha1)}.npy", info)
+        fake_feats = sharded_features(fake, extract, info)
         if "fid" in metrics:
             results["fid"] = fid(real_feats, fake_feats)
         if "kid" in metrics:
-            results["kid"] = kid(real_feats, fake_feats)
+            results["kid"] = kid(real_feats, fake_feats, KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED)
+            protocol["kid"] = {"subsets": KID_SUBSETS, "subset_size": min(num, KID_SUBSET_SIZE), "seed": KID_SEED}
     if "swd" in metrics:
-        results["swd"] = swd(real, fake)
+        results["swd"] = swd(real, fake, SWD_PATCHES, SWD_DIRECTIONS, SWD_SEED)
+        protocol["swd"] = {"patches_per_image": SWD_PATCHES, "directions": SWD_DIRECTIONS, "seed": SWD_SEED}
     if "digits" in metrics:
         from dcgan.quality import DigitsScorer
 
@@ -239,4 +338,4 @@ def evaluate(loaded: LoadedGenerator, data: str, num: int, metrics: list[str], i
         results.update({f"digits_{k}": v for k, v in score.as_dict().items()})
     expected = metric_keys([metric for metric in EVAL_METRICS if metric in metrics])
     assert tuple(results) == expected, f"evaluate returned {tuple(results)}, config.metric_keys promises {expected}"
-    return results
+    return Evaluation(results, protocol)

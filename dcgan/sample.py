@@ -7,6 +7,8 @@ with `torch.load(path, weights_only=True)` anywhere the `dcgan` package is insta
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +18,14 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torchvision.utils import make_grid, save_image
 
 from dcgan import schema
-from dcgan.checkpoint import read_newest
-from dcgan.config import ConfigError, ModelConfig
+from dcgan.checkpoint import read_newest, stored_shapes
+from dcgan.config import BN_STATS, ConfigError, ModelConfig
+from dcgan.ema import refresh_batchnorm_statistics
 from dcgan.models import Generator
 
 EXPORT_FORMAT = "dcgan-generator/1"
+WEIGHTS = ("raw", "ema")
+"""Which of a run's generators: the trained G, or the average of its weights (train.ema)."""
 
 
 @dataclasses.dataclass
@@ -29,6 +34,14 @@ class LoadedGenerator:
     model: ModelConfig
     step: int
     fixed_noise: torch.Tensor
+    bn: str = "running"
+    """BatchNorm statistics its images are made with (config.BN_STATS): the run's sample.bn by default."""
+    weights: str = "raw"
+    """'raw' (the trained G) or 'ema' (the averaged weights, train.ema)."""
+
+    def images(self, noise: torch.Tensor) -> torch.Tensor:
+        """G(noise) in [-1, 1] with this generator's BatchNorm choice."""
+        return generate(self.generator, noise, self.bn)
 
 
 def to_uint8_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
@@ -45,46 +58,92 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
     save_image(images.detach().float().cpu(), str(path), nrow=nrow, normalize=True, value_range=(-1, 1))
 
 
-@torch.no_grad()
-def generate(generator: Generator, noise: torch.Tensor) -> torch.Tensor:
-    """G(noise) in eval mode (BatchNorm running statistics), as sample grids and evaluation use it."""
-    was_training = generator.training
-    generator.eval()
+@contextmanager
+def batchnorm_statistics(generator: torch.nn.Module, bn: str) -> Iterator[None]:
+    """G set to make images with `bn` statistics: 'running' = eval mode; 'batch' = each batch's own
+    statistics (train mode) without touching the stored running averages. Restored afterwards.
+    A G with cross-rank BatchNorm (training on several ranks) gives its batch statistics through a
+    collective: make images in 'batch' mode from a plain copy (`plain_copy`)."""
+    if bn not in BN_STATS:
+        raise ConfigError(f"BatchNorm statistics: {bn!r} is not one of {', '.join(BN_STATS)}")
+    norms = [m for m in generator.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    was_training, tracked = generator.training, [m.track_running_stats for m in norms]
+    generator.train(bn == "batch")
+    for m in norms:
+        m.track_running_stats = bn == "running"
     try:
-        with torch.no_grad():
-            return generator(noise)
+        yield
     finally:
         generator.train(was_training)
+        for m, track in zip(norms, tracked, strict=True):
+            m.track_running_stats = track
 
 
-def load_from_run(run_dir: Path) -> LoadedGenerator:
+@torch.no_grad()
+def generate(generator: torch.nn.Module, noise: torch.Tensor, bn: str = "running") -> torch.Tensor:
+    """G(noise) in [-1, 1], its BatchNorm using `bn` statistics (see batchnorm_statistics)."""
+    with batchnorm_statistics(generator, bn):
+        return generator(noise)
+
+
+def plain_copy(generator: torch.nn.Module, model: ModelConfig) -> Generator:
+    """A copy of `generator`'s state in a Generator with plain BatchNorm (no collectives)."""
+    device = next(generator.parameters()).device
+    copy = Generator(model).to(device)
+    copy.load_state_dict(generator.state_dict())
+    return copy
+
+
+def load_from_run(run_dir: Path, weights: str | None = None) -> LoadedGenerator:
     """The generator of the newest complete checkpoint of a run directory that reads back (an older one,
-    with a warning, when the newest is damaged)."""
+    with a warning, when the newest is damaged); `weights` as in load_generator_checkpoint."""
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    loaded = read_newest(run_dir / "checkpoints", load_generator_checkpoint)
+    loaded = read_newest(run_dir / "checkpoints", lambda path: load_generator_checkpoint(path, weights))
     if loaded is None:
         raise ConfigError(f"{run_dir} has no complete checkpoint yet")
     return loaded
 
 
-def load_generator_checkpoint(checkpoint: Path) -> LoadedGenerator:
-    """G, its step and the fixed noise from one DCP checkpoint, read in this process."""
-    model = checkpoint_model(checkpoint)
+def _load_one_process(path: Path, state: dict) -> None:
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+
+
+def load_generator_checkpoint(checkpoint: Path, weights: str | None = None) -> LoadedGenerator:
+    """G, its step and the fixed noise from one DCP checkpoint, read in this process. `weights`: 'ema'
+    or 'raw'; None = what the run made its images with (the average when it kept one and sample.ema)."""
+    saved = schema.saved_config(checkpoint, _load_one_process)
+    model = model_of(saved)
+    sample = saved.get("sample", {})
+    has_ema = schema.has_ema(stored_shapes(checkpoint))
+    if weights is None:
+        weights = "ema" if has_ema and sample.get("ema", True) else "raw"
+    if weights == "ema" and not has_ema:
+        raise ConfigError(f"{checkpoint} holds no averaged generator (trained with train.ema=0): use the raw one")
     generator = Generator(model)
     reader = dcp.FileSystemReader(str(checkpoint))
     noise_meta = reader.read_metadata().state_dict_metadata[schema.FIXED_NOISE]
     assert isinstance(noise_meta, TensorStorageMetadata), "fixed_noise is stored as a tensor"
     state = schema.generator_part(generator, tuple(noise_meta.size))
+    if weights == "ema":
+        state.update(schema.ema_part(generator))
     dcp.load(state, storage_reader=reader, no_dist=True)
     generator.load_state_dict(state[schema.MODEL]["G"])
-    return LoadedGenerator(generator, model, int(state[schema.PROGRESS]["step"]), state[schema.FIXED_NOISE])
+    if weights == "ema":
+        with torch.no_grad():
+            for name, p in generator.named_parameters():
+                p.copy_(state[schema.EMA]["params"][name])
+        refresh_batchnorm_statistics(generator, model.nz)
+    return LoadedGenerator(
+        generator, model, int(state[schema.PROGRESS]["step"]), state[schema.FIXED_NOISE],
+        bn=str(sample.get("bn", "running")), weights=weights,
+    )
 
 
-def checkpoint_model(checkpoint: Path) -> ModelConfig:
-    """The model settings a checkpoint was written with (its own copy of the config): config.yaml may
-    describe another model, e.g. after a resume with other settings was refused."""
-    saved = schema.saved_config(checkpoint, lambda path, state: dcp.load(state, checkpoint_id=str(path), no_dist=True)).get("model", {})
+def model_of(saved_config: dict) -> ModelConfig:
+    """The model settings of a checkpoint's own config: config.yaml may describe another model, e.g.
+    after a resume with other settings was refused."""
+    saved = saved_config.get("model", {})
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in saved.items() if k in known})
 
@@ -98,6 +157,8 @@ def export_generator(loaded: LoadedGenerator, out: Path) -> None:
             "step": loaded.step,
             "state_dict": loaded.generator.state_dict(),
             "fixed_noise": loaded.fixed_noise,
+            "bn": loaded.bn,
+            "weights": loaded.weights,
         },
         out,
     )
@@ -113,27 +174,37 @@ def load_export(path: Path) -> LoadedGenerator:
     model = ModelConfig(**blob["model"])
     generator = Generator(model)
     generator.load_state_dict(blob["state_dict"])
-    return LoadedGenerator(generator, model, int(blob["step"]), blob["fixed_noise"])
+    # files exported before the BatchNorm choice and the average existed: running statistics, raw G
+    return LoadedGenerator(
+        generator, model, int(blob["step"]), blob["fixed_noise"], bn=str(blob.get("bn", "running")),
+        weights=str(blob.get("weights", "raw")),
+    )
 
 
-def load_generator(source: Path) -> LoadedGenerator:
-    """A run directory or an exported generator file."""
+def load_generator(source: Path, *, weights: str | None = None, bn: str | None = None) -> LoadedGenerator:
+    """A run directory or an exported generator file. `weights` ('ema'/'raw', run directories only)
+    and `bn` (config.BN_STATS) override what the run chose (sample.ema, sample.bn)."""
     if source.is_dir():
-        return load_from_run(source)
-    if source.is_file():
-        return load_export(source)
-    raise ConfigError(f"{source}: no such run directory or generator file")
+        loaded = load_from_run(source, weights)
+    elif source.is_file():
+        loaded = load_export(source)
+        if weights is not None and weights != loaded.weights:
+            raise ConfigError(f"{source} holds the {loaded.weights} generator only: export the {weights} one from its run directory")
+    else:
+        raise ConfigError(f"{source}: no such run directory or generator file")
+    if bn is not None:
+        loaded.bn = bn
+    return loaded
 
 
-def sample_grid(source: Path, num: int, out: Path, seed: int | None) -> Path:
+def sample_grid(loaded: LoadedGenerator, num: int, out: Path, seed: int | None) -> Path:
     """`dcgan sample`: `num` images from seeded noise as one PNG grid; with no seed, from the training's
     fixed noise (its first `num` vectors), which redraws the run's own sample grid of that step."""
-    loaded = load_generator(source)
     if seed is None:
         if num > len(loaded.fixed_noise):
             raise ConfigError(f"--fixed-noise: the run has {len(loaded.fixed_noise)} fixed noise vectors, asked for --num {num}")
         noise = loaded.fixed_noise[:num].cpu()
     else:
         noise = torch.randn(num, loaded.model.nz, generator=torch.Generator().manual_seed(seed))
-    save_grid(generate(loaded.generator, noise), out)
+    save_grid(loaded.images(noise), out)
     return out

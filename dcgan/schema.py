@@ -11,9 +11,10 @@ A checkpoint is one DCP directory (dcgan.checkpoint writes it) holding this tree
     rng.rank<N>.noise             each writing rank's latent-noise generator  (optional: another rank count)
     fixed_noise                   the sample grid's latent batch              (optional on resume: sample.num)
     meta.run_id, meta.config      the wandb run id; the resolved config as YAML (its model is checked on resume)
+    ema.params, ema.updates       the averaged G's parameters and update count   (optional: train.ema > 0)
 
 Training (`dcgan.train.Trainer`) writes and resumes the whole tree; `sample`/`export`/`eval` read the
-generator part (`generator_part`); both read the checkpoint's own config through `saved_config`.
+generator part (`generator_part`, with `ema_part` for the averaged G); both read the checkpoint's own config through `saved_config`.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from typing import Any
 import torch
 import yaml
 
-MODEL, OPTIM, SCALER, PROGRESS, RNG, FIXED_NOISE, META = "model", "optim", "scaler", "progress", "rng", "fixed_noise", "meta"
-PARTS = (MODEL, OPTIM, SCALER, PROGRESS, RNG, FIXED_NOISE, META)
+MODEL, OPTIM, SCALER, PROGRESS, RNG, FIXED_NOISE, META, EMA = (
+    "model", "optim", "scaler", "progress", "rng", "fixed_noise", "meta", "ema"
+)
+PARTS = (MODEL, OPTIM, SCALER, PROGRESS, RNG, FIXED_NOISE, META, EMA)
 """The top-level parts, in the order they are written."""
 
 Loader = Callable[[Path, dict[str, Any]], None]
@@ -46,10 +49,10 @@ def flat_key(*parts: str) -> str:
 def training_state(
     *, g: dict[str, Any], d: dict[str, Any], optim_g: dict[str, Any], optim_d: dict[str, Any], scaler: dict[str, Any],
     step: int, images_seen: int, data: dict[str, Any], rank: int, noise_rng: torch.Tensor, fixed_noise: torch.Tensor,
-    run_id: str, config_yaml: str,
+    run_id: str, config_yaml: str, ema: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The whole tree a training checkpoint holds (every rank builds it; DCP writes each rank's part)."""
-    return {
+    tree = {
         MODEL: {"G": g, "D": d},
         OPTIM: {"G": optim_g, "D": optim_d},
         SCALER: scaler,
@@ -58,6 +61,9 @@ def training_state(
         FIXED_NOISE: fixed_noise,
         META: {"run_id": run_id, "config": config_yaml},
     }
+    if ema is not None:
+        tree[EMA] = ema
+    return tree
 
 
 def generator_part(generator: torch.nn.Module, fixed_noise_shape: tuple[int, ...]) -> dict[str, Any]:
@@ -67,6 +73,17 @@ def generator_part(generator: torch.nn.Module, fixed_noise_shape: tuple[int, ...
         PROGRESS: {"step": 0},
         FIXED_NOISE: torch.empty(fixed_noise_shape),
     }
+
+
+def ema_part(generator: torch.nn.Module) -> dict[str, Any]:
+    """The averaged G's part of the tree (see dcgan.ema.GeneratorEMA.state_dict), in new tensors: loaded
+    beside `generator_part`, which fills G's own."""
+    return {EMA: {"params": {name: torch.empty_like(p) for name, p in generator.named_parameters()}, "updates": torch.tensor(0)}}
+
+
+def has_ema(stored: dict[str, Any]) -> bool:
+    """Whether a checkpoint (its stored keys, dcgan.checkpoint.stored_shapes) holds the averaged G."""
+    return flat_key(EMA, "updates") in stored
 
 
 def saved_config(path: Path, load: Loader) -> dict[str, Any]:

@@ -47,12 +47,13 @@ from dcgan.distributed import (
     replicas_agree,
     sync_buffers,
 )
+from dcgan.ema import GeneratorEMA
 from dcgan.graphs import StepRunner, gradient_sync, make_runner
 from dcgan.models import Discriminator, Generator
 from dcgan.preemption import StopSignal, StoppedWhileWaiting
 from dcgan.errors import IncompatibleCheckpoint, RunDirInUse
 from dcgan.rundir import MAX_ATTEMPTS_WITHOUT_PROGRESS, RunDirLock, count_attempt, create_run_dir, refuse_without_progress
-from dcgan.sample import LoadedGenerator, generate, save_grid, to_uint8_grid
+from dcgan.sample import LoadedGenerator, generate, plain_copy, save_grid, to_uint8_grid
 from dcgan.step import NONFINITE, STAT_NAMES, GANStep, resolve_precision
 from dcgan.tracking import GanHealth, Progress, Tracker, make_tracker, new_run_id, sample_diversity, setup_logging
 
@@ -89,6 +90,8 @@ class Trainer:
     """Images trained on by all ranks together since step 0: the x-axis on which runs with different
     numbers of GPUs (and a run resumed with another) compare."""
     nonfinite_flag: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    ema: GeneratorEMA | None = None
+    """The average of G's weights (train.ema > 0), updated after every step."""
 
     @property
     def global_batch(self) -> int:
@@ -106,7 +109,17 @@ class Trainer:
             scaler=step_fn.scaler.state_dict(), step=self.step, images_seen=self.images_seen, data=self.data.state_dict(),
             rank=self.info.rank, noise_rng=step_fn.noise.get_state(), fixed_noise=self.fixed_noise,
             run_id=self.run_id, config_yaml=yaml.safe_dump(config_to_dict(self.config), sort_keys=False),
+            ema=self.ema.state_dict() if self.ema is not None else None,
         )
+
+    def image_generator(self) -> Generator:
+        """The G that sample grids show: the average when kept (and sample.ema), else the trained G,
+        as a plain copy when its BatchNorm would need a collective for batch statistics."""
+        if self.ema is not None and self.config.sample.ema:
+            return self.ema.generator()
+        if self.config.sample.bn == "batch" and self.info.distributed:
+            return plain_copy(self.g_bare, self.config.model)
+        return self.g_bare
 
     def load_state_dict(self, path: Path) -> None:
         """Resume from the checkpoint at `path`, refusing one written for another model."""
@@ -124,6 +137,12 @@ class Trainer:
             del state[schema.FIXED_NOISE]
         if schema.flat_key(schema.PROGRESS, "images_seen") not in stored:  # written before the count existed
             del state[schema.PROGRESS]["images_seen"]
+        stored_ema = schema.has_ema(stored)
+        if self.ema is not None and not stored_ema:
+            del state[schema.EMA]
+            log.warning("train.ema=%g but the checkpoint holds no average of G: it starts from this step's G", self.ema.decay)
+        elif self.ema is None and stored_ema:
+            log.warning("the checkpoint holds an average of G but train.ema=0: it is not kept from here on")
         if state[schema.SCALER] and not any(key.startswith(schema.SCALER + ".") for key in stored):
             log.info("the checkpoint has no loss-scaler state (written without fp16 or nonfinite=skip): default scale")
             state[schema.SCALER] = {}
@@ -142,6 +161,11 @@ class Trainer:
         self.data.load_state_dict(progress["data"])
         if schema.FIXED_NOISE in state:
             self.fixed_noise.copy_(state[schema.FIXED_NOISE])
+        if self.ema is not None:
+            if schema.EMA in state:
+                self.ema.load_state_dict(state[schema.EMA])
+            else:
+                self.ema = GeneratorEMA(self.g_bare, self.config.model, self.config.train.ema)
         self.run_id = str(state[schema.META]["run_id"])
         if has_rng:
             self.step_fn.noise.set_state(state[schema.RNG][rank]["noise"])
@@ -272,6 +296,7 @@ def build_trainer(config: Config, info: DistInfo) -> Trainer:
         checkpointer=Checkpointer(run_dir / "checkpoints", config.checkpoint, info),
         run_id=new_run_id(),
         nonfinite_flag=torch.zeros((), device=info.device),
+        ema=GeneratorEMA(g_bare, config.model, config.train.ema) if config.train.ema > 0 else None,
     )
 
 
@@ -356,8 +381,9 @@ def window_metrics(window: Window, trainer: Trainer) -> dict[str, float]:
 
 
 def write_samples(trainer: Trainer, tracker: Tracker, health: GanHealth) -> float:
-    """Fixed-noise grid (eval mode) to samples/ and wandb, plus histograms of D's last outputs."""
-    images = generate(trainer.g_bare, trainer.fixed_noise)
+    """Fixed-noise grid (the image generator, sample.bn statistics) to samples/ and wandb, plus
+    histograms of D's last outputs."""
+    images = generate(trainer.image_generator(), trainer.fixed_noise, trainer.config.sample.bn)
     save_grid(images, trainer.run_dir / "samples" / f"step_{trainer.step:09d}.png")
     tracker.log_image(trainer.step, trainer.images_seen, "samples", to_uint8_grid(images))
     diversity = sample_diversity(images)
@@ -370,22 +396,42 @@ def write_samples(trainer: Trainer, tracker: Tracker, health: GanHealth) -> floa
     return diversity
 
 
+EMA_PREFIX = "ema_"
+"""Eval results of the averaged G are logged beside the raw G's under this prefix (eval/ema_swd)."""
+
+
 def evaluate_now(trainer: Trainer) -> dict[str, float]:
-    """eval.metrics of the current generator (eval mode, rank 0's BatchNorm statistics); collective."""
+    """eval.metrics of the trained G (sample.bn statistics; rank 0's running statistics) and, when kept,
+    of its average (prefixed EMA_PREFIX); collective."""
     from dcgan.evaluate import evaluate
 
     cfg = trainer.config
     sync_buffers(trainer.g_bare, trainer.info)
-    loaded = LoadedGenerator(trainer.g_bare, cfg.model, trainer.step, trainer.fixed_noise)
+    raw = trainer.g_bare if cfg.sample.bn == "running" or not trainer.info.distributed else plain_copy(trainer.g_bare, cfg.model)
+    generators = {"": LoadedGenerator(raw, cfg.model, trainer.step, trainer.fixed_noise, bn=cfg.sample.bn)}
+    if trainer.ema is not None:
+        generators[EMA_PREFIX] = LoadedGenerator(trainer.ema.generator(), cfg.model, trainer.step, trainer.fixed_noise, bn=cfg.sample.bn, weights="ema")
     data = cfg.eval.data or cfg.data.shards or "digits"
-    return evaluate(loaded, data, cfg.eval.num, list(cfg.eval.metrics), trainer.info, cfg.eval.inception)
+    results: dict[str, float] = {}
+    for prefix, loaded in generators.items():
+        evaluation = evaluate(loaded, data, cfg.eval.num, list(cfg.eval.metrics), trainer.info, cfg.eval.inception)
+        results.update({prefix + key: value for key, value in evaluation.results.items()})
+    return results
+
+
+def best_key(config: Config) -> str:
+    """The eval result that eval.best ranks checkpoints by: of the G that images come from."""
+    uses_ema = config.train.ema > 0 and config.sample.ema
+    return (EMA_PREFIX if uses_ema else "") + config.eval.best
 
 
 def keep_if_best(trainer: Trainer, results: dict[str, float], best: float) -> float:
     """Checkpoint this step as the best when eval.best improved (the checkpointer marks it once the save
     is complete); return the best value so far."""
-    metric = trainer.config.eval.best
-    if not metric or results[metric] >= best:
+    if not trainer.config.eval.best:
+        return best
+    metric = best_key(trainer.config)
+    if results[metric] >= best:
         return best
     save_checkpoint(trainer, best=Best(metric, results[metric]))
     log.info("step %d is the best so far by %s = %.5f: its checkpoint is kept", trainer.step, metric, results[metric])
@@ -570,6 +616,8 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
             return stop_while_waiting(trainer, stop)
         waited = time.perf_counter() - waited
         stats = trainer.runner(images)
+        if trainer.ema is not None:
+            trainer.ema.update(trainer.g_bare)
         trainer.nonfinite_flag += stats[NONFINITE]
         state.window.add(stats, waited)
         trainer.step += 1

@@ -88,7 +88,7 @@ def trained_digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
-SLOW_FIXTURES = {"trained_digits_run", "straight_runs", "cluster"}
+SLOW_FIXTURES = {"trained_digits_run", "straight_runs", "cluster", "ema_run"}
 """Fixtures that train a model or start a cluster: every test that uses one is slow."""
 
 

@@ -27,7 +27,7 @@ STEPS = 200
 
 def run_args(run: Path, data: str, shards: Path) -> list[str]:
     args = ["train", "configs/tiny.yaml", f"run.dir={run}", f"train.steps={STEPS}", "checkpoint.every=50",
-            "checkpoint.async_save=true", "log.every=25", "sample.every=100"]
+            "checkpoint.async_save=true", "log.every=25", "sample.every=100", "train.ema=0.99"]
     if data == "shards":
         args += [f"data.shards={shards}", "data.workers=2"]
     return args
@@ -72,7 +72,9 @@ def test_interrupted_and_resumed_run_is_bit_identical_to_a_straight_run(
     assert f"resumed from {run / 'checkpoints'}/step_{steps[-1]:09d}" in resumed.stderr
     final = run / "checkpoints" / f"step_{STEPS:09d}"
     reference = straight_runs[data] / "checkpoints" / f"step_{STEPS:09d}"
-    assert_states_equal(load_checkpoint_tensors(final), load_checkpoint_tensors(reference))
+    resumed_state = load_checkpoint_tensors(final)
+    assert int(resumed_state["ema"]["updates"]) == STEPS  # the average of G (train.ema) resumed too
+    assert_states_equal(resumed_state, load_checkpoint_tensors(reference))
     stats = [line for line in (run / "stats.jsonl").read_text().splitlines()]
     steps_logged = [int(line.split('"step": ')[1].split(",")[0]) for line in stats]
     assert steps_logged[-1] == STEPS
@@ -196,5 +198,5 @@ def test_a_training_checkpoint_holds_the_schemas_parts_and_nothing_else(trained_
 
     [(_, path)] = list_checkpoints(trained_digits_run / "checkpoints")[-1:]
     parts = {key.split(".")[0] for key in stored_shapes(path)}
-    assert set(schema.PARTS) - {schema.SCALER} <= parts <= set(schema.PARTS)  # scaler: empty without fp16
+    assert set(schema.PARTS) - {schema.SCALER, schema.EMA} <= parts <= set(schema.PARTS)  # scaler: empty without fp16; ema: off
     assert schema.flat_key(schema.RNG, schema.rank_key(0), "noise") in stored_shapes(path)

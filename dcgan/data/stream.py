@@ -393,23 +393,29 @@ def plan_exact_counts(plan: StreamPlan) -> list[int]:
     return [batches]
 
 
-def read_images(spec: str, num: int, resolution: int, channels: int) -> torch.Tensor:
-    """The first `num` images of a shard set in stored order (no shuffle, no workers): the fixed
-    reference set that evaluation compares generators against."""
+def read_images(spec: str, resolution: int, channels: int, positions: set[int] | None = None) -> dict[int, np.ndarray]:
+    """Images of a shard set by their position among its readable images in stored order (no shuffle,
+    no workers): all of them, or those at `positions` (only those are decoded). Evaluation picks its
+    reference set from these (dcgan.evaluate.reference_images)."""
     shards = resolve_shards(spec)
     plan = StreamPlan(
         urls=shards.urls, counts=shards.counts, seed=0, rank=0, world_size=1, workers=1, batch_size=1,
         batches_per_epoch=0, shuffle_buffer=1, resampled=False, channels=channels, resolution=resolution,
     )
     bad = BadSamples()
-    images: list[np.ndarray] = []
+    images: dict[int, np.ndarray] = {}
+    last = max(positions) if positions else None
+    position = -1
     for item in _expand(_shard_passes({"url": u} for u in shards.urls), plan, bad):
-        if len(images) == num:
+        position += 1
+        if last is not None and position > last:
             break
+        if positions is not None and position not in positions:
+            continue
         try:
-            images.append(decode_image(item[0], channels, resolution) if isinstance(item, tuple) else item)
+            images[position] = decode_image(item[0], channels, resolution) if isinstance(item, tuple) else item
         except CorruptSample as exc:
             bad.skip(str(exc), item[1])
         else:
             bad.good()
-    return torch.from_numpy(np.stack(images)) if images else torch.empty(0, channels, resolution, resolution, dtype=torch.uint8)
+    return images

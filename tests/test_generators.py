@@ -1,0 +1,132 @@
+"""The generators a run offers: the trained G and its weight average (train.ema), each with running or batch
+BatchNorm statistics, through sample grids, `dcgan sample/export/eval` and in-training evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dcgan.config import load_config
+from dcgan.ema import WARMUP_UPDATES, GeneratorEMA, decay_at
+from dcgan.models import Generator
+from dcgan.sample import generate, load_export, load_generator
+from dcgan.train import EXIT_OK, train
+
+from conftest import TINY, run_cli, tiny_config
+from helpers import read_stats
+
+
+def test_the_average_follows_its_formula_with_a_warmup() -> None:
+    model = load_config(TINY).model
+    source = Generator(model)
+    ema = GeneratorEMA(source, model, decay=0.9)
+    start = [p.detach().clone() for p in source.parameters()]
+    expected = [p.clone() for p in start]
+    for update in range(3):
+        with torch.no_grad():
+            for p in source.parameters():
+                p.add_(1.0)
+        ema.update(source)
+        decay = decay_at(0.9, update)
+        expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, source.parameters())]
+    for got, want in zip(ema.module.parameters(), expected):
+        torch.testing.assert_close(got, want)
+    assert decay_at(0.999, 0) == pytest.approx(1 / WARMUP_UPDATES) and decay_at(0.999, 10**6) == 0.999
+    assert ema.updates == 3 and ema.state_dict()["updates"].item() == 3
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run that keeps an average of G and evaluates both generators every 10 steps."""
+    run = tmp_path_factory.mktemp("ema") / "run"
+    config = tiny_config(run, "train.steps=40", "train.ema=0.9", "eval.every=20", "eval.metrics=[swd,digits]",
+                         "eval.num=300", "eval.best=digits_frechet", "sample.every=20", "checkpoint.every=20")
+    assert train(config) == EXIT_OK
+    return run
+
+
+def test_evaluation_logs_both_generators_and_the_best_checkpoint_ranks_by_the_average(ema_run: Path) -> None:
+    from dcgan.checkpoint import read_best
+
+    evals = {line["step"]: line for line in read_stats(ema_run) if "eval/swd" in line}
+    assert sorted(evals) == [20, 40]
+    for line in evals.values():
+        assert {"eval/ema_swd", "eval/ema_digits_frechet", "eval/digits_frechet"} <= set(line)
+        assert line["eval/ema_swd"] != line["eval/swd"]  # two different generators
+    best = read_best(ema_run / "checkpoints")
+    assert best["metric"] == "ema_digits_frechet"
+    assert best["value"] == min(line["eval/ema_digits_frechet"] for line in evals.values())
+
+
+def test_eval_of_a_run_defaults_to_its_average_and_repeats_the_numbers_logged_in_training(ema_run: Path, tmp_path: Path) -> None:
+    logged = next(line for line in read_stats(ema_run) if line["step"] == 40 and "eval/swd" in line)
+    for flags, prefix, weights in (([], "ema_", "ema"), (["--raw"], "", "raw")):
+        out = tmp_path / f"{weights}.json"
+        run_cli("eval", str(ema_run), "--data", "digits", "-n", "300", "--metrics", "swd,digits", "--out", str(out), *flags)
+        record = json.loads(out.read_text())
+        assert record["protocol"]["generator"]["weights"] == weights and record["protocol"]["generator"]["bn"] == "running"
+        for key in ("swd", "digits_frechet", "digits_confident"):
+            assert record[key] == pytest.approx(logged[f"eval/{prefix}{key}"], rel=1e-12), (weights, key)
+
+
+def test_grids_sample_and_export_use_the_average_and_the_raw_generator_on_request(ema_run: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again.png"
+    run_cli("sample", str(ema_run), "--fixed-noise", "--num", "16", "--out", str(again))
+    grid = np.asarray(Image.open(ema_run / "samples" / "step_000000040.png"))
+    assert np.array_equal(np.asarray(Image.open(again)), grid)  # the training grid showed the average
+
+    averaged, raw = tmp_path / "ema.pt", tmp_path / "raw.pt"
+    assert "ema weights" in run_cli("export", str(ema_run), "--out", str(averaged)).stdout
+    assert "raw weights" in run_cli("export", str(ema_run), "--out", str(raw), "--raw").stdout
+    noise = torch.randn(8, 16, generator=torch.Generator().manual_seed(3))
+    from_run = load_generator(ema_run)
+    exported = load_export(averaged)
+    assert exported.weights == "ema" and torch.equal(exported.images(noise), from_run.images(noise))
+    assert torch.equal(load_export(raw).images(noise), load_generator(ema_run, weights="raw").images(noise))
+    assert not torch.equal(load_export(raw).images(noise), exported.images(noise))
+    # the average's BatchNorm statistics are its own (re-estimated), not the raw G's running averages
+    raw_mean = load_export(raw).generator.main[1].running_mean
+    assert not torch.equal(exported.generator.main[1].running_mean, raw_mean)
+
+
+def test_a_run_without_an_average_refuses_to_export_one(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert train(tiny_config(run, "train.steps=10")) == EXIT_OK
+    result = run_cli("export", str(run), "--out", str(tmp_path / "g.pt"), check=False)
+    assert result.returncode == 0  # default: what the run made its images with, the raw G
+    assert load_export(tmp_path / "g.pt").weights == "raw"
+    with pytest.raises(Exception, match="holds no averaged generator"):
+        load_generator(run, weights="ema")
+
+
+def test_batch_statistics_leave_the_running_averages_alone_and_depend_on_the_batch(ema_run: Path) -> None:
+    loaded = load_generator(ema_run, weights="raw")
+    g = loaded.generator.train()
+    before = {k: v.clone() for k, v in g.state_dict().items()}
+    noise = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    batch = generate(g, noise, "batch")
+    assert g.training  # restored
+    for key, value in g.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    running = generate(g, noise, "running")
+    assert not torch.allclose(batch, running, atol=1e-3)
+    torch.testing.assert_close(generate(g, noise[:4], "running"), running[:4])  # per image
+    assert not torch.allclose(generate(g, noise[:4], "batch"), batch[:4], atol=1e-4)  # per batch
+
+
+def test_a_run_with_batch_statistics_records_them_and_sample_can_override(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert train(tiny_config(run, "train.steps=10", "sample.bn=batch")) == EXIT_OK
+    loaded = load_generator(run)
+    assert (loaded.bn, loaded.weights) == ("batch", "raw")
+    assert load_generator(run, bn="running").bn == "running"
+    out = tmp_path / "e.json"
+    run_cli("eval", str(run), "--data", "digits", "-n", "300", "--out", str(out))
+    assert json.loads(out.read_text())["protocol"]["generator"]["bn"] == "batch"
+    printed = run_cli("sample", str(run), "--bn", "running", "--seed", "1", "--out", str(tmp_path / "s.png")).stdout
+    assert "running BatchNorm statistics" in printed
