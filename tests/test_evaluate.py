@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -93,7 +95,7 @@ def untrained_generator(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def eval_cli(source: Path, out: Path, inception: Path, *, ranks: int = 1) -> dict[str, float]:
+def eval_cli(source: Path, out: Path, inception: Path, *, ranks: int = 1) -> dict[str, Any]:
     args = ["eval", str(source), "--data", "digits", "-n", "500", "--metrics", "fid,kid,swd,digits",
             "--inception", str(inception), "--out", str(out)]
     if ranks == 1:
@@ -104,16 +106,49 @@ def eval_cli(source: Path, out: Path, inception: Path, *, ranks: int = 1) -> dic
     return json.loads(out.read_text())
 
 
+def test_eval_json_records_the_protocol(untrained_generator: Path, inception: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DCGAN_CACHE", str(tmp_path / "cache"))
+    protocol = eval_cli(untrained_generator, tmp_path / "e.json", inception)["protocol"]
+    assert protocol["reference"] == {"data": "digits", "images": 500, "available": 1797, "selection": "seeded random subset", "seed": 0}
+    assert protocol["generator"] == {"step": 0, "weights": "raw", "bn": "running", "images": 500, "noise_seed": 12345, "batch": 250}
+    assert protocol["network"] == {"path": str(inception.resolve()), "sha1": hashlib.sha1(inception.read_bytes()).hexdigest()}
+    assert protocol["kid"] == {"subsets": 100, "subset_size": 500, "seed": 0} and protocol["swd"]["seed"] == 0
+    assert protocol["ranks"] == 1
+    whole = tmp_path / "all.json"
+    run_cli("eval", str(untrained_generator), "--data", "digits", "-n", "1797", "--out", str(whole))
+    assert json.loads(whole.read_text())["protocol"]["reference"]["selection"] == "all"
+
+
+def test_the_reference_is_a_seeded_random_subset_of_the_shards_not_their_first_images(digits_shards: Path) -> None:
+    from dcgan.data.stream import read_images
+    from dcgan.evaluate import reference_images
+
+    everything = read_images(str(digits_shards), 16, 1)
+    assert sorted(everything) == list(range(1797))
+    reference = reference_images(str(digits_shards), 100, 16, 1, seed=7)
+    order = np.random.default_rng(7).permutation(1797)[:100]
+    assert torch.equal(reference.images, torch.from_numpy(np.stack([everything[i] for i in order])))
+    assert reference.describe("x")["selection"] == "seeded random subset" and reference.available == 1797
+    first = torch.from_numpy(np.stack([everything[i] for i in range(100)]))
+    assert not torch.equal(reference.images, first)
+    assert not torch.equal(reference_images(str(digits_shards), 100, 16, 1, seed=8).images, reference.images)
+    assert reference_images(str(digits_shards), 1797, 16, 1).seed is None  # the whole set: no subset
+
+
 @pytest.mark.slow
 def test_trained_generator_beats_untrained_on_every_metric_and_ranks_agree(
-    trained_digits_run: Path, untrained_generator: Path, inception: Path, tmp_path: Path
+    trained_digits_run: Path, untrained_generator: Path, inception: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     trained = eval_cli(trained_digits_run, tmp_path / "trained.json", inception)
     untrained = eval_cli(untrained_generator, tmp_path / "untrained.json", inception)
     for key in ("fid", "kid", "swd", "digits_frechet"):
         assert trained[key] < untrained[key], key
     assert trained["digits_class_balance"] > untrained["digits_class_balance"]
+    cold = tmp_path / "cold_cache"
+    monkeypatch.setenv("DCGAN_CACHE", str(cold))  # both ranks featurize half of the reference; rank 0 writes it
     two = eval_cli(trained_digits_run, tmp_path / "two.json", inception, ranks=2)
+    assert [path.suffix for path in cold.iterdir()] == [".npy"] and "tmp" not in next(cold.iterdir()).name
+    assert two["protocol"]["ranks"] == 2
     for key in ("fid", "kid", "swd", "digits_frechet"):
         assert two[key] == pytest.approx(trained[key], rel=1e-4, abs=1e-6), key
     for key in ("digits_confident", "digits_class_balance"):  # shares of 500 samples: at most one sample apart
