@@ -22,6 +22,8 @@ DESCRIPTION = """Train DCGANs (Radford et al. 2015) on a laptop CPU or on many G
   dcgan bench step [CONFIG]                 training step vs the pytorch/examples reference step
   dcgan score SOURCE                        digits quality score of a generator
   dcgan eval SOURCE --data DATA             FID / KID / SWD / digits score, table + JSON
+  dcgan interpolate SOURCE --out walk.gif  latent-space walks (paper figure 4)
+  dcgan arithmetic SOURCE --seed S --a .. --b .. --c ..   a - b + c on averaged latents (paper 6.3)
   dcgan sync RUN_DIR                        upload the run's offline wandb segments as one wandb run
   dcgan report RUN_DIR                      one HTML page: curves, eval metrics, sample grids over time
 
@@ -159,6 +161,28 @@ def first_free(path: Path) -> Path:
         index += 1
         candidate = path.with_name(f"{path.stem}.{index}{path.suffix}")
     return candidate
+
+
+def _interpolate(args: argparse.Namespace) -> int:
+    import secrets
+
+    from dcgan.latent import interpolate, save_walks
+
+    loaded = loaded_generator(args)
+    seed = secrets.randbelow(2**31) if args.seed is None else args.seed
+    out = save_walks(interpolate(loaded, args.rows, args.steps, seed, args.path), Path(args.out))
+    print(f"{out}: {args.rows} {args.path} walk(s) of {args.steps} steps (seed {seed}; {described(loaded)})")
+    return 0
+
+
+def _arithmetic(args: argparse.Namespace) -> int:
+    from dcgan.latent import arithmetic, parse_indices, save_arithmetic
+
+    loaded = loaded_generator(args)
+    a, b, c = (parse_indices(text, option, args.num) for text, option in ((args.a, "--a"), (args.b, "--b"), (args.c, "--c")))
+    out = save_arithmetic(arithmetic(loaded, args.seed, args.num, a, b, c), Path(args.out))
+    print(f"{out}: rows a, b, c (each ending with its average), then a - b + c and 7 jittered copies ({described(loaded)})")
+    return 0
 
 
 def _sync(args: argparse.Namespace) -> int:
@@ -302,6 +326,35 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="", help="JSON output with the protocol (default RUN_DIR/eval-stepN.json or eval.json)")
     add_generator_options(evaluate)
     evaluate.set_defaults(func=_eval)
+
+    walk = commands.add_parser(
+        "interpolate", help="walks through latent space between random latents (the paper's figure 4)",
+        description="Each row walks from one seeded random latent to another; the first and last images are "
+        "G(z0) and G(z1). A smooth walk (no sudden changes) is the paper's sign that G has not memorized images.",
+    )
+    walk.add_argument("source", help="run directory or generator file from `dcgan export`")
+    walk.add_argument("--out", required=True, help="walk.png (one walk per row) or walk.gif (an animation of all walks)")
+    walk.add_argument("--rows", type=positive_int, default=8, help="walks")
+    walk.add_argument("--steps", type=positive_int, default=10, help="images per walk, endpoints included")
+    walk.add_argument("--path", choices=("slerp", "lerp"), default="slerp", help="spherical (keeps the latent norm) or straight")
+    walk.add_argument("--seed", type=int, default=None, help="seed of the endpoints (default: a fresh one, printed)")
+    add_generator_options(walk)
+    walk.set_defaults(func=_interpolate)
+
+    arith = commands.add_parser(
+        "arithmetic", help="vector arithmetic on averaged latents: a - b + c (the paper's section 6.3)",
+        description="Pick images by index (row-major, from 0) in a grid drawn with `dcgan sample SOURCE --seed S "
+        "--num N`, e.g. smiling women for --a, neutral women for --b, neutral men for --c; the same --seed and "
+        "--num here use the same latents. The grid shows each group and its average, then a - b + c.",
+    )
+    arith.add_argument("source", help="run directory or generator file from `dcgan export`")
+    arith.add_argument("--seed", type=int, required=True, help="the seed of the `dcgan sample` grid the indices refer to")
+    arith.add_argument("--num", type=positive_int, default=64, help="the --num of that grid")
+    for name in ("a", "b", "c"):
+        arith.add_argument(f"--{name}", required=True, help=f"comma-separated indices of the {name} images, e.g. 3,17,22")
+    arith.add_argument("--out", required=True, help="output PNG grid")
+    add_generator_options(arith)
+    arith.set_defaults(func=_arithmetic)
 
     sync = commands.add_parser(
         "sync", help="upload a run's offline wandb segments (one per start or requeue) as one wandb run",

@@ -51,10 +51,10 @@ def to_uint8_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
     return grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def save_grid(images: torch.Tensor, path: Path) -> None:
-    """Write images in [-1, 1] as one PNG grid."""
+def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:
+    """Write images in [-1, 1] as one PNG grid (`nrow` images a row; default: square)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    nrow = max(1, int(len(images) ** 0.5))
+    nrow = nrow or max(1, int(len(images) ** 0.5))
     save_image(images.detach().float().cpu(), str(path), nrow=nrow, normalize=True, value_range=(-1, 1))
 
 
