@@ -24,6 +24,8 @@ DESCRIPTION = """Train DCGANs (Radford et al. 2015) on a laptop CPU or on many G
   dcgan eval SOURCE --data DATA             FID / KID / SWD / digits score, table + JSON
   dcgan interpolate SOURCE --out walk.gif  latent-space walks (paper figure 4)
   dcgan arithmetic SOURCE --seed S --a .. --b .. --c ..   a - b + c on averaged latents (paper 6.3)
+  dcgan probe RUN_DIR --labels N          linear probe on D's features (paper 5.1)
+  dcgan compare CONFIG --a .. --b .. --seeds 3   B vs A over seeds, with 95% intervals
   dcgan sync RUN_DIR                        upload the run's offline wandb segments as one wandb run
   dcgan report RUN_DIR                      one HTML page: curves, eval metrics, sample grids over time
 
@@ -182,6 +184,31 @@ def _arithmetic(args: argparse.Namespace) -> int:
     a, b, c = (parse_indices(text, option, args.num) for text, option in ((args.a, "--a"), (args.b, "--b"), (args.c, "--c")))
     out = save_arithmetic(arithmetic(loaded, args.seed, args.num, a, b, c), Path(args.out))
     print(f"{out}: rows a, b, c (each ending with its average), then a - b + c and 7 jittered copies ({described(loaded)})")
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    import json
+
+    from dcgan.probe import run_probe
+
+    result = run_probe(Path(args.run_dir), args.data, args.labels, args.draws)
+    print(result.summary())
+    if args.out:
+        Path(args.out).write_text(json.dumps(result.__dict__, indent=1))
+        print(f"written to {args.out}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from dcgan.compare import compare, describe_settings, split_overrides, write_comparison
+
+    a, b = split_overrides(args.a), split_overrides(args.b)
+    print(f"A vs B: {describe_settings(args.config, args.overrides, a, b)}", flush=True)
+    root = Path(args.out)
+    comparison = compare(args.config, args.overrides, a, b, list(range(args.first_seed, args.first_seed + args.seeds)), root, args.metric, args.num)
+    print(comparison.table())
+    print(f"written to {write_comparison(comparison, root)}")
     return 0
 
 
@@ -355,6 +382,38 @@ def build_parser() -> argparse.ArgumentParser:
     arith.add_argument("--out", required=True, help="output PNG grid")
     add_generator_options(arith)
     arith.set_defaults(func=_arithmetic)
+
+    probe = commands.add_parser(
+        "probe", help="linear probe on D's features with N labels per class, vs an untrained D (the paper's section 5.1)",
+        description="Every hidden layer of D, max-pooled to 4x4 and concatenated, feeds an L2-regularized logistic "
+        "regression fitted on --labels images per class and tested on all others; the same probe on D as the run "
+        "initialized it is the baseline. Shards written by `dcgan shards digits|mnist` carry labels.",
+    )
+    probe.add_argument("run_dir", help="run directory (D is read from its newest complete checkpoint)")
+    probe.add_argument("--data", default="digits", help="labelled images: 'digits' or a shard directory with labels")
+    probe.add_argument("--labels", type=positive_int, default=10, help="labelled training images per class")
+    probe.add_argument("--draws", type=positive_int, default=3, help="seeded draws of the labelled images (mean +- std)")
+    probe.add_argument("--out", default="", help="also write the accuracies as JSON here")
+    probe.set_defaults(func=_probe)
+
+    comp = commands.add_parser(
+        "compare", help="train two settings over several seeds; mean, spread, 95% intervals and a paired verdict",
+        description="Trains CONFIG with the overrides of --a and of --b at each seed (seed s of both starts from the same "
+        "weights, noise and data order), scores each run's generator, and prints per setting the mean, standard "
+        "deviation and 95%% t-interval, then the paired difference B - A with its interval. Runs live in --out, one "
+        "directory per seed and training config: settings that differ only in sample.bn or sample.ema share "
+        "training runs, and a rerun resumes or reuses finished runs.",
+    )
+    comp.add_argument("config", help="YAML config both settings start from")
+    comp.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for both settings, e.g. train.steps=2000")
+    comp.add_argument("--a", default="", help="overrides of setting A, space-separated in one argument (empty: the config as is)")
+    comp.add_argument("--b", required=True, help="overrides of setting B, e.g. 'train.ema=0.999'")
+    comp.add_argument("--seeds", type=positive_int, default=3, help="seeds per setting (3 or more give an interval)")
+    comp.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed + 1, ...")
+    comp.add_argument("--metric", default="", help="result to compare (default: digits_frechet on digits, else swd)")
+    comp.add_argument("-n", "--num", type=int, default=0, help="images per evaluation (default: eval.num)")
+    comp.add_argument("--out", default="runs/compare", help="directory of the runs and compare.json")
+    comp.set_defaults(func=_compare)
 
     sync = commands.add_parser(
         "sync", help="upload a run's offline wandb segments (one per start or requeue) as one wandb run",

@@ -105,14 +105,15 @@ def load_from_run(run_dir: Path, weights: str | None = None) -> LoadedGenerator:
     return loaded
 
 
-def _load_one_process(path: Path, state: dict) -> None:
+def load_one_process(path: Path, state: dict) -> None:
+    """Fill `state` from the checkpoint at `path` in this process alone (no process group)."""
     dcp.load(state, checkpoint_id=str(path), no_dist=True)
 
 
 def load_generator_checkpoint(checkpoint: Path, weights: str | None = None) -> LoadedGenerator:
     """G, its step and the fixed noise from one DCP checkpoint, read in this process. `weights`: 'ema'
     or 'raw'; None = what the run made its images with (the average when it kept one and sample.ema)."""
-    saved = schema.saved_config(checkpoint, _load_one_process)
+    saved = schema.saved_config(checkpoint, load_one_process)
     model = model_of(saved)
     sample = saved.get("sample", {})
     has_ema = schema.has_ema(stored_shapes(checkpoint))

@@ -18,6 +18,7 @@ Images stay uint8 on the host (pinned when training on CUDA) and are normalized 
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import random
@@ -419,3 +420,33 @@ def read_images(spec: str, resolution: int, channels: int, positions: set[int] |
         else:
             bad.good()
     return images
+
+
+def read_labelled(spec: str, resolution: int, channels: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every readable image of a shard set with its class label (`cls`, or a block's `labels.npy`), in
+    stored order: uint8 (N, C, R, R), int64 (N,), and how many unreadable samples were skipped."""
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    skipped = 0
+    for sample in _shard_passes({"url": u} for u in resolve_shards(spec).urls):
+        if END_OF_SHARD in sample:
+            continue
+        try:
+            if "images.npy" in sample:
+                verify_checksum(sample, "images.npy")
+                block = decode_block(sample["images.npy"], channels, resolution)
+                block_labels = np.load(io.BytesIO(sample["labels.npy"]), allow_pickle=False)
+                images.extend(block)
+                labels.extend(int(label) for label in block_labels)
+                continue
+            ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+            if ext is None or "cls" not in sample:
+                raise CorruptSample("no image or no cls member")
+            verify_checksum(sample, ext)
+            images.append(decode_image(sample[ext], channels, resolution))
+            labels.append(int(sample["cls"]))
+        except (CorruptSample, KeyError, ValueError):
+            skipped += 1
+    if not images:
+        return np.empty((0, channels, resolution, resolution), np.uint8), np.empty(0, np.int64), skipped
+    return np.stack(images), np.asarray(labels, dtype=np.int64), skipped

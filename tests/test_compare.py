@@ -1,0 +1,59 @@
+"""`dcgan compare`: seeded comparisons with intervals, shared runs, resumable."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from dcgan.compare import Spread, compare, describe_settings, training_identity, write_comparison
+from dcgan.config import ConfigError, load_config
+
+from conftest import TINY, run_cli
+from helpers import CPU
+
+
+def test_spread_is_the_mean_std_and_t_interval() -> None:
+    values = [4.40, 4.56, 6.05]
+    spread = Spread.of(values)
+    sem = stats.sem(values)
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=sem)
+    assert spread.mean == pytest.approx(np.mean(values)) and spread.std == pytest.approx(np.std(values, ddof=1))
+    assert spread.mean - spread.half_width == pytest.approx(low) and spread.mean + spread.half_width == pytest.approx(high)
+    assert not spread.excludes_zero() or low > 0
+    assert math.isnan(Spread.of([1.0]).half_width)
+
+
+def test_runs_are_shared_exactly_when_training_does_not_differ() -> None:
+    base = training_identity(load_config(TINY))
+    for same in (["sample.bn=batch"], ["sample.ema=false"], ["eval.every=5"], ["log.every=7", "run.dir=/elsewhere"]):
+        assert training_identity(load_config(TINY, same)) == base, same
+    for other in (["train.ema=0.9"], ["seed=1"], ["data.shuffle_buffer=10"], ["optim.lr=1e-3"]):
+        assert training_identity(load_config(TINY, other)) != base, other
+    assert describe_settings(str(TINY), [], ["train.ema=0"], ["train.ema=0.99"]) == "train.ema: 0.0 -> 0.99"
+    with pytest.raises(ConfigError, match="describe the same config"):
+        describe_settings(str(TINY), [], ["sample.bn=running"], [])
+
+
+@pytest.mark.slow
+def test_a_comparison_trains_each_run_once_scores_it_and_resumes(tmp_path: Path) -> None:
+    root = tmp_path / "compare"
+    common = ["train.steps=20"]
+    first = compare(str(TINY), common, ["sample.bn=running"], ["sample.bn=batch"], [0, 1], root, num=300, info=CPU)
+    assert first.runs["A"] == first.runs["B"] and len(set(first.runs["A"])) == 2  # bn only: the same two runs
+    out = tmp_path / "e.json"
+    run_cli("eval", first.runs["B"][1], "--data", "digits", "-n", "300", "--metrics", "digits", "--bn", "batch", "--out", str(out))
+    assert json.loads(out.read_text())["digits_frechet"] == pytest.approx(first.values["B"][1], rel=1e-12)
+    diffs = [b - a for a, b in zip(first.values["A"], first.values["B"])]
+    assert first.difference.mean == pytest.approx(np.mean(diffs)) and first.difference.std == pytest.approx(np.std(diffs, ddof=1))
+    logs = {run: (Path(run) / "stats.jsonl").read_text() for run in first.runs["A"]}
+    again = compare(str(TINY), common, ["sample.bn=running"], ["sample.bn=batch"], [0, 1], root, num=300, info=CPU)
+    assert again.values == first.values  # finished runs are reused: same numbers, nothing retrained
+    assert {run: (Path(run) / "stats.jsonl").read_text() for run in again.runs["A"]} == logs
+    record = json.loads(write_comparison(first, root).read_text())
+    assert record["metric"] == "digits_frechet" and record["lower_is_better"] and "verdict" in record
+    assert record["values"]["A"] == first.values["A"]
