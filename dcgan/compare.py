@@ -167,6 +167,7 @@ def compare(config_path: str, common: list[str], a: list[str], b: list[str], see
     for seed in seeds:
         for setting in settings:
             config = point_config(config_path, common, setting, seed, root)
+            print(f"seed {seed} {setting.name}: training {config.run.dir} (log: {config.run.dir}/train.log)", flush=True)
             train_point(config_path, common, setting, config)
             value, _ = score_point(config, metric, num or config.eval.num, info)
             values[setting.name].append(value)

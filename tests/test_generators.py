@@ -130,3 +130,16 @@ def test_a_run_with_batch_statistics_records_them_and_sample_can_override(tmp_pa
     assert json.loads(out.read_text())["protocol"]["generator"]["bn"] == "batch"
     printed = run_cli("sample", str(run), "--bn", "running", "--seed", "1", "--out", str(tmp_path / "s.png")).stdout
     assert "running BatchNorm statistics" in printed
+
+
+def test_turning_the_average_on_at_a_resume_starts_it_from_the_resumed_generator(tmp_path: Path) -> None:
+    from dcgan.checkpoint import checkpoint_dir
+
+    from distributed_helpers import load_checkpoint_tensors
+
+    run = tmp_path / "run"
+    assert train(tiny_config(run, "train.steps=10")) == EXIT_OK
+    assert train(tiny_config(run, "train.steps=20", "train.ema=0.9")) == EXIT_OK
+    assert "the checkpoint holds no average of G: it starts from this step's G" in (run / "train.log").read_text()
+    state = load_checkpoint_tensors(checkpoint_dir(run / "checkpoints", 20))
+    assert int(state["ema"]["updates"]) == 10
