@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from dcgan.config import LOWER_IS_BETTER, Config, ConfigError, config_to_dict, load_config, metric_keys
 from dcgan.distributed import DistInfo
+from dcgan.spread import Spread
 
 GENERATION_ONLY = (("sample", "bn"), ("sample", "ema"))
 """Config keys that change how a trained run makes images, not the training: runs are shared across them."""
@@ -42,35 +41,6 @@ def training_identity(config: Config) -> str:
     for section, key in GENERATION_ONLY:
         data[section].pop(key)
     return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def t_critical(df: int, confidence: float = 0.95) -> float:
-    """Two-sided Student t quantile (scipy comes with scikit-learn, the demo extra)."""
-    from scipy import stats
-
-    return float(stats.t.ppf(0.5 + confidence / 2, df))
-
-
-@dataclass(frozen=True)
-class Spread:
-    """Mean, sample standard deviation and the half-width of a 95% t-interval of some values."""
-
-    mean: float
-    std: float
-    half_width: float
-    n: int
-
-    @staticmethod
-    def of(values: list[float]) -> Spread:
-        n = len(values)
-        std = float(np.std(values, ddof=1)) if n > 1 else math.nan
-        return Spread(float(np.mean(values)), std, t_critical(n - 1) * std / math.sqrt(n) if n > 1 else math.nan, n)
-
-    def excludes_zero(self) -> bool:
-        return abs(self.mean) > self.half_width
-
-    def __str__(self) -> str:
-        return f"{self.mean:.4f} +- {self.std:.4f} (95% CI {self.mean - self.half_width:.4f} .. {self.mean + self.half_width:.4f})"
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,17 @@ the discriminator's features, trained with few labels per class.
 
 Every hidden layer's activations are max-pooled to a 4x4 grid, flattened and concatenated; an
 L2-regularized logistic regression (scikit-learn) is fitted on `labels` images per class and scored on
-all the others. The same probe on an untrained D of the same architecture (the run's own initialization,
+all the others. The features are not standardized: their scales are part of what D learned. On the
+digits (32x32 D, 5 labels per class, 6 draws), standardized features gave D's features and an untrained
+D's random ones nearly equal weight and accuracy (0.878 vs 0.869 after 2,000 steps); raw, they gave
+0.882 vs 0.770, and 0.877 vs 0.787 after 300 steps. The same probe on an untrained D of the same architecture (the run's own initialization,
 seed included) is the baseline: what the features owe to training rather than to the architecture.
 Each score is repeated over several seeded draws of the labelled images, so that it has a spread.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +28,12 @@ from dcgan.checkpoint import read_newest
 from dcgan.config import ConfigError, ModelConfig
 from dcgan.models import Discriminator
 from dcgan.sample import load_one_process, model_of
+from dcgan.spread import Spread
 
 POOLED_SIDE = 4
 """Each layer's activations are max-pooled to POOLED_SIDE x POOLED_SIDE, as in the paper."""
+PROBE_ITERATIONS = 3000
+"""L-BFGS iterations of the probe's fit."""
 
 
 @dataclass
@@ -112,16 +119,16 @@ def split(labels: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, np
 
 
 def probe_accuracy(feats: np.ndarray, labels: np.ndarray, per_class: int, seed: int, c: float = 1.0) -> float:
-    """Test accuracy of an L2-regularized logistic regression on standardized features (one BLAS thread:
-    the same result on any machine, as in dcgan.quality)."""
+    """Test accuracy of an L2-regularized logistic regression on the raw features (one BLAS thread: the
+    same result on any machine, as in dcgan.quality)."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
     train, test = split(labels, per_class, seed)
-    with threadpool_limits(limits=1, user_api="blas"):
-        classifier = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000)).fit(feats[train], labels[train])
+    with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # the cap below is the fit's definition, not a failure
+        classifier = LogisticRegression(C=c, max_iter=PROBE_ITERATIONS).fit(feats[train], labels[train])
         return float((classifier.predict(feats[test]) == labels[test]).mean())
 
 
@@ -134,15 +141,17 @@ class ProbeResult:
     feature_dim: int
     test_images: int
 
-    def summary(self) -> str:
-        def stats(values: list[float]) -> str:
-            return f"{np.mean(values):.4f} +- {np.std(values, ddof=1) if len(values) > 1 else 0.0:.4f}"
+    def gain(self) -> Spread:
+        """Trained minus untrained accuracy, paired by draw."""
+        return Spread.of([t - u for t, u in zip(self.trained, self.untrained, strict=True)])
 
+    def summary(self) -> str:
         return (
             f"linear probe, {self.per_class} labels per class, {self.feature_dim} features, {self.test_images} test images, "
             f"{len(self.trained)} draws of the labelled set (mean +- std):\n"
-            f"  D of step {self.step:<8} accuracy {stats(self.trained)}\n"
-            f"  untrained D     accuracy {stats(self.untrained)}"
+            f"  D of step {self.step:<8} accuracy {Spread.of(self.trained)}\n"
+            f"  untrained D     accuracy {Spread.of(self.untrained)}\n"
+            f"  gain (paired)            {self.gain()}"
         )
 
 

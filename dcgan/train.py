@@ -314,6 +314,13 @@ def make_scaler(dtype: torch.dtype, nonfinite: str, device: torch.device) -> tor
 
 
 @dataclass
+class Elapsed:
+    """Seconds a block took, filled in when it ends."""
+
+    seconds: float = 0.0
+
+
+@dataclass
 class Window:
     """Statistics accumulated on the device between two metric lines (read once per window).
 
@@ -339,13 +346,14 @@ class Window:
         self.data_wait_s += data_wait_s
 
     @contextmanager
-    def outside_training(self) -> Iterator[None]:
-        """Time spent in this block is not training time."""
-        began = self.clock()
+    def outside_training(self) -> Iterator[Elapsed]:
+        """Time spent in this block is not training time; the block's seconds are in what it yields."""
+        elapsed, began = Elapsed(), self.clock()
         try:
-            yield
+            yield elapsed
         finally:
-            self.excluded_s += self.clock() - began
+            elapsed.seconds = self.clock() - began
+            self.excluded_s += elapsed.seconds
 
     def training_s(self) -> float:
         """Seconds of this window spent training (steps and waiting for their data)."""
@@ -559,12 +567,10 @@ def eval_if_due(trainer: Trainer, tracker: Tracker, stop: StopSignal, state: Loo
     """Evaluation (its time kept out of the training rate); a new best is checkpointed here, which
     makes this step's regular checkpoint unnecessary (see checkpoint_if_due)."""
     if due.eval:
-        started = time.perf_counter()
-        with state.window.outside_training():
+        with state.window.outside_training() as took:
             results = evaluate_now(trainer)
-        seconds = time.perf_counter() - started
-        tracker.log_metrics(due.step, {"images_seen": trainer.images_seen, "eval_time_s": seconds, **{f"eval/{k}": v for k, v in results.items()}})
-        log.info("step %d eval (%.1f s): %s", due.step, seconds, " ".join(f"{k}={v:.5f}" for k, v in results.items()))
+        tracker.log_metrics(due.step, {"images_seen": trainer.images_seen, "eval_time_s": took.seconds, **{f"eval/{k}": v for k, v in results.items()}})
+        log.info("step %d eval (%.1f s): %s", due.step, took.seconds, " ".join(f"{k}={v:.5f}" for k, v in results.items()))
         state.best = keep_if_best(trainer, results, state.best)
     return None
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dcgan.compare import Spread, compare, describe_settings, training_identity, write_comparison
+from dcgan.compare import compare, describe_settings, training_identity, write_comparison
 from dcgan.config import ConfigError, load_config
+from dcgan.spread import Spread
 
 from conftest import TINY, run_cli
 from helpers import CPU
