@@ -54,7 +54,7 @@ class GeneratorEMA:
         self.module = Generator(model).to(device).requires_grad_(False).eval()
         self.module.load_state_dict(source.state_dict())
         self.updates = 0
-        self._targets = list(self.module.parameters())
+        self._targets: list[torch.Tensor] = [p.detach() for p in self.module.parameters()]
         self._statistics_fresh = False
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ def load_discriminator_checkpoint(checkpoint: Path) -> LoadedDiscriminator:
     saved = schema.saved_config(checkpoint, load_one_process)
     model = model_of(saved)
     d = Discriminator(model)
-    state = {schema.MODEL: {"D": d.state_dict()}, schema.PROGRESS: {"step": 0}}
+    state: dict[str, Any] = {schema.MODEL: {"D": d.state_dict()}, schema.PROGRESS: {"step": 0}}
     dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     d.load_state_dict(state[schema.MODEL]["D"])
     return LoadedDiscriminator(d, model, int(state[schema.PROGRESS]["step"]), int(saved.get("seed", 0)))

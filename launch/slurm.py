@@ -219,13 +219,14 @@ def log_folder(folder: Path | None, run_config: Config) -> Path:
     return folder if folder is not None else Path(run_config.run.dir) / "slurm_logs"
 
 
-def submit(config: str, overrides: list[str], res: Resources, folder: Path | None = None) -> submitit.Job:
-    """Check the config and resources (with SLURM itself where it is installed), submit, return the job."""
+def submit(config: str, overrides: list[str], res: Resources, folder: Path | None = None) -> tuple[submitit.Job, Config]:
+    """Check the config and resources (with SLURM itself where it is installed), submit; return the job
+    and the run's config."""
     run_config = checked_config(config, overrides, res)
     name = f"dcgan-{Path(run_config.run.dir).name}"
     folder = log_folder(folder, run_config)
     check_with_slurm(res, folder, name)
-    return make_executor(res, folder, name).submit(TrainJob(config, list(overrides)))
+    return make_executor(res, folder, name).submit(TrainJob(config, list(overrides))), run_config
 
 
 SweepPoint = dict[str, str]
@@ -263,11 +264,18 @@ def point_extra(config: str, overrides: list[str], point: SweepPoint) -> list[st
     return extra
 
 
-def point_overrides(config: str, overrides: list[str], point: SweepPoint) -> list[str]:
+@dataclass(frozen=True)
+class CheckedPoint:
+    """One point of a sweep: all its overrides, and the config they give (loaded once, so valid)."""
+
+    overrides: list[str]
+    config: Config
+
+
+def point_overrides(config: str, overrides: list[str], point: SweepPoint) -> CheckedPoint:
     """All overrides of one point, checked: every point must be a valid config before anything is submitted."""
     resolved = [*overrides, *point_extra(config, overrides, point)]
-    load_config(config, resolved)
-    return resolved
+    return CheckedPoint(resolved, load_config(config, resolved))
 
 
 def submit_sweep(
@@ -284,10 +292,8 @@ def submit_sweep(
     if not res.local:
         executor.update_parameters(slurm_array_parallelism=parallelism)
     with executor.batch():
-        jobs = [executor.submit(TrainJob(config, resolved)) for resolved in per_point]
-    return [
-        (point, job, load_config(config, resolved).run.dir) for point, job, resolved in zip(points, jobs, per_point, strict=True)
-    ]
+        jobs = [executor.submit(TrainJob(config, checked.overrides)) for checked in per_point]
+    return [(point, job, checked.config.run.dir) for point, job, checked in zip(points, jobs, per_point, strict=True)]
 
 
 def sweep_table(rows: list[tuple[SweepPoint, str, str]]) -> str:
@@ -374,12 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(dry_run(args.config, args.overrides, res, folder))
             return 0
-        job = submit(args.config, args.overrides, res, folder)
+        job, run_config = submit(args.config, args.overrides, res, folder)
     except ConfigError as exc:
         print(f"launch.slurm: error: {exc}", file=sys.stderr)
         return 2
-    run_dir = load_config(args.config, args.overrides).run.dir
-    print(f"job {job.job_id}\nlogs {job.paths.folder}\nrun {run_dir}")
+    print(f"job {job.job_id}\nlogs {job.paths.folder}\nrun {run_config.run.dir}")
     return 0
 
 
@@ -398,9 +403,9 @@ def run_sweep(args: argparse.Namespace, res: Resources, folder: Path | None) -> 
               f"sbatch --array=0-{len(points) - 1}%{args.array_parallelism} slurm/train.sbatch {args.config}")
         return 0
     if args.dry_run:
-        first = point_overrides(args.config, args.overrides, points[0])
-        rows = [(p, "-", load_config(args.config, point_overrides(args.config, args.overrides, p)).run.dir) for p in points]
-        print(dry_run(args.config, first, res, folder).split("\nsbatch script:")[0])
+        checked = [point_overrides(args.config, args.overrides, p) for p in points]
+        rows = [(p, "-", c.config.run.dir) for p, c in zip(points, checked, strict=True)]
+        print(dry_run(args.config, checked[0].overrides, res, folder).split("\nsbatch script:")[0])
         print(f"sweep: {len(points)} point(s) as one job array, at most {args.array_parallelism} at once")
         print(sweep_table(rows))
         return 0

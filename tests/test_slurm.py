@@ -41,7 +41,7 @@ def log_text(job_folder: Path) -> str:
 
 @pytest.mark.slurm
 def test_two_task_job_finishes_and_leaves_a_complete_checkpoint(cluster: None, tmp_path: Path) -> None:
-    job = submit("configs/tiny.yaml", tiny(tmp_path / "run", "train.steps=20"), Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=5), tmp_path / "logs")
+    job, _ = submit("configs/tiny.yaml", tiny(tmp_path / "run", "train.steps=20"), Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=5), tmp_path / "logs")
     assert job.results() == [0, 0]
     assert completed_steps(tmp_path / "run") == [10, 20]
     assert "2 rank(s) on cpu" in log_text(tmp_path / "logs")
@@ -50,7 +50,7 @@ def test_two_task_job_finishes_and_leaves_a_complete_checkpoint(cluster: None, t
 @pytest.mark.slurm
 def test_preempted_job_is_requeued_and_continues_from_its_checkpoint(cluster: None, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    job = submit("configs/tiny.yaml", tiny(run, "train.steps=200", "checkpoint.every=50"), Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=5), tmp_path / "logs")
+    job, _ = submit("configs/tiny.yaml", tiny(run, "train.steps=200", "checkpoint.every=50"), Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=5), tmp_path / "logs")
     deadline = time.monotonic() + 120
     while not checkpoint_complete(run, 50):
         assert time.monotonic() < deadline, "the job never wrote its first checkpoint"
@@ -78,7 +78,7 @@ def test_job_at_its_time_limit_is_requeued_and_resumes_and_scancel_ends_it_for_g
     trained past its resume step."""
     run = tmp_path / "run"
     res = Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=1, signal_delay_s=30)
-    job = submit("configs/tiny.yaml", tiny(run, "train.steps=1000000", "checkpoint.every=50", "log.every=50"), res, tmp_path / "logs")
+    job, _ = submit("configs/tiny.yaml", tiny(run, "train.steps=1000000", "checkpoint.every=50", "log.every=50"), res, tmp_path / "logs")
     deadline = time.monotonic() + 300
     while not (resumed := re.search(r"resumed from \S+ at step (\d+)", log_text(tmp_path / "logs"))) or not any(
         step > int(resumed.group(1)) for step in completed_steps(run)
