@@ -397,10 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     probe.set_defaults(func=_probe)
 
     comp = commands.add_parser(
-        "compare", help="train two settings over several seeds; mean, spread, 95% intervals and a paired verdict",
+        "compare", help="train two settings over several seeds; mean, spread, 95%% intervals and a paired verdict",
         description="Trains CONFIG with the overrides of --a and of --b at each seed (seed s of both starts from the same "
         "weights, noise and data order), scores each run's generator, and prints per setting the mean, standard "
-        "deviation and 95%% t-interval, then the paired difference B - A with its interval. Runs live in --out, one "
+        "deviation and 95% t-interval, then the paired difference B - A with its interval. Runs live in --out, one "
         "directory per seed and training config: settings that differ only in sample.bn or sample.ema share "
         "training runs, and a rerun resumes or reuses finished runs.",
     )
