@@ -17,8 +17,8 @@ from dcgan.models import Generator
 from dcgan.sample import generate, load_export, load_generator
 from dcgan.train import EXIT_OK, train
 
-from conftest import TINY, run_cli, tiny_config
-from helpers import read_stats
+from conftest import TINY, tiny_config
+from helpers import read_stats, run_in_process
 
 
 def test_the_average_follows_its_formula_with_a_warmup() -> None:
@@ -67,7 +67,7 @@ def test_eval_of_a_run_defaults_to_its_average_and_repeats_the_numbers_logged_in
     logged = next(line for line in read_stats(ema_run) if line["step"] == 40 and "eval/swd" in line)
     for flags, prefix, weights in (([], "ema_", "ema"), (["--raw"], "", "raw")):
         out = tmp_path / f"{weights}.json"
-        run_cli("eval", str(ema_run), "--data", "digits", "-n", "300", "--metrics", "swd,digits", "--out", str(out), *flags)
+        run_in_process("eval", str(ema_run), "--data", "digits", "-n", "300", "--metrics", "swd,digits", "--out", str(out), *flags)
         record = json.loads(out.read_text())
         assert record["protocol"]["generator"]["weights"] == weights and record["protocol"]["generator"]["bn"] == "running"
         for key in ("swd", "digits_frechet", "digits_confident"):
@@ -76,13 +76,13 @@ def test_eval_of_a_run_defaults_to_its_average_and_repeats_the_numbers_logged_in
 
 def test_grids_sample_and_export_use_the_average_and_the_raw_generator_on_request(ema_run: Path, tmp_path: Path) -> None:
     again = tmp_path / "again.png"
-    run_cli("sample", str(ema_run), "--fixed-noise", "--num", "16", "--out", str(again))
+    run_in_process("sample", str(ema_run), "--fixed-noise", "--num", "16", "--out", str(again))
     grid = np.asarray(Image.open(ema_run / "samples" / "step_000000040.png"))
     assert np.array_equal(np.asarray(Image.open(again)), grid)  # the training grid showed the average
 
     averaged, raw = tmp_path / "ema.pt", tmp_path / "raw.pt"
-    assert "ema weights" in run_cli("export", str(ema_run), "--out", str(averaged)).stdout
-    assert "raw weights" in run_cli("export", str(ema_run), "--out", str(raw), "--raw").stdout
+    assert "ema weights" in run_in_process("export", str(ema_run), "--out", str(averaged)).stdout
+    assert "raw weights" in run_in_process("export", str(ema_run), "--out", str(raw), "--raw").stdout
     noise = torch.randn(8, 16, generator=torch.Generator().manual_seed(3))
     from_run = load_generator(ema_run)
     exported = load_export(averaged)
@@ -97,7 +97,7 @@ def test_grids_sample_and_export_use_the_average_and_the_raw_generator_on_reques
 def test_a_run_without_an_average_refuses_to_export_one(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert train(tiny_config(run, "train.steps=10")) == EXIT_OK
-    result = run_cli("export", str(run), "--out", str(tmp_path / "g.pt"), check=False)
+    result = run_in_process("export", str(run), "--out", str(tmp_path / "g.pt"), check=False)
     assert result.returncode == 0  # default: what the run made its images with, the raw G
     assert load_export(tmp_path / "g.pt").weights == "raw"
     with pytest.raises(Exception, match="holds no averaged generator"):
@@ -126,12 +126,13 @@ def test_a_run_with_batch_statistics_records_them_and_sample_can_override(tmp_pa
     assert (loaded.bn, loaded.weights) == ("batch", "raw")
     assert load_generator(run, bn="running").bn == "running"
     out = tmp_path / "e.json"
-    run_cli("eval", str(run), "--data", "digits", "-n", "300", "--out", str(out))
+    run_in_process("eval", str(run), "--data", "digits", "-n", "300", "--out", str(out))
     assert json.loads(out.read_text())["protocol"]["generator"]["bn"] == "batch"
-    printed = run_cli("sample", str(run), "--bn", "running", "--seed", "1", "--out", str(tmp_path / "s.png")).stdout
+    printed = run_in_process("sample", str(run), "--bn", "running", "--seed", "1", "--out", str(tmp_path / "s.png")).stdout
     assert "running BatchNorm statistics" in printed
 
 
+@pytest.mark.slow
 def test_turning_the_average_on_at_a_resume_starts_it_from_the_resumed_generator(tmp_path: Path) -> None:
     from dcgan.checkpoint import checkpoint_dir
 

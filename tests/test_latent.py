@@ -13,7 +13,8 @@ from dcgan.latent import arithmetic, interpolate, parse_indices, seeded_latents,
 from dcgan.models import Generator
 from dcgan.sample import LoadedGenerator, export_generator, generate
 
-from conftest import TINY, run_cli
+from conftest import TINY
+from helpers import run_in_process
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +68,11 @@ def test_arithmetic_is_a_minus_b_plus_c_of_averaged_latents(generator: LoadedGen
 def test_the_commands_write_a_grid_an_animation_and_refuse_bad_indices(generator: LoadedGenerator, tmp_path: Path) -> None:
     source = tmp_path / "g.pt"
     export_generator(generator, source)
-    run_cli("interpolate", str(source), "--out", str(tmp_path / "walk.png"), "--rows", "3", "--steps", "5", "--seed", "1")
+    run_in_process("interpolate", str(source), "--out", str(tmp_path / "walk.png"), "--rows", "3", "--steps", "5", "--seed", "1")
     assert Image.open(tmp_path / "walk.png").size == (5 * 18 + 2, 3 * 18 + 2)
-    run_cli("interpolate", str(source), "--out", str(tmp_path / "walk.gif"), "--rows", "2", "--steps", "6", "--path", "lerp")
+    run_in_process("interpolate", str(source), "--out", str(tmp_path / "walk.gif"), "--rows", "2", "--steps", "6", "--path", "lerp")
     assert Image.open(tmp_path / "walk.gif").n_frames == 2 * 6 - 2  # forth and back
-    run_cli("arithmetic", str(source), "--seed", "2", "--a", "0,1", "--b", "2", "--c", "3", "--out", str(tmp_path / "sum.png"))
+    run_in_process("arithmetic", str(source), "--seed", "2", "--a", "0,1", "--b", "2", "--c", "3", "--out", str(tmp_path / "sum.png"))
     assert Image.open(tmp_path / "sum.png").size == (8 * 18 + 2, 4 * 18 + 2)
-    bad = run_cli("arithmetic", str(source), "--seed", "2", "--a", "0,x", "--b", "2", "--c", "3", "--out", str(tmp_path / "x.png"), check=False)
+    bad = run_in_process("arithmetic", str(source), "--seed", "2", "--a", "0,x", "--b", "2", "--c", "3", "--out", str(tmp_path / "x.png"), check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("dcgan: error: --a '0,x': expected comma-separated")
