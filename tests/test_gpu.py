@@ -111,6 +111,29 @@ def test_cli_trains_and_resumes_on_the_gpu(tmp_path: Path) -> None:
     assert all(line["peak_mem_gib"] > 0 for line in lines)
 
 
+def test_the_weight_average_updates_without_a_host_sync_and_follows_a_graphed_run(tmp_path: Path) -> None:
+    from dcgan.ema import GeneratorEMA
+    from dcgan.models import Generator
+    from dcgan.sample import load_generator
+
+    model = load_config(TINY).model
+    g = Generator(model).cuda()
+    ema = GeneratorEMA(g, model, 0.999)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            ema.update(g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert ema.updates == 3 and next(ema.module.parameters()).is_cuda
+    run = tmp_path / "run"
+    run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.device=cuda", "train.cuda_graph=true", "train.ema=0.99",
+            "train.steps=30", "sample.every=30")
+    averaged, raw = load_generator(run), load_generator(run, weights="raw")
+    assert averaged.weights == "ema"
+    assert not torch.equal(next(averaged.generator.parameters()), next(raw.generator.parameters()))
+
+
 def _cross_rank_bn_on_two_gpus(rank: int, out: Path) -> None:
     """Each of 2 ranks runs D (cross-rank BatchNorm, DDP) on its half of one batch; rank 0 also runs
     plain BatchNorm on the whole batch; both write D's outputs and first conv's gradient. TF32 is off:
