@@ -193,61 +193,86 @@ def gather_rows(local: torch.Tensor, total: int, info: DistInfo) -> torch.Tensor
     return interleaved[:total]
 
 
-@dataclass(frozen=True)
 class Reference:
     """The real images generated ones are compared with: all of a data set, or a seeded random subset
-    (never the first n in stored order, which would be a few shards' worth of whatever order they hold)."""
+    (never the first n in stored order, which would be a few shards' worth of whatever order they hold).
+    The selection is known before any image is read, and the images are read only when first needed:
+    FID/KID with cached reference features and no SWD read none."""
 
-    images: torch.Tensor
-    available: int
-    seed: int | None
-    """Seed of the subset; None when the whole data set is the reference."""
+    def __init__(self, data: str, num: int, resolution: int, channels: int, seed: int) -> None:
+        self.data, self.num, self.resolution, self.channels = data, num, resolution, channels
+        self._images: torch.Tensor | None = None
+        self.available = self._count()
+        if self.available < num:
+            raise ConfigError(f"--num {num}: {data} holds only {self.available} images")
+        self.seed: int | None = None if num == self.available else seed
+        """Seed of the subset; None when the whole data set is the reference."""
 
-    def describe(self, data: str) -> dict[str, Any]:
+    def _count(self) -> int:
+        if self.data == "digits":
+            from dcgan.data.digits import load_digits_arrays
+
+            return len(load_digits_arrays()[1])
+        from dcgan.data.stream import resolve_shards
+
+        shards = resolve_shards(self.data)
+        manifest = shards.manifest
+        if manifest is not None and (manifest.resolution, manifest.channels) != (self.resolution, self.channels):
+            raise ConfigError(
+                f"--data {self.data} holds {manifest.resolution}x{manifest.resolution} {manifest.channels}-channel images; "
+                f"the generator makes {self.resolution}x{self.resolution} {self.channels}-channel ones"
+            )
+        if shards.total is not None:
+            return shards.total
+        self._images = self._read_all()  # no manifest counts: reading is the only way to know
+        return len(self._images)
+
+    def _read_all(self) -> torch.Tensor:
+        if self.data == "digits":
+            from dcgan.data.digits import digits_images
+
+            return digits_images(self.resolution)
+        from dcgan.data.stream import read_images
+
+        found = read_images(self.data, self.resolution, self.channels)
+        shape = (0, self.channels, self.resolution, self.resolution)
+        return torch.from_numpy(np.stack([found[i] for i in sorted(found)])) if found else torch.empty(shape, dtype=torch.uint8)
+
+    @property
+    def images(self) -> torch.Tensor:
+        """uint8 (num, C, R, R): the whole set in stored order, or the subset in the seed's order."""
+        if self._images is None or len(self._images) != self.num:
+            self._images = self._select()
+        return self._images
+
+    def _select(self) -> torch.Tensor:
+        if self.seed is None:
+            return self._images if self._images is not None else self._read_all()
+        order = np.random.default_rng(self.seed).permutation(self.available)
+        if self.data == "digits" or self._images is not None:
+            every = self._images if self._images is not None else self._read_all()
+            return every[torch.from_numpy(order[: self.num])]
+        from dcgan.data.stream import read_images
+
+        spare = min(self.available - self.num, max(16, self.num // 100))  # stand-ins for unreadable picks, same order
+        wanted = order[: self.num + spare].tolist()
+        found = read_images(self.data, self.resolution, self.channels, set(wanted))
+        picked = [found[i] for i in wanted if i in found][: self.num]
+        if len(picked) < self.num:
+            raise ConfigError(f"--num {self.num}: only {len(picked)} of the {self.num} randomly chosen reference images of {self.data} are readable")
+        return torch.from_numpy(np.stack(picked))
+
+    def describe(self) -> dict[str, Any]:
         chosen = "all" if self.seed is None else "seeded random subset"
-        return {"data": data, "images": len(self.images), "available": self.available, "selection": chosen, "seed": self.seed}
-
-
-def _subset_order(available: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).permutation(available)
+        return {"data": self.data, "images": self.num, "available": self.available, "selection": chosen, "seed": self.seed}
 
 
 @lru_cache(maxsize=2)
 def reference_images(data: str, num: int, resolution: int, channels: int, seed: int = REFERENCE_SEED) -> Reference:
-    """`num` real images of a shard directory or the built-in digits: all of them when `num` is the data
-    set's size, else a random subset drawn with `seed` (kept in memory: training evaluates often)."""
-    if data == "digits":
-        from dcgan.data.digits import digits_images
-
-        every = digits_images(resolution)
-        return _choose(every, num, seed, data)
-    from dcgan.data.stream import read_images, resolve_shards
-
-    shards = resolve_shards(data)
-    manifest = shards.manifest
-    if manifest is not None and (manifest.resolution, manifest.channels) != (resolution, channels):
-        raise ConfigError(
-            f"--data {data} holds {manifest.resolution}x{manifest.resolution} {manifest.channels}-channel images; "
-            f"the generator makes {resolution}x{resolution} {channels}-channel ones"
-        )
-    if shards.total is None or num >= shards.total:  # no count to draw from, or all of them are wanted
-        found = read_images(data, resolution, channels)
-        return _choose(torch.from_numpy(np.stack([found[i] for i in sorted(found)])) if found else torch.empty(0), num, seed, data)
-    order = _subset_order(shards.total, seed)
-    spare = min(shards.total - num, max(16, num // 100))  # stand-ins for unreadable picks, in the same order
-    found = read_images(data, resolution, channels, set(order[: num + spare].tolist()))
-    picked = [found[i] for i in order[: num + spare].tolist() if i in found][:num]
-    if len(picked) < num:
-        raise ConfigError(f"--num {num}: only {len(picked)} of the {num} randomly chosen reference images of {data} are readable")
-    return Reference(torch.from_numpy(np.stack(picked)), shards.total, seed)
-
-
-def _choose(every: torch.Tensor, num: int, seed: int, data: str) -> Reference:
-    if len(every) < num:
-        raise ConfigError(f"--num {num}: {data} holds only {len(every)} images")
-    if num == len(every):
-        return Reference(every, len(every), None)
-    return Reference(every[torch.from_numpy(_subset_order(len(every), seed)[:num])], len(every), seed)
+    """The reference of `num` real images of a shard directory or the built-in digits: all of them when
+    `num` is the data set's size, else a random subset drawn with `seed` (kept in memory, images
+    included once read: training evaluates often)."""
+    return Reference(data, num, resolution, channels, seed)
 
 
 def network_hash(path: str) -> str:
@@ -258,7 +283,7 @@ def cache_key(data: str, reference: Reference, resolution: int, network_sha1: st
     """Reference features are cached per data set (its manifest), images chosen, resolution and network."""
     manifest = Path(data) / "manifest.json"
     identity = manifest.read_text() if manifest.is_file() else data
-    blob = json.dumps([identity, resolution, len(reference.images), reference.available, reference.seed, network_sha1])
+    blob = json.dumps([identity, resolution, reference.num, reference.available, reference.seed, network_sha1])
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -306,12 +331,11 @@ def evaluate(loaded: LoadedGenerator, data: str, num: int, metrics: list[str], i
     m = loaded.model
     fake = generated_images(loaded, num, info)
     reference = reference_images(data, num, m.resolution, m.channels)
-    real = reference.images
     results: dict[str, float] = {}
     protocol: dict[str, Any] = {
         "generator": {"step": loaded.step, "weights": loaded.weights, "bn": loaded.bn, "images": num,
                       "noise_seed": NOISE_SEED, "batch": GENERATION_BATCH},
-        "reference": reference.describe(data),
+        "reference": reference.describe(),
         "ranks": info.world_size,
     }
     if "fid" in metrics or "kid" in metrics:
@@ -327,7 +351,7 @@ def evaluate(loaded: LoadedGenerator, data: str, num: int, metrics: list[str], i
             results["kid"] = kid(real_feats, fake_feats, KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED)
             protocol["kid"] = {"subsets": KID_SUBSETS, "subset_size": min(num, KID_SUBSET_SIZE), "seed": KID_SEED}
     if "swd" in metrics:
-        results["swd"] = swd(real, fake, SWD_PATCHES, SWD_DIRECTIONS, SWD_SEED)
+        results["swd"] = swd(reference.images, fake, SWD_PATCHES, SWD_DIRECTIONS, SWD_SEED)
         protocol["swd"] = {"patches_per_image": SWD_PATCHES, "directions": SWD_DIRECTIONS, "seed": SWD_SEED}
     if "digits" in metrics:
         from dcgan.quality import DigitsScorer

@@ -128,7 +128,7 @@ def test_the_reference_is_a_seeded_random_subset_of_the_shards_not_their_first_i
     reference = reference_images(str(digits_shards), 100, 16, 1, seed=7)
     order = np.random.default_rng(7).permutation(1797)[:100]
     assert torch.equal(reference.images, torch.from_numpy(np.stack([everything[i] for i in order])))
-    assert reference.describe("x")["selection"] == "seeded random subset" and reference.available == 1797
+    assert reference.describe()["selection"] == "seeded random subset" and reference.available == 1797
     first = torch.from_numpy(np.stack([everything[i] for i in range(100)]))
     assert not torch.equal(reference.images, first)
     assert not torch.equal(reference_images(str(digits_shards), 100, 16, 1, seed=8).images, reference.images)
