@@ -56,8 +56,18 @@ def point_config(config_path: str, common: list[str], setting: Setting, seed: in
     return load_config(config_path, [*common, *setting.overrides, f"seed={seed}", f"run.dir={run_dir}"])
 
 
+def finished(config: Config) -> bool:
+    """Whether the run already holds a complete checkpoint of its last step (nothing to train)."""
+    from dcgan.checkpoint import list_checkpoints
+
+    done = list_checkpoints(Path(config.run.dir) / "checkpoints")
+    return bool(done) and done[-1][0] >= config.train.steps
+
+
 def train_point(config_path: str, common: list[str], setting: Setting, config: Config) -> None:
-    """Train (or resume, or find finished) one run in a child process, as `dcgan train` would."""
+    """Train (or resume) one run in a child process, as `dcgan train` would; a finished run is reused."""
+    if finished(config):
+        return
     command = [sys.executable, "-m", "dcgan", "train", config_path, *common, *setting.overrides, f"seed={config.seed}", f"run.dir={config.run.dir}"]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -137,7 +147,8 @@ def compare(config_path: str, common: list[str], a: list[str], b: list[str], see
     for seed in seeds:
         for setting in settings:
             config = point_config(config_path, common, setting, seed, root)
-            print(f"seed {seed} {setting.name}: training {config.run.dir} (log: {config.run.dir}/train.log)", flush=True)
+            if not finished(config):
+                print(f"seed {seed} {setting.name}: training {config.run.dir} (log: {config.run.dir}/train.log)", flush=True)
             train_point(config_path, common, setting, config)
             value, _ = score_point(config, metric, num or config.eval.num, info)
             values[setting.name].append(value)
