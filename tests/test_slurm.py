@@ -71,18 +71,27 @@ def wait_until_gone(job_id: str, timeout: float) -> None:
         time.sleep(1)
 
 
+def unsignalled_slices(logs: str) -> int:
+    """Time slices (starts) of a job that have not received a stop signal yet, from rank 0's lines."""
+    starts = 1 + logs.count("resumed from ")
+    stops = sum(1 for line in logs.splitlines() if "stop signal received" in line and "[rank " not in line)
+    return starts - stops
+
+
 @pytest.mark.slurm
 def test_job_at_its_time_limit_is_requeued_and_resumes_and_scancel_ends_it_for_good(cluster: None, tmp_path: Path) -> None:
     """No dependence on speed: the run is far longer than any time slice, however fast or loaded the
     machine, so it always meets its limit; the test ends it with scancel once a requeued slice has
     trained past its resume step."""
     run = tmp_path / "run"
-    res = Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=1, signal_delay_s=30)
+    res = Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=1, signal_delay_s=15)
     job, _ = submit("configs/tiny.yaml", tiny(run, "train.steps=1000000", "checkpoint.every=50", "log.every=50"), res, tmp_path / "logs")
     deadline = time.monotonic() + 300
+    # scancel once a requeued slice has trained past its resume step, and before its own time-limit signal
+    # (every stop so far was followed by a resume): a scancel during a requeue hand-over ends in 75, not 143
     while not (resumed := re.search(r"resumed from \S+ at step (\d+)", log_text(tmp_path / "logs"))) or not any(
         step > int(resumed.group(1)) for step in completed_steps(run)
-    ):
+    ) or unsignalled_slices(log_text(tmp_path / "logs")) != 1:
         assert time.monotonic() < deadline, "no requeued slice trained past its resume step"
         time.sleep(1)
     subprocess.run(["scancel", job.job_id], check=True)
