@@ -354,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_generator_options(evaluate)
     evaluate.set_defaults(func=_eval)
 
+    from dcgan.latent import WALKS
+
     walk = commands.add_parser(
         "interpolate", help="walks through latent space between random latents (the paper's figure 4)",
         description="Each row walks from one seeded random latent to another; the first and last images are "
@@ -363,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     walk.add_argument("--out", required=True, help="walk.png (one walk per row) or walk.gif (an animation of all walks)")
     walk.add_argument("--rows", type=positive_int, default=8, help="walks")
     walk.add_argument("--steps", type=positive_int, default=10, help="images per walk, endpoints included")
-    walk.add_argument("--path", choices=("slerp", "lerp"), default="slerp", help="spherical (keeps the latent norm) or straight")
+    walk.add_argument("--path", choices=WALKS, default="slerp", help="spherical (keeps the latent norm) or straight")
     walk.add_argument("--seed", type=int, default=None, help="seed of the endpoints (default: a fresh one, printed)")
     add_generator_options(walk)
     walk.set_defaults(func=_interpolate)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 
-from dcgan.config import LOWER_IS_BETTER, Config, ConfigError, config_to_dict, load_config, metric_keys
+from dcgan.config import LOWER_IS_BETTER, Config, ConfigError, config_to_dict, load_config, metric_keys, replace
 from dcgan.distributed import DistInfo
 from dcgan.spread import Spread
 
@@ -52,8 +52,7 @@ class Setting:
 def point_config(config_path: str, common: list[str], setting: Setting, seed: int, root: Path) -> Config:
     """The config of one (setting, seed), its run directory named by its training identity."""
     config = load_config(config_path, [*common, *setting.overrides, f"seed={seed}"])
-    run_dir = root / f"seed{seed}-{training_identity(config)}"
-    return load_config(config_path, [*common, *setting.overrides, f"seed={seed}", f"run.dir={run_dir}"])
+    return replace(config, run={"dir": str(root / f"seed{seed}-{training_identity(config)}")})
 
 
 def finished(config: Config) -> bool:

@@ -13,16 +13,11 @@ import torch
 from PIL import Image
 
 from dcgan.config import ConfigError
-from dcgan.sample import LoadedGenerator, save_grid, to_uint8_grid
+from dcgan.sample import LoadedGenerator, save_grid, seeded_latents, to_uint8_grid
 
 WALKS: tuple[str, ...] = ("slerp", "lerp")
 ARITHMETIC_JITTER = 0.25
 """The paper's figure 7: the result vector, and copies with uniform noise of this scale added."""
-
-
-def seeded_latents(nz: int, num: int, seed: int) -> torch.Tensor:
-    """The latents of `dcgan sample --seed SEED --num NUM`, in grid order."""
-    return torch.randn(num, nz, generator=torch.Generator().manual_seed(seed))
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

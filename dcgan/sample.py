@@ -198,6 +198,12 @@ def load_generator(source: Path, *, weights: str | None = None, bn: str | None =
     return loaded
 
 
+def seeded_latents(nz: int, num: int, seed: int) -> torch.Tensor:
+    """The latents of `dcgan sample --seed SEED --num NUM`, in grid order: what `dcgan arithmetic`'s
+    indices and `dcgan interpolate`'s endpoints are drawn from."""
+    return torch.randn(num, nz, generator=torch.Generator().manual_seed(seed))
+
+
 def sample_grid(loaded: LoadedGenerator, num: int, out: Path, seed: int | None) -> Path:
     """`dcgan sample`: `num` images from seeded noise as one PNG grid; with no seed, from the training's
     fixed noise (its first `num` vectors), which redraws the run's own sample grid of that step."""
@@ -206,6 +212,6 @@ def sample_grid(loaded: LoadedGenerator, num: int, out: Path, seed: int | None) 
             raise ConfigError(f"--fixed-noise: the run has {len(loaded.fixed_noise)} fixed noise vectors, asked for --num {num}")
         noise = loaded.fixed_noise[:num].cpu()
     else:
-        noise = torch.randn(num, loaded.model.nz, generator=torch.Generator().manual_seed(seed))
+        noise = seeded_latents(loaded.model.nz, num, seed)
     save_grid(loaded.images(noise), out)
     return out

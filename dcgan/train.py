@@ -117,6 +117,11 @@ class Trainer:
         as a plain copy when its BatchNorm would need a collective for batch statistics."""
         if self.ema is not None and self.config.sample.ema:
             return self.ema.generator()
+        return self.raw_image_generator()
+
+    def raw_image_generator(self) -> Generator:
+        """The trained G for images with sample.bn statistics: a plain copy when its BatchNorm would
+        need a collective for batch statistics (cross-rank BatchNorm, images made on rank 0 alone)."""
         if self.config.sample.bn == "batch" and self.info.distributed:
             return plain_copy(self.g_bare, self.config.model)
         return self.g_bare
@@ -415,8 +420,7 @@ def evaluate_now(trainer: Trainer) -> dict[str, float]:
 
     cfg = trainer.config
     sync_buffers(trainer.g_bare, trainer.info)
-    raw = trainer.g_bare if cfg.sample.bn == "running" or not trainer.info.distributed else plain_copy(trainer.g_bare, cfg.model)
-    generators = {"": LoadedGenerator(raw, cfg.model, trainer.step, trainer.fixed_noise, bn=cfg.sample.bn)}
+    generators = {"": LoadedGenerator(trainer.raw_image_generator(), cfg.model, trainer.step, trainer.fixed_noise, bn=cfg.sample.bn)}
     if trainer.ema is not None:
         generators[EMA_PREFIX] = LoadedGenerator(trainer.ema.generator(), cfg.model, trainer.step, trainer.fixed_noise, bn=cfg.sample.bn, weights="ema")
     data = cfg.eval.data or cfg.data.shards or "digits"

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from dcgan.config import ConfigError, load_config
-from dcgan.latent import arithmetic, interpolate, parse_indices, seeded_latents, slerp, walk_latents
+from dcgan.latent import arithmetic, interpolate, parse_indices, slerp, walk_latents
 from dcgan.models import Generator
-from dcgan.sample import LoadedGenerator, export_generator, generate
+from dcgan.sample import LoadedGenerator, export_generator, generate, seeded_latents
 
 from conftest import TINY
 from helpers import run_in_process
