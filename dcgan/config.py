@@ -149,7 +149,11 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class DistConfig:
-    timeout_s: int = _field(600, "seconds a collective may wait for a missing rank before the job fails")
+    timeout_s: int = _field(600, "seconds a collective may wait for a slow rank (a long save, a first compile) before the job fails")
+    liveness_s: float = _field(
+        15.0, "seconds without a heartbeat before a rank or host counts as lost and every rank stops in one line "
+        "(10 s more for a rank that never starts); 0 turns the check off"
+    )
     force: bool = _field(
         False, "run the multi-rank code path (process group, DDP, cross-rank BatchNorm) even as one process"
     )
@@ -395,6 +399,10 @@ def validate(config: Config) -> None:
     _require(config.checkpoint.keep >= 1, "checkpoint.keep", ">= 1", config.checkpoint.keep)
     _require(config.checkpoint.keep_every >= 0, "checkpoint.keep_every", ">= 0", config.checkpoint.keep_every)
     _require(config.dist.timeout_s >= 1, "dist.timeout_s", ">= 1", config.dist.timeout_s)
+    _require(
+        config.dist.liveness_s == 0 or 3 <= config.dist.liveness_s <= config.dist.timeout_s, "dist.liveness_s",
+        "0 (off) or between 3 (three heartbeats) and dist.timeout_s", config.dist.liveness_s,
+    )
     _require(config.run.dir != "", "run.dir", "a directory path", config.run.dir)
     e = config.eval
     _require(e.every >= 0, "eval.every", ">= 0 (0 = never)", e.every)

@@ -13,9 +13,13 @@ inside DDP, dynamo's DDP optimizer would split the graph at every gradient bucke
 from __future__ import annotations
 
 import datetime
+import fcntl
 import inspect
+import ipaddress
 import logging
 import os
+import socket
+import struct
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -25,7 +29,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dcgan.batchnorm import convert_to_cross_rank
-from dcgan.errors import LaunchError
+from dcgan.errors import DcganError, LaunchError
+from dcgan.liveness import Liveness, StoreAddress
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,8 @@ class DistInfo:
     checkpoint_group: dist.ProcessGroup | None = None
     forced: bool = False
     """A process group of one (dist.force): the multi-rank code path, run by a single process."""
+    liveness: Liveness | None = None
+    """This rank's heartbeat (dcgan.liveness): a lost peer ends the job in seconds, in one line."""
 
     @property
     def is_main(self) -> bool:
@@ -96,13 +103,18 @@ def check_elastic_restarts() -> None:
         )
 
 
-def init_distributed(device_preference: str = "auto", timeout_s: int = 600, force: bool = False) -> DistInfo:
+def init_distributed(
+    device_preference: str = "auto", timeout_s: int = 600, force: bool = False, liveness_s: float = 15.0,
+) -> DistInfo:
     """Join the process group described by the environment (NCCL on CUDA, gloo on CPU), if any.
 
-    The timeout bounds how long a collective waits for a dead or stuck rank before raising, so that a
-    lost node ends the job with an error instead of a hang. With `force` and no launcher, a single
-    process forms a group of one through an in-memory store (no port, no MASTER_ADDR needed).
+    Two bounds on waiting for other ranks: `timeout_s` for a collective whose peers are alive but slow
+    (a long save), and `liveness_s` for a peer that is gone (see dcgan.liveness; 0 turns it off). The
+    heartbeat starts before the process group, so a peer lost during start-up is caught too. With
+    `force` and no launcher, a single process forms a group of one through an in-memory store (no port,
+    no MASTER_ADDR needed).
     """
+    global _LIVENESS
     if os.environ.get("RANK") and not os.environ.get("WORLD_SIZE"):
         raise LaunchError(f"RANK={os.environ['RANK']} is set but WORLD_SIZE is not: start the ranks with torchrun or srun")
     check_elastic_restarts()
@@ -119,13 +131,92 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 600, forc
         kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
     elif "MASTER_ADDR" not in os.environ:
         raise LaunchError(f"WORLD_SIZE={world_size} but MASTER_ADDR is not set: start the ranks with torchrun or srun")
+    if world_size > 1:
+        check_gloo_address(os.environ["MASTER_ADDR"])
+        if liveness_s > 0:
+            address = StoreAddress(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 29500))
+            _LIVENESS = Liveness(address, rank, world_size, liveness_s).start()
     dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     flag_group = _gloo_group(timeout) if backend != "gloo" else _world()
     checkpoint_group = _gloo_group(timeout)
     return DistInfo(
         rank=rank, world_size=world_size, local_rank=local_rank, device=device, flag_group=flag_group,
-        checkpoint_group=checkpoint_group, forced=world_size == 1,
+        checkpoint_group=checkpoint_group, forced=world_size == 1, liveness=_LIVENESS,
     )
+
+
+_LIVENESS: Liveness | None = None
+"""This process's heartbeat, like the process group a piece of global state: `destroy_distributed` ends it."""
+
+
+def spans_hosts() -> bool:
+    """Whether the job's ranks live on more than one host, from what the launchers export (torchrun's
+    LOCAL_WORLD_SIZE per host, SLURM's node count)."""
+    local = _env_int("LOCAL_WORLD_SIZE", 0)
+    if local and local < _env_int("WORLD_SIZE", 1):
+        return True
+    return _env_int("SLURM_JOB_NUM_NODES", _env_int("SLURM_NNODES", 1)) > 1
+
+
+def check_gloo_address(master_addr: str) -> None:
+    """Refuse, before any work, a multi-host job in which gloo would listen on loopback.
+
+    Without GLOO_SOCKET_IFNAME, gloo binds the address this host's name resolves to; where that is a
+    loopback address (Debian's `127.0.1.1 <host>` line, a container's `127.0.0.1 <host>`), the rendezvous
+    still succeeds, and the first collective then fails or hangs because no other host can reach it.
+    GPU jobs are concerned too: their host-side groups (stop flags, checkpoints) are gloo.
+    """
+    if os.environ.get("GLOO_SOCKET_IFNAME") or not spans_hosts():
+        return
+    name = socket.gethostname()
+    try:
+        resolved = socket.gethostbyname(name)
+    except OSError:
+        return  # gloo reports an unresolvable name itself, naming it
+    if not ipaddress.ip_address(resolved).is_loopback:
+        return
+    interface = interface_towards(master_addr)
+    fix = f"GLOO_SOCKET_IFNAME={interface}" if interface else "GLOO_SOCKET_IFNAME=<this host's network interface>"
+    raise LaunchError(
+        f"this host's name {name} resolves to {resolved} (loopback), so gloo would listen where the other hosts of "
+        f"this multi-host job cannot reach it: set {fix} for the job (and NCCL_SOCKET_IFNAME on GPUs), or make "
+        f"{name} resolve to this host's network address in /etc/hosts or DNS"
+    )
+
+
+def interface_towards(address: str) -> str | None:
+    """The name of this host's network interface on the route to `address` (None when that is loopback
+    or unknown): the route's source address, matched against each interface's address."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((socket.gethostbyname(address), 9))  # UDP: picks the route, sends nothing
+            source = probe.getsockname()[0]
+    except OSError:
+        return None
+    if ipaddress.ip_address(source).is_loopback:
+        return None
+    for _, interface in socket.if_nameindex():
+        if _ipv4_of(interface) == source:
+            return interface
+    return None
+
+
+def _ipv4_of(interface: str) -> str | None:
+    """An interface's IPv4 address (SIOCGIFADDR), or None if it has none."""
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            packed = fcntl.ioctl(probe.fileno(), siocgifaddr, struct.pack("256s", interface[:15].encode()))
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def explain_collective_failure(error: BaseException) -> None:
+    """A collective raised in the main thread: where a peer is lost, wait for the heartbeat's verdict,
+    which ends the process with one line naming it; return (for the error to propagate) otherwise."""
+    if _LIVENESS is not None and isinstance(error, (RuntimeError, dist.DistError)) and not isinstance(error, DcganError):
+        _LIVENESS.explain(error)
 
 
 def _world() -> dist.ProcessGroup:
@@ -142,10 +233,15 @@ def _gloo_group(timeout: datetime.timedelta) -> dist.ProcessGroup:
     return group
 
 
-def destroy_distributed() -> None:
-    """Leave the process group; safe to call on every exit path, initialized or not."""
+def destroy_distributed(error: BaseException | None = None) -> None:
+    """Leave the process group, then stop the heartbeat saying whether this rank finished or failed
+    (with `error`'s line, which rank 0 then reports at once); safe on every exit path."""
+    global _LIVENESS
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    if _LIVENESS is not None:
+        _LIVENESS.stop(error)
+        _LIVENESS = None
 
 
 GradientSync = Literal["ddp", "explicit"]

@@ -51,6 +51,13 @@ class NoProgress(DcganError):
     exit_status = 5
 
 
+class PeerLost(DcganError):
+    """Another rank or host is gone (killed, down, cut off by the network): the line names it. The
+    completed checkpoints are intact and the next start resumes from the newest."""
+
+    exit_status = 6
+
+
 def one_line(exc: BaseException) -> str:
     """The user-facing line of an error, also when a DataLoader re-raised it with a worker traceback
     ("Caught ShardError in DataLoader worker process 0. Original Traceback ... ShardError: <line>")."""

@@ -40,6 +40,7 @@ from dcgan.distributed import (
     average_gradients,
     any_rank,
     destroy_distributed,
+    explain_collective_failure,
     init_distributed,
     log_batchnorm_mode,
     Bare,
@@ -704,11 +705,12 @@ def own_run_dir(run_dir: Path, info: DistInfo) -> RunDirLock | None:
 
 def train(config: Config) -> int:
     """Entry point of `dcgan train`: returns the process exit status."""
-    info = init_distributed(config.train.device, config.dist.timeout_s, force=config.dist.force)
+    info = init_distributed(config.train.device, config.dist.timeout_s, force=config.dist.force, liveness_s=config.dist.liveness_s)
     tracker: Tracker = Tracker()
     stop = StopSignal().install()
     trainer: Trainer | None = None
     lock: RunDirLock | None = None
+    failure: BaseException | None = None
     try:
         if info.is_main:
             create_run_dir(Path(config.run.dir))
@@ -733,6 +735,10 @@ def train(config: Config) -> int:
             log.info("nothing to do: the run already reached step %d", trainer.step)
             return EXIT_OK
         return run_loop(trainer, tracker, stop)
+    except BaseException as exc:
+        failure = exc
+        explain_collective_failure(exc)
+        raise
     finally:
         if trainer is not None:
             trainer.checkpointer.close()
@@ -741,4 +747,4 @@ def train(config: Config) -> int:
         stop.uninstall()
         if lock is not None:
             lock.release()
-        destroy_distributed()
+        destroy_distributed(failure)

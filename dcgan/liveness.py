@@ -1,0 +1,359 @@
+"""Peer liveness: a lost host, a partition or a dead rank ends every surviving rank in seconds, with one
+line naming the lost rank(s) and their host(s).
+
+Why not the collective timeout alone: `dist.timeout_s` has to be long (a slow checkpoint save, a first
+compile, an evaluation on several ranks), 600 s by default, and a collective waiting for a lost peer then
+either idles that long or fails with a traceback that names an address, not a rank. So every rank beats
+in the rendezvous store once a second, from a thread of its own (a busy main thread, inside a compile,
+a save or a collective, still beats) and through a connection of its own whose timeout is the short
+`dist.liveness_s`:
+
+- rank 0 judges everyone: a rank whose beat count stands still for `liveness_s` (or that never beats
+  within `liveness_s` + ARRIVAL_SLACK_S of rank 0's start) is lost; rank 0 writes the verdict into the store, where every
+  other rank reads it within a second;
+- every other rank watches rank 0's beat (rank 0's process gone while its host and the store live);
+- any rank that cannot reach the store for `liveness_s` is cut off (its link is down, or the store's
+  host is gone) and says so;
+- a rank whose collective fails first (a peer's connection closed) marks the store "suspect": rank 0
+  then judges with a patience of three beats instead of `liveness_s`.
+
+A verdict ends the process with `os._exit(PeerLost.exit_status)` after logging its line: the main thread
+may be blocked inside a collective that nothing interrupts, and the usual cleanup (a checkpoint wait, a
+barrier) would wait for the lost peer. Completed checkpoints are untouched; one being written has no
+`.metadata` yet and is removed at the next start. Cost: three small store requests a second per rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from dcgan.errors import PeerLost, one_line
+
+log = logging.getLogger(__name__)
+
+BEAT_INTERVAL_S = 1.0
+ARRIVAL_SLACK_S = 10.0
+"""Extra time a rank gets for its first beat: ranks start together (torchrun's rendezvous or srun is
+complete when they are spawned), so only the difference in their start-up (imports) adds to the rule."""
+SUSPECT_PATIENCE_S = 4.0
+"""How long rank 0 waits for a missing beat once a collective has failed somewhere: about three beats
+(a beat is seen up to one interval late)."""
+
+
+def _key_prefix() -> str:
+    """Keys of this attempt only: torchrun's agent store outlives a restarted round, whose ranks must not
+    read the previous round's beats or verdict."""
+    return f"dcgan/liveness/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+@dataclass(frozen=True)
+class StoreAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _exit_with(line: str) -> None:
+    """Log the verdict, print it as the CLI prints errors, and end the process now."""
+    log.error("%s", line)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    print(f"dcgan: error: {line}", file=sys.stderr, flush=True)
+    os._exit(PeerLost.exit_status)
+
+
+AGENT_GRACE_S = 10.0
+"""How long torchrun's agent has, after its worker was cut off, to end by itself before it is ended."""
+
+REAPER = r"""
+import os, signal, sys, time
+pid, started, grace, host = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
+def same_process():
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[19] == started
+    except OSError:
+        return False
+deadline = time.monotonic() + grace
+while time.monotonic() < deadline and same_process():
+    time.sleep(0.2)
+if same_process():
+    os.kill(pid, signal.SIGKILL)
+    print(f"dcgan: torchrun's agent (pid {pid}) on {host} still waited for the unreachable rendezvous {grace:g} s "
+          "after its worker stopped: ended it", file=sys.stderr, flush=True)
+"""
+"""A detached watcher of torchrun's agent (pid and start time, so a reused pid is never hit)."""
+
+
+def end_stuck_agent() -> None:
+    """Under torchrun, make sure the agent ends too when this host is cut off from the rendezvous.
+
+    The agent's requests to its rendezvous store block without a timeout on a dead link (seen with torch
+    2.14 in `num_nodes_waiting`, whatever `--rdzv-conf=read_timeout` says), so after its worker is gone it
+    would wait forever and keep the job step (and the allocation) alive. A healthy agent ends or restarts
+    its workers within a second; one still there after AGENT_GRACE_S is ended.
+    """
+    agent = os.getppid()
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return
+    try:
+        with open(f"/proc/{agent}/cmdline", "rb") as cmdline:
+            command = cmdline.read()
+        if b"torch.distributed.run" not in command and b"torchrun" not in command:
+            return
+        with open(f"/proc/{agent}/stat") as stat:
+            started = stat.read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return
+    subprocess.Popen(
+        [sys.executable, "-c", REAPER, str(agent), started, str(AGENT_GRACE_S), socket.gethostname()],
+        start_new_session=True, stdin=subprocess.DEVNULL,
+    )
+
+
+FINISHED = -1
+"""A beat count that says: this rank ended normally (it will not beat again, and is not lost)."""
+FAILED = -2
+"""A beat count that says: this rank ended with an error, whose line is under its `error` key."""
+
+
+class Liveness:
+    """The heartbeat thread of one rank (see the module's docstring)."""
+
+    def __init__(
+        self, address: StoreAddress, rank: int, world_size: int, liveness_s: float,
+        on_verdict: Callable[[str], None] = _exit_with,
+    ) -> None:
+        self.address, self.rank, self.world_size = address, rank, world_size
+        self.liveness_s = liveness_s
+        self.on_verdict = on_verdict
+        self.prefix = _key_prefix()
+        self.verdict: str | None = None
+        self._stopped = threading.Event()
+        self._decided = threading.Event()
+        self._decision = threading.Lock()
+        self._store: dist.TCPStore | None = None
+        self._last_contact = time.monotonic()
+        self._contacted = False
+        self._thread = threading.Thread(target=self._run, name="dcgan-heartbeat", daemon=True)
+        self._watch = threading.Thread(target=self._watch_contact, name="dcgan-liveness-watch", daemon=True)
+
+    def _key(self, *parts: object) -> str:
+        return "/".join([self.prefix, *map(str, parts)])
+
+    def start(self) -> Liveness:
+        """Start beating. The thread connects by itself: the store may not exist yet (rank 0 creates it in
+        `init_process_group` when torchrun's agent does not serve one), and a rank 0 that never creates it
+        must end the wait too."""
+        self._thread.start()
+        self._watch.start()
+        return self
+
+    def stop(self, error: BaseException | None = None) -> None:
+        """Stop beating, saying how this rank ended: finished (peers no longer watch it) or failed (rank 0
+        names it and its error at once instead of waiting for its beat to go silent). Call it after the
+        rank's last collective."""
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2 * BEAT_INTERVAL_S)
+        # through a thread with a bounded wait: a request to a store that cannot be reached blocks
+        final = threading.Thread(target=self._say_how_it_ended, args=(error,), daemon=True)
+        final.start()
+        final.join(timeout=2 * BEAT_INTERVAL_S)
+
+    def _say_how_it_ended(self, error: BaseException | None) -> None:
+        store = self._store
+        if store is None:
+            return
+        try:
+            if error is not None:
+                store.set(self._key("error", self.rank), one_line(error))
+            store.set(self._key("beat", self.rank), str(FINISHED if error is None else FAILED))
+        except Exception:  # noqa: BLE001 - the store is gone: peers learn of this rank by its silence
+            pass
+
+    def explain(self, error: BaseException) -> None:
+        """A collective failed in the main thread: tell rank 0 to judge quickly, and wait (bounded) for the
+        verdict, which ends the process. Returns only when none came: the error was not a lost peer."""
+        try:
+            if self._store is not None:
+                self._store.add(self._key("suspect"), 1)
+        except Exception:  # noqa: BLE001 - an unreachable store is itself what the thread will report
+            pass
+        log.debug("collective failed (%s): waiting for the liveness verdict", error)
+        self._decided.wait(timeout=self.liveness_s + 3 * BEAT_INTERVAL_S)
+
+    def _decide(self, line: str, *, cut_off: bool = False) -> None:
+        with self._decision:
+            if self._decided.is_set() or self._stopped.is_set():
+                return
+            self.verdict = line
+            self._decided.set()
+        if cut_off:
+            end_stuck_agent()
+        self.on_verdict(line)
+
+    def _watch_contact(self) -> None:
+        """The cut-off rule, in a thread that never touches the network: a store request to a host that
+        cannot be reached blocks (the store's timeout covers only waiting for keys), so the heartbeat
+        thread cannot notice it is stuck."""
+        while not self._stopped.wait(BEAT_INTERVAL_S):
+            limit = self.liveness_s if self._contacted else self.liveness_s + ARRIVAL_SLACK_S
+            silent_s = time.monotonic() - self._last_contact
+            if silent_s > limit:
+                self._decide(self._cut_off_line(TimeoutError(f"no answer for {silent_s:.0f} s"), limit), cut_off=True)
+                return
+
+    def _connect(self) -> dist.TCPStore:
+        """A connection of this thread's own, with the short timeout (plus the arrival slack to connect)."""
+        store = dist.TCPStore(
+            self.address.host, self.address.port, is_master=False, wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=self.liveness_s + ARRIVAL_SLACK_S),
+        )
+        store.set_timeout(datetime.timedelta(seconds=self.liveness_s))
+        store.set(self._key("host", self.rank), socket.gethostname())
+        if self.rank == 0:
+            for rank in range(self.world_size):
+                store.add(self._key("beat", rank), 0)
+            store.add(self._key("suspect"), 0)
+        return store
+
+    def _run(self) -> None:
+        try:
+            self._store = self._connect()
+        except Exception as exc:  # noqa: BLE001 - whatever the reason, the store cannot be reached
+            self._decide(self._cut_off_line(exc, self.liveness_s + ARRIVAL_SLACK_S), cut_off=True)
+            return
+        self._last_contact, self._contacted = time.monotonic(), True
+        judge = _Judge(self.world_size, self.liveness_s) if self.rank == 0 else None
+        watched = _Watched(self.liveness_s)
+        while not self._stopped.wait(BEAT_INTERVAL_S):
+            try:
+                line = self._beat(judge, watched)
+            except _RankZeroFinished:
+                self._stopped.set()
+                return
+            except Exception:  # noqa: BLE001 - a failed request: the watch thread judges the silence
+                continue
+            self._last_contact = time.monotonic()
+            if line is not None:
+                self._decide(line)
+                return
+
+    def _beat(self, judge: _Judge | None, watched: _Watched) -> str | None:
+        """One beat: count up, then judge (rank 0) or watch rank 0 and its verdict (the others)."""
+        store = self._store
+        assert store is not None
+        store.add(self._key("beat", self.rank), 1)
+        if judge is not None:
+            keys = [self._key("beat", rank) for rank in range(self.world_size)] + [self._key("suspect")]
+            values = [int(value) for value in store.multi_get(keys)]
+            lost = judge.update(values[:-1], suspect=values[-1] > 0)
+            if not lost:
+                return None
+            line = self._lost_line(lost, judge)
+            store.set(self._key("verdict"), line)
+            time.sleep(2 * BEAT_INTERVAL_S)  # the others read the verdict before this process (and a store in it) ends
+            return line
+        if store.check([self._key("verdict")]):
+            return store.get(self._key("verdict")).decode()
+        count = int(store.add(self._key("beat", 0), 0))
+        if count == FINISHED:
+            raise _RankZeroFinished
+        if count == FAILED or watched.update(count):
+            return self._lost_line([0], None)
+        return None
+
+    def _read(self, key: str) -> str | None:
+        store = self._store
+        try:
+            if store is not None and store.check([key]):
+                return store.get(key).decode()
+        except Exception:  # noqa: BLE001 - naming a host or an error is best effort
+            pass
+        return None
+
+    def _lost_line(self, lost: list[int], judge: _Judge | None) -> str:
+        """One line for all lost ranks: those that failed with their own error, the others by silence."""
+        failed = [(rank, error) for rank in lost if (error := self._read(self._key("error", rank))) is not None]
+        silent = [rank for rank in lost if rank not in dict(failed)]
+        parts = [f"rank {rank} on {self._host_of(rank)} failed: {error}" for rank, error in failed]
+        if silent:
+            who = ", ".join(f"rank {rank} on {self._host_of(rank)}" for rank in silent)
+            quiet_s = judge.silent_s(silent[0]) if judge is not None else self.liveness_s
+            parts.append(
+                f"lost {who}: no heartbeat for {quiet_s:.0f} s (dist.liveness_s={self.liveness_s:g}): the host is "
+                "down or cut off, or the process was killed"
+            )
+        return "; ".join(parts) + ". Completed checkpoints are kept: start the job again to resume"
+
+    def _host_of(self, rank: int) -> str:
+        return self._read(self._key("host", rank)) or "a host never reported (the rank never started)"
+
+    def _cut_off_line(self, error: BaseException, waited_s: float) -> str:
+        reason = one_line(error)
+        return (
+            f"rank {self.rank} on {socket.gethostname()} lost contact with rank 0's rendezvous store at "
+            f"{self.address} for {waited_s:g} s: this host is cut off, or rank 0's host is down ({reason}). "
+            "Completed checkpoints are kept: start the job again to resume"
+        )
+
+
+class _RankZeroFinished(Exception):
+    """Rank 0 ended normally: every collective is over, nothing is left to watch."""
+
+
+class _Judge:
+    """Rank 0's view of every rank's beat count: who stood still for too long."""
+
+    def __init__(self, world_size: int, liveness_s: float) -> None:
+        now = time.monotonic()
+        self.liveness_s = liveness_s
+        self.started = now
+        self.counts = [0] * world_size
+        self.changed = [now] * world_size
+
+    def update(self, counts: list[int], *, suspect: bool) -> list[int]:
+        now = time.monotonic()
+        for rank, count in enumerate(counts):
+            if count != self.counts[rank]:
+                self.counts[rank], self.changed[rank] = count, now
+        patience = SUSPECT_PATIENCE_S if suspect else self.liveness_s
+        arrival = max(self.liveness_s + ARRIVAL_SLACK_S, patience)
+        return [
+            rank for rank, count in enumerate(self.counts)
+            if count == FAILED or (count != FINISHED and now - self.changed[rank] > (patience if count > 0 else arrival))
+        ]
+
+    def silent_s(self, rank: int) -> float:
+        return time.monotonic() - self.changed[rank]
+
+
+class _Watched:
+    """A non-zero rank's view of rank 0's beat count."""
+
+    def __init__(self, liveness_s: float) -> None:
+        self.liveness_s = liveness_s
+        self.count = 0
+        self.changed = time.monotonic()
+
+    def update(self, count: int) -> bool:
+        """Whether rank 0 has stood still too long (it arrives first: rank 0 creates the store's keys)."""
+        now = time.monotonic()
+        if count != self.count:
+            self.count, self.changed = count, now
+        patience = self.liveness_s if self.count > 0 else self.liveness_s + ARRIVAL_SLACK_S
+        return now - self.changed > patience
