@@ -152,7 +152,7 @@ class DistConfig:
     timeout_s: int = _field(600, "seconds a collective may wait for a slow rank (a long save, a first compile) before the job fails")
     liveness_s: float = _field(
         15.0, "seconds without a heartbeat before a rank or host counts as lost and every rank stops in one line "
-        "(10 s more for a rank that never starts); 0 turns the check off"
+        "(5 s more for a rank that never starts); 0 turns the check off"
     )
     force: bool = _field(
         False, "run the multi-rank code path (process group, DDP, cross-rank BatchNorm) even as one process"

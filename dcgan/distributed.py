@@ -175,7 +175,7 @@ def check_gloo_address(master_addr: str) -> None:
         return  # gloo reports an unresolvable name itself, naming it
     if not ipaddress.ip_address(resolved).is_loopback:
         return
-    interface = interface_towards(master_addr)
+    interface = interface_towards(master_addr) or first_network_interface()
     fix = f"GLOO_SOCKET_IFNAME={interface}" if interface else "GLOO_SOCKET_IFNAME=<this host's network interface>"
     raise LaunchError(
         f"this host's name {name} resolves to {resolved} (loopback), so gloo would listen where the other hosts of "
@@ -197,6 +197,16 @@ def interface_towards(address: str) -> str | None:
         return None
     for _, interface in socket.if_nameindex():
         if _ipv4_of(interface) == source:
+            return interface
+    return None
+
+
+def first_network_interface() -> str | None:
+    """The first interface with a non-loopback IPv4 address: the suggestion where the route to the
+    rendezvous is itself loopback (this host is the rendezvous host, and its name resolves to loopback)."""
+    for _, interface in socket.if_nameindex():
+        address = _ipv4_of(interface)
+        if address is not None and not ipaddress.ip_address(address).is_loopback:
             return interface
     return None
 

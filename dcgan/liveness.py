@@ -43,7 +43,7 @@ from dcgan.errors import PeerLost, one_line
 log = logging.getLogger(__name__)
 
 BEAT_INTERVAL_S = 1.0
-ARRIVAL_SLACK_S = 10.0
+ARRIVAL_SLACK_S = 5.0
 """Extra time a rank gets for its first beat: ranks start together (torchrun's rendezvous or srun is
 complete when they are spawned), so only the difference in their start-up (imports) adds to the rule."""
 SUSPECT_PATIENCE_S = 4.0
@@ -75,27 +75,33 @@ def _exit_with(line: str) -> None:
     os._exit(PeerLost.exit_status)
 
 
-AGENT_GRACE_S = 10.0
-"""How long torchrun's agent has, after its worker was cut off, to end by itself before it is ended."""
+AGENT_GRACE_S = 5.0
+"""How long torchrun's agent has, after its worker was cut off, to notice that the worker ended."""
 
 REAPER = r"""
 import os, signal, sys, time
-pid, started, grace, host = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
-def same_process():
+agent, agent_started, worker, worker_started, grace, host = sys.argv[1:7]
+def state(pid, started):
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[19] == started
+            fields = stat.read().rsplit(")", 1)[1].split()
     except OSError:
-        return False
-deadline = time.monotonic() + grace
-while time.monotonic() < deadline and same_process():
+        return None
+    return fields[0] if fields[19] == started else None
+deadline = time.monotonic() + float(grace)
+while time.monotonic() < deadline and state(worker, worker_started) is not None:
     time.sleep(0.2)
-if same_process():
-    os.kill(pid, signal.SIGKILL)
-    print(f"dcgan: torchrun's agent (pid {pid}) on {host} still waited for the unreachable rendezvous {grace:g} s "
-          "after its worker stopped: ended it", file=sys.stderr, flush=True)
+if state(worker, worker_started) == "Z" and state(agent, agent_started) is not None:
+    os.kill(int(agent), signal.SIGKILL)
+    print(f"dcgan: torchrun's agent (pid {agent}) on {host} was stuck on the unreachable rendezvous {grace} s after "
+          "its worker ended: ended it", file=sys.stderr, flush=True)
 """
-"""A detached watcher of torchrun's agent (pid and start time, so a reused pid is never hit)."""
+"""A detached watcher, given the agent's and the worker's pid and start time (a reused pid is never hit)."""
+
+
+def _start_time(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[19]
 
 
 def end_stuck_agent() -> None:
@@ -103,8 +109,9 @@ def end_stuck_agent() -> None:
 
     The agent's requests to its rendezvous store block without a timeout on a dead link (seen with torch
     2.14 in `num_nodes_waiting`, whatever `--rdzv-conf=read_timeout` says), so after its worker is gone it
-    would wait forever and keep the job step (and the allocation) alive. A healthy agent ends or restarts
-    its workers within a second; one still there after AGENT_GRACE_S is ended.
+    would wait forever and keep the job step (and the allocation) alive. A working agent reaps its ended
+    worker within a second (and then restarts it or exits); one that leaves it a zombie for AGENT_GRACE_S
+    is stuck, and is ended.
     """
     agent = os.getppid()
     if not os.environ.get("TORCHELASTIC_RUN_ID"):
@@ -114,13 +121,12 @@ def end_stuck_agent() -> None:
             command = cmdline.read()
         if b"torch.distributed.run" not in command and b"torchrun" not in command:
             return
-        with open(f"/proc/{agent}/stat") as stat:
-            started = stat.read().rsplit(")", 1)[1].split()[19]
+        started = [_start_time(agent), _start_time(os.getpid())]
     except OSError:
         return
     subprocess.Popen(
-        [sys.executable, "-c", REAPER, str(agent), started, str(AGENT_GRACE_S), socket.gethostname()],
-        start_new_session=True, stdin=subprocess.DEVNULL,
+        [sys.executable, "-c", REAPER, str(agent), started[0], str(os.getpid()), started[1], str(AGENT_GRACE_S),
+         socket.gethostname()], start_new_session=True, stdin=subprocess.DEVNULL,
     )
 
 
@@ -266,7 +272,8 @@ class Liveness:
                 return None
             line = self._lost_line(lost, judge)
             store.set(self._key("verdict"), line)
-            time.sleep(2 * BEAT_INTERVAL_S)  # the others read the verdict before this process (and a store in it) ends
+            if judge.listeners(lost):
+                time.sleep(2 * BEAT_INTERVAL_S)  # they read the verdict before this process (and a store in it) ends
             return line
         if store.check([self._key("verdict")]):
             return store.get(self._key("verdict")).decode()
@@ -337,6 +344,10 @@ class _Judge:
             rank for rank, count in enumerate(self.counts)
             if count == FAILED or (count != FINISHED and now - self.changed[rank] > (patience if count > 0 else arrival))
         ]
+
+    def listeners(self, lost: list[int]) -> list[int]:
+        """Ranks other than rank 0 that are still beating: those that will read the verdict."""
+        return [rank for rank, count in enumerate(self.counts) if rank != 0 and rank not in lost and count > 0]
 
     def silent_s(self, rank: int) -> float:
         return time.monotonic() - self.changed[rank]
