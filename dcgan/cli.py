@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dcgan.config import ConfigError, keys_help
-from dcgan.errors import DcganError, one_line
+from dcgan.errors import DcganError, one_line, tell_launcher
 
 DESCRIPTION = """Train DCGANs (Radford et al. 2015) on a laptop CPU or on many GPUs and nodes, and use the result.
 
@@ -450,4 +450,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DcganError as exc:
         print(f"dcgan: error: {one_line(exc)}", file=sys.stderr)
+        tell_launcher(exc)
         return exc.exit_status

@@ -8,6 +8,8 @@ worker's traceback folded into its message: `one_line` recovers the original lin
 
 from __future__ import annotations
 
+import os
+
 
 class DcganError(RuntimeError):
     """Base of the project's one-line runtime errors."""
@@ -67,3 +69,13 @@ def one_line(exc: BaseException) -> str:
     last = text.splitlines()[-1]
     prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
     return last[len(prefix):] if last.startswith(prefix) else last.split(": ", 1)[-1]
+
+
+def tell_launcher(exc: BaseException) -> None:
+    """Under torchrun, record the error's line in the worker's error file, so that torchrun's failure
+    summary names the root cause (instead of `error_file: <N/A>`); nothing elsewhere."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    ErrorHandler().record_exception(type(exc)(one_line(exc)))

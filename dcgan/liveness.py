@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from dcgan.errors import PeerLost, one_line
+from dcgan.errors import PeerLost, one_line, tell_launcher
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ def _exit_with(line: str) -> None:
     for handler in logging.getLogger().handlers:
         handler.flush()
     print(f"dcgan: error: {line}", file=sys.stderr, flush=True)
+    tell_launcher(PeerLost(line))
     os._exit(PeerLost.exit_status)
 
 
