@@ -9,13 +9,15 @@ a save or a collective, still beats) and through a connection of its own whose t
 `dist.liveness_s`:
 
 - rank 0 judges everyone: a rank whose beat count stands still for `liveness_s` (or that never beats
-  within `liveness_s` + ARRIVAL_SLACK_S of rank 0's start) is lost; rank 0 writes the verdict into the store, where every
-  other rank reads it within a second;
+  within `liveness_s` + ARRIVAL_SLACK_S of rank 0's start) is lost; rank 0 writes the verdict into the
+  store, where every other rank reads it within a second;
 - every other rank watches rank 0's beat (rank 0's process gone while its host and the store live);
 - any rank that cannot reach the store for `liveness_s` is cut off (its link is down, or the store's
   host is gone) and says so;
 - a rank whose collective fails first (a peer's connection closed) marks the store "suspect": rank 0
-  then judges with a patience of three beats instead of `liveness_s`.
+  then judges with a patience of SUSPECT_PATIENCE_S instead of `liveness_s`;
+- a rank that ends says how (finished, or failed with its error's line), so that rank 0 names a failed
+  rank with its own error at once.
 
 A verdict ends the process with `os._exit(PeerLost.exit_status)` after logging its line: the main thread
 may be blocked inside a collective that nothing interrupts, and the usual cleanup (a checkpoint wait, a

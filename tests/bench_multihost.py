@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -105,6 +106,7 @@ def orchestrate(args: argparse.Namespace) -> None:
 
     if (reason := missing_requirements()) is not None:
         raise SystemExit(reason)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the hosts are removed on the way out
     with tempfile.TemporaryDirectory() as work, emulated_hosts(["hosta", "hostb"], Path(work)) as hosts:
         alone = launch(hosts, ["hosta"], args, "alone")
         print(f"one process alone, batch {args.batch}: step {alone['step_ms']:.0f} ms", flush=True)
