@@ -205,7 +205,9 @@ class Liveness:
         log.debug("collective failed (%s): waiting for the liveness verdict", error)
         self._decided.wait(timeout=self.liveness_s + 3 * BEAT_INTERVAL_S)
 
-    def _decide(self, line: str, *, cut_off: bool = False) -> None:
+    def _decide(self, line: str, *, cut_off: bool = False, linger_s: float = 0.0) -> None:
+        """Take the first verdict only; `linger_s` lets the other ranks read a verdict rank 0 wrote before
+        this process (and a store it may host) ends."""
         with self._decision:
             if self._decided.is_set() or self._stopped.is_set():
                 return
@@ -213,6 +215,7 @@ class Liveness:
             self._decided.set()
         if cut_off:
             end_stuck_agent()
+        time.sleep(linger_s)
         self.on_verdict(line)
 
     def _watch_contact(self) -> None:
@@ -251,7 +254,7 @@ class Liveness:
         watched = _Watched(self.liveness_s)
         while not self._stopped.wait(BEAT_INTERVAL_S):
             try:
-                line = self._beat(judge, watched)
+                line, linger_s = self._beat(judge, watched)
             except _RankZeroFinished:
                 self._stopped.set()
                 return
@@ -259,11 +262,12 @@ class Liveness:
                 continue
             self._last_contact = time.monotonic()
             if line is not None:
-                self._decide(line)
+                self._decide(line, linger_s=linger_s)
                 return
 
-    def _beat(self, judge: _Judge | None, watched: _Watched) -> str | None:
-        """One beat: count up, then judge (rank 0) or watch rank 0 and its verdict (the others)."""
+    def _beat(self, judge: _Judge | None, watched: _Watched) -> tuple[str | None, float]:
+        """One beat: count up, then judge (rank 0) or watch rank 0 and its verdict (the others). Returns
+        a verdict, if any, and how long to linger before acting on it."""
         store = self._store
         assert store is not None
         store.add(self._key("beat", self.rank), 1)
@@ -272,20 +276,18 @@ class Liveness:
             values = [int(value) for value in store.multi_get(keys)]
             lost = judge.update(values[:-1], suspect=values[-1] > 0)
             if not lost:
-                return None
+                return None, 0.0
             line = self._lost_line(lost, judge)
             store.set(self._key("verdict"), line)
-            if judge.listeners(lost):
-                time.sleep(2 * BEAT_INTERVAL_S)  # they read the verdict before this process (and a store in it) ends
-            return line
+            return line, 2 * BEAT_INTERVAL_S if judge.listeners(lost) else 0.0
         if store.check([self._key("verdict")]):
-            return store.get(self._key("verdict")).decode()
+            return store.get(self._key("verdict")).decode(), 0.0
         count = int(store.add(self._key("beat", 0), 0))
         if count == FINISHED:
             raise _RankZeroFinished
         if count == FAILED or watched.update(count):
-            return self._lost_line([0], None)
-        return None
+            return self._lost_line([0], None), 0.0
+        return None, 0.0
 
     def _read(self, key: str) -> str | None:
         store = self._store
