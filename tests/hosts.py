@@ -26,23 +26,9 @@ from pathlib import Path
 BRIDGE_HOST = 254
 """Last byte of the bridge's own address: the "head" of the cluster (e.g. a SLURM controller)."""
 
-ENTER_HOST = r"""
-set -e
-name=$1; hosts=$2; shift 2
-hostname "$name"
-mount --bind "$hosts" /etc/hosts
-# `ip netns exec` mounts a fresh /sys, which hides the cgroup file systems that slurmd needs: mount the
-# root namespace's cgroup hierarchies again (seen only by this host's processes).
-while read -r src target fstype opts _; do
-  case $fstype in
-    tmpfs) [[ $target == /sys/fs/cgroup ]] && mount -t tmpfs -o "$opts" "$src" "$target" ;;
-    cgroup|cgroup2) [[ $target == /sys/fs/cgroup* ]] || continue; mkdir -p "$target"
-                    mount -t "$fstype" -o "$opts" "$src" "$target" ;;
-  esac
-done < /proc/1/mounts
-exec "$@"
-"""
-"""Run inside a host's network namespace and a private UTS/mount namespace: own hostname, own hosts file."""
+ON_HOST = Path(__file__).resolve().parents[1] / "slurm" / "local-cluster" / "on-host.sh"
+"""Runs a command on a host: its network namespace, hostname and hosts file (the multi-node SLURM
+cluster's slurmd runs through it too), from `nodes` and `hosts` in the work directory."""
 
 
 def missing_requirements() -> str | None:
@@ -95,7 +81,8 @@ class EmulatedHosts:
 
     @property
     def hosts_file(self) -> Path:
-        return self.workdir / "etc-hosts"
+        """The cluster's /etc/hosts, as every host sees it."""
+        return self.workdir / "hosts"
 
     def start(self) -> EmulatedHosts:
         """Create the bridge, one namespace and link per host, and the hosts file; check every pair talks."""
@@ -116,6 +103,7 @@ class EmulatedHosts:
         lines = ["127.0.0.1 localhost", f"{self.head_address} head"]
         lines += [f"{host.address} {host.name}" for host in self.hosts.values()]
         self.hosts_file.write_text("\n".join(lines) + "\n")
+        (self.workdir / "nodes").write_text("".join(f"{h.name} {h.address} {h.namespace}\n" for h in self.hosts.values()))
         for host in self.hosts.values():
             for peer in [*self.hosts.values()]:
                 self.wait_reachable(host.name, peer.address)
@@ -138,11 +126,10 @@ class EmulatedHosts:
         `loopback_name`, the host's own name resolves to 127.0.1.1 there (Debian's default line)."""
         hosts = self.hosts_file
         if loopback_name:
-            hosts = self.workdir / f"etc-hosts.{name}"
+            hosts = self.workdir / f"hosts.{name}"
             others = [line for line in self.hosts_file.read_text().splitlines() if not line.endswith(f" {name}")]
             hosts.write_text("\n".join([f"127.0.1.1 {name}", *others]) + "\n")
-        return ["ip", "netns", "exec", self.hosts[name].namespace, "unshare", "--uts", "--",
-                "bash", "-c", ENTER_HOST, "enter-host", name, str(hosts), *argv]
+        return ["env", f"ON_HOST_HOSTS={hosts}", "bash", str(ON_HOST), str(self.workdir), name, *argv]
 
     def popen(self, name: str, argv: Sequence[str], *, log: Path, env: dict[str, str] | None = None,
               cwd: Path | None = None, loopback_name: bool = False) -> subprocess.Popen:

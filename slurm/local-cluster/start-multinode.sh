@@ -1,0 +1,226 @@
+#!/usr/bin/env bash
+# start-multinode.sh - a multi-node SLURM cluster on this one machine, across emulated hosts (network
+# namespaces joined by a bridge, e.g. made by tests/hosts.py), as root:
+#
+#   bash slurm/local-cluster/start-multinode.sh WORK_DIR HEAD_ADDRESS NAME=ADDRESS [NAME=ADDRESS ...]
+#   bash slurm/local-cluster/start-multinode.sh /tmp/mn 10.210.3.254 h1=10.210.3.1 h2=10.210.3.2
+#   export SLURM_CONF=/tmp/mn/slurm.conf; sinfo; srun -N2 hostname   # h1, h2
+#   bash slurm/local-cluster/stop-multinode.sh /tmp/mn
+#
+# slurmctld runs in the root network namespace, listening on HEAD_ADDRESS (the bridge's address, which
+# every host reaches); one slurmd per host runs "on" that host (on-host.sh: the network namespace that
+# holds ADDRESS, hostname NAME, WORK_DIR/hosts over /etc/hosts), so job steps, torchrun and gloo see
+# that host's name resolve to its own address. A private munged (own key, socket file
+# WORK_DIR/munge/munge.socket, given to SLURM as AuthInfo=socket=...) authenticates them.
+#
+# Everything else is private too, so that the single-node cluster of start.sh (default ports,
+# /etc/slurm/slurm.conf, /etc/munge) is left alone: config WORK_DIR/slurm.conf, ports, state, spool, log
+# and pid files under WORK_DIR; no accounting (sacct does not work; squeue/scontrol do).
+# Idempotent: daemons already running (by pid file + process name) with an unchanged config are kept.
+#
+# Env knobs:
+#   SLURM_MN_CTLD_PORT=16817   slurmctld's port (root namespace: must be free there)
+#   SLURM_MN_SLURMD_PORT=16818 slurmd's port (inside each host's namespace)
+#   SLURM_MN_CRED_EXPIRE=10    credential lifetime, also the delay before a requeued job may start again
+#   SLURM_MN_TIMEOUT=60        seconds to wait for every node to become idle
+set -euo pipefail
+
+if [[ $# -lt 3 ]]; then
+  echo "usage: start-multinode.sh WORK_DIR HEAD_ADDRESS NAME=ADDRESS [NAME=ADDRESS ...]" >&2
+  exit 2
+fi
+HERE=$(dirname "$(readlink -f "$0")")
+mkdir -p "$1"
+W=$(readlink -f "$1")
+HEAD=$2
+shift 2
+CTLD_PORT=${SLURM_MN_CTLD_PORT:-16817}
+SLURMD_PORT=${SLURM_MN_SLURMD_PORT:-16818}
+CRED_EXPIRE=${SLURM_MN_CRED_EXPIRE:-10}
+TIMEOUT=${SLURM_MN_TIMEOUT:-60}
+CONF=$W/slurm.conf
+MUNGE=$W/munge
+T0=$(date +%s%N)
+export SLURM_CONF=$CONF
+
+say() { local ms=$(( ($(date +%s%N) - T0) / 1000000 )); printf '[slurm-mn %3d.%01ds] %s\n' $((ms / 1000)) $((ms % 1000 / 100)) "$*"; }
+
+# pid file holds a live process whose comm starts with $2
+alive() {
+  local pid
+  [[ -s $1 ]] || return 1
+  pid=$(<"$1")
+  [[ $pid =~ ^[0-9]+$ && -r /proc/$pid/comm ]] || return 1
+  [[ $(</proc/"$pid"/comm) == "$2"* ]]
+}
+
+wait_for() {  # wait_for SECONDS DESCRIPTION CMD...
+  local n=$(( $1 * 5 )) what=$2; shift 2
+  for ((i = 0; i < n; i++)); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
+  echo "slurm-mn: timed out waiting for $what" >&2
+  return 1
+}
+
+dump_logs() {
+  for f in "$W"/log/*.log "$MUNGE/munged.log"; do
+    [[ -f $f ]] && { echo "==== $f" >&2; tail -n 25 "$f" >&2; }
+  done
+}
+trap 'rc=$?; [[ $rc -ne 0 ]] && { echo "slurm-mn: start failed (rc=$rc)" >&2; dump_logs; }; exit $rc' EXIT
+
+for b in munged slurmctld slurmd; do
+  [[ -x /usr/sbin/$b ]] || { echo "slurm-mn: /usr/sbin/$b missing: install munge slurmctld slurmd (bash $HERE/start.sh does)" >&2; exit 1; }
+done
+
+# ---------------------------------------------------------------- hosts
+# NAME=ADDRESS -> the named network namespace that holds ADDRESS
+names=()
+nodes_text=""
+hosts_text="127.0.0.1 localhost
+$HEAD head"
+for spec in "$@"; do
+  name=${spec%%=*} addr=${spec#*=}
+  if [[ -z $name || -z $addr || $spec != *=* ]]; then echo "slurm-mn: host $spec: write NAME=ADDRESS" >&2; exit 2; fi
+  netns=""
+  for ns in $(ip netns list | awk '{print $1}'); do
+    if ip -n "$ns" -4 -o addr show 2>/dev/null | grep -q " inet $addr/"; then netns=$ns; break; fi
+  done
+  if [[ -z $netns ]]; then
+    echo "slurm-mn: no network namespace holds $addr (host $name): create the emulated hosts first" >&2; exit 1
+  fi
+  names+=("$name")
+  nodes_text+="$name $addr $netns"$'\n'
+  hosts_text+=$'\n'"$addr $name"
+done
+mkdir -p "$W"/{state,log,run} "$MUNGE"
+for name in "${names[@]}"; do mkdir -p "$W/spool/$name"; done
+printf '%s' "$nodes_text" > "$W/nodes"
+printf '%s\n' "$hosts_text" > "$W/hosts"
+
+# ---------------------------------------------------------------- config
+# every host is this machine: the same CPUs for each, and a little less memory than detected, so that
+# no node drains for "Low RealMemory"
+hw=$(/usr/sbin/slurmd -C | head -n1)
+topo=$(grep -oE '(CPUs|Boards|SocketsPerBoard|CoresPerSocket|ThreadsPerCore)=[0-9]+' <<<"$hw" | tr '\n' ' ')
+mem=$(grep -oE 'RealMemory=[0-9]+' <<<"$hw" | cut -d= -f2)
+mem=$(( mem * 95 / 100 ))
+node_lines=""
+while read -r name addr _; do
+  node_lines+="NodeName=$name NodeAddr=$addr NodeHostname=$name ${topo}RealMemory=$mem State=UNKNOWN"$'\n'
+done < "$W/nodes"
+all=$(IFS=,; echo "${names[*]}")
+
+new_conf=$(cat <<EOF
+# generated by slurm/local-cluster/start-multinode.sh: ${#names[@]} emulated hosts, controller on $HEAD
+ClusterName=dcganmn
+SlurmctldHost=$(hostname -s)($HEAD)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# a private munged's socket; credential lifetime, also the delay before a requeued job may start again
+AuthInfo=socket=$MUNGE/munge.socket,cred_expire=$CRED_EXPIRE
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=1024
+SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=1,sched_interval=1
+ReturnToService=2
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+StateSaveLocation=$W/state
+SlurmdSpoolDir=$W/spool/%n
+SlurmctldPidFile=$W/run/slurmctld.pid
+SlurmdPidFile=$W/run/slurmd-%n.pid
+SlurmctldLogFile=$W/log/slurmctld.log
+SlurmdLogFile=$W/log/slurmd-%n.log
+SlurmctldTimeout=30
+SlurmdTimeout=30
+InactiveLimit=0
+MinJobAge=300
+KillWait=5
+Waittime=0
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+${node_lines}PartitionName=hosts Nodes=$all Default=YES MaxTime=INFINITE State=UP
+EOF
+)
+if [[ ! -f $CONF ]] || [[ "$(cat "$CONF")" != "$new_conf" ]]; then
+  # restart this cluster's slurm daemons (by pid file) so that they read the new config
+  for pidfile in "$W"/run/slurmd-*.pid "$W/run/slurmctld.pid"; do
+    d=$(basename "$pidfile" .pid); d=${d%%-*}
+    if alive "$pidfile" "$d"; then
+      pid=$(<"$pidfile")
+      say "config changed: stopping $d (pid $pid)"; kill "$pid"
+      wait_for 20 "$d to exit" bash -c "! kill -0 $pid"
+    fi
+  done
+  printf '%s\n' "$new_conf" > "$CONF"
+fi
+
+# ---------------------------------------------------------------- munge (private key and socket)
+chown munge:munge "$MUNGE"; chmod 755 "$MUNGE"   # munged wants its socket's directory searchable by all
+if ! runuser -u munge -- test -x "$MUNGE"; then
+  echo "slurm-mn: user munge cannot reach $MUNGE: put WORK_DIR where every directory above it is searchable (e.g. under /tmp, mode 755)" >&2
+  exit 1
+fi
+if [[ ! -s $MUNGE/munge.key ]]; then
+  dd if=/dev/urandom of="$MUNGE/munge.key" bs=128 count=1 status=none
+fi
+chown munge:munge "$MUNGE/munge.key"; chmod 400 "$MUNGE/munge.key"
+if ! alive "$MUNGE/munged.pid" munged; then
+  say "starting munged (socket $MUNGE/munge.socket)"
+  runuser -u munge -- /usr/sbin/munged --force --key-file="$MUNGE/munge.key" --socket="$MUNGE/munge.socket" \
+    --pid-file="$MUNGE/munged.pid" --log-file="$MUNGE/munged.log" --seed-file="$MUNGE/munged.seed"
+  wait_for 10 "munged" bash -c "munge -S '$MUNGE/munge.socket' -n | unmunge -S '$MUNGE/munge.socket'"
+fi
+
+# ---------------------------------------------------------------- slurm
+if ! alive "$W/run/slurmctld.pid" slurmctld; then
+  say "starting slurmctld on $HEAD:$CTLD_PORT"
+  /usr/sbin/slurmctld -f "$CONF"
+  wait_for 30 "slurmctld" scontrol ping
+fi
+since=$(( $(date +%s) - 1 ))
+declare -A started=()
+for name in "${names[@]}"; do
+  if ! alive "$W/run/slurmd-$name.pid" slurmd; then
+    say "starting slurmd on $name"
+    started[$name]=1
+    "$HERE/on-host.sh" "$W" "$name" env SLURM_CONF="$CONF" /usr/sbin/slurmd -f "$CONF" -N "$name"
+  fi
+done
+
+# slurmctld keeps node states across restarts of a work dir: trust the state of a node whose slurmd was
+# started now only once that slurmd has registered (SlurmdStartTime not older than this start)
+registered() {
+  local t
+  [[ -z ${started[$1]:-} ]] && return 0
+  t=$(scontrol show node -o "$1" 2>/dev/null | grep -oE 'SlurmdStartTime=[^ ]+' | cut -d= -f2)
+  [[ -n $t && $t != None ]] || return 1
+  (( $(date -d "$t" +%s) >= since ))
+}
+declare -A resumed=()
+for ((i = 0; i < TIMEOUT * 5; i++)); do
+  ready=0 states=""
+  for name in "${names[@]}"; do
+    st=$(sinfo -h -N -n "$name" -o %t 2>/dev/null | head -n1 || true)
+    states+="$name=${st:-?} "
+    case $st in
+      idle|mix|alloc) registered "$name" && ready=$((ready + 1)) ;;
+      drain*|down*|drng)
+        if [[ -z ${resumed[$name]:-} ]] && alive "$W/run/slurmd-$name.pid" slurmd; then
+          scontrol update nodename="$name" state=resume 2>/dev/null || true; resumed[$name]=1
+        fi ;;
+    esac
+  done
+  if [[ $ready == "${#names[@]}" ]]; then say "cluster ready: $states(SLURM_CONF=$CONF)"; exit 0; fi
+  sleep 0.2
+done
+echo "slurm-mn: nodes not idle after ${TIMEOUT}s: $states" >&2
+scontrol show node >&2 || true
+exit 1

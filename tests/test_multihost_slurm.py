@@ -1,0 +1,197 @@
+"""SLURM across hosts: a real 2-node cluster on emulated hosts (network namespaces, tests/hosts.py), one
+slurmd per host and slurmctld on the bridge (slurm/local-cluster/start-multinode.sh), running the
+project's 2-node jobs as users submit them: `sbatch --nodes=2 slurm/train.sbatch` (srun + torchrun, c10d
+rendezvous on the first node, gloo between the hosts), its requeue after USR1, and
+`python -m launch.slurm --nodes 2` (submitit: srun starts one training process per node)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from helpers import checkpoint_complete, completed_steps, read_stats
+from hosts import EmulatedHosts, missing_requirements
+
+LOCAL_CLUSTER = ROOT / "slurm" / "local-cluster"
+NAMES = ("node1", "node2")
+
+
+def why_not() -> str | None:
+    """Why the 2-node cluster cannot run here (None when it can): the skip reason."""
+    if reason := missing_requirements():
+        return reason
+    missing = [d for d in ("munged", "slurmctld", "slurmd") if not Path("/usr/sbin", d).exists()]
+    missing += [c for c in ("sbatch", "squeue", "scontrol", "scancel") if shutil.which(c) is None]
+    if missing:
+        return f"SLURM is not installed ({', '.join(missing)} missing): bash slurm/local-cluster/start.sh installs it"
+    return None
+
+
+WHY_NOT = why_not()
+pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")]
+
+
+@dataclass
+class Cluster:
+    hosts: EmulatedHosts
+    workdir: Path
+    env: dict[str, str]
+    """The environment users of this cluster have: SLURM_CONF, and what every job here must set."""
+
+    def slurm(self, *argv: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout, check=check)
+
+    def in_queue(self, job: str) -> bool:
+        """Pending, running or completing (a requeued job is pending again)."""
+        return bool(self.slurm("squeue", "-h", "-j", job, check=False).stdout.strip())
+
+    def wait_until_gone(self, job: str, timeout: float, log: Path | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while self.in_queue(job):
+            if time.monotonic() > deadline:
+                text = log.read_text() if log and log.exists() else ""
+                raise AssertionError(f"job {job} still in the queue after {timeout:.0f} s\n{self.job_fields(job)}\n{text[-3000:]}")
+            time.sleep(0.5)
+
+    def job_fields(self, job: str) -> dict[str, str]:
+        """`scontrol show job` as key -> value (completed jobs stay MinJobAge=300 s)."""
+        text = self.slurm("scontrol", "show", "job", "-o", job, check=False).stdout
+        return dict(field.split("=", 1) for field in text.split() if "=" in field)
+
+    def ranks_by_host(self) -> dict[str, set[int]]:
+        """Training processes running on each host now, by their RANK: read from /proc of every process in
+        the host's network namespace (torchrun's workers and submitit's tasks carry RANK; agents do not)."""
+        found: dict[str, set[int]] = {}
+        for name in NAMES:
+            for pid in self.hosts.pids(name):
+                try:
+                    command = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                rank = next((v.split(b"=", 1)[1] for v in environ if v.startswith(b"RANK=")), None)
+                if rank is not None and b"dcgan" in command and b"torch.distributed.run" not in command:
+                    found.setdefault(name, set()).add(int(rank))
+        return found
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """Two emulated hosts and a SLURM cluster across them; afterwards, whatever happened, its jobs are
+    cancelled, its daemons stopped (by pid file), everything left on the hosts killed and the hosts removed."""
+    # under /tmp, searchable by user munge (munged runs as munge), short enough for a socket path
+    workdir = Path(tempfile.mkdtemp(prefix="dcgan-mnslurm-", dir="/tmp"))
+    workdir.chmod(0o755)
+    env = {
+        **os.environ, "SLURM_CONF": str(workdir / "slurm" / "slurm.conf"), "SLURM_MN_CTLD_PORT": str(free_port()),
+        "SLURM_MN_CRED_EXPIRE": "5",  # SLURM's minimum: a requeued job may start again 6 s after the requeue
+        "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true",
+    }
+    for key in [k for k in env if k.startswith(("SLURM_JOB", "SLURM_STEP", "SLURM_NODELIST", "SBATCH_"))]:
+        del env[key]  # a test run inside a SLURM job must not pass that job's identity on
+    hosts = EmulatedHosts(NAMES, workdir / "hosts")
+    try:
+        hosts.start()
+        started = subprocess.run(
+            ["bash", str(LOCAL_CLUSTER / "start-multinode.sh"), str(workdir / "slurm"), hosts.head_address,
+             *(f"{name}={host.address}" for name, host in hosts.hosts.items())],
+            env=env, capture_output=True, text=True, timeout=120,
+        )
+        assert started.returncode == 0, f"start-multinode.sh failed:\n{started.stdout}\n{started.stderr}"
+        yield Cluster(hosts, workdir, env)
+    finally:
+        try:
+            subprocess.run(["bash", str(LOCAL_CLUSTER / "stop-multinode.sh"), str(workdir / "slurm")],
+                           env=env, capture_output=True, timeout=90)
+        finally:
+            hosts.close()  # slurmstepd and job processes that outlived their slurmd end here
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def sbatch(cluster: Cluster, out: Path, *args: str) -> str:
+    """slurm/train.sbatch on 2 nodes x 1 process, as a user submits it on a CPU cluster."""
+    return cluster.slurm(
+        "sbatch", "--parsable", f"--chdir={ROOT}", "--nodes=2", "--gres=none", "--cpus-per-task=1", "--mem=2G",
+        f"--output={out}", f"--export=ALL,PYTHON={sys.executable},NPROC_PER_NODE=1",
+        str(ROOT / "slurm" / "train.sbatch"), "configs/tiny.yaml", *args, "log.wandb=disabled",
+    ).stdout.strip()
+
+
+def test_sbatch_job_trains_across_two_hosts_and_resumes_on_both_after_a_requeue(cluster: Cluster, tmp_path: Path) -> None:
+    """The signal goes right after the first checkpoint (step 10), 110 steps before the end."""
+    run, out = tmp_path / "run", tmp_path / "out.txt"
+    job = sbatch(cluster, out, f"run.dir={run}", "train.steps=120", "checkpoint.every=10")
+    ranks: dict[str, set[int]] = {}
+    deadline = time.monotonic() + 120
+    while not (checkpoint_complete(run, 10) and len(ranks) == 2):
+        for host, seen in cluster.ranks_by_host().items():
+            ranks.setdefault(host, set()).update(seen)
+        assert cluster.in_queue(job), f"job {job} ended before its first checkpoint:\n{out.read_text() if out.exists() else ''}"
+        assert time.monotonic() < deadline, f"no checkpoint of step 10 with ranks on both hosts (ranks {ranks}):\n{out.read_text() if out.exists() else ''}"
+        time.sleep(0.2)
+    assert sorted(ranks) == list(NAMES) and sorted(r for seen in ranks.values() for r in seen) == [0, 1], ranks
+
+    # what SLURM does before a time limit (--signal=B:USR1@120): the batch shell gets USR1, forwards SIGTERM
+    # to the step, every rank checkpoints on both hosts, and the script requeues the job
+    cluster.slurm("scancel", "--signal=USR1", "--batch", job)
+    cluster.wait_until_gone(job, timeout=180, log=out)
+
+    text = out.read_text()
+    fields = cluster.job_fields(job)
+    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "1"), f"{fields}\n{text}"
+    assert fields["NodeList"] == "node[1-2]"
+    for restart in (0, 1):
+        assert f"job {job} restart {restart}: 2 node(s) x 1 process(es), rendezvous node1:" in text, text
+    assert text.count("2 rank(s) on cpu") == 2, text  # rank 0's line, in each slice
+    assert "signal USR1: asking the job step to checkpoint" in text and f"requeueing job {job}" in text, text
+    stops = [int(step) for step in re.findall(r"\[rank 1\] WARNING \S+: stop signal received: checkpointing step (\d+)", text)]
+    stopped = int(re.search(r"^\S+ WARNING \S+: stop signal received: checkpointing step (\d+)", text, re.M).group(1))
+    assert stops == [stopped] and 10 <= stopped < 120, text  # the rank on the other host checkpointed the same step
+    assert f"resumed from {run / 'checkpoints'}/step_{stopped:09d} at step {stopped}" in text, text
+    assert completed_steps(run)[-1] == 120
+    stats = read_stats(run)
+    assert stats[-1]["step"] == 120
+    assert all(row["global_batch"] == 32 and row["images_seen"] == row["step"] * 32 for row in stats)  # 2 ranks x 16
+    assert any(row["step"] > stopped for row in stats) and not cluster.ranks_by_host()
+
+
+def test_submitit_job_of_two_nodes_runs_one_task_on_each_host(cluster: Cluster, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    submitted = subprocess.run(
+        [sys.executable, "-m", "launch.slurm", "configs/tiny.yaml", f"run.dir={run}", "train.steps=20", "log.wandb=disabled",
+         "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", "--mem-gb", "2", "--time", "5"],
+        cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=60,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job = re.search(r"^job (\d+)$", submitted.stdout, re.M).group(1)
+    logs = run / "slurm_logs" / job
+    cluster.wait_until_gone(job, timeout=120)
+
+    fields = cluster.job_fields(job)
+    assert (fields["JobState"], fields["ExitCode"], fields["NodeList"]) == ("COMPLETED", "0:0", "node[1-2]"), fields
+    for task, host in enumerate(NAMES):
+        started = (logs / f"{job}_{task}_log.out").read_text()
+        assert f"hostname={host}, local_rank=0(1), node={task}(2), global_rank={task}(2)" in started, started
+        assert pickle.loads((logs / f"{job}_{task}_result.pkl").read_bytes()) == ("success", 0)
+    assert "2 rank(s) on cpu" in (logs / f"{job}_0_log.err").read_text()
+    assert completed_steps(run) == [10, 20] and checkpoint_complete(run, 20)
+    assert [row["global_batch"] for row in read_stats(run)] == [32] * 4
