@@ -140,7 +140,7 @@ def compare(config_path: str, common: list[str], a: list[str], b: list[str], see
     eligible = metric_keys(["fid", "kid", "swd", "digits"])
     if metric not in eligible:
         raise ConfigError(f"--metric {metric}: must be one of {', '.join(eligible)}")
-    info = info or init_distributed(base.train.device, base.dist.timeout_s)
+    info = info or init_distributed(base.train.device, base.dist.timeout_s, liveness_s=base.dist.liveness_s)
     values: dict[str, list[float]] = {s.name: [] for s in settings}
     runs: dict[str, list[str]] = {s.name: [] for s in settings}
     for seed in seeds:

@@ -52,8 +52,6 @@ class DistInfo:
     checkpoint_group: dist.ProcessGroup | None = None
     forced: bool = False
     """A process group of one (dist.force): the multi-rank code path, run by a single process."""
-    liveness: Liveness | None = None
-    """This rank's heartbeat (dcgan.liveness): a lost peer ends the job in seconds, in one line."""
 
     @property
     def is_main(self) -> bool:
@@ -136,12 +134,16 @@ def init_distributed(
         if liveness_s > 0:
             address = StoreAddress(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 29500))
             _LIVENESS = Liveness(address, rank, world_size, liveness_s).start()
-    dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
-    flag_group = _gloo_group(timeout) if backend != "gloo" else _world()
-    checkpoint_group = _gloo_group(timeout)
+    try:
+        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+        flag_group = _gloo_group(timeout) if backend != "gloo" else _world()
+        checkpoint_group = _gloo_group(timeout)
+    except BaseException as exc:
+        destroy_distributed(exc)  # the peers learn this rank's error at once, not by its silence
+        raise
     return DistInfo(
         rank=rank, world_size=world_size, local_rank=local_rank, device=device, flag_group=flag_group,
-        checkpoint_group=checkpoint_group, forced=world_size == 1, liveness=_LIVENESS,
+        checkpoint_group=checkpoint_group, forced=world_size == 1,
     )
 
 
@@ -150,12 +152,12 @@ _LIVENESS: Liveness | None = None
 
 
 def spans_hosts() -> bool:
-    """Whether the job's ranks live on more than one host, from what the launchers export (torchrun's
-    LOCAL_WORLD_SIZE per host, SLURM's node count)."""
+    """Whether the job's ranks live on more than one host, from what the launchers export: torchrun's
+    LOCAL_WORLD_SIZE (ranks on this host) where set, else the nodes of this SLURM job step."""
     local = _env_int("LOCAL_WORLD_SIZE", 0)
-    if local and local < _env_int("WORLD_SIZE", 1):
-        return True
-    return _env_int("SLURM_JOB_NUM_NODES", _env_int("SLURM_NNODES", 1)) > 1
+    if local:
+        return local < _env_int("WORLD_SIZE", 1)
+    return _env_int("SLURM_STEP_NUM_NODES", _env_int("SLURM_JOB_NUM_NODES", 1)) > 1
 
 
 def check_gloo_address(master_addr: str) -> None:
@@ -222,11 +224,15 @@ def _ipv4_of(interface: str) -> str | None:
     return socket.inet_ntoa(packed[20:24])
 
 
-def explain_collective_failure(error: BaseException) -> None:
-    """A collective raised in the main thread: where a peer is lost, wait for the heartbeat's verdict,
-    which ends the process with one line naming it; return (for the error to propagate) otherwise."""
-    if _LIVENESS is not None and isinstance(error, (RuntimeError, dist.DistError)) and not isinstance(error, DcganError):
+def explain_failure(error: BaseException) -> None:
+    """This rank is failing. A collective's error (RuntimeError, of which torch's DistError is one) may
+    be a lost peer: wait for the heartbeat's verdict, which ends the process with one line naming it.
+    Any other error is this rank's own (every rank may be raising it): peers that end now are no news."""
+    if _LIVENESS is None:
+        return
+    if isinstance(error, RuntimeError) and not isinstance(error, DcganError):
         _LIVENESS.explain(error)
+    _LIVENESS.ending()
 
 
 def _world() -> dist.ProcessGroup:

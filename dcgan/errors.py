@@ -76,6 +76,9 @@ def tell_launcher(exc: BaseException) -> None:
     summary names the root cause (instead of `error_file: <N/A>`); nothing elsewhere."""
     if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
         return
-    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
-    ErrorHandler().record_exception(type(exc)(one_line(exc)))
+        ErrorHandler().record_exception(type(exc)(one_line(exc)))
+    except Exception:  # noqa: BLE001 - the summary is a courtesy: the line was printed already
+        pass

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from dcgan.errors import PeerLost, one_line, tell_launcher
+from dcgan.reaper import start_time
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +54,22 @@ SUSPECT_PATIENCE_S = 4.0
 (a beat is seen up to one interval late)."""
 
 
-def _key_prefix() -> str:
-    """Keys of this attempt only: torchrun's agent store outlives a restarted round, whose ranks must not
-    read the previous round's beats or verdict."""
-    return f"dcgan/liveness/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-
-
 @dataclass(frozen=True)
 class StoreAddress:
+    """Where the rendezvous store listens: MASTER_ADDR and MASTER_PORT, as torchrun or srun export them."""
+
     host: str
     port: int
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+def _key_prefix(address: StoreAddress) -> str:
+    """Keys of this round only, so that a new round never reads an old one's beats or verdict: torchrun's
+    restart count (a restarted round may keep the agent's store), and the store's port (a round whose
+    membership changed keeps the restart count, and torchrun picks a free port for each round's store)."""
+    return f"dcgan/liveness/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{address.port}"
 
 
 def _exit_with(line: str) -> None:
@@ -79,43 +83,12 @@ def _exit_with(line: str) -> None:
 
 
 AGENT_GRACE_S = 5.0
-"""How long torchrun's agent has, after its worker was cut off, to notice that the worker ended."""
-
-REAPER = r"""
-import os, signal, sys, time
-agent, agent_started, worker, worker_started, grace, host = sys.argv[1:7]
-def state(pid, started):
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return fields[0] if fields[19] == started else None
-deadline = time.monotonic() + float(grace)
-while time.monotonic() < deadline and state(worker, worker_started) is not None:
-    time.sleep(0.2)
-if state(worker, worker_started) == "Z" and state(agent, agent_started) is not None:
-    os.kill(int(agent), signal.SIGKILL)
-    print(f"dcgan: torchrun's agent (pid {agent}) on {host} was stuck on the unreachable rendezvous {grace} s after "
-          "its worker ended: ended it", file=sys.stderr, flush=True)
-"""
-"""A detached watcher, given the agent's and the worker's pid and start time (a reused pid is never hit)."""
-
-
-def _start_time(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rsplit(")", 1)[1].split()[19]
+"""How long torchrun's agent has to reap its ended worker before it counts as stuck (dcgan.reaper)."""
 
 
 def end_stuck_agent() -> None:
-    """Under torchrun, make sure the agent ends too when this host is cut off from the rendezvous.
-
-    The agent's requests to its rendezvous store block without a timeout on a dead link (seen with torch
-    2.14 in `num_nodes_waiting`, whatever `--rdzv-conf=read_timeout` says), so after its worker is gone it
-    would wait forever and keep the job step (and the allocation) alive. A working agent reaps its ended
-    worker within a second (and then restarts it or exits); one that leaves it a zombie for AGENT_GRACE_S
-    is stuck, and is ended.
-    """
+    """Under torchrun, make sure the agent ends too when this host is cut off from the rendezvous: start
+    dcgan.reaper, detached, on the agent (this process's parent) and this worker."""
     agent = os.getppid()
     if not os.environ.get("TORCHELASTIC_RUN_ID"):
         return
@@ -124,12 +97,12 @@ def end_stuck_agent() -> None:
             command = cmdline.read()
         if b"torch.distributed.run" not in command and b"torchrun" not in command:
             return
-        started = [_start_time(agent), _start_time(os.getpid())]
+        started = [start_time(agent), start_time(os.getpid())]
     except OSError:
         return
     subprocess.Popen(
-        [sys.executable, "-c", REAPER, str(agent), started[0], str(os.getpid()), started[1], str(AGENT_GRACE_S),
-         socket.gethostname()], start_new_session=True, stdin=subprocess.DEVNULL,
+        [sys.executable, "-m", "dcgan.reaper", str(agent), started[0], str(os.getpid()), started[1],
+         str(AGENT_GRACE_S), socket.gethostname()], start_new_session=True, stdin=subprocess.DEVNULL,
     )
 
 
@@ -140,7 +113,8 @@ FAILED = -2
 
 
 class Liveness:
-    """The heartbeat thread of one rank (see the module's docstring)."""
+    """The heartbeat of one rank (see the module's docstring): start it before the process group, stop
+    it after the rank's last collective."""
 
     def __init__(
         self, address: StoreAddress, rank: int, world_size: int, liveness_s: float,
@@ -149,14 +123,17 @@ class Liveness:
         self.address, self.rank, self.world_size = address, rank, world_size
         self.liveness_s = liveness_s
         self.on_verdict = on_verdict
-        self.prefix = _key_prefix()
+        self.prefix = _key_prefix(address)
         self.verdict: str | None = None
         self._stopped = threading.Event()
         self._decided = threading.Event()
         self._decision = threading.Lock()
+        self._ending = False
         self._store: dist.TCPStore | None = None
         self._last_contact = time.monotonic()
         self._contacted = False
+        self._judge = _Judge(world_size, liveness_s)
+        self._watched = _Watched(liveness_s)
         self._thread = threading.Thread(target=self._run, name="dcgan-heartbeat", daemon=True)
         self._watch = threading.Thread(target=self._watch_contact, name="dcgan-liveness-watch", daemon=True)
 
@@ -171,17 +148,25 @@ class Liveness:
         self._watch.start()
         return self
 
+    def ending(self) -> None:
+        """This rank is ending on its own (an error every rank raised, a stop signal): from now on a peer
+        that finishes or fails is no news, only silence and a lost store are (a cleanup may still hang).
+        Without this, the first rank to fail would turn its peers' own exit statuses and lines into
+        "rank N failed"."""
+        self._ending = True
+
     def stop(self, error: BaseException | None = None) -> None:
         """Stop beating, saying how this rank ended: finished (peers no longer watch it) or failed (rank 0
-        names it and its error at once instead of waiting for its beat to go silent). Call it after the
-        rank's last collective."""
+        names it with its error at once instead of waiting for silence). Rank 0, whose process may hold
+        the store, waits (at most `liveness_s`) until every rank has said how it ended."""
+        self._ending = True
         self._stopped.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2 * BEAT_INTERVAL_S)
         # through a thread with a bounded wait: a request to a store that cannot be reached blocks
         final = threading.Thread(target=self._say_how_it_ended, args=(error,), daemon=True)
         final.start()
-        final.join(timeout=2 * BEAT_INTERVAL_S)
+        final.join(timeout=self.liveness_s + 2 * BEAT_INTERVAL_S if self.rank == 0 else 2 * BEAT_INTERVAL_S)
 
     def _say_how_it_ended(self, error: BaseException | None) -> None:
         store = self._store
@@ -191,19 +176,26 @@ class Liveness:
             if error is not None:
                 store.set(self._key("error", self.rank), one_line(error))
             store.set(self._key("beat", self.rank), str(FINISHED if error is None else FAILED))
+            if self.rank == 0:
+                keys = [self._key("beat", rank) for rank in range(self.world_size)]
+                deadline = time.monotonic() + self.liveness_s
+                while time.monotonic() < deadline and any(int(v) >= 0 for v in store.multi_get(keys)):
+                    time.sleep(BEAT_INTERVAL_S / 4)
         except Exception:  # noqa: BLE001 - the store is gone: peers learn of this rank by its silence
             pass
 
     def explain(self, error: BaseException) -> None:
-        """A collective failed in the main thread: tell rank 0 to judge quickly, and wait (bounded) for the
-        verdict, which ends the process. Returns only when none came: the error was not a lost peer."""
+        """A collective failed in the main thread: tell rank 0 to judge quickly, and wait for a verdict,
+        which ends the process. Bounded by the slowest rule (a rank that never started); returns only
+        when no verdict came, i.e. the error was not a lost peer."""
         try:
             if self._store is not None:
                 self._store.add(self._key("suspect"), 1)
         except Exception:  # noqa: BLE001 - an unreachable store is itself what the thread will report
             pass
         log.debug("collective failed (%s): waiting for the liveness verdict", error)
-        self._decided.wait(timeout=self.liveness_s + 3 * BEAT_INTERVAL_S)
+        if self._decided.wait(timeout=self.liveness_s + ARRIVAL_SLACK_S + 3 * BEAT_INTERVAL_S):
+            time.sleep(3 * BEAT_INTERVAL_S)  # the deciding thread lingers, then ends the process
 
     def _decide(self, line: str, *, cut_off: bool = False, linger_s: float = 0.0) -> None:
         """Take the first verdict only; `linger_s` lets the other ranks read a verdict rank 0 wrote before
@@ -218,11 +210,27 @@ class Liveness:
         time.sleep(linger_s)
         self.on_verdict(line)
 
+    def _paused(self, slept_s: float) -> bool:
+        """Whether this process was paused (SIGSTOP, a suspended SLURM job): a one-second wait took far
+        longer. Every rule restarts its clock then, since the peers were most likely paused too."""
+        if slept_s < BEAT_INTERVAL_S + self.liveness_s / 2:
+            return False
+        now = time.monotonic()
+        self._last_contact = now
+        self._judge.forgive(now)
+        self._watched.forgive(now)
+        return True
+
     def _watch_contact(self) -> None:
         """The cut-off rule, in a thread that never touches the network: a store request to a host that
         cannot be reached blocks (the store's timeout covers only waiting for keys), so the heartbeat
         thread cannot notice it is stuck."""
-        while not self._stopped.wait(BEAT_INTERVAL_S):
+        while True:
+            started = time.monotonic()
+            if self._stopped.wait(BEAT_INTERVAL_S) or self._paused(time.monotonic() - started):
+                if self._stopped.is_set():
+                    return
+                continue
             limit = self.liveness_s if self._contacted else self.liveness_s + ARRIVAL_SLACK_S
             silent_s = time.monotonic() - self._last_contact
             if silent_s > limit:
@@ -250,44 +258,48 @@ class Liveness:
             self._decide(self._cut_off_line(exc, self.liveness_s + ARRIVAL_SLACK_S), cut_off=True)
             return
         self._last_contact, self._contacted = time.monotonic(), True
-        judge = _Judge(self.world_size, self.liveness_s) if self.rank == 0 else None
-        watched = _Watched(self.liveness_s)
-        while not self._stopped.wait(BEAT_INTERVAL_S):
+        while True:
+            started = time.monotonic()
+            if self._stopped.wait(BEAT_INTERVAL_S):
+                return
+            paused = self._paused(time.monotonic() - started)
             try:
-                line, linger_s = self._beat(judge, watched)
+                self._store.add(self._key("beat", self.rank), 1)
+                line, linger_s = self._judge_all() if self.rank == 0 else (self._watch_rank_zero(), 0.0)
             except _RankZeroFinished:
                 self._stopped.set()
                 return
             except Exception:  # noqa: BLE001 - a failed request: the watch thread judges the silence
                 continue
             self._last_contact = time.monotonic()
-            if line is not None:
+            if line is not None and not paused:
                 self._decide(line, linger_s=linger_s)
                 return
 
-    def _beat(self, judge: _Judge | None, watched: _Watched) -> tuple[str | None, float]:
-        """One beat: count up, then judge (rank 0) or watch rank 0 and its verdict (the others). Returns
-        a verdict, if any, and how long to linger before acting on it."""
-        store = self._store
-        assert store is not None
-        store.add(self._key("beat", self.rank), 1)
-        if judge is not None:
-            keys = [self._key("beat", rank) for rank in range(self.world_size)] + [self._key("suspect")]
-            values = [int(value) for value in store.multi_get(keys)]
-            lost = judge.update(values[:-1], suspect=values[-1] > 0)
-            if not lost:
-                return None, 0.0
-            line = self._lost_line(lost, judge)
-            store.set(self._key("verdict"), line)
-            return line, 2 * BEAT_INTERVAL_S if judge.listeners(lost) else 0.0
-        if store.check([self._key("verdict")]):
-            return store.get(self._key("verdict")).decode(), 0.0
-        count = int(store.add(self._key("beat", 0), 0))
+    def _judge_all(self) -> tuple[str | None, float]:
+        """Rank 0: read every beat in one request; a verdict (written for the others to read) and how long
+        to linger so that they can."""
+        assert self._store is not None
+        keys = [self._key("beat", rank) for rank in range(self.world_size)] + [self._key("suspect")]
+        values = [int(value) for value in self._store.multi_get(keys)]
+        lost = self._judge.update(values[:-1], suspect=values[-1] > 0, failures_count=not self._ending)
+        if not lost:
+            return None, 0.0
+        line = self._lost_line(lost)
+        self._store.set(self._key("verdict"), line)
+        return line, 2 * BEAT_INTERVAL_S if self._judge.listeners(lost) else 0.0
+
+    def _watch_rank_zero(self) -> str | None:
+        """The others: rank 0's verdict, or rank 0 itself silent or failed."""
+        assert self._store is not None
+        if not self._ending and self._store.check([self._key("verdict")]):
+            return self._store.get(self._key("verdict")).decode()
+        count = int(self._store.add(self._key("beat", 0), 0))
         if count == FINISHED:
             raise _RankZeroFinished
-        if count == FAILED or watched.update(count):
-            return self._lost_line([0], None), 0.0
-        return None, 0.0
+        if (count == FAILED and not self._ending) or self._watched.update(count):
+            return self._lost_line([0])
+        return None
 
     def _read(self, key: str) -> str | None:
         store = self._store
@@ -298,14 +310,14 @@ class Liveness:
             pass
         return None
 
-    def _lost_line(self, lost: list[int], judge: _Judge | None) -> str:
+    def _lost_line(self, lost: list[int]) -> str:
         """One line for all lost ranks: those that failed with their own error, the others by silence."""
         failed = [(rank, error) for rank in lost if (error := self._read(self._key("error", rank))) is not None]
         silent = [rank for rank in lost if rank not in dict(failed)]
         parts = [f"rank {rank} on {self._host_of(rank)} failed: {error}" for rank, error in failed]
         if silent:
             who = ", ".join(f"rank {rank} on {self._host_of(rank)}" for rank in silent)
-            quiet_s = judge.silent_s(silent[0]) if judge is not None else self.liveness_s
+            quiet_s = self._judge.silent_s(silent[0]) if self.rank == 0 else self._watched.silent_s()
             parts.append(
                 f"lost {who}: no heartbeat for {quiet_s:.0f} s (dist.liveness_s={self.liveness_s:g}): the host is "
                 "down or cut off, or the process was killed"
@@ -329,26 +341,34 @@ class _RankZeroFinished(Exception):
 
 
 class _Judge:
-    """Rank 0's view of every rank's beat count: who stood still for too long."""
+    """Rank 0's view of every rank's beat count: who stood still for too long, or failed."""
 
     def __init__(self, world_size: int, liveness_s: float) -> None:
         now = time.monotonic()
         self.liveness_s = liveness_s
-        self.started = now
         self.counts = [0] * world_size
         self.changed = [now] * world_size
 
-    def update(self, counts: list[int], *, suspect: bool) -> list[int]:
+    def update(self, counts: list[int], *, suspect: bool, failures_count: bool = True) -> list[int]:
+        """The lost ranks given the latest counts: silent past the patience (shorter once a collective
+        failed somewhere; longer for a rank not yet started), or failed (unless rank 0 is ending too)."""
         now = time.monotonic()
         for rank, count in enumerate(counts):
             if count != self.counts[rank]:
                 self.counts[rank], self.changed[rank] = count, now
         patience = SUSPECT_PATIENCE_S if suspect else self.liveness_s
         arrival = max(self.liveness_s + ARRIVAL_SLACK_S, patience)
-        return [
-            rank for rank, count in enumerate(self.counts)
-            if count == FAILED or (count != FINISHED and now - self.changed[rank] > (patience if count > 0 else arrival))
-        ]
+
+        def lost(rank: int, count: int) -> bool:
+            if count in (FINISHED, FAILED):
+                return count == FAILED and failures_count
+            return now - self.changed[rank] > (patience if count > 0 else arrival)
+
+        return [rank for rank, count in enumerate(self.counts) if lost(rank, count)]
+
+    def forgive(self, now: float) -> None:
+        """Restart every silence clock (this process was paused, and so, most likely, were the others)."""
+        self.changed = [now] * len(self.changed)
 
     def listeners(self, lost: list[int]) -> list[int]:
         """Ranks other than rank 0 that are still beating: those that will read the verdict."""
@@ -367,9 +387,15 @@ class _Watched:
         self.changed = time.monotonic()
 
     def update(self, count: int) -> bool:
-        """Whether rank 0 has stood still too long (it arrives first: rank 0 creates the store's keys)."""
+        """Whether rank 0 has stood still too long (the arrival rule until its first beat)."""
         now = time.monotonic()
         if count != self.count:
             self.count, self.changed = count, now
         patience = self.liveness_s if self.count > 0 else self.liveness_s + ARRIVAL_SLACK_S
         return now - self.changed > patience
+
+    def forgive(self, now: float) -> None:
+        self.changed = now
+
+    def silent_s(self) -> float:
+        return time.monotonic() - self.changed

@@ -40,7 +40,7 @@ from dcgan.distributed import (
     average_gradients,
     any_rank,
     destroy_distributed,
-    explain_collective_failure,
+    explain_failure,
     init_distributed,
     log_batchnorm_mode,
     Bare,
@@ -737,7 +737,7 @@ def train(config: Config) -> int:
         return run_loop(trainer, tracker, stop)
     except BaseException as exc:
         failure = exc
-        explain_collective_failure(exc)
+        explain_failure(exc)
         raise
     finally:
         if trainer is not None:

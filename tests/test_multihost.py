@@ -108,6 +108,11 @@ def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("dcgan: error: ")]
 
 
+def worker_traceback(text: str) -> bool:
+    """Whether a training process printed a traceback (torchrun's own failure summary does not count)."""
+    return f'File "{ROOT / "dcgan"}' in text
+
+
 def test_two_hosts_of_two_ranks_train_the_same_weights_as_one_host_of_four(two_hosts: EmulatedHosts, tmp_path: Path) -> None:
     """Bit for bit. The hosts resolve their own names to loopback (Debian's default), which
     GLOO_SOCKET_IFNAME makes work: the fix that the refusal below names."""
@@ -157,14 +162,13 @@ def test_a_lost_host_ends_the_survivor_in_one_line_and_elastic_torchrun_resumes_
     wait_for(lambda: bool(error_lines(launch.log("hosta"))), SURVIVOR_BOUND_S, "the survivor's line")
     ended_s = time.monotonic() - fault
     [line] = error_lines(launch.log("hosta"))
-    # rank 0 is wherever the rendezvous put it: host A names the lost rank 1, or the lost store of rank 0
-    assert re.match(r"dcgan: error: (lost rank 1 on hostb: no heartbeat for \d+ s|rank 1 on hosta lost contact "
-                    r"with rank 0's rendezvous store at hostb:\d+)", line), line
-    assert "Completed checkpoints are kept" in line
-    assert "Traceback" not in launch.log("hosta").split("dcgan: error:")[0]
+    # c10d's rendezvous orders hosts by name: rank 0 is on host A
+    assert re.match(r"dcgan: error: lost rank 1 on hostb: no heartbeat for \d s \(dist.liveness_s=15\)", line), line
+    assert line.endswith("Completed checkpoints are kept: start the job again to resume")
     status = launch.procs["hosta"].wait(timeout=120)
     log = launch.log("hosta")
     assert status == 0, log[-3000:]
+    assert "Traceback" not in log  # the worker's one line, and torchrun recovered without a summary
     resumed = int(re.search(rf"resumed from {run / 'checkpoints'}/step_(\d+)", log).group(1))
     assert resumed >= kept[-1]  # the newest complete checkpoint at the fault, or one completed just after
     assert "the global batch changed on resume: 32 (2 rank(s) x 16) when checkpointed, 16 (1 x 16) now" in log
@@ -192,14 +196,14 @@ def test_a_partition_ends_both_sides_in_seconds_and_the_next_start_resumes(two_h
     fault = time.monotonic()
     two_hosts.set_link("hostb", up=False)
     ended = exits_within(launch, fault, SURVIVOR_BOUND_S)
-    assert {name: status for name, (status, _) in ended.items()} != {"hosta": 0, "hostb": 0}
+    assert all(status != 0 for status, _ in ended.values()), ended
     kept = completed_steps(run)
-    lines = {name: error_lines(launch.log(name)) for name in ("hosta", "hostb")}
-    # whichever side holds rank 0 names the other rank lost; the other side says it lost the store
-    assert any(re.match(r"dcgan: error: lost rank [01] on host[ab]: no heartbeat for 1\d s", line) for line in sum(lines.values(), [])), lines
-    assert any(re.match(r"dcgan: error: rank [01] on host[ab] lost contact with rank 0's rendezvous store", line)
-               for line in sum(lines.values(), [])), lines
-    assert "Traceback" not in launch.log("hosta") + launch.log("hostb") or "ChildFailedError" in launch.log("hosta") + launch.log("hostb")
+    [line_a] = error_lines(launch.log("hosta"))
+    [line_b] = error_lines(launch.log("hostb"))
+    assert re.match(r"dcgan: error: lost rank 1 on hostb: no heartbeat for 1\d s \(dist.liveness_s=15\)", line_a), line_a
+    assert re.match(r"dcgan: error: rank 1 on hostb lost contact with rank 0's rendezvous store at hosta:\d+ for 15 s", line_b), line_b
+    assert "torchrun's agent" in launch.log("hostb") and "was stuck on the unreachable rendezvous" in launch.log("hostb")
+    assert not worker_traceback(launch.log("hosta") + launch.log("hostb"))
     time.sleep(0.5)
     assert two_hosts.pids("hosta") == [] and two_hosts.pids("hostb") == []
     print(f"partition: exits {({name: round(s, 1) for name, (_, s) in ended.items()})} s after the fault")
@@ -223,8 +227,9 @@ def test_a_peer_lost_during_start_up_ends_the_survivor_within_the_bound(two_host
     ended = exits_within(launch, fault, SURVIVOR_BOUND_S)
     assert ended["hosta"][0] != 0
     [line] = error_lines(launch.log("hosta"))
-    assert re.match(r"dcgan: error: (lost rank 1 on a host never reported \(the rank never started\): no heartbeat for [12]\d s"
-                    r"|rank 1 on hosta lost contact with rank 0's rendezvous store)", line), line
+    assert re.match(r"dcgan: error: lost rank 1 on a host never reported \(the rank never started\): no heartbeat for "
+                    r"2\d s", line), line
+    assert not worker_traceback(launch.log("hosta"))
     assert not (tmp_path / "run" / "checkpoints").exists() or completed_steps(tmp_path / "run") == []
     assert two_hosts.pids("hosta") == []
     print(f"peer lost at start-up: host A ended {ended['hosta'][1]:.1f} s after the fault")
