@@ -177,12 +177,24 @@ class Liveness:
                 store.set(self._key("error", self.rank), one_line(error))
             store.set(self._key("beat", self.rank), str(FINISHED if error is None else FAILED))
             if self.rank == 0:
-                keys = [self._key("beat", rank) for rank in range(self.world_size)]
-                deadline = time.monotonic() + self.liveness_s
-                while time.monotonic() < deadline and any(int(v) >= 0 for v in store.multi_get(keys)):
-                    time.sleep(BEAT_INTERVAL_S / 4)
+                self._wait_for_the_others(store)
         except Exception:  # noqa: BLE001 - the store is gone: peers learn of this rank by its silence
             pass
+
+    def _wait_for_the_others(self, store: dist.TCPStore) -> None:
+        """Rank 0 at its end: until every rank that still beats has said how it ended (bounded by
+        `liveness_s`), so that none of them takes the end of a store in this process for a lost host."""
+        keys = [self._key("beat", rank) for rank in range(self.world_size)]
+        if not store.check(keys):
+            return  # a rank that never beat cannot say how it ended
+        deadline, previous = time.monotonic() + self.liveness_s, None
+        while time.monotonic() < deadline:
+            counts = [int(value) for value in store.multi_get(keys)]
+            running = [rank for rank, count in enumerate(counts) if count >= 0]
+            if not running or (previous is not None and all(counts[r] == previous[r] for r in running)):
+                return  # everyone ended, or those left stopped beating without a word
+            previous = counts
+            time.sleep(1.5 * BEAT_INTERVAL_S)
 
     def explain(self, error: BaseException) -> None:
         """A collective failed in the main thread: tell rank 0 to judge quickly, and wait for a verdict,
@@ -269,8 +281,8 @@ class Liveness:
             except _RankZeroFinished:
                 self._stopped.set()
                 return
-            except Exception:  # noqa: BLE001 - a failed request: the watch thread judges the silence
-                continue
+            except Exception:  # noqa: BLE001 - the connection broke: the watch thread judges the silence
+                return  # (a broken client stays broken, and each retry would print torch's C++ warning)
             self._last_contact = time.monotonic()
             if line is not None and not paused:
                 self._decide(line, linger_s=linger_s)
