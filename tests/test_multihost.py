@@ -10,9 +10,9 @@ README promises."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -46,10 +46,8 @@ def two_hosts(tmp_path: Path) -> Iterator[EmulatedHosts]:
 class Launch:
     """One torchrun per host, started together, as a cluster's launcher does."""
 
-    hosts: EmulatedHosts
-    names: Sequence[str]
     logs: dict[str, Path]
-    procs: dict[str, "subprocess.Popen"]
+    procs: dict[str, subprocess.Popen]
     started: float
 
     def log(self, name: str) -> str:
@@ -69,9 +67,6 @@ class Launch:
         return ended
 
 
-import subprocess  # noqa: E402 - used in the dataclass annotation above
-
-
 def torchrun_on(
     hosts: EmulatedHosts, names: Sequence[str], nproc: int, run_dir: Path, *overrides: str, flags: Sequence[str] = (),
     env: dict[str, str] | None = None, loopback_name: bool = False, tag: str = "run", nnodes: str = "",
@@ -89,7 +84,7 @@ def torchrun_on(
                 "--rdzv-backend=c10d", f"--rdzv-endpoint={head}:29400", f"--rdzv-id={tag}", *flags,
                 "-m", "dcgan", "train", str(TINY), f"run.dir={run_dir}", "log.wandb=disabled", *overrides]
         procs[name] = hosts.popen(name, argv, log=logs[name], env=full_env, cwd=ROOT, loopback_name=loopback_name)
-    return Launch(hosts, names, logs, procs, started)
+    return Launch(logs, procs, started)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -97,15 +92,6 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
         time.sleep(0.1)
-
-
-def trained_to(run_dir: Path, step: int) -> Callable[[], bool]:
-    def reached() -> bool:
-        try:
-            return json.loads((run_dir / "stats.jsonl").read_text().splitlines()[-1])["step"] >= step
-        except (OSError, IndexError, ValueError, KeyError):
-            return False
-    return reached
 
 
 def error_lines(text: str) -> list[str]:

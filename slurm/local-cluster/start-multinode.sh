@@ -45,21 +45,7 @@ export SLURM_CONF=$CONF
 
 say() { local ms=$(( ($(date +%s%N) - T0) / 1000000 )); printf '[slurm-mn %3d.%01ds] %s\n' $((ms / 1000)) $((ms % 1000 / 100)) "$*"; }
 
-# pid file holds a live process whose comm starts with $2
-alive() {
-  local pid
-  [[ -s $1 ]] || return 1
-  pid=$(<"$1")
-  [[ $pid =~ ^[0-9]+$ && -r /proc/$pid/comm ]] || return 1
-  [[ $(</proc/"$pid"/comm) == "$2"* ]]
-}
-
-wait_for() {  # wait_for SECONDS DESCRIPTION CMD...
-  local n=$(( $1 * 5 )) what=$2; shift 2
-  for ((i = 0; i < n; i++)); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
-  echo "slurm-mn: timed out waiting for $what" >&2
-  return 1
-}
+. "$(dirname "$(readlink -f "$0")")/lib.sh"   # alive, wait_for
 
 dump_logs() {
   for f in "$W"/log/*.log "$MUNGE/munged.log"; do

@@ -8,13 +8,7 @@ set -uo pipefail
 W=$1
 export SLURM_CONF=$W/slurm.conf
 
-alive() {
-  local pid
-  [[ -s $1 ]] || return 1
-  pid=$(<"$1")
-  [[ $pid =~ ^[0-9]+$ && -r /proc/$pid/comm ]] || return 1
-  [[ $(</proc/"$pid"/comm) == "$2"* ]]
-}
+. "$(dirname "$(readlink -f "$0")")/lib.sh"   # alive, wait_for
 
 stop_all() {  # stop_all NAME=PIDFILE... : SIGTERM to all at once (none needs another to stop), then wait
   local spec name pidfile pid live pids=() names=()
