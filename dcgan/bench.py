@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from dcgan.config import Config, ConfigError, load_config, replace
+from dcgan.data import build_source
 from dcgan.distributed import DistInfo, destroy_distributed, init_distributed, pick_device
 from dcgan.graphs import WARMUP_STEPS, make_runner
 from dcgan.models import Discriminator, Generator
-from dcgan.step import normalize
-from dcgan.train import build_step, build_trainer
+from dcgan.step import build_step, normalize
 
 
 class ReferenceStep:
@@ -129,7 +129,7 @@ def bench_step(
     project's multi-rank code path, for one batch size, in this process."""
     config = bench_config(config, batch_size, precision)
     device = pick_device(config.train.device, 0)
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    info = DistInfo.single(device)
     images = synthetic_batch(config, device)
     show_progress(f"batch {batch_size}: the reference step, {warmup} untimed + {iters} timed steps")
     timings = {"reference": time_step(ReferenceStep(config, device), images, warmup, iters)}
@@ -182,15 +182,17 @@ def bench_end_to_end(config: Config, shards: str, batch_size: int, precision: st
     settings as the synthetic-data timing, precision included)."""
     config = replace(bench_config(config, batch_size, precision), data={"shards": shards})
     device = pick_device(config.train.device, 0)
-    trainer = build_trainer(config, DistInfo(rank=0, world_size=1, local_rank=0, device=device))
-    batches = iter(trainer.data)
+    info = DistInfo.single(device)
+    runner = make_runner(build_step(config, info)[2], config, info)
+    data = build_source(config, info)
+    batches = iter(data)
     try:
         elapsed = timed_seconds(
-            lambda: trainer.runner(next(batches).to(device, non_blocking=True)), untimed_steps(config, warmup), iters, device
+            lambda: runner(next(batches).to(device, non_blocking=True)), untimed_steps(config, warmup), iters, device
         )
         return iters * batch_size / elapsed
     finally:
-        trainer.data.close()
+        data.close()
 
 
 def measure_loader(shards: str, workers: int, batch_size: int, batches: int, seed: int = 0) -> float:
@@ -208,7 +210,7 @@ def measure_loader(shards: str, workers: int, batch_size: int, batches: int, see
          f"data.epoch_samples={batch_size * (batches + 1)}"],
     )
     device = pick_device("auto", 0)
-    source = ShardSource(config, DistInfo(rank=0, world_size=1, local_rank=0, device=device))
+    source = ShardSource(config, DistInfo.single(device))
     try:
         stream = iter(source)
         elapsed = timed_seconds(lambda: next(stream).to(device, non_blocking=True), 1, batches, device)

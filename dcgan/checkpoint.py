@@ -121,6 +121,12 @@ def stored_shapes(path: Path) -> dict[str, tuple[int, ...] | None]:
     return {key: tuple(meta.size) if hasattr(meta, "size") else None for key, meta in stored.items()}
 
 
+def load_in_process(path: Path, state: dict[str, Any]) -> None:
+    """Fill `state` in place from the checkpoint at `path` in this process alone (no process group): how
+    `sample`, `export`, `eval` and `probe` read a run."""
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+
+
 class Checkpointer:
     """Saves (optionally in the background) and loads DCP checkpoints, and prunes old ones.
 
@@ -142,6 +148,13 @@ class Checkpointer:
     def resumed(self, step: int) -> None:
         """The run resumed from the complete checkpoint of `step`."""
         self.saved_step = self.complete_step = step
+
+    def prepare(self) -> None:
+        """Before anything is resumed: create the checkpoint directory and remove half-written
+        checkpoints (rank 0)."""
+        if self.info.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+        self.remove_incomplete()
 
     def remove_incomplete(self) -> None:
         """Delete half-written checkpoint directories (rank 0, before any save of this run)."""

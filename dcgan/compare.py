@@ -58,8 +58,9 @@ def point_config(config_path: str, common: list[str], setting: Setting, seed: in
 def finished(config: Config) -> bool:
     """Whether the run already holds a complete checkpoint of its last step (nothing to train)."""
     from dcgan.checkpoint import list_checkpoints
+    from dcgan.rundir import RunDir
 
-    done = list_checkpoints(Path(config.run.dir) / "checkpoints")
+    done = list_checkpoints(RunDir(Path(config.run.dir)).checkpoints)
     return bool(done) and done[-1][0] >= config.train.steps
 
 
@@ -84,7 +85,7 @@ def score_point(config: Config, metric: str, num: int, info: DistInfo) -> tuple[
     from dcgan.sample import load_generator
 
     metrics = sorted({m for m in ("fid", "kid", "swd", "digits") if metric in metric_keys([m])})
-    weights = "ema" if config.train.ema > 0 and config.sample.ema else "raw"
+    weights = "ema" if config.images_from_average else "raw"
     loaded = load_generator(Path(config.run.dir), weights=weights, bn=config.sample.bn)
     loaded.generator.to(info.device)
     data = config.eval.data or config.data.shards or "digits"

@@ -177,6 +177,12 @@ class Config:
     def uses_builtin_digits(self) -> bool:
         return self.data.shards == ""
 
+    @property
+    def images_from_average(self) -> bool:
+        """Whether grids, samples, exports and eval.best use the averaged G (train.ema > 0 and
+        sample.ema) rather than the trained one."""
+        return self.train.ema > 0 and self.sample.ema
+
 
 # ----------------------------------------------------------------------------------------------------
 # Building a Config from plain data, with one-line errors

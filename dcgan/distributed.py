@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dcgan.batchnorm import convert_to_cross_rank
+from dcgan.config import Config
 from dcgan.errors import DcganError, LaunchError
 from dcgan.liveness import Liveness, StoreAddress
 
@@ -52,6 +53,11 @@ class DistInfo:
     checkpoint_group: dist.ProcessGroup | None = None
     forced: bool = False
     """A process group of one (dist.force): the multi-rank code path, run by a single process."""
+
+    @staticmethod
+    def single(device: torch.device | str = "cpu") -> DistInfo:
+        """One process and no process group: benchmarks, planning, tools that read a checkpoint."""
+        return DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(device))
 
     @property
     def is_main(self) -> bool:
@@ -121,7 +127,7 @@ def init_distributed(
     local_rank = _env_int("LOCAL_RANK", 0)
     device = pick_device(device_preference, local_rank)
     if world_size == 1 and not force:
-        return DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+        return DistInfo.single(device)
     timeout = datetime.timedelta(seconds=timeout_s)
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
@@ -264,6 +270,11 @@ GradientSync = Literal["ddp", "explicit"]
 """How replicas average gradients: DDP's bucketed all-reduce, overlapped with the backward pass; or one
 flat all-reduce per model called by the step itself (`average_gradients`), which a CUDA graph can
 capture whole."""
+
+
+def gradient_sync(config: Config, info: DistInfo) -> GradientSync:
+    """DDP for eager and compiled steps; the step's own flat all-reduce where a graph captures it."""
+    return "explicit" if config.train.cuda_graph and info.distributed else "ddp"
 
 
 Bare = TypeVar("Bare", bound=nn.Module)

@@ -10,11 +10,31 @@ from __future__ import annotations
 
 import os
 
+# --- exit statuses: every status a dcgan process ends with, in one table ------------------------------
+# slurm/train.sbatch (bash) and launch/slurm.py act on these numbers; keep them stable.
+EXIT_OK = 0
+EXIT_FAILED = 1
+"""A one-line runtime error (DcganError) or an unexpected exception."""
+EXIT_CONFIG = 2
+"""A bad setting, a bad command line, or a checkpoint of another model: nothing was trained."""
+EXIT_NONFINITE = 3
+"""A non-finite loss stopped the run (train.nonfinite=stop); the last complete checkpoint is kept."""
+EXIT_RUN_DIR_IN_USE = 4
+EXIT_NO_PROGRESS = 5
+EXIT_PEER_LOST = 6
+EXIT_REQUEUE = 75
+"""Checkpointed after SIGUSR1/SIGUSR2 (SLURM's warning before the time limit, or preemption): requeue me.
+75 is EX_TEMPFAIL."""
+EXIT_INTERRUPTED = 130
+"""Checkpointed after SIGINT (Ctrl-C): 128 + 2, as a shell reports it."""
+EXIT_TERMINATED = 143
+"""Checkpointed after SIGTERM alone (scancel): 128 + 15, do not requeue."""
+
 
 class DcganError(RuntimeError):
     """Base of the project's one-line runtime errors."""
 
-    exit_status = 1
+    exit_status = EXIT_FAILED
 
     def __str__(self) -> str:
         # webdataset appends (stream, url) to the args of an error crossing its pipeline: keep the message
@@ -30,7 +50,7 @@ class IncompatibleCheckpoint(DcganError):
     """The newest checkpoint was written for another model: resuming would train something else.
     Not a damaged checkpoint: `checkpoint.read_newest` lets it through instead of falling back."""
 
-    exit_status = 2
+    exit_status = EXIT_CONFIG
 
 
 class ShardError(DcganError):
@@ -40,7 +60,7 @@ class ShardError(DcganError):
 class RunDirInUse(DcganError):
     """Another live process holds the run directory; the message names it."""
 
-    exit_status = 4
+    exit_status = EXIT_RUN_DIR_IN_USE
 
 
 class CheckpointWriteError(DcganError):
@@ -50,14 +70,14 @@ class CheckpointWriteError(DcganError):
 class NoProgress(DcganError):
     """Requeued attempts keep resuming from the same step: requeueing again would only burn the budget."""
 
-    exit_status = 5
+    exit_status = EXIT_NO_PROGRESS
 
 
 class PeerLost(DcganError):
     """Another rank or host is gone (killed, down, cut off by the network): the line names it. The
     completed checkpoints are intact and the next start resumes from the newest."""
 
-    exit_status = 6
+    exit_status = EXIT_PEER_LOST
 
 
 def one_line(exc: BaseException) -> str:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dcgan.config import EVAL_METRICS, ConfigError, metric_keys
+from dcgan.config import EVAL_METRICS, Config, ConfigError, metric_keys
 from dcgan.distributed import DistInfo, any_rank
 from dcgan.quality import frechet_distance, gaussian_stats
 from dcgan.sample import LoadedGenerator
@@ -363,3 +363,26 @@ def evaluate(loaded: LoadedGenerator, data: str, num: int, metrics: list[str], i
     expected = metric_keys([metric for metric in EVAL_METRICS if metric in metrics])
     assert tuple(results) == expected, f"evaluate returned {tuple(results)}, config.metric_keys promises {expected}"
     return Evaluation(results, protocol)
+
+
+# --- evaluation during training ------------------------------------------------------------------
+
+EMA_PREFIX = "ema_"
+"""Eval results of the averaged G are logged beside the raw G's under this prefix (eval/ema_swd)."""
+
+
+def best_key(config: Config) -> str:
+    """The eval result that eval.best ranks checkpoints by: of the G that images come from."""
+    return (EMA_PREFIX if config.images_from_average else "") + config.eval.best
+
+
+def evaluate_during_training(raw: LoadedGenerator, average: LoadedGenerator | None, config: Config, info: DistInfo) -> dict[str, float]:
+    """eval.metrics of the trained G and, when kept, of its average (keys prefixed EMA_PREFIX), on
+    eval.data (default: the training data); collective."""
+    generators = {"": raw} if average is None else {"": raw, EMA_PREFIX: average}
+    data = config.eval.data or config.data.shards or "digits"
+    results: dict[str, float] = {}
+    for prefix, loaded in generators.items():
+        evaluation = evaluate(loaded, data, config.eval.num, list(config.eval.metrics), info, config.eval.inception)
+        results.update({prefix + key: value for key, value in evaluation.results.items()})
+    return results

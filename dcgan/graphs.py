@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 
 from dcgan.config import Config
-from dcgan.distributed import DistInfo, GradientSync
+from dcgan.distributed import DistInfo
 from dcgan.errors import LaunchError
 from dcgan.step import GANStep
 
@@ -45,11 +45,6 @@ def unsupported_reason(config: Config, info: DistInfo) -> str | None:
     if info.device.type != "cuda":
         return f"train.cuda_graph needs a CUDA device (this process runs on {info.device})"
     return None
-
-
-def gradient_sync(config: Config, info: DistInfo) -> GradientSync:
-    """DDP for eager and compiled steps; the step's own flat all-reduce where a graph captures it."""
-    return "explicit" if config.train.cuda_graph and info.distributed else "ddp"
 
 
 def make_runner(step: GANStep, config: Config, info: DistInfo) -> StepRunner:

@@ -8,7 +8,6 @@ and, where the run directory already holds measured step times, in wall-clock te
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -18,19 +17,14 @@ import yaml
 from dcgan.checkpoint import latest_checkpoint
 from dcgan.config import Config, config_to_dict
 from dcgan.distributed import DistInfo
+from dcgan.rundir import RunDir
+from dcgan.tracking import read_stats
 
 
 def measured_step_ms(run_dir: Path) -> float | None:
     """The step time of the newest metric line of an existing run directory, if any."""
-    stats = run_dir / "stats.jsonl"
-    if not stats.is_file():
-        return None
-    for line in reversed(stats.read_text().splitlines()):
-        try:
-            return float(json.loads(line)["step_time_ms"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return None
+    timed = [row["step_time_ms"] for row in read_stats(RunDir(run_dir).stats) if "step_time_ms" in row]
+    return float(timed[-1]) if timed else None
 
 
 def data_lines(config: Config, world_size: int) -> tuple[list[str], int]:
@@ -82,7 +76,7 @@ def describe(config: Config, world_size: int) -> str:
     t, run_dir = config.train, Path(config.run.dir)
     data, batches_per_epoch = data_lines(config, world_size)
     step_ms = measured_step_ms(run_dir)
-    resume = latest_checkpoint(run_dir / "checkpoints")
+    resume = latest_checkpoint(RunDir(run_dir).checkpoints)
     lines = [
         "resolved config:",
         *("  " + line for line in yaml.safe_dump(config_to_dict(config), sort_keys=False).splitlines()),
@@ -91,7 +85,7 @@ def describe(config: Config, world_size: int) -> str:
         f"steps per epoch: {batches_per_epoch}; train.steps {t.steps} = {t.steps / max(batches_per_epoch, 1):.1f} epochs, "
         f"{t.steps * t.batch_size * world_size} images",
         f"run.dir: {run_dir} ({f'resumes from {resume.name}' if resume else 'starts fresh'})",
-        "cadence" + (f" (at the {step_ms:.0f} ms/step last measured in {run_dir / 'stats.jsonl'}):" if step_ms
+        "cadence" + (f" (at the {step_ms:.0f} ms/step last measured in {RunDir(run_dir).stats}):" if step_ms
                      else " (wall clock unknown until the run has logged a step):"),
         cadence("metrics", config.log.every, step_ms),
         cadence("samples", config.sample.every, step_ms),
@@ -102,3 +96,20 @@ def describe(config: Config, world_size: int) -> str:
     if step_ms:
         lines.append(f"  whole run   ~{format_seconds(t.steps * step_ms / 1000)} of training")
     return "\n".join(lines)
+
+
+PAPER_LR, PAPER_BATCH = 2e-4, 128
+"""Radford et al.'s Adam learning rate and the (global) batch it was chosen for."""
+
+
+def lr_advice(lr: float, global_batch: int) -> str | None:
+    """The README's one rule, at the start of every run whose global batch is not the paper's: for a
+    k-fold global batch start from lr x sqrt(k). Advice, not a change: the paper's per-GPU batch at the
+    paper's lr is also a sound (slower) choice, and the user's lr stands."""
+    if global_batch == PAPER_BATCH:
+        return None
+    suggested = PAPER_LR * math.sqrt(global_batch / PAPER_BATCH)
+    return (
+        f"global batch {global_batch}: optim.lr {lr:.3g}; the sqrt rule from the paper's {PAPER_LR:.0e} at {PAPER_BATCH} "
+        f"suggests {suggested:.2g} (README: Many GPUs and nodes)"
+    )

@@ -20,16 +20,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+from dcgan.distributed import DistInfo, any_rank
+from dcgan.errors import EXIT_INTERRUPTED, EXIT_REQUEUE, EXIT_TERMINATED
+
 log = logging.getLogger(__name__)
-
-EXIT_REQUEUE = 75
-"""Exit status after a checkpoint forced by USR1/USR2: "stopped early, requeue me" (EX_TEMPFAIL)."""
-
-EXIT_TERMINATED = 143
-"""Exit status after a checkpoint forced by SIGTERM alone (scancel, `kill`): the shell's 128 + 15."""
-
-EXIT_INTERRUPTED = 130
-"""Exit status after a checkpoint asked for by Ctrl-C (SIGINT): the shell's 128 + 2, not a requeue."""
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
@@ -100,3 +94,16 @@ class StopSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
+
+
+STOP_CHECK_EVERY = 10
+"""With several ranks, steps between agreements on a stop signal (a host-side collective each time)."""
+
+
+def stop_agreed(stop: StopSignal, step: int, info: DistInfo) -> bool:
+    """Whether every rank stops after this step. One process checks its flag at every step; ranks agree
+    every STOP_CHECK_EVERY steps (the same steps everywhere), so that a launch-bound step does not wait
+    on a cross-node round trip each time: SLURM's 120 s warning leaves room for ten more steps."""
+    if not info.distributed:
+        return stop.requested
+    return step % STOP_CHECK_EVERY == 0 and any_rank(stop.requested, info)

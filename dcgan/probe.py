@@ -20,15 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import nn
 
 from dcgan import schema
-from dcgan.checkpoint import read_newest
+from dcgan.checkpoint import load_in_process, read_newest
 from dcgan.config import ConfigError, ModelConfig
 from dcgan.models import Discriminator
-from dcgan.sample import load_one_process, model_of
+from dcgan.rundir import RunDir
 from dcgan.spread import Spread
 
 POOLED_SIDE = 4
@@ -47,20 +46,21 @@ class LoadedDiscriminator:
 
 
 def load_discriminator_checkpoint(checkpoint: Path) -> LoadedDiscriminator:
-    saved = schema.saved_config(checkpoint, load_one_process)
-    model = model_of(saved)
+    saved = schema.saved_config(checkpoint, load_in_process)
+    model = schema.model_of(saved)
     d = Discriminator(model)
     state: dict[str, Any] = {schema.MODEL: {"D": d.state_dict()}, schema.PROGRESS: {"step": 0}}
-    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    load_in_process(checkpoint, state)
     d.load_state_dict(state[schema.MODEL]["D"])
     return LoadedDiscriminator(d, model, int(state[schema.PROGRESS]["step"]), int(saved.get("seed", 0)))
 
 
 def load_discriminator(run_dir: Path) -> LoadedDiscriminator:
     """D of a run directory's newest complete checkpoint (exported files hold only G)."""
-    if not (run_dir / "config.yaml").is_file():
+    layout = RunDir(run_dir)
+    if not layout.config.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml): the probe needs D, which only checkpoints hold")
-    loaded = read_newest(run_dir / "checkpoints", load_discriminator_checkpoint)
+    loaded = read_newest(layout.checkpoints, load_discriminator_checkpoint)
     if loaded is None:
         raise ConfigError(f"{run_dir} has no complete checkpoint yet")
     return loaded

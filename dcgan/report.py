@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dcgan.rundir import RunDir
+from dcgan.tracking import read_stats
+
 CHARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Losses", ("loss_D", "loss_G")),
     ("D(x) and D(G(z))", ("D_x", "D_G_z_before", "D_G_z_after")),
@@ -34,17 +37,6 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
 
 Series = dict[str, list[tuple[float, float]]]
 """Metric name -> (images seen, value) points in step order."""
-
-
-def read_stats(path: Path) -> list[dict[str, Any]]:
-    """stats.jsonl as dicts; a line that does not parse (the one being written right now) is skipped."""
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 def collect(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> Series:
@@ -148,12 +140,13 @@ table{border-collapse:collapse;font-size:13px}td{padding:2px 10px;border-bottom:
 
 def render(run_dir: Path) -> str:
     """The report page of `run_dir` as one HTML string."""
-    rows = read_stats(run_dir / "stats.jsonl")
+    layout = RunDir(run_dir)
+    rows = read_stats(layout.stats)
     charts = [(title, collect(rows, keys)) for title, keys in CHARTS]
     charts += [(key.removeprefix("eval/"), collect(rows, (key,))) for key in eval_keys(rows)]
     charts = [(title, series) for title, series in charts if series]
-    strip = sample_strip(run_dir / "samples")
-    config = run_dir / "config.yaml"
+    strip = sample_strip(layout.samples)
+    config = layout.config
     last = rows[-1] if rows else {}
     data = {"run_dir": str(run_dir), "x_axis": X_AXIS, "charts": {title: series for title, series in charts}}
     body = [
@@ -185,7 +178,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
 
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: no such run directory")
-    if not (run_dir / "stats.jsonl").is_file() and not (run_dir / "samples").is_dir():
+    if not RunDir(run_dir).stats.is_file() and not RunDir(run_dir).samples.is_dir():
         raise ConfigError(f"{run_dir} has neither stats.jsonl nor samples/: is it a run directory?")
     target = out or run_dir / "report.html"
     target.write_text(render(run_dir))

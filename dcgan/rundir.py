@@ -1,4 +1,6 @@
-"""One job at a time per run directory: rank 0 holds an exclusive lock on RUN_DIR/.lock for the run.
+"""A run directory: its layout (`RunDir`), one job at a time in it, and when to stop requeueing.
+
+Rank 0 holds an exclusive lock on RUN_DIR/.lock for the run.
 
 Two jobs writing one run directory (a double submission, a requeued job racing a manual restart)
 interleave the checkpoints of two runs. The lock is an `flock` held by the process itself, so the
@@ -14,13 +16,57 @@ import fcntl
 import json
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from dcgan.config import ConfigError
+from dcgan.config import Config, ConfigError, save_config
+from dcgan.distributed import DistInfo, any_rank
 from dcgan.errors import NoProgress, RunDirInUse
 
 LOCK_NAME = ".lock"
+ATTEMPTS = "attempts.json"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Where a run keeps what: the one place the run directory's layout is spelled out."""
+
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        """The resolved config of the run (written once its checkpoint, if any, was accepted)."""
+        return self.path / "config.yaml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def stats(self) -> Path:
+        """One JSON line per metric line and eval (see dcgan.tracking)."""
+        return self.path / "stats.jsonl"
+
+    @property
+    def samples(self) -> Path:
+        return self.path / "samples"
+
+    def sample_grid(self, step: int) -> Path:
+        return self.samples / f"step_{step:09d}.png"
+
+    @property
+    def lock(self) -> Path:
+        return self.path / LOCK_NAME
+
+    @property
+    def attempts(self) -> Path:
+        return self.path / ATTEMPTS
+
+    def require_config(self) -> None:
+        """Refuse, in one line, a path that is not a run directory (commands that read a finished run)."""
+        if not self.config.is_file():
+            raise ConfigError(f"{self.path} is not a run directory (no {self.config.name})")
 
 
 def holder_description() -> str:
@@ -49,7 +95,7 @@ class RunDirLock:
     """Exclusive, non-blocking ownership of a run directory for the life of this process (or `release`)."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / LOCK_NAME
+        self.path = RunDir(run_dir).lock
         self._file: IO[str] | None = None
 
     def acquire(self) -> RunDirLock:
@@ -79,7 +125,6 @@ class RunDirLock:
             self._file = None
 
 
-ATTEMPTS = "attempts.json"
 MAX_ATTEMPTS_WITHOUT_PROGRESS = 3
 """Requeued starts in a row that resume from the same step before a job stops requeueing itself."""
 
@@ -92,7 +137,7 @@ def count_attempt(run_dir: Path, resumed_step: int) -> int:
     bound it would requeue itself until the requeue budget or the user's patience runs out."""
     if int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0:
         return 0
-    path = run_dir / ATTEMPTS
+    path = RunDir(run_dir).attempts
     try:
         previous = json.loads(path.read_text()) if path.is_file() else {}
     except ValueError:
@@ -110,5 +155,40 @@ def refuse_without_progress(run_dir: Path, resumed_step: int, attempts: int) -> 
         raise NoProgress(
             f"{attempts - 1} requeued attempts in a row resumed from step {resumed_step} and saved nothing newer "
             "(start-up and resume outlast the job's time slice, or every attempt fails): not training, so that "
-            f"the job is not requeued again; give it more time (--time), fix the failure, or delete {run_dir / ATTEMPTS}"
+            f"the job is not requeued again; give it more time (--time), fix the failure, or delete {RunDir(run_dir).attempts}"
         )
+
+
+# --- a training run's directory, start to end -------------------------------------------------------
+
+
+def own_run_dir(run_dir: Path, info: DistInfo) -> RunDirLock | None:
+    """Rank 0 creates the run directory and takes its lock; every rank learns whether it did (one line
+    each if not)."""
+    lock, refusal = None, None
+    if info.is_main:
+        create_run_dir(run_dir)
+        try:
+            lock = RunDirLock(run_dir).acquire()
+        except RunDirInUse as exc:
+            refusal = exc
+    if any_rank(refusal is not None, info):
+        raise refusal or RunDirInUse(f"run directory {run_dir} is in use by another job (see rank 0's message)")
+    return lock
+
+
+def check_progress(run_dir: Path, resumed_step: int, final_step: int, info: DistInfo) -> None:
+    """Stop a requeued job that keeps resuming from the same step (see count_attempt); all ranks learn
+    rank 0's decision."""
+    attempts = 0
+    if info.is_main and resumed_step < final_step:
+        attempts = count_attempt(run_dir, resumed_step)
+    if any_rank(attempts > MAX_ATTEMPTS_WITHOUT_PROGRESS, info):
+        refuse_without_progress(run_dir, resumed_step, max(attempts, MAX_ATTEMPTS_WITHOUT_PROGRESS + 1))
+
+
+def save_run_config(config: Config, run_dir: Path, info: DistInfo) -> None:
+    """The resolved config, written only after a resume was accepted: a refused checkpoint must leave
+    the run directory describing the run it holds."""
+    if info.is_main:
+        save_config(config, RunDir(run_dir).config)

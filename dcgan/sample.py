@@ -13,15 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torchvision.utils import make_grid, save_image
 
 from dcgan import schema
-from dcgan.checkpoint import read_newest, stored_shapes
+from dcgan.checkpoint import load_in_process, read_newest, stored_shapes
 from dcgan.config import BN_STATS, ConfigError, ModelConfig
 from dcgan.ema import refresh_batchnorm_statistics
 from dcgan.models import Generator
+from dcgan.rundir import RunDir
 
 EXPORT_FORMAT = "dcgan-generator/1"
 WEIGHTS = ("raw", "ema")
@@ -97,38 +96,33 @@ def plain_copy(generator: torch.nn.Module, model: ModelConfig) -> Generator:
 def load_from_run(run_dir: Path, weights: str | None = None) -> LoadedGenerator:
     """The generator of the newest complete checkpoint of a run directory that reads back (an older one,
     with a warning, when the newest is damaged); `weights` as in load_generator_checkpoint."""
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    loaded = read_newest(run_dir / "checkpoints", lambda path: load_generator_checkpoint(path, weights))
+    layout = RunDir(run_dir)
+    layout.require_config()
+    loaded = read_newest(layout.checkpoints, lambda path: load_generator_checkpoint(path, weights))
     if loaded is None:
         raise ConfigError(f"{run_dir} has no complete checkpoint yet")
     return loaded
 
 
-def load_one_process(path: Path, state: dict) -> None:
-    """Fill `state` from the checkpoint at `path` in this process alone (no process group)."""
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
-
-
 def load_generator_checkpoint(checkpoint: Path, weights: str | None = None) -> LoadedGenerator:
     """G, its step and the fixed noise from one DCP checkpoint, read in this process. `weights`: 'ema'
     or 'raw'; None = what the run made its images with (the average when it kept one and sample.ema)."""
-    saved = schema.saved_config(checkpoint, load_one_process)
-    model = model_of(saved)
+    saved = schema.saved_config(checkpoint, load_in_process)
+    model = schema.model_of(saved)
     sample = saved.get("sample", {})
-    has_ema = schema.has_ema(stored_shapes(checkpoint))
+    stored = stored_shapes(checkpoint)
+    has_ema = schema.has_ema(stored)
     if weights is None:
         weights = "ema" if has_ema and sample.get("ema", True) else "raw"
     if weights == "ema" and not has_ema:
         raise ConfigError(f"{checkpoint} holds no averaged generator (trained with train.ema=0): use the raw one")
     generator = Generator(model)
-    reader = dcp.FileSystemReader(str(checkpoint))
-    noise_meta = reader.read_metadata().state_dict_metadata[schema.FIXED_NOISE]
-    assert isinstance(noise_meta, TensorStorageMetadata), "fixed_noise is stored as a tensor"
-    state = schema.generator_part(generator, tuple(noise_meta.size))
+    noise_shape = stored[schema.FIXED_NOISE]
+    assert noise_shape is not None, "fixed_noise is stored as a tensor"
+    state = schema.generator_part(generator, noise_shape)
     if weights == "ema":
         state.update(schema.ema_part(generator))
-    dcp.load(state, storage_reader=reader, no_dist=True)
+    load_in_process(checkpoint, state)
     generator.load_state_dict(state[schema.MODEL]["G"])
     if weights == "ema":
         with torch.no_grad():
@@ -139,14 +133,6 @@ def load_generator_checkpoint(checkpoint: Path, weights: str | None = None) -> L
         generator, model, int(state[schema.PROGRESS]["step"]), state[schema.FIXED_NOISE],
         bn=str(sample.get("bn", "running")), weights=weights,
     )
-
-
-def model_of(saved_config: dict) -> ModelConfig:
-    """The model settings of a checkpoint's own config: config.yaml may describe another model, e.g.
-    after a resume with other settings was refused."""
-    saved = saved_config.get("model", {})
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in saved.items() if k in known})
 
 
 def export_generator(loaded: LoadedGenerator, out: Path) -> None:

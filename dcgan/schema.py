@@ -14,17 +14,27 @@ A checkpoint is one DCP directory (dcgan.checkpoint writes it) holding this tree
     ema.params, ema.updates       the averaged G's parameters and update count   (optional: train.ema > 0)
 
 Training (`dcgan.train.Trainer`) writes and resumes the whole tree; `sample`/`export`/`eval` read the
-generator part (`generator_part`, with `ema_part` for the averaged G); both read the checkpoint's own config through `saved_config`.
+generator part (`generator_part`, with `ema_part` for the averaged G); both read the checkpoint's own
+config through `saved_config`. What a resume tolerates is decided here too: the model must match
+(`check_compatible`), the optional parts are left out of what is read when the checkpoint lacks them
+(`trim_to_stored`), and the optimizers keep this run's hyper-parameters (`keep_configured_hyperparameters`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+
+from dcgan.config import Config, ModelConfig, architecture
+from dcgan.errors import IncompatibleCheckpoint
+
+log = logging.getLogger(__name__)
 
 MODEL, OPTIM, SCALER, PROGRESS, RNG, FIXED_NOISE, META, EMA = (
     "model", "optim", "scaler", "progress", "rng", "fixed_noise", "meta", "ema"
@@ -33,7 +43,10 @@ PARTS = (MODEL, OPTIM, SCALER, PROGRESS, RNG, FIXED_NOISE, META, EMA)
 """The top-level parts, in the order they are written."""
 
 Loader = Callable[[Path, dict[str, Any]], None]
-"""Fills a state tree in place from the checkpoint at a path (Checkpointer.load, or a one-process dcp.load)."""
+"""Fills a state tree in place from the checkpoint at a path (Checkpointer.load, or checkpoint.load_in_process)."""
+
+Stored = dict[str, "tuple[int, ...] | None"]
+"""A checkpoint's flattened keys ('rng.rank0.noise', ...) with their tensors' shapes (checkpoint.stored_shapes)."""
 
 
 def rank_key(rank: int) -> str:
@@ -92,3 +105,86 @@ def saved_config(path: Path, load: Loader) -> dict[str, Any]:
     meta: dict[str, Any] = {META: {"config": ""}}
     load(path, meta)
     return yaml.safe_load(meta[META]["config"]) or {}
+
+
+
+def model_of(saved: dict[str, Any]) -> ModelConfig:
+    """The model settings of a checkpoint's own config (from saved_config): config.yaml may describe
+    another model, e.g. after a resume with other settings was refused."""
+    model = saved.get("model", {})
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in model.items() if k in known})
+
+# --- resuming: what a checkpoint must match, what it may lack ----------------------------------------
+
+
+def check_compatible(saved: dict[str, Any], config: Config, path: Path) -> None:
+    """Refuse, in one line, a checkpoint (its own config `saved`) whose model settings differ from this config's."""
+    stored_model = saved.get("model", {})
+    differing = [
+        f"model.{k}: checkpoint {stored_model.get(k)!r}, config {v!r}"
+        for k, v in architecture(config.model).items() if stored_model.get(k) != v
+    ]
+    if differing:
+        raise IncompatibleCheckpoint(
+            f"checkpoint {path} belongs to another model ({'; '.join(differing)}): "
+            "use a new run.dir or the checkpoint's model settings"
+        )
+
+
+def trim_to_stored(state: dict[str, Any], stored: Stored, rank: int) -> dict[str, Any]:
+    """Leave out of a training tree (about to be read in place) the optional parts this checkpoint does
+    not hold in the same shape, saying what each means for the run; return the tree."""
+    noise = state[RNG][rank_key(rank)]["noise"]
+    # absent when fewer ranks wrote the checkpoint; another shape when a CPU run resumes on a GPU
+    if stored.get(flat_key(RNG, rank_key(rank), "noise")) != tuple(noise.shape):
+        del state[RNG]
+    if stored.get(FIXED_NOISE) != tuple(state[FIXED_NOISE].shape):
+        log.info("sample.num changed since the checkpoint: sample grids from here on use new fixed noise")
+        del state[FIXED_NOISE]
+    if flat_key(PROGRESS, "images_seen") not in stored:  # written before the count existed
+        del state[PROGRESS]["images_seen"]
+    if EMA in state and not has_ema(stored):
+        del state[EMA]
+        log.warning("train.ema > 0 but the checkpoint holds no average of G: it starts from this step's G")
+    elif EMA not in state and has_ema(stored):
+        log.warning("the checkpoint holds an average of G but train.ema=0: it is not kept from here on")
+    if state[SCALER] and not any(key.startswith(SCALER + ".") for key in stored):
+        log.info("the checkpoint has no loss-scaler state (written without fp16 or nonfinite=skip): default scale")
+        state[SCALER] = {}
+    return state
+
+
+def keep_configured_hyperparameters(saved: dict[str, Any], optimizer: torch.optim.Optimizer, name: str) -> None:
+    """Put this run's hyperparameters into a loaded optimizer state before it is applied.
+
+    The checkpoint supplies the state (Adam's moments and step counts); the config supplies lr, betas and
+    the implementation flags: a resume with a new `optim.lr` must use it, and a run resumed on a GPU or
+    with `train.cuda_graph` needs fused/capturable Adam whatever wrote the checkpoint. torch's
+    `load_state_dict` would otherwise restore every value saved in `param_groups`.
+    """
+    for saved_group, live_group in zip(saved["param_groups"], optimizer.param_groups, strict=True):
+        for key in ("lr", "betas"):
+            before, now = _as_tuple(saved_group.get(key)), _as_tuple(live_group[key])
+            if before != now:
+                log.info("optimizer %s: %s %s in the checkpoint, %s in the config: using the config's", name, key, before, now)
+        saved_group.update({k: v for k, v in live_group.items() if k not in ("params", "param_names")})
+
+
+def _as_tuple(value: Any) -> tuple[Any, ...]:
+    """Betas come back from a checkpoint as a list, lr as a float: compare them as tuples."""
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def warn_if_global_batch_changed(saved: dict[str, Any], stored: Stored, global_batch: int, world_size: int) -> None:
+    """A resume on another number of ranks changes the global batch (train.batch_size is per process):
+    say so, since the lr was chosen for the old one. The writers are counted by their per-rank noise state."""
+    writers = sum(1 for key in stored if key.startswith(flat_key(RNG, "rank")) and key.endswith(".noise"))
+    saved_batch = int(saved.get("train", {}).get("batch_size", 0))
+    before, batch_size = saved_batch * writers, global_batch // world_size
+    if writers and before != global_batch:
+        log.warning(
+            "the global batch changed on resume: %d (%d rank(s) x %d) when checkpointed, %d (%d x %d) now; optim.lr "
+            "is not rescaled (for the same global batch: train.batch_size=%d)",
+            before, writers, saved_batch, global_batch, world_size, batch_size, max(before // world_size, 1),
+        )

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import get_total_norm
 
+from dcgan.config import Config
+from dcgan.distributed import Bare, DistInfo, GradientSync, average_gradients, gradient_sync, prepare_module
 from dcgan.losses import discriminator_loss, generator_loss
+from dcgan.models import Discriminator, Generator
 
 STAT_NAMES = ("loss_D", "loss_G", "D_x", "D_G_z_before", "D_G_z_after", "grad_norm_G", "grad_norm_D", "nonfinite")
 """Names of the values in the vector a step returns, in order (one device tensor, summed over steps by
@@ -130,3 +135,55 @@ class GANStep:
                 (~torch.isfinite(losses)).any().float(),
             ]
         )
+
+
+# --- building a step from a config ---------------------------------------------------------------
+
+
+def noise_seed(seed: int, rank: int) -> int:
+    """Per-rank latent noise: ranks must not draw the same z, or the global batch repeats itself."""
+    return seed * 1_000_003 + rank + 1
+
+
+def make_scaler(dtype: torch.dtype, nonfinite: str, device: torch.device) -> torch.amp.GradScaler:
+    """fp16 needs loss scaling. With train.nonfinite=skip the scaler (at scale 1 for other dtypes) is
+    what skips an update whose gradients are not finite; otherwise it is disabled (a no-op)."""
+    if dtype == torch.float16:
+        return torch.amp.GradScaler(device.type)
+    if nonfinite == "skip":
+        return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**31 - 1)
+    return torch.amp.GradScaler(device.type, enabled=False)
+
+
+def build_step(
+    config: Config, info: DistInfo, *, sync: GradientSync | None = None
+) -> tuple[Generator, Discriminator, GANStep]:
+    """Models (wrapped for this rank), optimizers and the GAN step: everything but data and I/O, which
+    is what training and `dcgan bench step` share. `sync` overrides how gradients are averaged
+    (default: what the config's step mode needs)."""
+    torch.manual_seed(config.seed)
+    device = info.device
+    t = config.train
+    sync = sync or gradient_sync(config, info)
+
+    def wrap(module: Bare) -> tuple[nn.Module, Bare]:
+        return prepare_module(
+            module, info, compile=t.compile, channels_last=t.channels_last, sync_bn=config.model.sync_bn,
+            gradient_sync=sync,
+        )
+
+    g, g_bare = wrap(Generator(config.model))
+    d, d_bare = wrap(Discriminator(config.model))
+    betas = (config.optim.beta1, config.optim.beta2)
+    # capturable: Adam keeps its step count on the device, which a CUDA-graph replay requires.
+    adam: dict[str, Any] = {"lr": config.optim.lr, "betas": betas, "fused": device.type == "cuda", "capturable": t.cuda_graph}
+    opt_g = torch.optim.Adam(g_bare.parameters(), **adam)
+    opt_d = torch.optim.Adam(d_bare.parameters(), **adam)
+    dtype = resolve_precision(t.precision, device)
+    step_fn = GANStep(
+        g=g, d=d, d_bare=d_bare, opt_g=opt_g, opt_d=opt_d, scaler=make_scaler(dtype, t.nonfinite, device),
+        dtype=dtype, nz=config.model.nz, noise=torch.Generator(device=device).manual_seed(noise_seed(config.seed, info.rank)),
+        channels_last=t.channels_last and device.type == "cuda",
+        average_gradients=partial(average_gradients, info=info) if sync == "explicit" else None,
+    )
+    return g_bare, d_bare, step_fn

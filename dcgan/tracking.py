@@ -13,6 +13,9 @@ import math
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -20,6 +23,9 @@ import numpy as np
 import torch
 
 from dcgan.config import Config, ConfigError, LogConfig, config_to_dict, load_config
+from dcgan.distributed import DistInfo, all_mean
+from dcgan.rundir import RunDir
+from dcgan.step import STAT_NAMES
 from dcgan.wandb_files import uploadable_segments
 
 log = logging.getLogger(__name__)
@@ -71,12 +77,13 @@ class RunTracker(Tracker):
     def __init__(self, run_dir: Path, config: Config, wandb_id: str, start_step: int = 0) -> None:
         self.run_id = wandb_id
         self.run_dir = run_dir
-        dropped = rewind_stats(run_dir / "stats.jsonl", start_step)
+        stats = RunDir(run_dir).stats
+        dropped = rewind_stats(stats, start_step)
         if dropped:
             log.info("dropped %d stats.jsonl line(s) logged after step %d, the step this run resumes from", dropped, start_step)
             if config.log.wandb != "disabled":
                 log.warning("wandb keeps the values it first received for steps after %d (it ignores steps that go back)", start_step)
-        self._stats: TextIO = (run_dir / "stats.jsonl").open("a")
+        self._stats: TextIO = stats.open("a")
         self._wandb_from = 0
         if config.log.wandb == "offline":
             earlier = uploadable_segments(run_dir)  # what `dcgan sync` will upload
@@ -88,15 +95,14 @@ class RunTracker(Tracker):
                 )
         self._wandb: Any = _start_wandb(run_dir, config, wandb_id) if config.log.wandb != "disabled" else None
         if config.log.wandb == "offline":
-            self._replay_unlogged(run_dir / "stats.jsonl", start_step)
+            self._replay_unlogged(stats, start_step)
 
     def _replay_unlogged(self, stats: Path, start_step: int) -> None:
         """A killed job loses the wandb records its service had not yet written: metrics of steps up to
         the resumed one that no earlier segment holds are logged again from stats.jsonl (images and
         histograms of those steps are lost), so that the segments together still hold every step."""
         replayed = 0
-        for line in stats.read_text().splitlines():
-            row = json.loads(line)
+        for row in read_stats(stats):
             if self._wandb_from <= row["step"] <= start_step:
                 self._wandb.log({k: v for k, v in row.items() if k not in ("step", "time")}, step=row["step"])
                 replayed += 1
@@ -181,37 +187,45 @@ def sync_command(run_dir: Path) -> list[str]:
     ids = {segment.run_id for segment in found}
     if len(ids) != 1:
         raise ConfigError(f"{run_dir}: the offline segments belong to {len(ids)} wandb runs ({', '.join(sorted(ids))})")
-    log_config = load_config(run_dir / "config.yaml").log
+    log_config = load_config(RunDir(run_dir).config).log
     command = [sys.executable, "-m", "wandb", "sync", "--id", ids.pop(), "--project", log_config.project]
     if log_config.entity:
         command += ["--entity", log_config.entity]
     return command + [str(segment.path) for segment in found]
 
 
+def read_stats(path: Path) -> list[dict[str, Any]]:
+    """stats.jsonl as dicts, one per line; a line that does not parse (torn by a kill, or being written
+    right now by a running job) is skipped. The one reader of the file."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
 def rewind_stats(path: Path, step: int) -> int:
-    """Drop the stats.jsonl lines of steps after `step`; return how many were dropped.
+    """Drop the stats.jsonl lines of steps after `step` (and lines torn by a kill); return how many
+    lines were dropped.
 
     A run killed between two checkpoints resumes from the older one and logs those steps again; keeping
-    one line per step keeps the file a single history (what plots and `jq` users expect). A line torn
-    by the kill (not valid JSON) goes too. The file is replaced atomically.
+    one line per step keeps the file a single history (what plots and `jq` users expect). The file is
+    replaced atomically; kept lines are written back as they were logged (json.dumps of the same dict).
     """
     if not path.is_file():
         return 0
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if _logged_step(line) <= step]
-    if len(kept) == len(lines):
+    lines = len(path.read_text().splitlines())
+    kept = [row for row in read_stats(path) if row["step"] <= step]
+    if len(kept) == lines:
         return 0
     partial = path.with_name(path.name + ".tmp")
-    partial.write_text("".join(kept))
+    partial.write_text("".join(json.dumps(row) + "\n" for row in kept))
     partial.replace(path)
-    return len(lines) - len(kept)
-
-
-def _logged_step(line: str) -> float:
-    try:
-        return float(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return math.inf
+    return lines - len(kept)
 
 
 def _duration(seconds: float) -> str:
@@ -304,3 +318,77 @@ class GanHealth:
 def sample_diversity(images: torch.Tensor) -> float:
     """Mean per-pixel standard deviation across a batch of samples (0 = all samples identical)."""
     return float(images.float().std(dim=0).mean())
+
+
+@dataclass
+class Elapsed:
+    """Seconds a block took, filled in when it ends."""
+
+    seconds: float = 0.0
+
+
+@dataclass
+class Window:
+    """Statistics accumulated on the device between two metric lines (read once per window).
+
+    Rates count training time only: work between steps that is not training (evaluation, sample grids,
+    checkpoint saves) runs inside `outside_training()` and is subtracted, so that a window with an eval
+    reports the training rate (it read ~45 img/s instead of ~2800 when eval time counted)."""
+
+    device: torch.device
+    sums: torch.Tensor = field(init=False)
+    steps: int = 0
+    data_wait_s: float = 0.0
+    excluded_s: float = 0.0
+    clock: Callable[[], float] = time.perf_counter
+    started: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sums = torch.zeros(len(STAT_NAMES), device=self.device)
+        self.started = self.clock()
+
+    def add(self, stats: torch.Tensor, data_wait_s: float) -> None:
+        self.sums += stats
+        self.steps += 1
+        self.data_wait_s += data_wait_s
+
+    @contextmanager
+    def outside_training(self) -> Iterator[Elapsed]:
+        """Time spent in this block is not training time; the block's seconds are in what it yields."""
+        elapsed, began = Elapsed(), self.clock()
+        try:
+            yield elapsed
+        finally:
+            elapsed.seconds = self.clock() - began
+            self.excluded_s += elapsed.seconds
+
+    def training_s(self) -> float:
+        """Seconds of this window spent training (steps and waiting for their data)."""
+        return max(self.clock() - self.started - self.excluded_s, 1e-9)
+
+    def metrics(self, info: DistInfo, *, global_batch: int, images_seen: int, skipped_samples: int) -> dict[str, float]:
+        """The window's metric line: means over its steps and over ranks, rates from wall time. One
+        device->host read (and one all-reduce with several ranks)."""
+        elapsed = self.training_s()
+        local = torch.cat(
+            [
+                self.sums / max(self.steps, 1),
+                torch.tensor([self.data_wait_s / elapsed, float(skipped_samples)], device=self.sums.device),
+            ]
+        )
+        values = all_mean(local, info).tolist()
+        metrics = dict(zip(STAT_NAMES, values[: len(STAT_NAMES)], strict=True))
+        metrics.pop("nonfinite")
+        img_per_s = self.steps * global_batch / elapsed
+        metrics.update(
+            images_seen=images_seen,
+            img_per_s=img_per_s,
+            img_per_s_per_gpu=img_per_s / info.world_size,
+            step_time_ms=1000 * elapsed / max(self.steps, 1),
+            data_wait_share=values[len(STAT_NAMES)],
+            skipped_samples=values[len(STAT_NAMES) + 1] * info.world_size,
+            global_batch=global_batch,
+        )
+        if info.device.type == "cuda":
+            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30
+        return metrics

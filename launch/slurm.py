@@ -48,7 +48,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     overrides: list[str] = field(default_factory=list)
 
     def __call__(self) -> int:
-        from dcgan.preemption import EXIT_REQUEUE, EXIT_TERMINATED
+        from dcgan.errors import EXIT_REQUEUE, EXIT_TERMINATED
         from dcgan.train import train
 
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

@@ -55,7 +55,7 @@ def worker(batch: int, steps: int, grad_repeats: int) -> None:
     from dcgan.bench import synthetic_batch
     from dcgan.config import load_config
     from dcgan.distributed import destroy_distributed, init_distributed
-    from dcgan.train import build_step
+    from dcgan.step import build_step
 
     torch.set_num_threads(1)
     config = load_config(ROOT / "configs" / "celeba64.yaml", [

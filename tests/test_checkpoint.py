@@ -14,7 +14,8 @@ from PIL import Image
 from dcgan.checkpoint import list_checkpoints
 from dcgan.preemption import EXIT_TERMINATED
 from dcgan.sample import generate, load_export, save_grid
-from dcgan.train import EXIT_OK, STOP_CHECK_EVERY, build_trainer, train
+from dcgan.preemption import STOP_CHECK_EVERY
+from dcgan.train import EXIT_OK, build_trainer, train
 
 from conftest import run_cli, tiny_config
 from distributed_helpers import assert_states_equal, load_checkpoint_tensors, torchrun, torchrun_until

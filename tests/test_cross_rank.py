@@ -11,7 +11,7 @@ from torch import nn
 
 from dcgan.batchnorm import CrossRankBatchNorm2d, convert_to_cross_rank
 from dcgan.distributed import DistInfo, destroy_distributed, init_distributed
-from dcgan.train import build_step
+from dcgan.step import build_step
 
 from conftest import run_cli, tiny_config
 from distributed_helpers import flatten, load_checkpoint_tensors, spawn_ranks

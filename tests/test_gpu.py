@@ -17,7 +17,7 @@ from dcgan.distributed import DistInfo, destroy_distributed, init_distributed, p
 from dcgan.graphs import GraphedStep, make_runner
 from dcgan.models import Discriminator
 from dcgan.step import STAT_NAMES
-from dcgan.train import build_step
+from dcgan.step import build_step
 
 from conftest import TINY, run_cli
 from distributed_helpers import spawn_ranks

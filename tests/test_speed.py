@@ -12,9 +12,11 @@ from dcgan.bench import end_to_end_share, synthetic_batch
 from dcgan.config import ConfigError, load_config
 from dcgan.distributed import DistInfo
 from dcgan.errors import LaunchError
-from dcgan.graphs import gradient_sync, make_runner, unsupported_reason
+from dcgan.distributed import gradient_sync
+from dcgan.graphs import make_runner, unsupported_reason
 from dcgan.step import STAT_NAMES
-from dcgan.train import build_step, build_trainer
+from dcgan.step import build_step
+from dcgan.train import build_trainer
 
 from conftest import TINY, run_cli
 from helpers import CPU

@@ -13,7 +13,7 @@ from PIL import Image
 
 from dcgan.preemption import StopSignal
 from dcgan.tracking import GanHealth, Tracker, sample_diversity
-from dcgan.train import EXIT_NONFINITE, build_trainer, prepare_run_dir, run_loop
+from dcgan.train import EXIT_NONFINITE, build_trainer, run_loop
 
 from conftest import run_cli, tiny_config
 from distributed_helpers import load_checkpoint_tensors, torchrun
@@ -110,7 +110,7 @@ class PoisonAt:
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     run = tmp_path / "run"
     trainer = build_trainer(tiny_config(run, "train.steps=30", "checkpoint.every=5", "log.every=10"), CPU)
-    prepare_run_dir(trainer)
+    trainer.checkpointer.prepare()
     trainer.runner = PoisonAt(trainer.runner, trainer, at=7)
     with caplog.at_level(logging.ERROR):
         status = run_loop(trainer, Tracker(), StopSignal())
@@ -142,7 +142,7 @@ def test_gan_health_warns_once_when_d_wins_and_when_samples_collapse(caplog: pyt
 
 def test_skip_mode_skips_non_finite_updates_and_finishes(tmp_path: Path) -> None:
     trainer = build_trainer(tiny_config(tmp_path / "run", "train.steps=6", "train.nonfinite=skip", "checkpoint.every=100"), CPU)
-    prepare_run_dir(trainer)
+    trainer.checkpointer.prepare()
     trainer.runner = PoisonAt(trainer.runner, trainer, at=4)
     g_before = {k: v.clone() for k, v in trainer.g_bare.state_dict().items()}
     assert run_loop(trainer, Tracker(), StopSignal()) == 0

@@ -12,7 +12,9 @@ from PIL import Image
 from dcgan.quality import DigitsScorer
 from dcgan.sample import generate
 from dcgan.step import STAT_NAMES
-from dcgan.train import EXIT_OK, Window, build_trainer, train, warn_if_global_batch_changed
+from dcgan.schema import warn_if_global_batch_changed
+from dcgan.tracking import Window
+from dcgan.train import EXIT_OK, build_trainer, train
 
 from conftest import DIGITS_MODEL, run_cli, tiny_config
 from helpers import CPU, read_stats
@@ -146,16 +148,16 @@ def test_a_window_counts_training_time_only() -> None:
 def test_a_resume_on_another_number_of_ranks_warns_that_the_global_batch_changed(caplog: pytest.LogCaptureFixture) -> None:
     stored = {"rng.rank0.noise": (5056,), "rng.rank1.noise": (5056,), "model.G.x": (3,)}  # written by 2 ranks
     saved = {"train": {"batch_size": 128}}
-    warn_if_global_batch_changed(saved, stored, batch_size=128, world_size=2)
+    warn_if_global_batch_changed(saved, stored, global_batch=256, world_size=2)
     assert not caplog.records
-    warn_if_global_batch_changed(saved, stored, batch_size=128, world_size=1)
+    warn_if_global_batch_changed(saved, stored, global_batch=128, world_size=1)
     [record] = caplog.records
     assert "256 (2 rank(s) x 128) when checkpointed, 128 (1 x 128) now" in record.getMessage()
     assert "train.batch_size=256" in record.getMessage()
 
 
 def test_lr_advice_follows_the_readmes_one_rule() -> None:
-    from dcgan.train import lr_advice
+    from dcgan.plan import lr_advice
 
     assert lr_advice(2e-4, 128) is None
     assert "suggests 0.00057" in lr_advice(2e-4, 1024) and "optim.lr 0.0002" in lr_advice(2e-4, 1024)
