@@ -19,7 +19,8 @@ costs nothing that float32 would notice. The payload is 3 x C doubles per layer,
 
 Running statistics are updated in place under `no_grad` from detached values, outside the path that
 autograd (or a compiled backward) differentiates: a compiled function that clones a buffer and then
-updates it in place produced silently wrong gradients in torch 2.15.
+updates it in place was seen to produce silently wrong gradients, and an update kept outside that path
+cannot change them, whatever the torch release.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ DESCRIPTION = """Train DCGANs (Radford et al. 2015) on a laptop CPU or on many G
   dcgan sync RUN_DIR                        upload the run's offline wandb segments as one wandb run
   dcgan report RUN_DIR                      one HTML page: curves, eval metrics, sample grids over time
 
-First run (2 minutes on a laptop): dcgan train configs/digits.yaml run.dir=runs/digits
+First run (CPU, about 6 minutes on 2 cores): dcgan train configs/digits.yaml run.dir=runs/digits
 A run resumes from its newest checkpoint when started again with the same run.dir.
 `dcgan COMMAND --help` shows each command's options and their defaults.
 """
@@ -50,26 +50,47 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose subcommands, too, use HelpFormatter (subparsers take the parent's class)."""
+    """An ArgumentParser whose subcommands, too, use HelpFormatter (subparsers take the parent's class).
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    `intermixed=True` (for a command that takes key=value overrides) parses as `parse_intermixed_args`
+    does, so that overrides may also follow an option: `dcgan train CONFIG --dry-run train.steps=5`.
+    A subcommand's parser is called through `parse_known_args`, so that is where intermixing is switched
+    on; a request for help is parsed the plain way, which prints each positional's default."""
+
+    def __init__(self, *args: Any, intermixed: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        self.intermixed = intermixed
+        self._intermixing = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        words = list(sys.argv[1:] if args is None else args)
+        asks_help = any(word in ("-h", "--help") for word in words[: words.index("--") if "--" in words else None])
+        if not self.intermixed or self._intermixing or asks_help:
+            return super().parse_known_args(words, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls parse_known_args (Python < 3.12)
+        try:
+            return self.parse_known_intermixed_args(words, namespace)
+        finally:
+            self._intermixing = False
 
 
 def _train(args: argparse.Namespace) -> int:
     import os
 
     from dcgan.config import load_config
+    from dcgan.data import check_source
     from dcgan.train import train
 
     config = load_config(args.config, args.overrides)
+    world_size = int(os.environ.get("WORLD_SIZE") or 1)
     if args.dry_run:
         from dcgan.plan import describe
 
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
-            print(describe(config, int(os.environ.get("WORLD_SIZE") or 1)))
+            print(describe(config, world_size))
         return 0
+    check_source(config, world_size)  # a batch the data cannot fill: one line, before the run directory exists
     return train(config)
 
 
@@ -261,7 +282,7 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     data.set_defaults(func=_bench_data)
 
     step = bench.add_parser(
-        "step",
+        "step", intermixed=True,
         help="img/s of the training step vs the pytorch/examples reference step (same process, same batch)",
         description="Times the pytorch/examples dcgan step (fp32, eager, NCHW, Sigmoid+BCELoss) and this "
         "project's configured step on one synthetic batch already on the device, and prints the ratio.",
@@ -308,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
-        "train",
+        "train", intermixed=True,
         help="train a DCGAN (resumes automatically from the run directory's newest checkpoint)",
         description="Train a DCGAN. Under torchrun or SLURM every process runs this same command.",
         epilog=keys_help(),
@@ -404,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.set_defaults(func=_probe)
 
     comp = commands.add_parser(
-        "compare", help="train two settings over several seeds; mean, spread, 95%% intervals and a paired verdict",
+        "compare", intermixed=True, help="train two settings over several seeds; mean, spread, 95%% intervals and a paired verdict",
         description="Trains CONFIG with the overrides of --a and of --b at each seed (seed s of both starts from the same "
         "weights, noise and data order), scores each run's generator, and prints per setting the mean, standard "
         "deviation and 95% t-interval, then the paired difference B - A with its interval. Runs live in --out, one "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ from typing import Any
 
 from dcgan.config import LOWER_IS_BETTER, Config, ConfigError, config_to_dict, load_config, metric_keys, replace
 from dcgan.distributed import DistInfo
+from dcgan.errors import DcganError
 from dcgan.spread import Spread
 
 GENERATION_ONLY = (("sample", "bn"), ("sample", "ema"))
@@ -64,6 +66,20 @@ def finished(config: Config) -> bool:
     return bool(done) and done[-1][0] >= config.train.steps
 
 
+class TrainingFailed(DcganError):
+    """A training run of the comparison ended in failure: the line names the setting, the seed, the
+    run's exit status and its cause. The settings themselves were valid (they are checked first)."""
+
+
+def failure_cause(stderr: str) -> str:
+    """The line that says why a `dcgan train` child failed: its `dcgan: error:` line, else its last
+    logged error (e.g. a non-finite loss), else its last line (a traceback's exception)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line.removeprefix("dcgan: error: ") for line in lines if line.startswith("dcgan: error: ")]
+    logged = [m.group(1) for line in lines if (m := re.match(r"\d\d:\d\d:\d\d (?:\[rank \d+\] )?(?:ERROR|CRITICAL) \S+: (.*)", line))]
+    return (errors or logged or lines or ["no output on stderr"])[-1]
+
+
 def train_point(config_path: str, common: list[str], setting: Setting, config: Config) -> None:
     """Train (or resume) one run in a child process, as `dcgan train` would; a finished run is reused."""
     if finished(config):
@@ -71,8 +87,12 @@ def train_point(config_path: str, common: list[str], setting: Setting, config: C
     command = [sys.executable, "-m", "dcgan", "train", config_path, *common, *setting.overrides, f"seed={config.seed}", f"run.dir={config.run.dir}"]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        tail = "\n".join(result.stderr.strip().splitlines()[-5:])
-        raise ConfigError(f"training {config.run.dir} failed with status {result.returncode}:\n{tail}")
+        status = f"killed by signal {-result.returncode}" if result.returncode < 0 else f"exit status {result.returncode}"
+        log = Path(config.run.dir) / "train.log"
+        where = f"; log: {log}" if log.is_file() else ""
+        raise TrainingFailed(
+            f"seed {config.seed} {setting.name}: training {config.run.dir} failed ({status}): {failure_cause(result.stderr)}{where}"
+        )
 
 
 def default_metric(config: Config) -> str:

@@ -64,7 +64,8 @@ class TrainConfig:
     compile: bool = _field(False, "torch.compile the bare G and D before DDP wraps them")
     channels_last: bool = _field(True, "channels-last memory format on CUDA (ignored on CPU)")
     cuda_graph: bool = _field(
-        False, "replay the whole step as a CUDA graph after 3 eager steps (one CUDA process; bf16/fp32, nonfinite=stop)"
+        False, "replay the whole step as a CUDA graph after 3 eager steps (CUDA; bf16/fp32, nonfinite=stop; with several "
+        "ranks the step all-reduces its gradients itself, one flat all-reduce per model, instead of DDP)"
     )
     device: Literal["auto", "cpu", "cuda"] = _field("auto", "auto = cuda when available, else cpu")
     nonfinite: Literal["stop", "skip"] = _field(

@@ -40,9 +40,11 @@ log = logging.getLogger(__name__)
 class DistInfo:
     """Who this process is, plus two gloo groups for host-side traffic.
 
-    `flag_group` carries the per-step stop-flag agreement from the training thread; `checkpoint_group`
-    is used only by checkpoint saves, which may run in a background thread: collectives of two threads
-    must never share a group, or their order differs between ranks and they deadlock.
+    `flag_group` carries the main thread's host-side collectives: the `any_rank` agreements (stop flag,
+    non-finite loss, ...) and evaluation's gathers of features (`dcgan.evaluate`); on gloo it is the
+    default group itself. `checkpoint_group` is used only by checkpoint saves, which may run in a
+    background thread: collectives of two threads must never share a group, or their order differs
+    between ranks and they deadlock.
     """
 
     rank: int
@@ -386,8 +388,9 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
 def sync_buffers(module: nn.Module, info: DistInfo) -> None:
     """Copy rank 0's buffers (BatchNorm running stats) to every rank.
 
-    DDP does this at the start of every forward anyway; doing it before a checkpoint or a sample grid
-    makes the saved replicas identical without changing what training computes next.
+    DDP does this before every forward only with per-rank BatchNorm (model.sync_bn=false), and not at
+    all in CUDA-graph mode (no DDP); doing it before a checkpoint or a sample grid makes the saved
+    replicas identical without changing what training computes next.
     """
     _broadcast_from_rank0(list(module.buffers()), info)
 

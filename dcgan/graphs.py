@@ -16,9 +16,11 @@ order (NCCL >= 2.9.6). Replicas start equal by a broadcast of rank 0's weights. 
 is invisible to the NCCL watchdog: a rank that dies during a replay stalls the others until the job's
 time limit or `dist.timeout_s` of the next host-side collective (the stop agreement, every 10 steps).
 
-Where it does not apply (refused with one line, see `unsupported_reason`):
-- fp16 and `train.nonfinite=skip`: both need GradScaler, whose skip/backoff decision is not captured here;
-- CPU: CUDA graphs are a CUDA feature.
+Where it does not apply (refused with one line):
+- fp16 and `train.nonfinite=skip`: both need GradScaler, whose skip/backoff decision is not captured
+  here; refused by config validation (`dcgan.config.validate`), as is `train.device=cpu`;
+- a process that runs on the CPU all the same (`train.device=auto` without a GPU): CUDA graphs are a
+  CUDA feature; refused when the step is built (`unsupported_reason`).
 """
 
 from __future__ import annotations

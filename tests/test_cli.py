@@ -17,7 +17,8 @@ from dcgan.cli import build_parser
 from dcgan.config import load_config
 from launch.slurm import build_parser as slurm_parser
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, TINY, run_cli
+from helpers import run_in_process
 
 
 def every_parser(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
@@ -133,3 +134,51 @@ def test_every_readme_command_parses_and_its_config_loads() -> None:
             pytest.fail(f"README: `{program} {shlex.join(argv)}` does not parse")
         if getattr(args, "config", None) and getattr(args, "command", "train") == "train" and hasattr(args, "overrides"):
             load_config(args.config, args.overrides)
+
+
+def test_a_batch_larger_than_the_digits_is_one_line_before_the_run_directory_exists(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = run_in_process("train", str(ROOT / "configs" / "digits.yaml"), "train.batch_size=4000", f"run.dir={run}", check=False)
+    assert (result.returncode, result.stderr) == (
+        2, "dcgan: error: train.batch_size: 4000 images per rank, but the built-in digits hold 1797: "
+        "use a smaller train.batch_size, or shards of a larger data set\n",
+    )
+    assert not run.exists()
+
+
+def test_a_batch_larger_than_the_shards_is_the_same_line_before_the_run_directory_exists(digits_shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = run_in_process("train", str(TINY), f"data.shards={digits_shards}", "train.batch_size=4000", f"run.dir={run}", check=False)
+    assert not run.exists()
+    assert (result.returncode, result.stderr) == (
+        2, "dcgan: error: train.batch_size: 4000 images per rank, but the shards hold 1797 per rank per epoch: "
+        "use a smaller train.batch_size\n",
+    )
+
+
+def test_overrides_may_follow_an_option(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    printed = run_in_process("train", str(TINY), "--dry-run", "train.steps=5", f"run.dir={run}").stdout
+    assert "  steps: 5\n" in printed and f"run.dir: {run} (starts fresh)" in printed and not run.exists()
+    args = build_parser().parse_args(["bench", "step", "configs/celeba64.yaml", "--batch-sizes", "128", "train.compile=true"])
+    assert (args.config, args.batch_sizes, args.overrides) == ("configs/celeba64.yaml", "128", ["train.compile=true"])
+    # the override after the options reaches the config (an invalid value: refused before any benchmark runs)
+    bench = run_in_process("bench", "step", str(TINY), "--batch-sizes", "8", "--iters", "1", "train.precision=fp17", check=False)
+    assert (bench.returncode, bench.stderr) == (2, "dcgan: error: train.precision: expected auto | fp32 | bf16 | fp16, got 'fp17'\n")
+    args = build_parser().parse_args(["compare", str(TINY), "--b", "train.ema=0.9", "train.steps=5", "--seeds", "1", "seed=3"])
+    assert (args.b, args.seeds, args.overrides) == ("train.ema=0.9", 1, ["train.steps=5", "seed=3"])
+
+
+def test_compare_reports_a_failed_training_as_that_arm_and_seeds_failure(tmp_path: Path) -> None:
+    """A valid setting whose training fails at run time (a learning rate that makes the loss non-finite)."""
+    out = tmp_path / "compare"
+    result = run_in_process(
+        "compare", str(TINY), "train.steps=5", "--a", "optim.lr=1e38", "--b", "", "--seeds", "1", "--out", str(out), check=False,
+    )
+    lines = result.stderr.splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    run = next(out.glob("seed0-*"))
+    assert lines[0] == (
+        f"dcgan: error: seed 0 A: training {run} failed (exit status 3): non-finite loss at or before step 5: stopping; "
+        f"the last complete checkpoint (step -1) is kept; log: {run / 'train.log'}"
+    )

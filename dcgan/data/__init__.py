@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from dcgan.config import Config
 from dcgan.data.base import BatchSource
 from dcgan.distributed import DistInfo
@@ -18,3 +20,10 @@ def build_source(config: Config, info: DistInfo) -> BatchSource:
     from dcgan.data.stream import ShardSource
 
     return ShardSource(config, info)
+
+
+def check_source(config: Config, world_size: int) -> None:
+    """Build and close rank 0's source of a run of `world_size` ranks: what a source refuses (a batch
+    larger than a rank's share of the data, shards that are missing or do not match the model) is
+    refused in one line before the run creates or locks anything; no worker process is started."""
+    build_source(config, DistInfo(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"))).close()

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dcgan.data.base import EpochStream
+from dcgan.data.base import EpochStream, check_batch_fits
 from dcgan.errors import LaunchError
 
 
@@ -42,11 +42,10 @@ class DigitsSource(EpochStream):
     def __init__(self, resolution: int, batch_size: int, seed: int, rank: int, world_size: int) -> None:
         self.images = digits_images(resolution)
         per_rank = len(self.images) // world_size
-        if per_rank < batch_size:
-            raise ValueError(
-                f"train.batch_size: {batch_size} is more than the {per_rank} built-in digits each of "
-                f"{world_size} rank(s) holds; use a smaller batch or shards"
-            )
+        holds = f"the built-in digits hold {per_rank}" if world_size == 1 else (
+            f"each of {world_size} ranks holds {per_rank} of the {len(self.images)} built-in digits"
+        )
+        check_batch_fits(batch_size, per_rank, holds, "use a smaller train.batch_size, or shards of a larger data set")
         self.seed, self.rank, self.world_size, self.batch_size = seed, rank, world_size, batch_size
         super().__init__(self._epoch, per_rank // batch_size)
 

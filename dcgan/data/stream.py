@@ -34,7 +34,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dcgan.config import Config, ConfigError
-from dcgan.data.base import EpochStream
+from dcgan.data.base import EpochStream, check_batch_fits
 from dcgan.data.formats import MANIFEST, CorruptSample, Manifest, decode_block, decode_image, verify_checksum
 from dcgan.distributed import DistInfo
 from dcgan.errors import ShardError
@@ -373,10 +373,9 @@ def epoch_batches(plan: StreamPlan, epoch_samples: int) -> int:
         samples = sum(plan.counts) // plan.world_size
     else:
         raise ConfigError("data.epoch_samples: must be > 0 when the shards have no manifest (URLs or patterns)")
-    batches = samples // plan.batch_size
-    if batches < 1:
-        raise ConfigError(f"train.batch_size: {plan.batch_size} is more than the {samples} samples per rank per epoch")
-    return batches
+    holds = "data.epoch_samples gives" if epoch_samples else "the shards hold"
+    check_batch_fits(plan.batch_size, samples, f"{holds} {samples} per rank per epoch")
+    return samples // plan.batch_size
 
 
 def plan_exact_counts(plan: StreamPlan) -> list[int]:
@@ -388,10 +387,8 @@ def plan_exact_counts(plan: StreamPlan) -> list[int]:
     lanes = plan.world_size * plan.workers
     per_lane = len(plan.urls) // lanes
     smallest = sorted(plan.counts)[:per_lane]
-    batches = sum(smallest) // plan.batch_size
-    if batches < 1:
-        raise ConfigError(f"train.batch_size: {plan.batch_size} is more than one worker's share of the shards ({sum(smallest)} samples)")
-    return [batches]
+    check_batch_fits(plan.batch_size, sum(smallest), f"one worker's share of the shards holds {sum(smallest)} (data.resampled=false)")
+    return [sum(smallest) // plan.batch_size]
 
 
 def read_images(spec: str, resolution: int, channels: int, positions: set[int] | None = None) -> dict[int, np.ndarray]:
