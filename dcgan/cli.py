@@ -79,7 +79,6 @@ def _train(args: argparse.Namespace) -> int:
     import os
 
     from dcgan.config import load_config
-    from dcgan.data import check_source
     from dcgan.train import train
 
     config = load_config(args.config, args.overrides)
@@ -90,7 +89,6 @@ def _train(args: argparse.Namespace) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
             print(describe(config, world_size))
         return 0
-    check_source(config, world_size)  # a batch the data cannot fill: one line, before the run directory exists
     return train(config)
 
 

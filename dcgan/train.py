@@ -173,8 +173,9 @@ class Trainer:
         self.checkpointer.save(self.step, self.state_dict(), blocking=blocking, best=best)
 
 
-def build_trainer(config: Config, info: DistInfo) -> Trainer:
-    """Models, optimizers, data, checkpointer for this rank; nothing is trained or loaded yet."""
+def build_trainer(config: Config, info: DistInfo, data: BatchSource | None = None) -> Trainer:
+    """Models, optimizers, data (`data`, or the config's), checkpointer for this rank; nothing is
+    trained or loaded yet."""
     g_bare, d_bare, step_fn = build_step(config, info)
     fixed = torch.randn(config.sample.num, config.model.nz, generator=torch.Generator().manual_seed(config.seed))
     run_dir = Path(config.run.dir)
@@ -186,7 +187,7 @@ def build_trainer(config: Config, info: DistInfo) -> Trainer:
         d_bare=d_bare,
         step_fn=step_fn,
         runner=make_runner(step_fn, config, info),
-        data=build_source(config, info),
+        data=data or build_source(config, info),
         fixed_noise=fixed.to(info.device),
         checkpointer=Checkpointer(RunDir(run_dir).checkpoints, config.checkpoint, info),
         run_id=new_run_id(),
@@ -271,10 +272,9 @@ def stop_while_waiting(trainer: Trainer, stop: StopSignal) -> int:
 def stop_nonfinite(trainer: Trainer) -> int:
     """A non-finite loss: nothing of this step is recorded; the last complete checkpoint stays."""
     trainer.checkpointer.wait()
-    log.error(
-        "non-finite loss at or before step %d: stopping; the last complete checkpoint (step %d) is kept",
-        trainer.step, trainer.checkpointer.complete_step,
-    )
+    complete = trainer.checkpointer.complete_step
+    kept = f"the last complete checkpoint (step {complete}) is kept" if complete >= 0 else "no checkpoint was completed"
+    log.error("non-finite loss at or before step %d: stopping; %s", trainer.step, kept)
     return EXIT_NONFINITE
 
 
@@ -402,13 +402,16 @@ def train(config: Config) -> int:
     run_dir = Path(config.run.dir)
     tracker: Tracker = Tracker()
     stop = StopSignal().install()
+    data: BatchSource | None = None
     trainer: Trainer | None = None
     lock: RunDirLock | None = None
     failure: BaseException | None = None
     try:
+        setup_logging(None, info.rank)
+        data = build_source(config, info)  # what the data refuses (too large a batch, missing shards): before run.dir exists
         lock = own_run_dir(run_dir, info)
         setup_logging(run_dir, info.rank)
-        trainer = build_trainer(config, info)
+        trainer = build_trainer(config, info, data)
         trainer.checkpointer.prepare()
         resume(trainer)
         check_progress(run_dir, trainer.step, config.train.steps, info)
@@ -426,7 +429,8 @@ def train(config: Config) -> int:
     finally:
         if trainer is not None:
             trainer.checkpointer.close()
-            trainer.data.close()
+        if data is not None:
+            data.close()
         tracker.close()
         stop.uninstall()
         if lock is not None:

@@ -366,7 +366,7 @@ def dry_run(config: str, overrides: list[str], res: Resources, folder: Path | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may follow an option
     res = Resources(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
         cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, partition=args.partition, time_min=args.time,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import shutil
 import re
@@ -16,6 +18,7 @@ from PIL import Image
 from dcgan.cli import build_parser
 from dcgan.config import load_config
 from launch.slurm import build_parser as slurm_parser
+from launch.slurm import main as slurm_main
 
 from conftest import ROOT, TINY, run_cli
 from helpers import run_in_process
@@ -167,6 +170,9 @@ def test_overrides_may_follow_an_option(tmp_path: Path) -> None:
     assert (bench.returncode, bench.stderr) == (2, "dcgan: error: train.precision: expected auto | fp32 | bf16 | fp16, got 'fp17'\n")
     args = build_parser().parse_args(["compare", str(TINY), "--b", "train.ema=0.9", "train.steps=5", "--seeds", "1", "seed=3"])
     assert (args.b, args.seeds, args.overrides) == ("train.ema=0.9", 1, ["train.steps=5", "seed=3"])
+    with contextlib.redirect_stdout(io.StringIO()) as slurm_out:  # launch.slurm parses the same way
+        assert slurm_main([str(TINY), "--nodes", "2", "--dry-run", "train.steps=5", f"run.dir={run}"]) == 0
+    assert "  steps: 5\n" in slurm_out.getvalue() and not run.exists()
 
 
 def test_compare_reports_a_failed_training_as_that_arm_and_seeds_failure(tmp_path: Path) -> None:
@@ -180,5 +186,5 @@ def test_compare_reports_a_failed_training_as_that_arm_and_seeds_failure(tmp_pat
     run = next(out.glob("seed0-*"))
     assert lines[0] == (
         f"dcgan: error: seed 0 A: training {run} failed (exit status 3): non-finite loss at or before step 5: stopping; "
-        f"the last complete checkpoint (step -1) is kept; log: {run / 'train.log'}"
+        f"no checkpoint was completed; log: {run / 'train.log'}"
     )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from dcgan.config import Config
 from dcgan.data.base import BatchSource
 from dcgan.distributed import DistInfo
@@ -21,9 +19,3 @@ def build_source(config: Config, info: DistInfo) -> BatchSource:
 
     return ShardSource(config, info)
 
-
-def check_source(config: Config, world_size: int) -> None:
-    """Build and close rank 0's source of a run of `world_size` ranks: what a source refuses (a batch
-    larger than a rank's share of the data, shards that are missing or do not match the model) is
-    refused in one line before the run creates or locks anything; no worker process is started."""
-    build_source(config, DistInfo(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"))).close()
