@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dcgan.bench_cli import add_bench_commands
 from dcgan.config import ConfigError, keys_help
-from dcgan.errors import DcganError, one_line, tell_launcher
+from dcgan.data.cli import add_shards_command
+from dcgan.errors import EXIT_CONFIG, DcganError, one_line, tell_launcher
 
 DESCRIPTION = """Train DCGANs (Radford et al. 2015) on a laptop CPU or on many GPUs and nodes, and use the result.
 
@@ -255,51 +257,6 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_data(args: argparse.Namespace) -> int:
-    from dcgan.bench import run_bench_data
-
-    run_bench_data(args.data, [int(w) for w in args.workers.split(",")], args.batch_size, args.batches)
-    return 0
-
-
-def _bench_step(args: argparse.Namespace) -> int:
-    from dcgan.bench import run_bench_step
-
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
-    run_bench_step(args.config, args.overrides, sizes, args.precision, args.warmup, args.iters, args.data, args.distributed)
-    return 0
-
-
-def add_bench_commands(commands: argparse._SubParsersAction) -> None:
-    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    data = bench.add_parser("data", help="images/s the loader delivers from shards on disk, per worker count")
-    data.add_argument("data", help="shard directory with manifest.json")
-    data.add_argument("--workers", default="0,1,2,4", help="comma-separated worker counts")
-    data.add_argument("--batch-size", type=int, default=128, help="images per batch")
-    data.add_argument("--batches", type=int, default=50, help="timed batches per worker count")
-    data.set_defaults(func=_bench_data)
-
-    step = bench.add_parser(
-        "step", intermixed=True,
-        help="img/s of the training step vs the pytorch/examples reference step (same process, same batch)",
-        description="Times the pytorch/examples dcgan step (fp32, eager, NCHW, Sigmoid+BCELoss) and this "
-        "project's configured step on one synthetic batch already on the device, and prints the ratio.",
-    )
-    step.add_argument("config", nargs="?", default="configs/celeba64.yaml", help="config whose step is timed")
-    step.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.compile=false")
-    step.add_argument("--batch-sizes", default="128,1024", help="comma-separated per-process batch sizes")
-    step.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None, help="override train.precision")
-    step.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
-    step.add_argument("--iters", type=int, default=50, help="timed steps")
-    step.add_argument("--data", default="", help="also time training end to end from these shards")
-    step.add_argument(
-        "--distributed", action="store_true",
-        help="also time the multi-rank code path (DDP or the graph's own all-reduce, cross-rank BatchNorm) "
-        "run by one process in a process group of one",
-    )
-    step.set_defaults(func=_bench_step)
-
-
 def add_generator_options(parser: argparse.ArgumentParser) -> None:
     """Which of a run's generators a command uses, and its BatchNorm statistics."""
     from dcgan.config import BN_STATS
@@ -458,8 +415,6 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="", help="HTML file to write (default: RUN_DIR/report.html)")
     report.set_defaults(func=_report)
 
-    from dcgan.data.cli import add_shards_command
-
     add_shards_command(commands)
     add_bench_commands(commands)
     return parser
@@ -471,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"dcgan: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except DcganError as exc:
         print(f"dcgan: error: {one_line(exc)}", file=sys.stderr)
         tell_launcher(exc)

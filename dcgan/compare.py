@@ -26,6 +26,7 @@ from typing import Any
 
 from dcgan.config import LOWER_IS_BETTER, Config, ConfigError, config_to_dict, load_config, metric_keys, replace
 from dcgan.distributed import DistInfo
+from dcgan.rundir import RunDir
 from dcgan.errors import DcganError
 from dcgan.spread import Spread
 
@@ -60,7 +61,6 @@ def point_config(config_path: str, common: list[str], setting: Setting, seed: in
 def finished(config: Config) -> bool:
     """Whether the run already holds a complete checkpoint of its last step (nothing to train)."""
     from dcgan.checkpoint import list_checkpoints
-    from dcgan.rundir import RunDir
 
     done = list_checkpoints(RunDir(Path(config.run.dir)).checkpoints)
     return bool(done) and done[-1][0] >= config.train.steps
@@ -88,7 +88,7 @@ def train_point(config_path: str, common: list[str], setting: Setting, config: C
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         status = f"killed by signal {-result.returncode}" if result.returncode < 0 else f"exit status {result.returncode}"
-        log = Path(config.run.dir) / "train.log"
+        log = RunDir(Path(config.run.dir)).train_log
         where = f"; log: {log}" if log.is_file() else ""
         raise TrainingFailed(
             f"seed {config.seed} {setting.name}: training {config.run.dir} failed ({status}): {failure_cause(result.stderr)}{where}"

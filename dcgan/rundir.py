@@ -63,6 +63,20 @@ class RunDir:
     def attempts(self) -> Path:
         return self.path / ATTEMPTS
 
+    @property
+    def train_log(self) -> Path:
+        return self.path / "train.log"
+
+    def finished_message(self, step: int, images_seen: int) -> str:
+        """Where a finished run's results are and what to do next, for the end of the log."""
+        run = self.path
+        return (
+            f"finished step {step} ({images_seen} images): samples in {self.samples}, checkpoints in "
+            f"{self.checkpoints}, metrics in {self.stats}. Next: `dcgan sample {run} --num 64 --out grid.png`, "
+            f"`dcgan eval {run} --data DATA`, `dcgan export {run} --out generator.pt`; to train further, run the same "
+            "command with a larger train.steps (it resumes)"
+        )
+
     def require_config(self) -> None:
         """Refuse, in one line, a path that is not a run directory (commands that read a finished run)."""
         if not self.config.is_file():

@@ -46,7 +46,7 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
     formatter = logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if run_dir is not None and rank == 0:
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
+        handlers.append(logging.FileHandler(RunDir(run_dir).train_log))
     for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)

@@ -20,10 +20,7 @@ from typing import Any
 import torch
 import yaml
 from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
+    get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
 )
 
 from dcgan import schema
@@ -32,14 +29,7 @@ from dcgan.config import Config, config_to_dict
 from dcgan.data import build_source
 from dcgan.data.base import BatchSource
 from dcgan.distributed import (
-    DistInfo,
-    any_rank,
-    destroy_distributed,
-    explain_failure,
-    init_distributed,
-    log_batchnorm_mode,
-    replicas_agree,
-    sync_buffers,
+    DistInfo, any_rank, destroy_distributed, explain_failure, init_distributed, log_batchnorm_mode, replicas_agree, sync_buffers,
 )
 from dcgan.ema import GeneratorEMA
 from dcgan.errors import EXIT_NONFINITE, EXIT_OK
@@ -355,19 +345,8 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
             trainer.checkpointer.wait()
     progress.close()
     if info.is_main:
-        log.info("%s", finished_message(trainer))
+        log.info("%s", RunDir(trainer.run_dir).finished_message(trainer.step, trainer.images_seen))
     return EXIT_OK
-
-
-def finished_message(trainer: Trainer) -> str:
-    """Where a finished run's results are and what to do next, for the end of the log."""
-    run, layout = trainer.run_dir, RunDir(trainer.run_dir)
-    return (
-        f"finished step {trainer.step} ({trainer.images_seen} images): samples in {layout.samples}, checkpoints in "
-        f"{layout.checkpoints}, metrics in {layout.stats}. Next: `dcgan sample {run} --num 64 --out grid.png`, "
-        f"`dcgan eval {run} --data DATA`, `dcgan export {run} --out generator.pt`; to train further, run the same "
-        "command with a larger train.steps (it resumes)"
-    )
 
 
 # --- start to end ----------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from typing import Any
 import submitit
 
 from dcgan.config import Config, ConfigError, load_config
+from dcgan.errors import EXIT_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         job, run_config = submit(args.config, args.overrides, res, folder)
     except ConfigError as exc:
         print(f"launch.slurm: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     print(f"job {job.job_id}\nlogs {job.paths.folder}\nrun {run_config.run.dir}")
     return 0
 
