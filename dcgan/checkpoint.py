@@ -160,7 +160,7 @@ class Checkpointer:
         """Delete half-written checkpoint directories (rank 0, before any save of this run)."""
         if not self.info.is_main:
             return
-        for step, path in list_checkpoints(self.root, complete=False):
+        for _, path in list_checkpoints(self.root, complete=False):
             log.warning("removing incomplete checkpoint %s (no %s: its save never finished)", path, METADATA)
             shutil.rmtree(path, ignore_errors=True)
 

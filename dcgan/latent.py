@@ -113,7 +113,7 @@ def arithmetic(loaded: LoadedGenerator, seed: int, num: int, a: list[int], b: li
     means = [latents[group].mean(0) for group in (a, b, c)]
     result = means[0] - means[1] + means[2]
     jitter = (torch.rand(results - 1, result.numel(), generator=torch.Generator().manual_seed(seed + 1)) * 2 - 1) * ARITHMETIC_JITTER
-    rows = [loaded.images(torch.cat([latents[group], mean[None]])) for group, mean in zip((a, b, c), means)]
+    rows = [loaded.images(torch.cat([latents[group], mean[None]])) for group, mean in zip((a, b, c), means, strict=True)]
     rows.append(loaded.images(torch.cat([result[None], result[None] + jitter])))
     return Arithmetic(result, rows)
 

@@ -57,12 +57,10 @@ class EpochStream:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         while True:
-            taken = 0
             for images in self._make_epoch(self.epoch, self.batch):
                 if self.batch >= self.batches_per_epoch:
                     break
                 self.batch += 1
-                taken += 1
                 yield images
             if self.batch < self.batches_per_epoch:
                 raise ShardError(

@@ -113,7 +113,7 @@ def decode_image(data: bytes, channels: int, resolution: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as pil:
             array = np.asarray(pil.convert("L" if channels == 1 else "RGB"))
-    except Exception as exc:  # PIL raises many types for bad bytes
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
         raise CorruptSample(f"undecodable image ({type(exc).__name__})") from None
     if array.shape[:2] != (resolution, resolution):
         raise CorruptSample(f"image is {array.shape[1]}x{array.shape[0]}, expected {resolution}x{resolution}")
@@ -124,7 +124,7 @@ def decode_block(data: bytes, channels: int, resolution: int) -> np.ndarray:
     """`images.npy` bytes -> uint8 (N, C, H, W), checked against the manifest's shape."""
     try:
         block = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - numpy raises many types for bad bytes
         raise CorruptSample(f"unreadable block ({type(exc).__name__})") from None
     if block.dtype != np.uint8 or block.ndim != 4 or block.shape[1:] != (channels, resolution, resolution):
         raise CorruptSample(f"block of shape {block.shape} {block.dtype}, expected (N, {channels}, {resolution}, {resolution}) uint8")

@@ -60,7 +60,7 @@ def _load_task_images(task: ShardTask) -> tuple[list[np.ndarray], list[int], int
     for path in task.files:
         try:
             images.append(load_image_file(path, task.resolution, task.channels, task.crop))
-        except Exception as exc:  # PIL raises many types for damaged files
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for damaged files
             skipped += 1
             print(f"skipping unreadable image {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
     return images, [-1] * len(images), skipped
