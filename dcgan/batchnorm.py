@@ -103,7 +103,9 @@ class CrossRankBatchNorm2d(nn.BatchNorm2d):
         """As BatchNorm2d: exponential (or cumulative, momentum=None) average, unbiased variance."""
         assert self.running_mean is not None and self.running_var is not None and self.num_batches_tracked is not None
         self.num_batches_tracked.add_(1)
-        factor: float | torch.Tensor = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.float()
+        factor: float | torch.Tensor = (
+            self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.float()
+        )
         unbiased = variance.detach() * count.detach() / (count.detach() - 1).clamp_min(1.0)
         self.running_mean.lerp_(mean.detach(), factor)
         self.running_var.lerp_(unbiased, factor)
@@ -118,7 +120,11 @@ def convert_to_cross_rank(module: M, group: dist.ProcessGroup) -> M:
     BatchNorm2d becomes a CrossRankBatchNorm2d, which is one: the type promised holds."""
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, CrossRankBatchNorm2d):
         converted = CrossRankBatchNorm2d(
-            module.num_features, group, eps=module.eps, momentum=module.momentum, affine=module.affine,
+            module.num_features,
+            group,
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
             track_running_stats=module.track_running_stats,
         ).to(device=_device_of(module))
         converted.load_state_dict(module.state_dict())
@@ -132,4 +138,3 @@ def convert_to_cross_rank(module: M, group: dist.ProcessGroup) -> M:
 def _device_of(module: nn.Module) -> torch.device:
     tensor = next(iter(module.state_dict().values()), None)
     return tensor.device if tensor is not None else torch.device("cpu")
-

@@ -123,7 +123,12 @@ def end_to_end_share(rate: float, synthetic: float) -> str:
 
 
 def bench_step(
-    config: Config, batch_size: int, precision: str | None, warmup: int, iters: int, group_of_one: DistInfo | None = None
+    config: Config,
+    batch_size: int,
+    precision: str | None,
+    warmup: int,
+    iters: int,
+    group_of_one: DistInfo | None = None,
 ) -> dict[str, Timing]:
     """Timings of the reference step, the project's step and (given a process group of one) the
     project's multi-rank code path, for one batch size, in this process."""
@@ -135,15 +140,25 @@ def bench_step(
     timings = {"reference": time_step(ReferenceStep(config, device), images, warmup, iters)}
     for name, step_info in (("dcgan", info), ("distributed", group_of_one)):
         if step_info is not None:
-            show_progress(f"batch {batch_size}: the {name} step (compile={config.train.compile}, precision={config.train.precision}), {iters} timed steps")
+            show_progress(
+                f"batch {batch_size}: the {name} step (compile={config.train.compile}, precision={config.train.precision}), {iters} timed steps"
+            )
             step_fn = build_step(config, step_info)[2]
-            timings[name] = time_step(make_runner(step_fn, config, step_info), images, untimed_steps(config, warmup), iters)
+            timings[name] = time_step(
+                make_runner(step_fn, config, step_info), images, untimed_steps(config, warmup), iters
+            )
     return timings
 
 
 def run_bench_step(
-    config_path: str, overrides: list[str], batch_sizes: list[int], precision: str | None, warmup: int, iters: int,
-    shards: str = "", distributed: bool = False,
+    config_path: str,
+    overrides: list[str],
+    batch_sizes: list[int],
+    precision: str | None,
+    warmup: int,
+    iters: int,
+    shards: str = "",
+    distributed: bool = False,
 ) -> list[dict[str, float]]:
     """Print one row per batch size: reference img/s, project img/s, their ratio, peak memory (and with
     `distributed`, the multi-rank code path run by one process, with its ratio to the reference);
@@ -152,7 +167,9 @@ def run_bench_step(
     group_of_one = init_distributed(base.train.device, base.dist.timeout_s, force=True) if distributed else None
     try:
         extra = f" {'1-rank dist img/s':>18} {'ratio':>6}" if distributed else ""
-        print(f"{'batch':>6} {'reference img/s':>16} {'dcgan img/s':>12} {'ratio':>6}{extra} {'peak GiB':>9}", flush=True)
+        print(
+            f"{'batch':>6} {'reference img/s':>16} {'dcgan img/s':>12} {'ratio':>6}{extra} {'peak GiB':>9}", flush=True
+        )
         rows = []
         for batch in batch_sizes:
             timings = bench_step(base, batch, precision, warmup, iters, group_of_one)
@@ -172,12 +189,17 @@ def run_bench_step(
             show_progress(f"batch {int(row['batch'])}: training end to end from {shards}, {iters} timed steps")
             rate = bench_end_to_end(base, shards, int(row["batch"]), precision, warmup, iters)
             row["end_to_end"] = rate
-            print(f"end to end from {shards}, batch {int(row['batch'])}: {rate:.0f} img/s "
-                  f"({end_to_end_share(rate, row['dcgan'])})", flush=True)
+            print(
+                f"end to end from {shards}, batch {int(row['batch'])}: {rate:.0f} img/s "
+                f"({end_to_end_share(rate, row['dcgan'])})",
+                flush=True,
+            )
     return rows
 
 
-def bench_end_to_end(config: Config, shards: str, batch_size: int, precision: str | None, warmup: int, iters: int) -> float:
+def bench_end_to_end(
+    config: Config, shards: str, batch_size: int, precision: str | None, warmup: int, iters: int
+) -> float:
     """Training img/s with batches streamed from shards on disk through the real loader (the same step
     settings as the synthetic-data timing, precision included)."""
     config = replace(bench_config(config, batch_size, precision), data={"shards": shards})
@@ -205,9 +227,15 @@ def measure_loader(shards: str, workers: int, batch_size: int, batches: int, see
         raise ConfigError("dcgan bench data: point DATA at a shard directory with manifest.json")
     config = load_config(
         None,
-        [f"data.shards={shards}", f"data.workers={workers}", f"train.batch_size={batch_size}", f"seed={seed}",
-         f"model.resolution={manifest.resolution}", f"model.channels={manifest.channels}",
-         f"data.epoch_samples={batch_size * (batches + 1)}"],
+        [
+            f"data.shards={shards}",
+            f"data.workers={workers}",
+            f"train.batch_size={batch_size}",
+            f"seed={seed}",
+            f"model.resolution={manifest.resolution}",
+            f"model.channels={manifest.channels}",
+            f"data.epoch_samples={batch_size * (batches + 1)}",
+        ],
     )
     device = pick_device("auto", 0)
     source = ShardSource(config, DistInfo.single(device))

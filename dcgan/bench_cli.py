@@ -16,7 +16,9 @@ def _bench_step(args: argparse.Namespace) -> int:
     from dcgan.bench import run_bench_step
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    run_bench_step(args.config, args.overrides, sizes, args.precision, args.warmup, args.iters, args.data, args.distributed)
+    run_bench_step(
+        args.config, args.overrides, sizes, args.precision, args.warmup, args.iters, args.data, args.distributed
+    )
     return 0
 
 
@@ -30,7 +32,8 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     data.set_defaults(func=_bench_data)
 
     step = bench.add_parser(
-        "step", intermixed=True,
+        "step",
+        intermixed=True,
         help="img/s of the training step vs the pytorch/examples reference step (same process, same batch)",
         description="Times the pytorch/examples dcgan step (fp32, eager, NCHW, Sigmoid+BCELoss) and this "
         "project's configured step on one synthetic batch already on the device, and prints the ratio.",
@@ -38,12 +41,15 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     step.add_argument("config", nargs="?", default="configs/celeba64.yaml", help="config whose step is timed")
     step.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.compile=false")
     step.add_argument("--batch-sizes", default="128,1024", help="comma-separated per-process batch sizes")
-    step.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None, help="override train.precision")
+    step.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None, help="override train.precision"
+    )
     step.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
     step.add_argument("--iters", type=int, default=50, help="timed steps")
     step.add_argument("--data", default="", help="also time training end to end from these shards")
     step.add_argument(
-        "--distributed", action="store_true",
+        "--distributed",
+        action="store_true",
         help="also time the multi-rank code path (DDP or the graph's own all-reduce, cross-rank BatchNorm) "
         "run by one process in a process group of one",
     )

@@ -15,10 +15,10 @@ import logging
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch.distributed as dist
@@ -35,7 +35,9 @@ T = TypeVar("T")
 
 # DCP warns on every save and load without a process group ("assuming the intent is to save in a single
 # process"): that is exactly what one process, `sample`, `export`, `eval` and `score` mean to do.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized", category=UserWarning)
+warnings.filterwarnings(
+    "ignore", message="torch.distributed is disabled, unavailable or uninitialized", category=UserWarning
+)
 
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
 METADATA = ".metadata"
@@ -107,7 +109,10 @@ def read_newest(root: Path, read: Callable[[Path], T], *, set_aside: Callable[[P
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             log.warning(
                 "checkpoint %s cannot be read (%s: %s): using the previous one, %s",
-                path, type(exc).__name__, reason[:200], candidates[index + 1].name,
+                path,
+                type(exc).__name__,
+                reason[:200],
+                candidates[index + 1].name,
             )
             if set_aside is not None:
                 set_aside(path)

@@ -44,7 +44,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         default = action.default
-        if "(default" in text or default is None or default is False or default == "" or default == [] or default is argparse.SUPPRESS:
+        if (
+            "(default" in text
+            or default is None
+            or default is False
+            or default == ""
+            or default == []
+            or default is argparse.SUPPRESS
+        ):
             return text
         if not action.option_strings and action.nargs not in ("?", "*"):
             return text
@@ -175,7 +182,14 @@ def _eval(args: argparse.Namespace) -> int:
         source = Path(args.source)
         default = source / f"eval-step{loaded.step}.json" if source.is_dir() else Path("eval.json")
         out = Path(args.out) if args.out else first_free(default)
-        record = {"source": args.source, "step": loaded.step, "data": args.data, "num": args.num, **evaluation.results, "protocol": evaluation.protocol}
+        record = {
+            "source": args.source,
+            "step": loaded.step,
+            "data": args.data,
+            "num": args.num,
+            **evaluation.results,
+            "protocol": evaluation.protocol,
+        }
         out.write_text(json.dumps(record, indent=1))
         print(f"written to {out}")
     return 0
@@ -207,9 +221,13 @@ def _arithmetic(args: argparse.Namespace) -> int:
     from dcgan.latent import arithmetic, parse_indices, save_arithmetic
 
     loaded = loaded_generator(args)
-    a, b, c = (parse_indices(text, option, args.num) for text, option in ((args.a, "--a"), (args.b, "--b"), (args.c, "--c")))
+    a, b, c = (
+        parse_indices(text, option, args.num) for text, option in ((args.a, "--a"), (args.b, "--b"), (args.c, "--c"))
+    )
     out = save_arithmetic(arithmetic(loaded, args.seed, args.num, a, b, c), Path(args.out))
-    print(f"{out}: rows a, b, c (each ending with its average), then a - b + c and 7 jittered copies ({described(loaded)})")
+    print(
+        f"{out}: rows a, b, c (each ending with its average), then a - b + c and 7 jittered copies ({described(loaded)})"
+    )
     return 0
 
 
@@ -232,7 +250,16 @@ def _compare(args: argparse.Namespace) -> int:
     a, b = split_overrides(args.a), split_overrides(args.b)
     print(f"A vs B: {describe_settings(args.config, args.overrides, a, b)}", flush=True)
     root = Path(args.out)
-    comparison = compare(args.config, args.overrides, a, b, list(range(args.first_seed, args.first_seed + args.seeds)), root, args.metric, args.num)
+    comparison = compare(
+        args.config,
+        args.overrides,
+        a,
+        b,
+        list(range(args.first_seed, args.first_seed + args.seeds)),
+        root,
+        args.metric,
+        args.num,
+    )
     print(comparison.table())
     print(f"written to {write_comparison(comparison, root)}")
     return 0
@@ -262,11 +289,14 @@ def add_generator_options(parser: argparse.ArgumentParser) -> None:
     from dcgan.config import BN_STATS
 
     parser.add_argument(
-        "--raw", action="store_true",
+        "--raw",
+        action="store_true",
         help="the trained G's own weights, not their average (runs trained with train.ema > 0 use the average by default)",
     )
     parser.add_argument(
-        "--bn", choices=BN_STATS, default=None,
+        "--bn",
+        choices=BN_STATS,
+        default=None,
         help="BatchNorm statistics: running (eval mode) or batch (each batch's own); default: the run's sample.bn",
     )
 
@@ -284,15 +314,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
-        "train", intermixed=True,
+        "train",
+        intermixed=True,
         help="train a DCGAN (resumes automatically from the run directory's newest checkpoint)",
         description="Train a DCGAN. Under torchrun or SLURM every process runs this same command.",
         epilog=keys_help(),
     )
     train.add_argument("config", help="YAML config file, e.g. configs/digits.yaml")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. train.steps=500 run.dir=runs/x")
     train.add_argument(
-        "--dry-run", action="store_true",
+        "overrides", nargs="*", metavar="key=value", help="overrides, e.g. train.steps=500 run.dir=runs/x"
+    )
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
         help="print the resolved config, world size, global batch, the data each rank reads, steps per epoch and "
         "the cadences (in wall-clock terms when run.dir has measured step times), then exit without training",
     )
@@ -303,8 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num", type=positive_int, default=64, help="number of images")
     sample.add_argument("--out", required=True, help="output PNG path")
     noise = sample.add_mutually_exclusive_group()
-    noise.add_argument("--seed", type=int, default=None, help="seed of the noise (default: a fresh one, printed so that it can be repeated)")
-    noise.add_argument("--fixed-noise", action="store_true", help="the training's own fixed noise: the run's sample grid of that step, pixel for pixel")
+    noise.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the noise (default: a fresh one, printed so that it can be repeated)",
+    )
+    noise.add_argument(
+        "--fixed-noise",
+        action="store_true",
+        help="the training's own fixed noise: the run's sample grid of that step, pixel for pixel",
+    )
     add_generator_options(sample)
     sample.set_defaults(func=_sample)
 
@@ -317,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     score = commands.add_parser("score", help="digits quality score (Frechet distance at 8x8, confidence, balance)")
     score.add_argument("source", help="run directory or exported generator (1 channel)")
     score.add_argument("--num", type=positive_int, default=1000, help="generated images to score")
-    score.add_argument("--seed", type=int, default=0, help="seed of the noise (fixed, so that scores compare across runs)")
+    score.add_argument(
+        "--seed", type=int, default=0, help="seed of the noise (fixed, so that scores compare across runs)"
+    )
     add_generator_options(score)
     score.set_defaults(func=_score)
 
@@ -327,23 +372,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("source", help="run directory (newest checkpoint) or generator file from `dcgan export`")
     evaluate.add_argument("--data", required=True, help="shard directory with manifest.json, or 'digits'")
-    evaluate.add_argument("-n", "--num", type=positive_int, default=10000, help="generated and real images (default 10000; under torchrun write -n, since torchrun takes --num for its --numa-binding)")
+    evaluate.add_argument(
+        "-n",
+        "--num",
+        type=positive_int,
+        default=10000,
+        help="generated and real images (default 10000; under torchrun write -n, since torchrun takes --num for its --numa-binding)",
+    )
     evaluate.add_argument("--metrics", default="swd", help="comma-separated from fid,kid,swd,digits (default swd)")
     evaluate.add_argument("--inception", default="", help="TorchScript Inception for fid/kid (or env DCGAN_INCEPTION)")
-    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where G and Inception run (auto = cuda when available; one GPU per rank under torchrun)")
-    evaluate.add_argument("--out", default="", help="JSON output with the protocol (default RUN_DIR/eval-stepN.json or eval.json)")
+    evaluate.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where G and Inception run (auto = cuda when available; one GPU per rank under torchrun)",
+    )
+    evaluate.add_argument(
+        "--out", default="", help="JSON output with the protocol (default RUN_DIR/eval-stepN.json or eval.json)"
+    )
     add_generator_options(evaluate)
     evaluate.set_defaults(func=_eval)
 
     from dcgan.latent import WALKS
 
     walk = commands.add_parser(
-        "interpolate", help="walks through latent space between random latents (the paper's figure 4)",
+        "interpolate",
+        help="walks through latent space between random latents (the paper's figure 4)",
         description="Each row walks from one seeded random latent to another; the first and last images are "
         "G(z0) and G(z1). A smooth walk (no sudden changes) is the paper's sign that G has not memorized images.",
     )
     walk.add_argument("source", help="run directory or generator file from `dcgan export`")
-    walk.add_argument("--out", required=True, help="walk.png (one walk per row) or walk.gif (an animation of all walks)")
+    walk.add_argument(
+        "--out", required=True, help="walk.png (one walk per row) or walk.gif (an animation of all walks)"
+    )
     walk.add_argument("--rows", type=positive_int, default=8, help="walks")
     walk.add_argument("--steps", type=positive_int, default=10, help="images per walk, endpoints included")
     walk.add_argument("--path", choices=WALKS, default="slerp", help="spherical (keeps the latent norm) or straight")
@@ -352,22 +413,28 @@ def build_parser() -> argparse.ArgumentParser:
     walk.set_defaults(func=_interpolate)
 
     arith = commands.add_parser(
-        "arithmetic", help="vector arithmetic on averaged latents: a - b + c (the paper's section 6.3)",
+        "arithmetic",
+        help="vector arithmetic on averaged latents: a - b + c (the paper's section 6.3)",
         description="Pick images by index (row-major, from 0) in a grid drawn with `dcgan sample SOURCE --seed S "
         "--num N`, e.g. smiling women for --a, neutral women for --b, neutral men for --c; the same --seed and "
         "--num here use the same latents. The grid shows each group and its average, then a - b + c.",
     )
     arith.add_argument("source", help="run directory or generator file from `dcgan export`")
-    arith.add_argument("--seed", type=int, required=True, help="the seed of the `dcgan sample` grid the indices refer to")
+    arith.add_argument(
+        "--seed", type=int, required=True, help="the seed of the `dcgan sample` grid the indices refer to"
+    )
     arith.add_argument("--num", type=positive_int, default=64, help="the --num of that grid")
     for name in ("a", "b", "c"):
-        arith.add_argument(f"--{name}", required=True, help=f"comma-separated indices of the {name} images, e.g. 3,17,22")
+        arith.add_argument(
+            f"--{name}", required=True, help=f"comma-separated indices of the {name} images, e.g. 3,17,22"
+        )
     arith.add_argument("--out", required=True, help="output PNG grid")
     add_generator_options(arith)
     arith.set_defaults(func=_arithmetic)
 
     probe = commands.add_parser(
-        "probe", help="linear probe on D's features with N labels per class, vs an untrained D (the paper's section 5.1)",
+        "probe",
+        help="linear probe on D's features with N labels per class, vs an untrained D (the paper's section 5.1)",
         description="Every hidden layer of D, max-pooled to 4x4 and concatenated, feeds an L2-regularized logistic "
         "regression fitted on --labels images per class and tested on all others; the same probe on D as the run "
         "initialized it is the baseline. Shards written by `dcgan shards digits|mnist` carry labels.",
@@ -375,12 +442,16 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("run_dir", help="run directory (D is read from its newest complete checkpoint)")
     probe.add_argument("--data", default="digits", help="labelled images: 'digits' or a shard directory with labels")
     probe.add_argument("--labels", type=positive_int, default=10, help="labelled training images per class")
-    probe.add_argument("--draws", type=positive_int, default=3, help="seeded draws of the labelled images (mean +- std)")
+    probe.add_argument(
+        "--draws", type=positive_int, default=3, help="seeded draws of the labelled images (mean +- std)"
+    )
     probe.add_argument("--out", default="", help="also write the accuracies as JSON here")
     probe.set_defaults(func=_probe)
 
     comp = commands.add_parser(
-        "compare", intermixed=True, help="train two settings over several seeds; mean, spread, 95%% intervals and a paired verdict",
+        "compare",
+        intermixed=True,
+        help="train two settings over several seeds; mean, spread, 95%% intervals and a paired verdict",
         description="Trains CONFIG with the overrides of --a and of --b at each seed (seed s of both starts from the same "
         "weights, noise and data order), scores each run's generator, and prints per setting the mean, standard "
         "deviation and 95% t-interval, then the paired difference B - A with its interval. Runs live in --out, one "
@@ -388,8 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
         "training runs, and a rerun resumes or reuses finished runs.",
     )
     comp.add_argument("config", help="YAML config both settings start from")
-    comp.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for both settings, e.g. train.steps=2000")
-    comp.add_argument("--a", default="", help="overrides of setting A, space-separated in one argument (empty: the config as is)")
+    comp.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="overrides for both settings, e.g. train.steps=2000"
+    )
+    comp.add_argument(
+        "--a", default="", help="overrides of setting A, space-separated in one argument (empty: the config as is)"
+    )
     comp.add_argument("--b", required=True, help="overrides of setting B, e.g. 'train.ema=0.999'")
     comp.add_argument("--seeds", type=positive_int, default=3, help="seeds per setting (3 or more give an interval)")
     comp.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed + 1, ...")
@@ -399,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.set_defaults(func=_compare)
 
     sync = commands.add_parser(
-        "sync", help="upload a run's offline wandb segments (one per start or requeue) as one wandb run",
+        "sync",
+        help="upload a run's offline wandb segments (one per start or requeue) as one wandb run",
         description="Runs `wandb sync --id RUN_ID --project P SEGMENT...` over every wandb/offline-run-* of the run "
         "directory; needs `wandb login` (or WANDB_API_KEY) and network.",
     )
@@ -408,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     sync.set_defaults(func=_sync)
 
     report = commands.add_parser(
-        "report", help="one HTML page of a run: curves over images seen, eval metrics, sample grids over time",
+        "report",
+        help="one HTML page of a run: curves over images seen, eval metrics, sample grids over time",
         description="Reads only RUN_DIR's stats.jsonl, samples/ and config.yaml: works offline and on a run in progress.",
     )
     report.add_argument("run_dir", help="run directory")

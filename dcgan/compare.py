@@ -23,11 +23,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-
 from dcgan.config import LOWER_IS_BETTER, Config, ConfigError, config_to_dict, load_config, metric_keys, replace
 from dcgan.distributed import DistInfo
-from dcgan.rundir import RunDir
 from dcgan.errors import DcganError
+from dcgan.rundir import RunDir
 from dcgan.spread import Spread
 
 GENERATION_ONLY = (("sample", "bn"), ("sample", "ema"))
@@ -76,7 +75,11 @@ def failure_cause(stderr: str) -> str:
     logged error (e.g. a non-finite loss), else its last line (a traceback's exception)."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     errors = [line.removeprefix("dcgan: error: ") for line in lines if line.startswith("dcgan: error: ")]
-    logged = [m.group(1) for line in lines if (m := re.match(r"\d\d:\d\d:\d\d (?:\[rank \d+\] )?(?:ERROR|CRITICAL) \S+: (.*)", line))]
+    logged = [
+        m.group(1)
+        for line in lines
+        if (m := re.match(r"\d\d:\d\d:\d\d (?:\[rank \d+\] )?(?:ERROR|CRITICAL) \S+: (.*)", line))
+    ]
     return (errors or logged or lines or ["no output on stderr"])[-1]
 
 
@@ -84,10 +87,22 @@ def train_point(config_path: str, common: list[str], setting: Setting, config: C
     """Train (or resume) one run in a child process, as `dcgan train` would; a finished run is reused."""
     if finished(config):
         return
-    command = [sys.executable, "-m", "dcgan", "train", config_path, *common, *setting.overrides, f"seed={config.seed}", f"run.dir={config.run.dir}"]
+    command = [
+        sys.executable,
+        "-m",
+        "dcgan",
+        "train",
+        config_path,
+        *common,
+        *setting.overrides,
+        f"seed={config.seed}",
+        f"run.dir={config.run.dir}",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        status = f"killed by signal {-result.returncode}" if result.returncode < 0 else f"exit status {result.returncode}"
+        status = (
+            f"killed by signal {-result.returncode}" if result.returncode < 0 else f"exit status {result.returncode}"
+        )
         log = RunDir(Path(config.run.dir)).train_log
         where = f"; log: {log}" if log.is_file() else ""
         raise TrainingFailed(
@@ -150,8 +165,17 @@ class Comparison:
         return record
 
 
-def compare(config_path: str, common: list[str], a: list[str], b: list[str], seeds: list[int], root: Path,
-            metric: str = "", num: int = 0, info: DistInfo | None = None) -> Comparison:
+def compare(
+    config_path: str,
+    common: list[str],
+    a: list[str],
+    b: list[str],
+    seeds: list[int],
+    root: Path,
+    metric: str = "",
+    num: int = 0,
+    info: DistInfo | None = None,
+) -> Comparison:
     """Train and score both settings at every seed (sequentially, in this machine's processes)."""
     from dcgan.distributed import init_distributed
 
@@ -168,7 +192,10 @@ def compare(config_path: str, common: list[str], a: list[str], b: list[str], see
         for setting in settings:
             config = point_config(config_path, common, setting, seed, root)
             if not finished(config):
-                print(f"seed {seed} {setting.name}: training {config.run.dir} (log: {config.run.dir}/train.log)", flush=True)
+                print(
+                    f"seed {seed} {setting.name}: training {config.run.dir} (log: {config.run.dir}/train.log)",
+                    flush=True,
+                )
             train_point(config_path, common, setting, config)
             value, _ = score_point(config, metric, num or config.eval.num, info)
             values[setting.name].append(value)
@@ -176,9 +203,14 @@ def compare(config_path: str, common: list[str], a: list[str], b: list[str], see
             print(f"seed {seed} {setting.name}: {metric} = {value:.4f}  ({config.run.dir})", flush=True)
     difference = Spread.of([vb - va for va, vb in zip(values["A"], values["B"], strict=True)])
     return Comparison(
-        metric=metric, lower_is_better=metric in LOWER_IS_BETTER, seeds=seeds,
-        settings={s.name: s.overrides for s in settings}, values=values, runs=runs,
-        spreads={name: Spread.of(v) for name, v in values.items()}, difference=difference,
+        metric=metric,
+        lower_is_better=metric in LOWER_IS_BETTER,
+        seeds=seeds,
+        settings={s.name: s.overrides for s in settings},
+        values=values,
+        runs=runs,
+        spreads={name: Spread.of(v) for name, v in values.items()},
+        difference=difference,
     )
 
 
@@ -197,10 +229,13 @@ def describe_settings(config_path: str, common: list[str], a: list[str], b: list
     """What differs between the two settings' configs (checked before any training)."""
     left = config_to_dict(load_config(config_path, [*common, *a]))
     right = config_to_dict(load_config(config_path, [*common, *b]))
-    differing = [f"{section}.{key}: {left[section][key]!r} -> {right[section][key]!r}"
-                 for section in left if isinstance(left[section], dict)
-                 for key in left[section] if left[section][key] != right[section][key]]
+    differing = [
+        f"{section}.{key}: {left[section][key]!r} -> {right[section][key]!r}"
+        for section in left
+        if isinstance(left[section], dict)
+        for key in left[section]
+        if left[section][key] != right[section][key]
+    ]
     if not differing:
         raise ConfigError("--a and --b describe the same config: nothing to compare")
     return "; ".join(differing)
-

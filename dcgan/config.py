@@ -64,16 +64,18 @@ class TrainConfig:
     compile: bool = _field(False, "torch.compile the bare G and D before DDP wraps them")
     channels_last: bool = _field(True, "channels-last memory format on CUDA (ignored on CPU)")
     cuda_graph: bool = _field(
-        False, "replay the whole step as a CUDA graph after 3 eager steps (CUDA; bf16/fp32, nonfinite=stop; with several "
-        "ranks the step all-reduces its gradients itself, one flat all-reduce per model, instead of DDP)"
+        False,
+        "replay the whole step as a CUDA graph after 3 eager steps (CUDA; bf16/fp32, nonfinite=stop; with several "
+        "ranks the step all-reduces its gradients itself, one flat all-reduce per model, instead of DDP)",
     )
     device: Literal["auto", "cpu", "cuda"] = _field("auto", "auto = cuda when available, else cpu")
     nonfinite: Literal["stop", "skip"] = _field(
         "stop", "on a non-finite loss: stop the run (last good checkpoint kept) or skip the update"
     )
     ema: float = _field(
-        0.0, "decay of an exponential moving average of G's weights, kept in checkpoints (0 = off; e.g. 0.999): "
-        "grids, sample, export and eval use it (sample.ema=false: the raw G); eval logs both"
+        0.0,
+        "decay of an exponential moving average of G's weights, kept in checkpoints (0 = off; e.g. 0.999): "
+        "grids, sample, export and eval use it (sample.ema=false: the raw G); eval logs both",
     )
 
 
@@ -108,8 +110,9 @@ class SampleConfig:
     every: int = _field(500, "steps between fixed-noise sample grids")
     num: int = _field(64, "images in each sample grid")
     bn: BnStats = _field(
-        "running", "G's BatchNorm statistics when making images (grids, sample, eval): running = the averages kept "
-        "in training (eval mode), batch = each generated batch's own (train mode)"
+        "running",
+        "G's BatchNorm statistics when making images (grids, sample, eval): running = the averages kept "
+        "in training (eval mode), batch = each generated batch's own (train mode)",
     )
     ema: bool = _field(True, "with train.ema > 0, images come from the averaged G (false: from the raw G)")
 
@@ -145,15 +148,21 @@ class EvalConfig:
     num: int = _field(2000, "generated (and real) images per evaluation")
     data: str = _field("", "real images to compare with (shard directory or 'digits'); empty = data.shards, or digits")
     inception: str = _field("", "TorchScript Inception for fid/kid (empty = env DCGAN_INCEPTION)")
-    best: str = _field("", "keep the checkpoint with the lowest value of this result of eval.metrics (fid, kid, swd or digits_frechet) until a better one")
+    best: str = _field(
+        "",
+        "keep the checkpoint with the lowest value of this result of eval.metrics (fid, kid, swd or digits_frechet) until a better one",
+    )
 
 
 @dataclass(frozen=True)
 class DistConfig:
-    timeout_s: int = _field(600, "seconds a collective may wait for a slow rank (a long save, a first compile) before the job fails")
+    timeout_s: int = _field(
+        600, "seconds a collective may wait for a slow rank (a long save, a first compile) before the job fails"
+    )
     liveness_s: float = _field(
-        15.0, "seconds without a heartbeat before a rank or host counts as lost and every rank stops in one line "
-        "(5 s more for a rank that never starts); 0 turns the check off"
+        15.0,
+        "seconds without a heartbeat before a rank or host counts as lost and every rank stops in one line "
+        "(5 s more for a rank that never starts); 0 turns the check off",
     )
     force: bool = _field(
         False, "run the multi-rank code path (process group, DDP, cross-rank BatchNorm) even as one process"
@@ -289,6 +298,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 def _expand_home(config: Config) -> Config:
     """`~/runs/x` means the home directory, as in a shell (a YAML value or an override is not expanded
     by one): without this, run.dir=~/x creates a directory literally named '~'."""
+
     def expand(path: str) -> str:
         return os.path.expanduser(path) if path.startswith("~") else path
 
@@ -355,7 +365,9 @@ def iter_keys(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str
 
 def keys_help() -> str:
     """The table of config keys printed by `dcgan train --help`."""
-    rows = [f"  {key:<26} {_describe(tp):<24} default {default!r}\n      {help}" for key, tp, default, help in iter_keys()]
+    rows = [
+        f"  {key:<26} {_describe(tp):<24} default {default!r}\n      {help}" for key, tp, default, help in iter_keys()
+    ]
     return "config keys (set in YAML or as key=value):\n" + "\n".join(rows)
 
 
@@ -375,7 +387,9 @@ def _is_power_of_two(n: int) -> bool:
 def validate(config: Config) -> None:
     """Reject impossible values with one line naming the key; called by every loader of configs."""
     m, t, d = config.model, config.train, config.data
-    _require(_is_power_of_two(m.resolution) and m.resolution >= 16, "model.resolution", "a power of two >= 16", m.resolution)
+    _require(
+        _is_power_of_two(m.resolution) and m.resolution >= 16, "model.resolution", "a power of two >= 16", m.resolution
+    )
     _require(m.channels in (1, 3), "model.channels", "1 or 3", m.channels)
     for key in ("nz", "ngf", "ndf"):
         _require(getattr(m, key) >= 1, f"model.{key}", ">= 1", getattr(m, key))
@@ -383,10 +397,14 @@ def validate(config: Config) -> None:
     _require(t.steps >= 1, "train.steps", ">= 1", t.steps)
     _require(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
     if t.cuda_graph:
-        _require(t.device != "cpu", "train.cuda_graph", "false with train.device=cpu (CUDA graphs need CUDA)", t.cuda_graph)
         _require(
-            t.precision != "fp16" and t.nonfinite == "stop", "train.cuda_graph",
-            "false with train.precision=fp16 or train.nonfinite=skip (their GradScaler is not captured)", t.cuda_graph,
+            t.device != "cpu", "train.cuda_graph", "false with train.device=cpu (CUDA graphs need CUDA)", t.cuda_graph
+        )
+        _require(
+            t.precision != "fp16" and t.nonfinite == "stop",
+            "train.cuda_graph",
+            "false with train.precision=fp16 or train.nonfinite=skip (their GradScaler is not captured)",
+            t.cuda_graph,
         )
     _require(math.isfinite(config.optim.lr) and config.optim.lr > 0, "optim.lr", "a finite number > 0", config.optim.lr)
     for key in ("beta1", "beta2"):
@@ -407,17 +425,34 @@ def validate(config: Config) -> None:
     _require(config.checkpoint.keep_every >= 0, "checkpoint.keep_every", ">= 0", config.checkpoint.keep_every)
     _require(config.dist.timeout_s >= 1, "dist.timeout_s", ">= 1", config.dist.timeout_s)
     _require(
-        config.dist.liveness_s == 0 or 3 <= config.dist.liveness_s <= config.dist.timeout_s, "dist.liveness_s",
-        "0 (off) or between 3 (three heartbeats) and dist.timeout_s", config.dist.liveness_s,
+        config.dist.liveness_s == 0 or 3 <= config.dist.liveness_s <= config.dist.timeout_s,
+        "dist.liveness_s",
+        "0 (off) or between 3 (three heartbeats) and dist.timeout_s",
+        config.dist.liveness_s,
     )
     _require(config.run.dir != "", "run.dir", "a directory path", config.run.dir)
     e = config.eval
     _require(e.every >= 0, "eval.every", ">= 0 (0 = never)", e.every)
-    _require(bool(e.metrics) and set(e.metrics) <= set(EVAL_METRICS), "eval.metrics", f"a non-empty list from {', '.join(EVAL_METRICS)}", list(e.metrics))
+    _require(
+        bool(e.metrics) and set(e.metrics) <= set(EVAL_METRICS),
+        "eval.metrics",
+        f"a non-empty list from {', '.join(EVAL_METRICS)}",
+        list(e.metrics),
+    )
     _require(e.num >= 2, "eval.num", ">= 2", e.num)
     eligible = [key for key in metric_keys(e.metrics) if key in LOWER_IS_BETTER]
-    _require(e.best == "" or e.best in eligible, "eval.best", f"empty or one of {', '.join(eligible)} (what eval.metrics produces; lower is better)", e.best)
-    _require(not ("digits" in e.metrics and m.channels != 1), "eval.metrics", "without digits for a 3-channel model", list(e.metrics))
+    _require(
+        e.best == "" or e.best in eligible,
+        "eval.best",
+        f"empty or one of {', '.join(eligible)} (what eval.metrics produces; lower is better)",
+        e.best,
+    )
+    _require(
+        not ("digits" in e.metrics and m.channels != 1),
+        "eval.metrics",
+        "without digits for a 3-channel model",
+        list(e.metrics),
+    )
 
 
 def replace(config: Config, **sections: Any) -> Config:
@@ -429,4 +464,3 @@ def replace(config: Config, **sections: Any) -> Config:
     new = dataclasses.replace(config, **changes)
     validate(new)
     return new
-

@@ -110,7 +110,10 @@ def check_elastic_restarts() -> None:
 
 
 def init_distributed(
-    device_preference: str = "auto", timeout_s: int = 600, force: bool = False, liveness_s: float = 15.0,
+    device_preference: str = "auto",
+    timeout_s: int = 600,
+    force: bool = False,
+    liveness_s: float = 15.0,
 ) -> DistInfo:
     """Join the process group described by the environment (NCCL on CUDA, gloo on CPU), if any.
 
@@ -122,7 +125,9 @@ def init_distributed(
     """
     global _LIVENESS
     if os.environ.get("RANK") and not os.environ.get("WORLD_SIZE"):
-        raise LaunchError(f"RANK={os.environ['RANK']} is set but WORLD_SIZE is not: start the ranks with torchrun or srun")
+        raise LaunchError(
+            f"RANK={os.environ['RANK']} is set but WORLD_SIZE is not: start the ranks with torchrun or srun"
+        )
     check_elastic_restarts()
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -150,8 +155,13 @@ def init_distributed(
         destroy_distributed(exc)  # the peers learn this rank's error at once, not by its silence
         raise
     return DistInfo(
-        rank=rank, world_size=world_size, local_rank=local_rank, device=device, flag_group=flag_group,
-        checkpoint_group=checkpoint_group, forced=world_size == 1,
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        device=device,
+        flag_group=flag_group,
+        checkpoint_group=checkpoint_group,
+        forced=world_size == 1,
     )
 
 
@@ -283,7 +293,12 @@ Bare = TypeVar("Bare", bound=nn.Module)
 
 
 def prepare_module(
-    module: Bare, info: DistInfo, *, compile: bool, channels_last: bool, sync_bn: bool = True,
+    module: Bare,
+    info: DistInfo,
+    *,
+    compile: bool,
+    channels_last: bool,
+    sync_bn: bool = True,
     gradient_sync: GradientSync = "ddp",
 ) -> tuple[nn.Module, Bare]:
     """Return (module to train through, bare module): cross-rank BN -> device -> compile -> DDP.
@@ -314,7 +329,9 @@ def prepare_module(
 
 
 _DDP_BUFFER_SYNC_ARG = (
-    "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters else "broadcast_buffers"
+    "forward_sync_buffers"
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    else "broadcast_buffers"
 )
 """DDP's switch for broadcasting rank 0's buffers before each forward: renamed in newer torch (where the
 old name warns that it is deprecated); both still sync buffers once, when DDP is built."""
@@ -358,12 +375,14 @@ def log_batchnorm_mode(info: DistInfo, sync_bn: bool, batch_size: int) -> None:
     if sync_bn:
         log.info(
             "cross-rank BatchNorm: batch statistics over all %d rank(s), %d images (one all-reduce per layer)",
-            info.world_size, batch_size * info.world_size,
+            info.world_size,
+            batch_size * info.world_size,
         )
     else:
         log.info(
             "per-rank BatchNorm (model.sync_bn=false): each rank normalizes its own %d images; "
-            "running statistics are taken from rank 0", batch_size,
+            "running statistics are taken from rank 0",
+            batch_size,
         )
 
 

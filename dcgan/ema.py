@@ -40,7 +40,9 @@ def refresh_batchnorm_statistics(generator: nn.Module, nz: int) -> None:
     """Replace G's BatchNorm running statistics by those of its own outputs on the fixed latent batches
     (a cumulative average over STATISTICS_BATCHES x STATISTICS_BATCH images, in train mode)."""
     device = next(generator.parameters()).device
-    noise = torch.randn(STATISTICS_BATCHES, STATISTICS_BATCH, nz, generator=torch.Generator().manual_seed(STATISTICS_SEED))
+    noise = torch.randn(
+        STATISTICS_BATCHES, STATISTICS_BATCH, nz, generator=torch.Generator().manual_seed(STATISTICS_SEED)
+    )
     update_bn(list(noise), generator, device=device)
 
 
@@ -74,7 +76,10 @@ class GeneratorEMA:
 
     def state_dict(self) -> dict[str, object]:
         """Parameters and the update count: what a resume needs (statistics are re-estimated)."""
-        return {"params": {name: p for name, p in self.module.named_parameters()}, "updates": torch.tensor(self.updates)}
+        return {
+            "params": {name: p for name, p in self.module.named_parameters()},
+            "updates": torch.tensor(self.updates),
+        }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         params = state["params"]

@@ -88,7 +88,7 @@ def one_line(exc: BaseException) -> str:
         return text.splitlines()[0] if text else type(exc).__name__
     last = text.splitlines()[-1]
     prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
-    return last[len(prefix):] if last.startswith(prefix) else last.split(": ", 1)[-1]
+    return last[len(prefix) :] if last.startswith(prefix) else last.split(": ", 1)[-1]
 
 
 def tell_launcher(exc: BaseException) -> None:

@@ -41,7 +41,9 @@ def load_inception(path: str, device: torch.device = torch.device("cpu")) -> Cal
     """The TorchScript feature network on `device`: uint8 (N, 3, H, W) -> float64 features (N, D) on the host."""
     path = path or os.environ.get(INCEPTION_ENV, "")
     if not path:
-        raise ConfigError(f"fid/kid need the Inception network: pass --inception PATH or set {INCEPTION_ENV} to inception-2015-12-05.pt")
+        raise ConfigError(
+            f"fid/kid need the Inception network: pass --inception PATH or set {INCEPTION_ENV} to inception-2015-12-05.pt"
+        )
     if not Path(path).is_file():
         raise ConfigError(f"Inception network not found: {path}")
     with warnings.catch_warnings():  # the published FID network is TorchScript, deprecated or not
@@ -127,14 +129,18 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: int, genera
     return float((pa - pb).abs().mean())
 
 
-def swd(real: torch.Tensor, fake: torch.Tensor, patches_per_image: int = 64, directions: int = 512, seed: int = 0) -> float:
+def swd(
+    real: torch.Tensor, fake: torch.Tensor, patches_per_image: int = 64, directions: int = 512, seed: int = 0
+) -> float:
     """SWD x1e3 averaged over pyramid levels; real and fake are uint8 (N, C, H, W), same N."""
     n = min(len(real), len(fake))
     levels = max(1, int(np.log2(real.shape[-1] // 16)) + 1)
     to_float = lambda x: x[:n].float().div(127.5).sub(1)  # noqa: E731
     generator = torch.Generator().manual_seed(seed)
     distances = []
-    for level_real, level_fake in zip(laplacian_pyramid(to_float(real), levels), laplacian_pyramid(to_float(fake), levels), strict=True):
+    for level_real, level_fake in zip(
+        laplacian_pyramid(to_float(real), levels), laplacian_pyramid(to_float(fake), levels), strict=True
+    ):
         state = generator.get_state()
         pr = _patches(level_real, patches_per_image, generator)
         generator.set_state(state)  # the same patch positions in both sets
@@ -169,14 +175,18 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.float().cpu().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def generated_images(loaded: LoadedGenerator, num: int, info: DistInfo, batch: int = GENERATION_BATCH, seed: int = NOISE_SEED) -> torch.Tensor:
+def generated_images(
+    loaded: LoadedGenerator, num: int, info: DistInfo, batch: int = GENERATION_BATCH, seed: int = NOISE_SEED
+) -> torch.Tensor:
     """`num` generated uint8 images, identical on every rank; rank r makes batches r, r + world, ..."""
     m = loaded.model
     batches = -(-num // batch)
     noise = torch.randn(batches, batch, m.nz, generator=torch.Generator().manual_seed(seed))
     device = next(loaded.generator.parameters()).device
     mine = [to_uint8(loaded.images(z.to(device))) for z in noise[info.rank :: info.world_size]]
-    local = torch.stack(mine) if mine else torch.empty(0, batch, m.channels, m.resolution, m.resolution, dtype=torch.uint8)
+    local = (
+        torch.stack(mine) if mine else torch.empty(0, batch, m.channels, m.resolution, m.resolution, dtype=torch.uint8)
+    )
     return gather_rows(local, batches, info).flatten(0, 1)[:num]
 
 
@@ -236,7 +246,11 @@ class Reference:
 
         found = read_images(self.data, self.resolution, self.channels)
         shape = (0, self.channels, self.resolution, self.resolution)
-        return torch.from_numpy(np.stack([found[i] for i in sorted(found)])) if found else torch.empty(shape, dtype=torch.uint8)
+        return (
+            torch.from_numpy(np.stack([found[i] for i in sorted(found)]))
+            if found
+            else torch.empty(shape, dtype=torch.uint8)
+        )
 
     @property
     def images(self) -> torch.Tensor:
@@ -259,12 +273,20 @@ class Reference:
         found = read_images(self.data, self.resolution, self.channels, set(wanted))
         picked = [found[i] for i in wanted if i in found][: self.num]
         if len(picked) < self.num:
-            raise ConfigError(f"--num {self.num}: only {len(picked)} of the {self.num} randomly chosen reference images of {self.data} are readable")
+            raise ConfigError(
+                f"--num {self.num}: only {len(picked)} of the {self.num} randomly chosen reference images of {self.data} are readable"
+            )
         return torch.from_numpy(np.stack(picked))
 
     def describe(self) -> dict[str, Any]:
         chosen = "all" if self.seed is None else "seeded random subset"
-        return {"data": self.data, "images": self.num, "available": self.available, "selection": chosen, "seed": self.seed}
+        return {
+            "data": self.data,
+            "images": self.num,
+            "available": self.available,
+            "selection": chosen,
+            "seed": self.seed,
+        }
 
 
 @lru_cache(maxsize=2)
@@ -287,13 +309,17 @@ def cache_key(data: str, reference: Reference, resolution: int, network_sha1: st
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def featurize(images: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor], batch: int = GENERATION_BATCH) -> torch.Tensor:
+def featurize(
+    images: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor], batch: int = GENERATION_BATCH
+) -> torch.Tensor:
     if not len(images):
         return torch.empty(0, 0, dtype=torch.float64)
     return torch.cat([features(images[i : i + batch]) for i in range(0, len(images), batch)])
 
 
-def sharded_features(images: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor], info: DistInfo) -> np.ndarray:
+def sharded_features(
+    images: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor], info: DistInfo
+) -> np.ndarray:
     """Features of `images`, each rank featurizing every world-th one; every rank gets all, in order."""
     mine = featurize(images[info.rank :: info.world_size], features)
     if info.distributed:  # a rank with no images still needs the width to take part in the gather
@@ -303,7 +329,9 @@ def sharded_features(images: torch.Tensor, features: Callable[[torch.Tensor], to
     return gather_rows(mine, len(images), info).numpy()
 
 
-def reference_features(reference: Reference, features: Callable[[torch.Tensor], torch.Tensor], path: Path, info: DistInfo) -> np.ndarray:
+def reference_features(
+    reference: Reference, features: Callable[[torch.Tensor], torch.Tensor], path: Path, info: DistInfo
+) -> np.ndarray:
     """The reference's features from the cache file when every rank sees it; else computed with the
     work shared by the ranks, and the file written by rank 0 alone (atomically)."""
     if not any_rank(not path.is_file(), info):
@@ -321,7 +349,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DCGAN_CACHE", Path.home() / ".cache" / "dcgan"))
 
 
-def evaluate(loaded: LoadedGenerator, data: str, num: int, metrics: list[str], info: DistInfo, inception: str = "", cache_dir: Path | None = None) -> Evaluation:
+def evaluate(
+    loaded: LoadedGenerator,
+    data: str,
+    num: int,
+    metrics: list[str],
+    info: DistInfo,
+    inception: str = "",
+    cache_dir: Path | None = None,
+) -> Evaluation:
     """Every requested metric of `loaded` against `num` real images, identical on every rank, with the
     protocol that produced them (images, seeds, selection, network)."""
     cache_dir = cache_dir or default_cache_dir()
@@ -333,8 +369,14 @@ def evaluate(loaded: LoadedGenerator, data: str, num: int, metrics: list[str], i
     reference = reference_images(data, num, m.resolution, m.channels)
     results: dict[str, float] = {}
     protocol: dict[str, Any] = {
-        "generator": {"step": loaded.step, "weights": loaded.weights, "bn": loaded.bn, "images": num,
-                      "noise_seed": NOISE_SEED, "batch": GENERATION_BATCH},
+        "generator": {
+            "step": loaded.step,
+            "weights": loaded.weights,
+            "bn": loaded.bn,
+            "images": num,
+            "noise_seed": NOISE_SEED,
+            "batch": GENERATION_BATCH,
+        },
         "reference": reference.describe(),
         "ranks": info.world_size,
     }
@@ -343,7 +385,9 @@ def evaluate(loaded: LoadedGenerator, data: str, num: int, metrics: list[str], i
         extract = load_inception(network, info.device)
         sha1 = network_hash(network)
         protocol["network"] = {"path": str(Path(network).resolve()), "sha1": sha1}
-        real_feats = reference_features(reference, extract, cache_dir / f"ref-{cache_key(data, reference, m.resolution, sha1)}.npy", info)
+        real_feats = reference_features(
+            reference, extract, cache_dir / f"ref-{cache_key(data, reference, m.resolution, sha1)}.npy", info
+        )
         fake_feats = sharded_features(fake, extract, info)
         if "fid" in metrics:
             results["fid"] = fid(real_feats, fake_feats)
@@ -376,7 +420,9 @@ def best_key(config: Config) -> str:
     return (EMA_PREFIX if config.images_from_average else "") + config.eval.best
 
 
-def evaluate_during_training(raw: LoadedGenerator, average: LoadedGenerator | None, config: Config, info: DistInfo) -> dict[str, float]:
+def evaluate_during_training(
+    raw: LoadedGenerator, average: LoadedGenerator | None, config: Config, info: DistInfo
+) -> dict[str, float]:
     """eval.metrics of the trained G and, when kept, of its average (keys prefixed EMA_PREFIX), on
     eval.data (default: the training data); collective."""
     generators = {"": raw} if average is None else {"": raw, EMA_PREFIX: average}

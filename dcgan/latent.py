@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 from PIL import Image
 
@@ -106,14 +107,20 @@ class Arithmetic:
     G(result) and G(result + uniform jitter)."""
 
 
-def arithmetic(loaded: LoadedGenerator, seed: int, num: int, a: list[int], b: list[int], c: list[int], results: int = 8) -> Arithmetic:
+def arithmetic(
+    loaded: LoadedGenerator, seed: int, num: int, a: list[int], b: list[int], c: list[int], results: int = 8
+) -> Arithmetic:
     """The paper's vector arithmetic (e.g. smiling woman - neutral woman + neutral man = smiling man),
     on latents picked by index from `dcgan sample --seed SEED --num NUM`."""
     latents = seeded_latents(loaded.model.nz, num, seed)
     means = [latents[group].mean(0) for group in (a, b, c)]
     result = means[0] - means[1] + means[2]
-    jitter = (torch.rand(results - 1, result.numel(), generator=torch.Generator().manual_seed(seed + 1)) * 2 - 1) * ARITHMETIC_JITTER
-    rows = [loaded.images(torch.cat([latents[group], mean[None]])) for group, mean in zip((a, b, c), means, strict=True)]
+    jitter = (
+        torch.rand(results - 1, result.numel(), generator=torch.Generator().manual_seed(seed + 1)) * 2 - 1
+    ) * ARITHMETIC_JITTER
+    rows = [
+        loaded.images(torch.cat([latents[group], mean[None]])) for group, mean in zip((a, b, c), means, strict=True)
+    ]
     rows.append(loaded.images(torch.cat([result[None], result[None] + jitter])))
     return Arithmetic(result, rows)
 

@@ -101,8 +101,19 @@ def end_stuck_agent() -> None:
     except OSError:
         return
     subprocess.Popen(
-        [sys.executable, "-m", "dcgan.reaper", str(agent), started[0], str(os.getpid()), started[1],
-         str(AGENT_GRACE_S), socket.gethostname()], start_new_session=True, stdin=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "dcgan.reaper",
+            str(agent),
+            started[0],
+            str(os.getpid()),
+            started[1],
+            str(AGENT_GRACE_S),
+            socket.gethostname(),
+        ],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -117,7 +128,11 @@ class Liveness:
     it after the rank's last collective."""
 
     def __init__(
-        self, address: StoreAddress, rank: int, world_size: int, liveness_s: float,
+        self,
+        address: StoreAddress,
+        rank: int,
+        world_size: int,
+        liveness_s: float,
         on_verdict: Callable[[str], None] = _exit_with,
     ) -> None:
         self.address, self.rank, self.world_size = address, rank, world_size
@@ -252,7 +267,10 @@ class Liveness:
     def _connect(self) -> dist.TCPStore:
         """A connection of this thread's own, with the short timeout (plus the arrival slack to connect)."""
         store = dist.TCPStore(
-            self.address.host, self.address.port, is_master=False, wait_for_workers=False,
+            self.address.host,
+            self.address.port,
+            is_master=False,
+            wait_for_workers=False,
             timeout=datetime.timedelta(seconds=self.liveness_s + ARRIVAL_SLACK_S),
         )
         store.set_timeout(datetime.timedelta(seconds=self.liveness_s))

@@ -36,7 +36,9 @@ def data_lines(config: Config, world_size: int) -> tuple[list[str], int]:
     try:
         batches = source.batches_per_epoch
         if config.uses_builtin_digits:
-            return [f"data: built-in digits, {len(source.images)} images; each rank its own {len(source.images) // world_size}"], batches  # type: ignore[attr-defined]
+            return [
+                f"data: built-in digits, {len(source.images)} images; each rank its own {len(source.images) // world_size}"
+            ], batches  # type: ignore[attr-defined]
         shards = source.shards  # type: ignore[attr-defined]
         total = f"{shards.total} images" if shards.total is not None else "image count unknown (no manifest)"
         lines = [f"data: {config.data.shards}: {len(shards.urls)} shard(s), {total}"]
@@ -85,8 +87,12 @@ def describe(config: Config, world_size: int) -> str:
         f"steps per epoch: {batches_per_epoch}; train.steps {t.steps} = {t.steps / max(batches_per_epoch, 1):.1f} epochs, "
         f"{t.steps * t.batch_size * world_size} images",
         f"run.dir: {run_dir} ({f'resumes from {resume.name}' if resume else 'starts fresh'})",
-        "cadence" + (f" (at the {step_ms:.0f} ms/step last measured in {RunDir(run_dir).stats}):" if step_ms
-                     else " (wall clock unknown until the run has logged a step):"),
+        "cadence"
+        + (
+            f" (at the {step_ms:.0f} ms/step last measured in {RunDir(run_dir).stats}):"
+            if step_ms
+            else " (wall clock unknown until the run has logged a step):"
+        ),
         cadence("metrics", config.log.every, step_ms),
         cadence("samples", config.sample.every, step_ms),
         cadence("checkpoint", config.checkpoint.every, step_ms),

@@ -59,7 +59,9 @@ def load_discriminator(run_dir: Path) -> LoadedDiscriminator:
     """D of a run directory's newest complete checkpoint (exported files hold only G)."""
     layout = RunDir(run_dir)
     if not layout.config.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml): the probe needs D, which only checkpoints hold")
+        raise ConfigError(
+            f"{run_dir} is not a run directory (no config.yaml): the probe needs D, which only checkpoints hold"
+        )
     loaded = read_newest(layout.checkpoints, load_discriminator_checkpoint)
     if loaded is None:
         raise ConfigError(f"{run_dir} has no complete checkpoint yet")
@@ -102,7 +104,9 @@ def labelled_images(data: str, resolution: int, channels: int) -> tuple[torch.Te
 
     images, labels, _ = read_labelled(data, resolution, channels)
     if len(set(labels.tolist())) < 2:
-        raise ConfigError(f"--data {data}: the probe needs labelled images of at least 2 classes (shards of an image folder have none)")
+        raise ConfigError(
+            f"--data {data}: the probe needs labelled images of at least 2 classes (shards of an image folder have none)"
+        )
     return torch.from_numpy(images), labels
 
 
@@ -113,7 +117,9 @@ def split(labels: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, np
     for cls in np.unique(labels):
         members = np.flatnonzero(labels == cls)
         if len(members) <= per_class:
-            raise ConfigError(f"--labels {per_class}: class {cls} has only {len(members)} images (some are needed for testing)")
+            raise ConfigError(
+                f"--labels {per_class}: class {cls} has only {len(members)} images (some are needed for testing)"
+            )
         train.extend(rng.choice(members, per_class, replace=False).tolist())
     train_idx = np.sort(np.asarray(train))
     return train_idx, np.setdiff1d(np.arange(len(labels)), train_idx)
@@ -164,8 +170,10 @@ def run_probe(run_dir: Path, data: str, per_class: int, draws: int = 3) -> Probe
     untrained_feats = features(untrained_like(loaded), images)
     seeds = range(draws)
     return ProbeResult(
-        step=loaded.step, per_class=per_class,
+        step=loaded.step,
+        per_class=per_class,
         trained=[probe_accuracy(trained_feats, labels, per_class, seed) for seed in seeds],
         untrained=[probe_accuracy(untrained_feats, labels, per_class, seed) for seed in seeds],
-        feature_dim=trained_feats.shape[1], test_images=len(labels) - per_class * len(np.unique(labels)),
+        feature_dim=trained_feats.shape[1],
+        test_images=len(labels) - per_class * len(np.unique(labels)),
     )

@@ -65,7 +65,9 @@ class DigitsScorer:
         # everywhere, standardized features make it converge in 0.25 s to a tight tolerance (the raw
         # features at 1e-8 took 727 iterations, 8.6 s with 2 threads).
         with threadpool_limits(limits=1, user_api="blas"):
-            self.classifier = make_pipeline(StandardScaler(), LogisticRegression(C=100.0, max_iter=10000, tol=1e-8)).fit(real, labels)
+            self.classifier = make_pipeline(
+                StandardScaler(), LogisticRegression(C=100.0, max_iter=10000, tol=1e-8)
+            ).fit(real, labels)
 
     @staticmethod
     def features(images: torch.Tensor) -> np.ndarray:

@@ -54,8 +54,12 @@ def main(argv: list[str]) -> int:
     wait_while(lambda: process_state(worker_pid, worker_started) == "Z", grace_s)
     if process_state(worker_pid, worker_started) == "Z" and process_state(agent_pid, agent_started) is not None:
         os.kill(agent_pid, signal.SIGKILL)
-        print(f"dcgan: torchrun's agent (pid {agent_pid}) on {host} was stuck on the unreachable rendezvous "
-              f"{grace_s:g} s after its worker ended: ended it", file=sys.stderr, flush=True)
+        print(
+            f"dcgan: torchrun's agent (pid {agent_pid}) on {host} was stuck on the unreachable rendezvous "
+            f"{grace_s:g} s after its worker ended: ended it",
+            file=sys.stderr,
+            flush=True,
+        )
     return 0
 
 

@@ -104,8 +104,12 @@ def svg_chart(series: Series, box: Box = Box()) -> str:
         path = " ".join(at(x, y) for x, y in points)
         parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.3" points="{path}"/>')
         if len(points) == 1:
-            parts.append(f'<circle r="2.5" fill="{color}" cx="{at(*points[0]).split(",")[0]}" cy="{at(*points[0]).split(",")[1]}"/>')
-        parts.append(f'<text x="{box.left + 8}" y="{box.top + 14 + 13 * index}" fill="{color}">{html.escape(name)}</text>')
+            parts.append(
+                f'<circle r="2.5" fill="{color}" cx="{at(*points[0]).split(",")[0]}" cy="{at(*points[0]).split(",")[1]}"/>'
+            )
+        parts.append(
+            f'<text x="{box.left + 8}" y="{box.top + 14 + 13 * index}" fill="{color}">{html.escape(name)}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -124,9 +128,11 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         latest.update(row)
     cells = "".join(
-        f"<tr><td>{html.escape(key)}</td><td>{value:.5g}</td></tr>" if isinstance(value, float) else
-        f"<tr><td>{html.escape(key)}</td><td>{html.escape(str(value))}</td></tr>"
-        for key, value in latest.items() if key != "time"
+        f"<tr><td>{html.escape(key)}</td><td>{value:.5g}</td></tr>"
+        if isinstance(value, float)
+        else f"<tr><td>{html.escape(key)}</td><td>{html.escape(str(value))}</td></tr>"
+        for key, value in latest.items()
+        if key != "time"
     )
     return f"<table>{cells}</table>"
 
@@ -157,12 +163,18 @@ def render(run_dir: Path) -> str:
         *(f"<div class='chart'><h3>{html.escape(title)}</h3>{svg_chart(series)}</div>" for title, series in charts),
         "</div>" if charts else "</div><p>No metrics logged yet.</p>",
         "<h2>Samples (fixed noise) over time</h2><div class='strip'>",
-        *(f"<figure><img alt='step {step}' src='data:image/png;base64,{png}'><figcaption>step {step}</figcaption></figure>" for step, png in strip),
+        *(
+            f"<figure><img alt='step {step}' src='data:image/png;base64,{png}'><figcaption>step {step}</figcaption></figure>"
+            for step, png in strip
+        ),
         "</div>",
-        "<h2>Latest values</h2>", summary_table(rows),
+        "<h2>Latest values</h2>",
+        summary_table(rows),
     ]
     if config.is_file():
-        body.append(f"<h2>Config</h2><details><summary>config.yaml</summary><pre>{html.escape(config.read_text())}</pre></details>")
+        body.append(
+            f"<h2>Config</h2><details><summary>config.yaml</summary><pre>{html.escape(config.read_text())}</pre></details>"
+        )
     embedded = json.dumps(data).replace("</", "<\\/")  # a JSON escape: no "</script>" can end the block early
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>dcgan report: {html.escape(run_dir.name)}</title>"

@@ -130,8 +130,12 @@ def load_generator_checkpoint(checkpoint: Path, weights: str | None = None) -> L
                 p.copy_(state[schema.EMA]["params"][name])
         refresh_batchnorm_statistics(generator, model.nz)
     return LoadedGenerator(
-        generator, model, int(state[schema.PROGRESS]["step"]), state[schema.FIXED_NOISE],
-        bn=str(sample.get("bn", "running")), weights=weights,
+        generator,
+        model,
+        int(state[schema.PROGRESS]["step"]),
+        state[schema.FIXED_NOISE],
+        bn=str(sample.get("bn", "running")),
+        weights=weights,
     )
 
 
@@ -163,7 +167,11 @@ def load_export(path: Path) -> LoadedGenerator:
     generator.load_state_dict(blob["state_dict"])
     # files exported before the BatchNorm choice and the average existed: running statistics, raw G
     return LoadedGenerator(
-        generator, model, int(blob["step"]), blob["fixed_noise"], bn=str(blob.get("bn", "running")),
+        generator,
+        model,
+        int(blob["step"]),
+        blob["fixed_noise"],
+        bn=str(blob.get("bn", "running")),
         weights=str(blob.get("weights", "raw")),
     )
 
@@ -176,7 +184,9 @@ def load_generator(source: Path, *, weights: str | None = None, bn: str | None =
     elif source.is_file():
         loaded = load_export(source)
         if weights is not None and weights != loaded.weights:
-            raise ConfigError(f"{source} holds the {loaded.weights} generator only: export the {weights} one from its run directory")
+            raise ConfigError(
+                f"{source} holds the {loaded.weights} generator only: export the {weights} one from its run directory"
+            )
     else:
         raise ConfigError(f"{source}: no such run directory or generator file")
     if bn is not None:
@@ -195,7 +205,9 @@ def sample_grid(loaded: LoadedGenerator, num: int, out: Path, seed: int | None) 
     fixed noise (its first `num` vectors), which redraws the run's own sample grid of that step."""
     if seed is None:
         if num > len(loaded.fixed_noise):
-            raise ConfigError(f"--fixed-noise: the run has {len(loaded.fixed_noise)} fixed noise vectors, asked for --num {num}")
+            raise ConfigError(
+                f"--fixed-noise: the run has {len(loaded.fixed_noise)} fixed noise vectors, asked for --num {num}"
+            )
         noise = loaded.fixed_noise[:num].cpu()
     else:
         noise = seeded_latents(loaded.model.nz, num, seed)

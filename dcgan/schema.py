@@ -37,7 +37,14 @@ from dcgan.errors import IncompatibleCheckpoint
 log = logging.getLogger(__name__)
 
 MODEL, OPTIM, SCALER, PROGRESS, RNG, FIXED_NOISE, META, EMA = (
-    "model", "optim", "scaler", "progress", "rng", "fixed_noise", "meta", "ema"
+    "model",
+    "optim",
+    "scaler",
+    "progress",
+    "rng",
+    "fixed_noise",
+    "meta",
+    "ema",
 )
 PARTS = (MODEL, OPTIM, SCALER, PROGRESS, RNG, FIXED_NOISE, META, EMA)
 """The top-level parts, in the order they are written."""
@@ -60,9 +67,21 @@ def flat_key(*parts: str) -> str:
 
 
 def training_state(
-    *, g: dict[str, Any], d: dict[str, Any], optim_g: dict[str, Any], optim_d: dict[str, Any], scaler: dict[str, Any],
-    step: int, images_seen: int, data: dict[str, Any], rank: int, noise_rng: torch.Tensor, fixed_noise: torch.Tensor,
-    run_id: str, config_yaml: str, ema: dict[str, Any] | None,
+    *,
+    g: dict[str, Any],
+    d: dict[str, Any],
+    optim_g: dict[str, Any],
+    optim_d: dict[str, Any],
+    scaler: dict[str, Any],
+    step: int,
+    images_seen: int,
+    data: dict[str, Any],
+    rank: int,
+    noise_rng: torch.Tensor,
+    fixed_noise: torch.Tensor,
+    run_id: str,
+    config_yaml: str,
+    ema: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The whole tree a training checkpoint holds (every rank builds it; DCP writes each rank's part)."""
     tree = {
@@ -91,7 +110,12 @@ def generator_part(generator: torch.nn.Module, fixed_noise_shape: tuple[int, ...
 def ema_part(generator: torch.nn.Module) -> dict[str, Any]:
     """The averaged G's part of the tree (see dcgan.ema.GeneratorEMA.state_dict), in new tensors: loaded
     beside `generator_part`, which fills G's own."""
-    return {EMA: {"params": {name: torch.empty_like(p) for name, p in generator.named_parameters()}, "updates": torch.tensor(0)}}
+    return {
+        EMA: {
+            "params": {name: torch.empty_like(p) for name, p in generator.named_parameters()},
+            "updates": torch.tensor(0),
+        }
+    }
 
 
 def has_ema(stored: dict[str, Any]) -> bool:
@@ -107,13 +131,13 @@ def saved_config(path: Path, load: Loader) -> dict[str, Any]:
     return yaml.safe_load(meta[META]["config"]) or {}
 
 
-
 def model_of(saved: dict[str, Any]) -> ModelConfig:
     """The model settings of a checkpoint's own config (from saved_config): config.yaml may describe
     another model, e.g. after a resume with other settings was refused."""
     model = saved.get("model", {})
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in model.items() if k in known})
+
 
 # --- resuming: what a checkpoint must match, what it may lack ----------------------------------------
 
@@ -123,7 +147,8 @@ def check_compatible(saved: dict[str, Any], config: Config, path: Path) -> None:
     stored_model = saved.get("model", {})
     differing = [
         f"model.{k}: checkpoint {stored_model.get(k)!r}, config {v!r}"
-        for k, v in architecture(config.model).items() if stored_model.get(k) != v
+        for k, v in architecture(config.model).items()
+        if stored_model.get(k) != v
     ]
     if differing:
         raise IncompatibleCheckpoint(
@@ -167,7 +192,13 @@ def keep_configured_hyperparameters(saved: dict[str, Any], optimizer: torch.opti
         for key in ("lr", "betas"):
             before, now = _as_tuple(saved_group.get(key)), _as_tuple(live_group[key])
             if before != now:
-                log.info("optimizer %s: %s %s in the checkpoint, %s in the config: using the config's", name, key, before, now)
+                log.info(
+                    "optimizer %s: %s %s in the checkpoint, %s in the config: using the config's",
+                    name,
+                    key,
+                    before,
+                    now,
+                )
         saved_group.update({k: v for k, v in live_group.items() if k not in ("params", "param_names")})
 
 
@@ -186,5 +217,11 @@ def warn_if_global_batch_changed(saved: dict[str, Any], stored: Stored, global_b
         log.warning(
             "the global batch changed on resume: %d (%d rank(s) x %d) when checkpointed, %d (%d x %d) now; optim.lr "
             "is not rescaled (for the same global batch: train.batch_size=%d)",
-            before, writers, saved_batch, global_batch, world_size, batch_size, max(before // world_size, 1),
+            before,
+            writers,
+            saved_batch,
+            global_batch,
+            world_size,
+            batch_size,
+            max(before // world_size, 1),
         )

@@ -168,7 +168,11 @@ def build_step(
 
     def wrap(module: Bare) -> tuple[nn.Module, Bare]:
         return prepare_module(
-            module, info, compile=t.compile, channels_last=t.channels_last, sync_bn=config.model.sync_bn,
+            module,
+            info,
+            compile=t.compile,
+            channels_last=t.channels_last,
+            sync_bn=config.model.sync_bn,
             gradient_sync=sync,
         )
 
@@ -176,13 +180,25 @@ def build_step(
     d, d_bare = wrap(Discriminator(config.model))
     betas = (config.optim.beta1, config.optim.beta2)
     # capturable: Adam keeps its step count on the device, which a CUDA-graph replay requires.
-    adam: dict[str, Any] = {"lr": config.optim.lr, "betas": betas, "fused": device.type == "cuda", "capturable": t.cuda_graph}
+    adam: dict[str, Any] = {
+        "lr": config.optim.lr,
+        "betas": betas,
+        "fused": device.type == "cuda",
+        "capturable": t.cuda_graph,
+    }
     opt_g = torch.optim.Adam(g_bare.parameters(), **adam)
     opt_d = torch.optim.Adam(d_bare.parameters(), **adam)
     dtype = resolve_precision(t.precision, device)
     step_fn = GANStep(
-        g=g, d=d, d_bare=d_bare, opt_g=opt_g, opt_d=opt_d, scaler=make_scaler(dtype, t.nonfinite, device),
-        dtype=dtype, nz=config.model.nz, noise=torch.Generator(device=device).manual_seed(noise_seed(config.seed, info.rank)),
+        g=g,
+        d=d,
+        d_bare=d_bare,
+        opt_g=opt_g,
+        opt_d=opt_d,
+        scaler=make_scaler(dtype, t.nonfinite, device),
+        dtype=dtype,
+        nz=config.model.nz,
+        noise=torch.Generator(device=device).manual_seed(noise_seed(config.seed, info.rank)),
         channels_last=t.channels_last and device.type == "cuda",
         average_gradients=partial(average_gradients, info=info) if sync == "explicit" else None,
     )

@@ -80,9 +80,16 @@ class RunTracker(Tracker):
         stats = RunDir(run_dir).stats
         dropped = rewind_stats(stats, start_step)
         if dropped:
-            log.info("dropped %d stats.jsonl line(s) logged after step %d, the step this run resumes from", dropped, start_step)
+            log.info(
+                "dropped %d stats.jsonl line(s) logged after step %d, the step this run resumes from",
+                dropped,
+                start_step,
+            )
             if config.log.wandb != "disabled":
-                log.warning("wandb keeps the values it first received for steps after %d (it ignores steps that go back)", start_step)
+                log.warning(
+                    "wandb keeps the values it first received for steps after %d (it ignores steps that go back)",
+                    start_step,
+                )
         self._stats: TextIO = stats.open("a")
         self._wandb_from = 0
         if config.log.wandb == "offline":
@@ -91,7 +98,9 @@ class RunTracker(Tracker):
             if start_step + 1 < self._wandb_from:
                 log.info(
                     "earlier wandb segments already hold steps up to %d: this segment logs from step %d on, so "
-                    "that `dcgan sync` uploads every step once", self._wandb_from - 1, self._wandb_from,
+                    "that `dcgan sync` uploads every step once",
+                    self._wandb_from - 1,
+                    self._wandb_from,
                 )
         self._wandb: Any = _start_wandb(run_dir, config, wandb_id) if config.log.wandb != "disabled" else None
         if config.log.wandb == "offline":
@@ -107,7 +116,11 @@ class RunTracker(Tracker):
                 self._wandb.log({k: v for k, v in row.items() if k not in ("step", "time")}, step=row["step"])
                 replayed += 1
         if replayed:
-            log.info("logged %d metric line(s) of steps <= %d to wandb again: no earlier segment holds them", replayed, start_step)
+            log.info(
+                "logged %d metric line(s) of steps <= %d to wandb again: no earlier segment holds them",
+                replayed,
+                start_step,
+            )
         self._wandb_from = max(self._wandb_from, start_step + 1)
 
     def _to_wandb(self, step: int) -> bool:
@@ -136,7 +149,9 @@ class RunTracker(Tracker):
         if self._wandb is not None:
             self._wandb.finish()
             if self._wandb.settings.mode == "offline":
-                log.info("wandb offline run saved; upload all its segments as one run with: dcgan sync %s", self.run_dir)
+                log.info(
+                    "wandb offline run saved; upload all its segments as one run with: dcgan sync %s", self.run_dir
+                )
             self._wandb = None
 
 
@@ -302,16 +317,24 @@ class GanHealth:
         self.low_windows = self.low_windows + 1 if metrics["D_G_z_before"] < self.d_wins_below else 0
         if self.low_windows >= self.patience:
             self._warn(
-                "d_wins", "step %d: D wins completely (D(G(z)) < %.2g for %d metric windows): G gets no useful "
-                "gradient; consider a lower D lr, label smoothing or a restart", step, self.d_wins_below, self.low_windows,
+                "d_wins",
+                "step %d: D wins completely (D(G(z)) < %.2g for %d metric windows): G gets no useful "
+                "gradient; consider a lower D lr, label smoothing or a restart",
+                step,
+                self.d_wins_below,
+                self.low_windows,
             )
 
     def observe_samples(self, step: int, diversity: float) -> None:
         self.best_diversity = max(self.best_diversity, diversity)
         if diversity < self.collapse_ratio * self.best_diversity:
             self._warn(
-                "collapse", "step %d: the generator may be collapsing: sample diversity %.4f fell below %.0f%% of "
-                "its peak %.4f", step, diversity, 100 * self.collapse_ratio, self.best_diversity,
+                "collapse",
+                "step %d: the generator may be collapsing: sample diversity %.4f fell below %.0f%% of its peak %.4f",
+                step,
+                diversity,
+                100 * self.collapse_ratio,
+                self.best_diversity,
             )
 
 

@@ -20,7 +20,10 @@ from typing import Any
 import torch
 import yaml
 from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
 )
 
 from dcgan import schema
@@ -29,18 +32,34 @@ from dcgan.config import Config, config_to_dict
 from dcgan.data import build_source
 from dcgan.data.base import BatchSource
 from dcgan.distributed import (
-    DistInfo, any_rank, destroy_distributed, explain_failure, init_distributed, log_batchnorm_mode, replicas_agree, sync_buffers,
+    DistInfo,
+    any_rank,
+    destroy_distributed,
+    explain_failure,
+    init_distributed,
+    log_batchnorm_mode,
+    replicas_agree,
+    sync_buffers,
 )
 from dcgan.ema import GeneratorEMA
 from dcgan.errors import EXIT_NONFINITE, EXIT_OK
 from dcgan.graphs import StepRunner, make_runner
 from dcgan.models import Discriminator, Generator
 from dcgan.plan import lr_advice
-from dcgan.preemption import StopSignal, StoppedWhileWaiting, stop_agreed
+from dcgan.preemption import StoppedWhileWaiting, StopSignal, stop_agreed
 from dcgan.rundir import RunDir, RunDirLock, check_progress, own_run_dir, save_run_config
 from dcgan.sample import LoadedGenerator, generate, plain_copy, save_grid, to_uint8_grid
 from dcgan.step import NONFINITE, GANStep, build_step, noise_seed
-from dcgan.tracking import GanHealth, Progress, Tracker, Window, make_tracker, new_run_id, sample_diversity, setup_logging
+from dcgan.tracking import (
+    GanHealth,
+    Progress,
+    Tracker,
+    Window,
+    make_tracker,
+    new_run_id,
+    sample_diversity,
+    setup_logging,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +126,19 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         step_fn = self.step_fn
         return schema.training_state(
-            g=get_model_state_dict(self.g_bare), d=get_model_state_dict(self.d_bare),
+            g=get_model_state_dict(self.g_bare),
+            d=get_model_state_dict(self.d_bare),
             optim_g=get_optimizer_state_dict(self.g_bare, step_fn.opt_g),
             optim_d=get_optimizer_state_dict(self.d_bare, step_fn.opt_d),
-            scaler=step_fn.scaler.state_dict(), step=self.step, images_seen=self.images_seen, data=self.data.state_dict(),
-            rank=self.info.rank, noise_rng=step_fn.noise.get_state(), fixed_noise=self.fixed_noise,
-            run_id=self.run_id, config_yaml=yaml.safe_dump(config_to_dict(self.config), sort_keys=False),
+            scaler=step_fn.scaler.state_dict(),
+            step=self.step,
+            images_seen=self.images_seen,
+            data=self.data.state_dict(),
+            rank=self.info.rank,
+            noise_rng=step_fn.noise.get_state(),
+            fixed_noise=self.fixed_noise,
+            run_id=self.run_id,
+            config_yaml=yaml.safe_dump(config_to_dict(self.config), sort_keys=False),
             ema=self.ema.state_dict() if self.ema is not None else None,
         )
 
@@ -147,9 +173,14 @@ class Trainer:
             self.step_fn.noise.set_state(state[schema.RNG][schema.rank_key(self.info.rank)]["noise"])
         else:
             self.step_fn.noise.manual_seed(noise_seed(self.config.seed, self.info.rank) + self.step)
-            log.warning("checkpoint has no noise RNG for rank %d (fewer ranks or another device wrote it): reseeded", self.info.rank)
+            log.warning(
+                "checkpoint has no noise RNG for rank %d (fewer ranks or another device wrote it): reseeded",
+                self.info.rank,
+            )
         self.checkpointer.resumed(self.step)
-        log.info("resumed from %s at step %d (data epoch %d, batch %d)", path, self.step, *self.data.state_dict().values())
+        log.info(
+            "resumed from %s at step %d (data epoch %d, batch %d)", path, self.step, *self.data.state_dict().values()
+        )
         schema.warn_if_global_batch_changed(saved_config, stored, self.global_batch, self.info.world_size)
 
     def save(self, *, blocking: bool = False, best: Best | None = None) -> None:
@@ -220,7 +251,9 @@ def evaluate_now(trainer: Trainer) -> dict[str, float]:
     raw = LoadedGenerator(trainer.raw_image_generator(), cfg.model, trainer.step, trainer.fixed_noise, bn=cfg.sample.bn)
     average = None
     if trainer.ema is not None:
-        average = LoadedGenerator(trainer.ema.generator(), cfg.model, trainer.step, trainer.fixed_noise, bn=cfg.sample.bn, weights="ema")
+        average = LoadedGenerator(
+            trainer.ema.generator(), cfg.model, trainer.step, trainer.fixed_noise, bn=cfg.sample.bn, weights="ema"
+        )
     return evaluate_during_training(raw, average, cfg, trainer.info)
 
 
@@ -252,10 +285,15 @@ def stop_while_waiting(trainer: Trainer, stop: StopSignal) -> int:
     """A stop signal while a single process waited for data: checkpoint the last completed step (unless
     it already is one, or none was trained) and exit as after any stop signal."""
     if trainer.step > 0 and trainer.step != trainer.checkpointer.saved_step:
-        log.warning("stop signal while waiting for data: checkpointing step %d, then exiting %d", trainer.step, stop.exit_status)
+        log.warning(
+            "stop signal while waiting for data: checkpointing step %d, then exiting %d", trainer.step, stop.exit_status
+        )
         trainer.save(blocking=True)
     else:
-        log.warning("stop signal while waiting for data: nothing trained since the last checkpoint, exiting %d", stop.exit_status)
+        log.warning(
+            "stop signal while waiting for data: nothing trained since the last checkpoint, exiting %d",
+            stop.exit_status,
+        )
     return stop.exit_status
 
 
@@ -315,7 +353,9 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
         # Metric line of the window that ends here; a new window starts.
         if log_due:
             metrics = window.metrics(
-                info, global_batch=trainer.global_batch, images_seen=trainer.images_seen,
+                info,
+                global_batch=trainer.global_batch,
+                images_seen=trainer.images_seen,
                 skipped_samples=trainer.data.skipped_samples,
             )
             if diversity is not None:
@@ -329,8 +369,17 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
         if cfg.eval.every > 0 and step % cfg.eval.every == 0:
             with window.outside_training() as took:
                 results = evaluate_now(trainer)
-            tracker.log_metrics(step, {"images_seen": trainer.images_seen, "eval_time_s": took.seconds, **{f"eval/{k}": v for k, v in results.items()}})
-            log.info("step %d eval (%.1f s): %s", step, took.seconds, " ".join(f"{k}={v:.5f}" for k, v in results.items()))
+            tracker.log_metrics(
+                step,
+                {
+                    "images_seen": trainer.images_seen,
+                    "eval_time_s": took.seconds,
+                    **{f"eval/{k}": v for k, v in results.items()},
+                },
+            )
+            log.info(
+                "step %d eval (%.1f s): %s", step, took.seconds, " ".join(f"{k}={v:.5f}" for k, v in results.items())
+            )
             best = keep_if_best(trainer, results, best)
 
         # A stop signal every rank agreed on: this step's checkpoint, then the exit.
@@ -355,6 +404,7 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
 def resume(trainer: Trainer) -> Path | None:
     """Load the newest complete checkpoint that reads back (a damaged newer one is set aside with a
     warning); return its path, or None for a fresh run."""
+
     def load(path: Path) -> Path:
         trainer.load_state_dict(path)
         return path
@@ -367,8 +417,16 @@ def log_start(trainer: Trainer) -> None:
     cfg, info = trainer.config, trainer.info
     log.info(
         "run %s: %d rank(s) on %s, batch %d per rank (global %d), %s precision, %d CPU thread(s) per rank, "
-        "step %d -> %d", trainer.run_dir, info.world_size, info.device, cfg.train.batch_size,
-        trainer.global_batch, trainer.step_fn.dtype, torch.get_num_threads(), trainer.step, cfg.train.steps,
+        "step %d -> %d",
+        trainer.run_dir,
+        info.world_size,
+        info.device,
+        cfg.train.batch_size,
+        trainer.global_batch,
+        trainer.step_fn.dtype,
+        torch.get_num_threads(),
+        trainer.step,
+        cfg.train.steps,
     )
     log_batchnorm_mode(info, cfg.model.sync_bn, cfg.train.batch_size)
     if info.is_main and (advice := lr_advice(cfg.optim.lr, trainer.global_batch)):
@@ -377,7 +435,9 @@ def log_start(trainer: Trainer) -> None:
 
 def train(config: Config) -> int:
     """Entry point of `dcgan train`: returns the process exit status."""
-    info = init_distributed(config.train.device, config.dist.timeout_s, force=config.dist.force, liveness_s=config.dist.liveness_s)
+    info = init_distributed(
+        config.train.device, config.dist.timeout_s, force=config.dist.force, liveness_s=config.dist.liveness_s
+    )
     run_dir = Path(config.run.dir)
     tracker: Tracker = Tracker()
     stop = StopSignal().install()
@@ -387,7 +447,9 @@ def train(config: Config) -> int:
     failure: BaseException | None = None
     try:
         setup_logging(None, info.rank)
-        data = build_source(config, info)  # what the data refuses (too large a batch, missing shards): before run.dir exists
+        data = build_source(
+            config, info
+        )  # what the data refuses (too large a batch, missing shards): before run.dir exists
         lock = own_run_dir(run_dir, info)
         setup_logging(run_dir, info.rank)
         trainer = build_trainer(config, info, data)

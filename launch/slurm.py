@@ -91,7 +91,9 @@ def wait_for_slurm_after_sigterm() -> None:
     SIGTERM: keep the task alive. A `scancel` then ends it (SLURM's KillWait later) and nothing is
     requeued; a preemption's USR2, which may follow the SIGTERM by a moment, reaches submitit's handler
     (ours is uninstalled by now) and requeues the job, which resumes from that checkpoint."""
-    log.warning("stopped by SIGTERM after its checkpoint: not requeueing unless USR2 follows (preemption); scancel ends the job")
+    log.warning(
+        "stopped by SIGTERM after its checkpoint: not requeueing unless USR2 follows (preemption); scancel ends the job"
+    )
     time.sleep(REQUEUE_WAIT_S)
 
 
@@ -166,7 +168,9 @@ def make_executor(res: Resources, folder: Path, name: str, max_requeues: int = 2
     """One folder per job on SLURM (`%j`); the local executor does not expand `%j` everywhere (it left an
     empty directory of that name), so its jobs' files share the folder, prefixed by their job id."""
     cluster = "local" if res.local else "slurm"
-    executor = submitit.AutoExecutor(folder=str(folder if res.local else folder / "%j"), cluster=cluster, slurm_max_num_timeout=max_requeues)
+    executor = submitit.AutoExecutor(
+        folder=str(folder if res.local else folder / "%j"), cluster=cluster, slurm_max_num_timeout=max_requeues
+    )
     executor.update_parameters(**executor_parameters(res, name))
     return executor
 
@@ -178,7 +182,9 @@ def check_shards_visible(shards: str) -> None:
         return
     path = Path(shards.split("{", 1)[0])
     if not (path if "{" not in shards else path.parent).exists():
-        raise ConfigError(f"data.shards: {shards} does not exist on this machine (give a path the cluster's nodes share)")
+        raise ConfigError(
+            f"data.shards: {shards} does not exist on this machine (give a path the cluster's nodes share)"
+        )
 
 
 def ask_slurm(res: Resources, folder: Path, name: str) -> tuple[bool, str] | None:
@@ -190,7 +196,9 @@ def ask_slurm(res: Resources, folder: Path, name: str) -> tuple[bool, str] | Non
         script.write(sbatch_text(res, folder, name))
         script.flush()
         result = subprocess.run(["sbatch", "--test-only", script.name], capture_output=True, text=True)
-    lines = [line.removeprefix("sbatch: error: ").removeprefix("sbatch: ") for line in result.stderr.strip().splitlines()]
+    lines = [
+        line.removeprefix("sbatch: error: ").removeprefix("sbatch: ") for line in result.stderr.strip().splitlines()
+    ]
     return result.returncode == 0, (lines or ["no answer"])[-1]
 
 
@@ -220,7 +228,9 @@ def log_folder(folder: Path | None, run_config: Config) -> Path:
     return folder if folder is not None else Path(run_config.run.dir) / "slurm_logs"
 
 
-def submit(config: str, overrides: list[str], res: Resources, folder: Path | None = None) -> tuple[submitit.Job, Config]:
+def submit(
+    config: str, overrides: list[str], res: Resources, folder: Path | None = None
+) -> tuple[submitit.Job, Config]:
     """Check the config and resources (with SLURM itself where it is installed), submit; return the job
     and the run's config."""
     run_config = checked_config(config, overrides, res)
@@ -313,32 +323,55 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.dir=runs/x")
     parser.add_argument("--nodes", type=int, default=1, help="nodes of the allocation")
     parser.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU (0 = CPU job)")
-    parser.add_argument("--tasks-per-node", type=int, default=None, help="CPU jobs: processes per node (default: 1, or one per GPU)")
-    parser.add_argument("--cpus-per-task", type=int, default=4, help="CPU cores per task (data loader workers live here); on a CPU cluster ask for 1 per process")
+    parser.add_argument(
+        "--tasks-per-node", type=int, default=None, help="CPU jobs: processes per node (default: 1, or one per GPU)"
+    )
+    parser.add_argument(
+        "--cpus-per-task",
+        type=int,
+        default=4,
+        help="CPU cores per task (data loader workers live here); on a CPU cluster ask for 1 per process",
+    )
     parser.add_argument("--mem-gb", type=int, default=None, help="memory per node in GB (default: the partition's)")
     parser.add_argument("--partition", default="", help="SLURM partition (default: the cluster's default partition)")
-    parser.add_argument("--time", type=int, default=60, help="time limit in minutes (the job requeues itself at the limit)")
+    parser.add_argument(
+        "--time", type=int, default=60, help="time limit in minutes (the job requeues itself at the limit)"
+    )
     parser.add_argument("--account", default="", help="SLURM account to charge (default: yours)")
     parser.add_argument("--qos", default="", help="SLURM quality of service (default: the account's)")
     parser.add_argument("--constraint", default="", help="SLURM node features, e.g. h100 (default: none)")
-    parser.add_argument("--signal-delay", type=int, default=SIGNAL_DELAY_S, help="seconds before the time limit at which the job checkpoints and requeues")
+    parser.add_argument(
+        "--signal-delay",
+        type=int,
+        default=SIGNAL_DELAY_S,
+        help="seconds before the time limit at which the job checkpoints and requeues",
+    )
     parser.add_argument("--local", action="store_true", help="run with submitit's local executor instead of SLURM")
     parser.add_argument("--folder", default="", help="submitit's log folder (default: run.dir/slurm_logs)")
     parser.add_argument(
-        "--sweep", nargs="+", metavar="KEY=V1,V2", default=None,
+        "--sweep",
+        nargs="+",
+        metavar="KEY=V1,V2",
+        default=None,
         help="submit the grid over these values as ONE job array, each point in run.dir/<point> with one wandb "
         "group, e.g. --sweep optim.lr=1e-4,2e-4 seed=0,1,2",
     )
     parser.add_argument(
-        "--write-points", metavar="FILE", default="",
+        "--write-points",
+        metavar="FILE",
+        default="",
         help="with --sweep: write each point's overrides as one line of FILE (for POINTS=FILE sbatch --array=... "
         "slurm/train.sbatch) and exit without submitting",
     )
     parser.add_argument(
-        "--array-parallelism", type=int, default=64, help="sweep points running at once (SLURM's %%N)",
+        "--array-parallelism",
+        type=int,
+        default=64,
+        help="sweep points running at once (SLURM's %%N)",
     )
     parser.add_argument(
-        "--dry-run", action="store_true",
+        "--dry-run",
+        action="store_true",
         help="print the run's plan (config, world size, data per rank, cadences) and the sbatch script submitit "
         "would submit, then exit without submitting",
     )
@@ -369,9 +402,17 @@ def dry_run(config: str, overrides: list[str], res: Resources, folder: Path | No
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # overrides may follow an option
     res = Resources(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
-        cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, partition=args.partition, time_min=args.time,
-        account=args.account, qos=args.qos, constraint=args.constraint, local=args.local,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task,
+        mem_gb=args.mem_gb,
+        partition=args.partition,
+        time_min=args.time,
+        account=args.account,
+        qos=args.qos,
+        constraint=args.constraint,
+        local=args.local,
         signal_delay_s=args.signal_delay,
     )
     folder = Path(args.folder) if args.folder else None
@@ -400,8 +441,10 @@ def run_sweep(args: argparse.Namespace, res: Resources, folder: Path | None) -> 
             point_overrides(args.config, args.overrides, point)  # validate every point now
         lines = [" ".join(point_extra(args.config, args.overrides, p)) for p in points]
         Path(args.write_points).write_text("\n".join(lines) + "\n")
-        print(f"{args.write_points}: {len(points)} point(s); submit with: POINTS={args.write_points} "
-              f"sbatch --array=0-{len(points) - 1}%{args.array_parallelism} slurm/train.sbatch {args.config}")
+        print(
+            f"{args.write_points}: {len(points)} point(s); submit with: POINTS={args.write_points} "
+            f"sbatch --array=0-{len(points) - 1}%{args.array_parallelism} slurm/train.sbatch {args.config}"
+        )
         return 0
     if args.dry_run:
         checked = [point_overrides(args.config, args.overrides, p) for p in points]

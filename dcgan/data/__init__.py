@@ -12,10 +12,7 @@ def build_source(config: Config, info: DistInfo) -> BatchSource:
     if config.uses_builtin_digits:
         from dcgan.data.digits import DigitsSource
 
-        return DigitsSource(
-            config.model.resolution, config.train.batch_size, config.seed, info.rank, info.world_size
-        )
+        return DigitsSource(config.model.resolution, config.train.batch_size, config.seed, info.rank, info.world_size)
     from dcgan.data.stream import ShardSource
 
     return ShardSource(config, info)
-

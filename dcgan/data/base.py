@@ -34,7 +34,9 @@ class BatchSource(Protocol):
     def close(self) -> None: ...
 
 
-def check_batch_fits(batch_size: int, available: int, holds: str, advice: str = "use a smaller train.batch_size") -> None:
+def check_batch_fits(
+    batch_size: int, available: int, holds: str, advice: str = "use a smaller train.batch_size"
+) -> None:
     """A rank's batch must fit in the images it reads in one epoch: the one check, and its one line, of
     every source. `holds` says what holds how many ("the shards hold 1797 per rank per epoch"), giving
     "train.batch_size: 4000 images per rank, but the shards hold 1797 per rank per epoch: use a smaller ..."."""

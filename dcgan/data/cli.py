@@ -13,9 +13,17 @@ def _shards(args: argparse.Namespace) -> int:
 
     try:
         manifest = write_shards(
-            args.kind, Path(args.source), Path(args.out_dir), fmt=args.format, resolution=args.resolution,
-            channels=args.channels, crop=args.crop, shard_size=args.shard_size, block_size=args.block_size,
-            workers=args.workers, overwrite=args.overwrite,
+            args.kind,
+            Path(args.source),
+            Path(args.out_dir),
+            fmt=args.format,
+            resolution=args.resolution,
+            channels=args.channels,
+            crop=args.crop,
+            shard_size=args.shard_size,
+            block_size=args.block_size,
+            workers=args.workers,
+            overwrite=args.overwrite,
         )
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
@@ -37,7 +45,9 @@ def add_shards_command(commands: argparse._SubParsersAction) -> None:
         description="Convert an image folder (e.g. CelebA's img_align_celeba), MNIST idx files or the built-in "
         "digits into WebDataset shards with a manifest. Images are center-cropped and resized once, here.",
     )
-    shards.add_argument("kind", choices=KINDS, help="folder: any folder of images (recursive); mnist: idx files; digits: built-in")
+    shards.add_argument(
+        "kind", choices=KINDS, help="folder: any folder of images (recursive); mnist: idx files; digits: built-in"
+    )
     shards.add_argument("source", help="the folder (folder, mnist); ignored for digits (use .)")
     shards.add_argument("out_dir", help="directory for the shards and their manifest.json (created)")
     shards.add_argument("--resolution", type=int, default=64, help="output side in pixels")

@@ -42,8 +42,10 @@ class DigitsSource(EpochStream):
     def __init__(self, resolution: int, batch_size: int, seed: int, rank: int, world_size: int) -> None:
         self.images = digits_images(resolution)
         per_rank = len(self.images) // world_size
-        holds = f"the built-in digits hold {per_rank}" if world_size == 1 else (
-            f"each of {world_size} ranks holds {per_rank} of the {len(self.images)} built-in digits"
+        holds = (
+            f"the built-in digits hold {per_rank}"
+            if world_size == 1
+            else (f"each of {world_size} ranks holds {per_rank} of the {len(self.images)} built-in digits")
         )
         check_batch_fits(batch_size, per_rank, holds, "use a smaller train.batch_size, or shards of a larger data set")
         self.seed, self.rank, self.world_size, self.batch_size = seed, rank, world_size, batch_size

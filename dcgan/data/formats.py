@@ -127,5 +127,7 @@ def decode_block(data: bytes, channels: int, resolution: int) -> np.ndarray:
     except Exception as exc:  # noqa: BLE001 - numpy raises many types for bad bytes
         raise CorruptSample(f"unreadable block ({type(exc).__name__})") from None
     if block.dtype != np.uint8 or block.ndim != 4 or block.shape[1:] != (channels, resolution, resolution):
-        raise CorruptSample(f"block of shape {block.shape} {block.dtype}, expected (N, {channels}, {resolution}, {resolution}) uint8")
+        raise CorruptSample(
+            f"block of shape {block.shape} {block.dtype}, expected (N, {channels}, {resolution}, {resolution}) uint8"
+        )
     return block

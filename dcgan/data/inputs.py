@@ -60,7 +60,10 @@ def read_idx(path: Path) -> np.ndarray:
 
 def find_mnist(source: Path, split: str = "train") -> tuple[Path, Path]:
     """The image and label idx files of a split inside `source` (MNIST's original file names)."""
-    stems = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}[split]
+    stems = {
+        "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    }[split]
     found = []
     for stem in stems:
         candidates = [source / stem, source / f"{stem}.gz", source / stem.replace("-idx", ".idx")]

@@ -76,7 +76,11 @@ def resolve_shards(spec: str) -> ShardSet:
     else:
         urls = list(wds.shardlists.expand_urls(spec))  # braces, '::' lists, $WDS_ variables
         manifest_path = Path(urls[0]).parent / MANIFEST
-        manifest = Manifest.read(manifest_path) if "://" not in spec and not spec.startswith("pipe:") and manifest_path.is_file() else None
+        manifest = (
+            Manifest.read(manifest_path)
+            if "://" not in spec and not spec.startswith("pipe:") and manifest_path.is_file()
+            else None
+        )
         counts = None
         if manifest is not None:
             by_name = {s.name: s.samples for s in manifest.shards}
@@ -236,8 +240,14 @@ def _expand(samples: Iterator[dict[str, Any]], plan: StreamPlan, bad: BadSamples
             missing = expected.get(url, yielded) - yielded
             if missing > 0:
                 bad.since_batch += missing
-                bad.warn("shard %s yielded %d of its %d images: %d counted as skipped (damaged blocks, or a "
-                         "damaged tar header after which nothing more can be read)", url, yielded, expected[url], missing)
+                bad.warn(
+                    "shard %s yielded %d of its %d images: %d counted as skipped (damaged blocks, or a "
+                    "damaged tar header after which nothing more can be read)",
+                    url,
+                    yielded,
+                    expected[url],
+                    missing,
+                )
             yielded = 0
             continue
         url = str(sample.get("__url__", "?"))
@@ -272,7 +282,9 @@ def lane_batches(plan: StreamPlan, epoch: int, lane: int, skip: int, count: int)
     corrupt since the previous batch (so the main process can count them across worker processes)."""
     bad = BadSamples()
     items = _expand(_shard_passes(_shard_stream(plan, epoch, lane)), plan, bad)
-    shuffled = wds.shuffle(plan.shuffle_buffer, initial=plan.shuffle_buffer, rng=random.Random(_mix(plan.seed, epoch, plan.rank, lane, 2)))(items)
+    shuffled = wds.shuffle(
+        plan.shuffle_buffer, initial=plan.shuffle_buffer, rng=random.Random(_mix(plan.seed, epoch, plan.rank, lane, 2))
+    )(items)
     for _ in range(skip * plan.batch_size):
         if next(shuffled, None) is None:
             return
@@ -312,17 +324,30 @@ class ShardSource(EpochStream):
                 "use fewer data.workers, or set data.resampled=true"
             )
         plan = StreamPlan(
-            urls=shards.urls, counts=shards.counts, seed=config.seed, rank=info.rank, world_size=info.world_size,
-            workers=workers, batch_size=batch, batches_per_epoch=0, shuffle_buffer=d.shuffle_buffer,
-            resampled=d.resampled, channels=config.model.channels, resolution=config.model.resolution,
+            urls=shards.urls,
+            counts=shards.counts,
+            seed=config.seed,
+            rank=info.rank,
+            world_size=info.world_size,
+            workers=workers,
+            batch_size=batch,
+            batches_per_epoch=0,
+            shuffle_buffer=d.shuffle_buffer,
+            resampled=d.resampled,
+            channels=config.model.channels,
+            resolution=config.model.resolution,
         )
         plan = dataclasses.replace(plan, batches_per_epoch=epoch_batches(plan, d.epoch_samples))
         self.plan = plan
         self.dataset = LaneDataset(plan)
         pin = info.device.type == "cuda" if pin_memory is None else pin_memory
         self.loader = DataLoader(
-            self.dataset, batch_size=None, num_workers=d.workers, pin_memory=pin,
-            persistent_workers=d.workers > 0, prefetch_factor=d.prefetch if d.workers > 0 else None,
+            self.dataset,
+            batch_size=None,
+            num_workers=d.workers,
+            pin_memory=pin,
+            persistent_workers=d.workers > 0,
+            prefetch_factor=d.prefetch if d.workers > 0 else None,
             # forkserver: workers start from a clean process, not a fork of one that holds CUDA/NCCL
             # threads or other loaders (a forked child that garbage-collects an inherited loader
             # iterator shuts down the parent's workers).
@@ -355,16 +380,22 @@ def check_shape(shards: ShardSet, config: Config) -> None:
     if m is None:
         return
     if m.resolution != config.model.resolution:
-        raise ConfigError(f"model.resolution: the shards hold {m.resolution}x{m.resolution} images, config says {config.model.resolution}")
+        raise ConfigError(
+            f"model.resolution: the shards hold {m.resolution}x{m.resolution} images, config says {config.model.resolution}"
+        )
     if m.channels != config.model.channels:
-        raise ConfigError(f"model.channels: the shards hold {m.channels}-channel images, config says {config.model.channels}")
+        raise ConfigError(
+            f"model.channels: the shards hold {m.channels}-channel images, config says {config.model.channels}"
+        )
 
 
 def epoch_batches(plan: StreamPlan, epoch_samples: int) -> int:
     """Batches per rank per epoch; identical on every rank, so DDP never waits on a missing batch."""
     if not plan.resampled:
         if plan.counts is None:
-            raise ConfigError("data.resampled=false needs per-shard sample counts: point data.shards at a directory with manifest.json")
+            raise ConfigError(
+                "data.resampled=false needs per-shard sample counts: point data.shards at a directory with manifest.json"
+            )
         shares = plan_exact_counts(plan)
         return plan.workers * min(shares)
     if epoch_samples:
@@ -387,7 +418,9 @@ def plan_exact_counts(plan: StreamPlan) -> list[int]:
     lanes = plan.world_size * plan.workers
     per_lane = len(plan.urls) // lanes
     smallest = sorted(plan.counts)[:per_lane]
-    check_batch_fits(plan.batch_size, sum(smallest), f"one worker's share of the shards holds {sum(smallest)} (data.resampled=false)")
+    check_batch_fits(
+        plan.batch_size, sum(smallest), f"one worker's share of the shards holds {sum(smallest)} (data.resampled=false)"
+    )
     return [sum(smallest) // plan.batch_size]
 
 
@@ -397,8 +430,18 @@ def read_images(spec: str, resolution: int, channels: int, positions: set[int] |
     reference set from these (dcgan.evaluate.reference_images)."""
     shards = resolve_shards(spec)
     plan = StreamPlan(
-        urls=shards.urls, counts=shards.counts, seed=0, rank=0, world_size=1, workers=1, batch_size=1,
-        batches_per_epoch=0, shuffle_buffer=1, resampled=False, channels=channels, resolution=resolution,
+        urls=shards.urls,
+        counts=shards.counts,
+        seed=0,
+        rank=0,
+        world_size=1,
+        workers=1,
+        batch_size=1,
+        batches_per_epoch=0,
+        shuffle_buffer=1,
+        resampled=False,
+        channels=channels,
+        resolution=resolution,
     )
     bad = BadSamples()
     images: dict[int, np.ndarray] = {}

@@ -12,9 +12,9 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -80,7 +80,14 @@ def write_shard(task: ShardTask) -> tuple[int, int, int]:
         else:
             for offset, (image, label) in enumerate(zip(images, labels, strict=True)):
                 ext, data = encode_image(image, task.fmt)
-                sink.write({"__key__": f"{task.first_key + offset:09d}", ext: data, "cls": str(label).encode(), CHECKSUM: checksum(data)})
+                sink.write(
+                    {
+                        "__key__": f"{task.first_key + offset:09d}",
+                        ext: data,
+                        "cls": str(label).encode(),
+                        CHECKSUM: checksum(data),
+                    }
+                )
     os.replace(tmp, final)
     return task.index, len(images), skipped
 
@@ -89,14 +96,28 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def plan_tasks(kind: str, source: Path, out_dir: Path, *, fmt: str, resolution: int, channels: int, crop: int, shard_size: int, block_size: int) -> tuple[list[ShardTask], int]:
+def plan_tasks(
+    kind: str,
+    source: Path,
+    out_dir: Path,
+    *,
+    fmt: str,
+    resolution: int,
+    channels: int,
+    crop: int,
+    shard_size: int,
+    block_size: int,
+) -> tuple[list[ShardTask], int]:
     """Split the input into shard tasks; returns (tasks, channels actually written)."""
     common: dict[str, Any] = dict(out_dir=out_dir, fmt=fmt, resolution=resolution, crop=crop, block_size=block_size)
     if kind == "folder":
         files = list_images(source)
         if not files:
             raise FileNotFoundError(f"no image files under {source}")
-        return [ShardTask(index=i, first_key=a, channels=channels, files=files[a:b], **common) for i, (a, b) in enumerate(_chunks(len(files), shard_size))], channels
+        return [
+            ShardTask(index=i, first_key=a, channels=channels, files=files[a:b], **common)
+            for i, (a, b) in enumerate(_chunks(len(files), shard_size))
+        ], channels
     if kind == "mnist":
         image_path, label_path = find_mnist(source)
         images, labels = read_idx(image_path), read_idx(label_path)
@@ -108,7 +129,10 @@ def plan_tasks(kind: str, source: Path, out_dir: Path, *, fmt: str, resolution: 
         images, labels = digits_images(resolution).numpy(), load_digits_arrays()[1]
     else:
         raise ValueError(f"unknown kind {kind!r} (allowed: {', '.join(KINDS)})")
-    return [ShardTask(index=i, first_key=a, channels=1, images=images[a:b], labels=labels[a:b], **common) for i, (a, b) in enumerate(_chunks(len(images), shard_size))], 1
+    return [
+        ShardTask(index=i, first_key=a, channels=1, images=images[a:b], labels=labels[a:b], **common)
+        for i, (a, b) in enumerate(_chunks(len(images), shard_size))
+    ], 1
 
 
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -122,10 +146,34 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def write_shards(kind: str, source: Path, out_dir: Path, *, fmt: str = "blocks", resolution: int = 64, channels: int = 3, crop: int = 0, shard_size: int = 10000, block_size: int = 256, workers: int = 0, overwrite: bool = False, progress: bool = True) -> Manifest:
+def write_shards(
+    kind: str,
+    source: Path,
+    out_dir: Path,
+    *,
+    fmt: str = "blocks",
+    resolution: int = 64,
+    channels: int = 3,
+    crop: int = 0,
+    shard_size: int = 10000,
+    block_size: int = 256,
+    workers: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Manifest:
     """Convert `source` into shards under `out_dir` and return the manifest written there."""
     prepare_out_dir(out_dir, overwrite)
-    tasks, channels = plan_tasks(kind, source, out_dir, fmt=fmt, resolution=resolution, channels=channels, crop=crop, shard_size=shard_size, block_size=block_size)
+    tasks, channels = plan_tasks(
+        kind,
+        source,
+        out_dir,
+        fmt=fmt,
+        resolution=resolution,
+        channels=channels,
+        crop=crop,
+        shard_size=shard_size,
+        block_size=block_size,
+    )
     workers = workers or min(len(tasks), os.cpu_count() or 1)
     counts: dict[int, int] = {}
     skipped = 0
@@ -139,9 +187,14 @@ def write_shards(kind: str, source: Path, out_dir: Path, *, fmt: str = "blocks",
     if progress:
         print(file=sys.stderr)
     manifest = Manifest(
-        format=fmt, resolution=resolution, channels=channels, source=str(source), kind=kind,
+        format=fmt,
+        resolution=resolution,
+        channels=channels,
+        source=str(source),
+        kind=kind,
         block_size=block_size if fmt == "blocks" else 0,
-        shards=[ShardInfo(t.name, counts[t.index]) for t in tasks], skipped_inputs=skipped,
+        shards=[ShardInfo(t.name, counts[t.index]) for t in tasks],
+        skipped_inputs=skipped,
     )
     manifest.write(out_dir)
     return manifest
@@ -151,7 +204,12 @@ def _show_progress(done: int, total: int, images: int, elapsed: float) -> None:
     width = 30
     bar = "#" * (width * done // total) + "." * (width - width * done // total)
     end = "\r" if sys.stderr.isatty() else "\n"
-    print(f"[{bar}] {done}/{total} shards, {images} images, {images / max(elapsed, 1e-9):.0f} img/s", end=end, file=sys.stderr, flush=True)
+    print(
+        f"[{bar}] {done}/{total} shards, {images} images, {images / max(elapsed, 1e-9):.0f} img/s",
+        end=end,
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 class _InlinePool:
