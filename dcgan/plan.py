@@ -30,16 +30,18 @@ def measured_step_ms(run_dir: Path) -> float | None:
 def data_lines(config: Config, world_size: int) -> tuple[list[str], int]:
     """What each rank reads, and batches per rank per epoch (rank 0's; every rank has the same)."""
     from dcgan.data import build_source
+    from dcgan.data.digits import DigitsSource
+    from dcgan.data.stream import ShardSource
 
     info = DistInfo(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"))
     source = build_source(config, info)
     try:
         batches = source.batches_per_epoch
-        if config.uses_builtin_digits:
-            return [
-                f"data: built-in digits, {len(source.images)} images; each rank its own {len(source.images) // world_size}"
-            ], batches  # type: ignore[attr-defined]
-        shards = source.shards  # type: ignore[attr-defined]
+        if isinstance(source, DigitsSource):
+            images = len(source.images)
+            return [f"data: built-in digits, {images} images; each rank its own {images // world_size}"], batches
+        assert isinstance(source, ShardSource), "a source is the digits or shards"
+        shards = source.shards
         total = f"{shards.total} images" if shards.total is not None else "image count unknown (no manifest)"
         lines = [f"data: {config.data.shards}: {len(shards.urls)} shard(s), {total}"]
         if config.data.resampled:
