@@ -13,9 +13,8 @@ from dcgan.batchnorm import CrossRankBatchNorm2d, convert_to_cross_rank
 from dcgan.distributed import DistInfo, destroy_distributed, init_distributed
 from dcgan.train import build_step
 
-from conftest import run_cli, tiny_config
-from distributed_helpers import flatten, load_checkpoint_tensors, spawn_ranks
-from helpers import CPU
+from distributed_helpers import spawn_ranks
+from helpers import CPU, flatten, load_checkpoint_tensors, run_cli, tiny_config
 
 pytestmark = pytest.mark.slow
 

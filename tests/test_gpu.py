@@ -19,8 +19,8 @@ from dcgan.models import Discriminator
 from dcgan.step import STAT_NAMES
 from dcgan.train import build_step
 
-from conftest import TINY, run_cli
 from distributed_helpers import spawn_ranks
+from helpers import TINY, run_cli
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
