@@ -48,10 +48,13 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **extra}
 
 
-def run_cli(*args: str, timeout: float = 300, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, timeout: float = 300, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run `python -m dcgan ...` as a user would, from the repository root, in a process of its own: for
-    what needs one (training that installs signal handlers, exit statuses of the real process, a
-    separate interpreter). Other commands: run_in_process."""
+    what needs one (a run that receives signals or holds a lock against another, data workers or
+    wandb's service writing to the process's stderr, the environment at start-up, a separate
+    interpreter). Other commands: run_in_process."""
     result = subprocess.run(
         [sys.executable, "-m", "dcgan", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
         env=subprocess_env(**(env or {})),
@@ -79,7 +82,8 @@ class CliResult:
 def run_in_process(*args: str, check: bool = True, program: str = "dcgan") -> CliResult:
     """`dcgan ARGS` (or `python -m launch.slurm ARGS` with program="launch.slurm") through the command's
     own entry point in this process, from the repository root as run_cli: the same parsing, errors, exit
-    status and output as the command, without a new interpreter's start-up (seconds each) for commands that need no process of their own.
+    status and output as the command, without a new interpreter's start-up (seconds each), for commands
+    that need no process of their own.
 
     As in a fresh interpreter, logging has no handlers of its own: warnings and errors reach stderr as
     bare messages (Python's last-resort handler), info does not; whatever the command sets up (train's
@@ -179,7 +183,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
-def assert_states_equal(a: dict[str, Any], b: dict[str, Any], skip: tuple[str, ...] = ("meta.run_id", "meta.config")) -> None:
+def assert_states_equal(
+    a: dict[str, Any], b: dict[str, Any], skip: tuple[str, ...] = ("meta.run_id", "meta.config")
+) -> None:
     fa, fb = flatten(a), flatten(b)
     assert sorted(k for k in fa if k not in skip) == sorted(k for k in fb if k not in skip)
     for key in fa:

@@ -15,7 +15,9 @@ from dcgan.preemption import EXIT_TERMINATED
 from dcgan.train import EXIT_OK, STOP_CHECK_EVERY, build_trainer, train
 
 from distributed_helpers import torchrun, torchrun_until
-from helpers import CPU, TorchrunRun, assert_states_equal, checkpoint_complete, completed_steps, load_checkpoint_tensors, run_in_process, tiny_config
+from helpers import (
+    CPU, TorchrunRun, assert_states_equal, checkpoint_complete, completed_steps, load_checkpoint_tensors, run_in_process, tiny_config,
+)
 
 pytestmark = pytest.mark.slow
 

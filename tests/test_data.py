@@ -25,7 +25,9 @@ from dcgan.data.stream import ShardError, ShardSource
 from dcgan.data.writer import write_shards
 from dcgan.distributed import DistInfo
 
-from helpers import ROOT, checkpoint_complete, image_index, indexed_image, run_cli, run_in_process, subprocess_env, tiny_config, write_image_folder
+from helpers import (
+    ROOT, checkpoint_complete, image_index, indexed_image, run_in_process, subprocess_env, tiny_config, write_image_folder,
+)
 
 
 def rank_info(rank: int, world: int) -> DistInfo:
@@ -280,7 +282,7 @@ def test_digits_shards_match_the_builtin_digits(digits_shards: Path, tmp_path: P
 @pytest.mark.slow
 def test_training_from_shards_through_the_cli(digits_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    run_cli("train", "configs/tiny.yaml", f"run.dir={run}", f"data.shards={digits_shards}", "data.workers=2", "train.steps=10")
+    run_in_process("train", "configs/tiny.yaml", f"run.dir={run}", f"data.shards={digits_shards}", "data.workers=2", "train.steps=10")
     assert checkpoint_complete(run, 10)
     assert Counter(line.count('"step"') for line in (run / "stats.jsonl").read_text().splitlines()) == Counter({1: 2})
 

@@ -18,7 +18,9 @@ from dcgan.train import EXIT_NONFINITE, build_trainer, prepare_run_dir, run_loop
 from dcgan.wandb_files import history, records, run_id, uploadable_segments
 
 from distributed_helpers import signal_tree, start_training, torchrun, wait_for
-from helpers import CPU, TorchrunRun, completed_steps, load_checkpoint_tensors, read_stats, run_cli, run_in_process, tiny_config
+from helpers import (
+    CPU, TorchrunRun, completed_steps, load_checkpoint_tensors, read_stats, run_cli, run_in_process, tiny_config,
+)
 
 
 def offline_runs(run: Path) -> list[Path]:
@@ -51,17 +53,6 @@ def test_offline_wandb_run_holds_metrics_images_histograms_and_config(tmp_path: 
     stats = read_stats(run)
     assert [s["step"] for s in stats] == [5, 10, 15, 20]
     assert [s["loss_D"] for s in stats] == [row["loss_D"] for row in rows]
-
-
-@pytest.mark.slow  # wandb runs in processes of their own
-def test_resumed_run_keeps_the_wandb_run_id_and_steps_continue(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "log.wandb=offline", "train.steps=10")
-    run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "log.wandb=offline", "train.steps=20")
-    first, second = offline_runs(run)
-    assert run_id(first) == run_id(second) == str(load_checkpoint_tensors(run / "checkpoints" / "step_000000020")["meta"]["run_id"])
-    assert [r["_step"] for r in history(first)] == [5, 10]
-    assert [r["_step"] for r in history(second)] == [15, 20]
 
 
 def test_resume_after_a_kill_between_checkpoints_keeps_one_stats_line_per_step(tmp_path: Path) -> None:
@@ -150,7 +141,7 @@ def test_skip_mode_skips_non_finite_updates_and_finishes(tmp_path: Path) -> None
 
 
 @pytest.mark.slow  # wandb runs in processes of their own
-def test_images_seen_is_logged_everywhere_and_counts_across_world_sizes(tmp_path: Path) -> None:
+def test_a_resumed_run_keeps_its_wandb_run_id_and_images_seen_counts_across_world_sizes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     common = ("train", "configs/tiny.yaml", f"run.dir={run}", "log.wandb=offline", "log.every=5", "sample.every=10")
     run_cli(*common, "train.steps=10")  # one process, batch 16
@@ -159,6 +150,10 @@ def test_images_seen_is_logged_everywhere_and_counts_across_world_sizes(tmp_path
     stats = read_stats(run)
     assert [(s["step"], s["images_seen"]) for s in stats] == [(5, 80), (10, 160), (15, 320), (20, 480)]
     first, second = offline_runs(run)
+    # one wandb run in two segments, its steps continuing (three single-process segments: the last test)
+    assert run_id(first) == run_id(second) == str(load_checkpoint_tensors(run / "checkpoints" / "step_000000020")["meta"]["run_id"])
+    assert [r["_step"] for r in history(first)] == [5, 10]
+    assert [r["_step"] for r in history(second)] == [15, 20]
     rows = history(first) + history(second)
     assert [row["images_seen"] for row in rows if "loss_D" in row] == [80, 160, 320, 480]
     assert all("images_seen" in row for row in rows)  # images and histograms carry it too
