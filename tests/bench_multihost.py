@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import statistics
 import sys
@@ -83,7 +82,9 @@ def worker(batch: int, steps: int, grad_repeats: int) -> None:
 
 def launch(hosts, names: list[str], args: argparse.Namespace, tag: str) -> dict[str, float]:
     """torchrun on each of `names` running this file in worker mode; rank 0's result."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    from helpers import subprocess_env
+
+    env = subprocess_env()
     procs = []
     for name in names:
         argv = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(names)}", "--nproc_per_node=1",

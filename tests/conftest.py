@@ -1,60 +1,13 @@
-"""Shared fixtures: tiny configs, real image folders and shard directories made on disk."""
+"""Shared fixtures: real image folders and shard directories made on disk, and the runs several modules
+read (a trained digits generator, a 2-rank torchrun run). Plain helpers are in helpers.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from dcgan.config import Config, load_config
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
-
-
-def tiny_config(run_dir: Path, *overrides: str) -> Config:
-    """The tiny test model (16x16, widths 8) on the built-in digits, writing into run_dir."""
-    return load_config(TINY, [f"run.dir={run_dir}", *overrides])
-
-
-def run_cli(*args: str, timeout: float = 300, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m dcgan ...` as a user would, from the repository root."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true", **(env or {})}
-    result = subprocess.run(
-        [sys.executable, "-m", "dcgan", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"dcgan {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def indexed_image(index: int, size: int, channels: int = 3) -> np.ndarray:
-    """A (size, size, C) uint8 image whose pixels spell its index (so a test can tell samples apart)."""
-    rng = np.random.default_rng(index)
-    image = rng.integers(0, 256, size=(size, size, channels), dtype=np.uint8)
-    image[0, 0, 0], image[0, 1, 0] = index // 256, index % 256
-    return image
-
-
-def image_index(image: np.ndarray) -> int:
-    """Inverse of indexed_image for a (C, H, W) array."""
-    return int(image[0, 0, 0]) * 256 + int(image[0, 0, 1])
-
-
-def write_image_folder(folder: Path, count: int, size: int, fmt: str = "PNG") -> list[Path]:
-    """Real image files (nested one level, as users' folders often are)."""
-    paths = []
-    for i in range(count):
-        path = folder / f"part{i % 2}" / f"{i:05d}.{fmt.lower()}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(indexed_image(i, size)).save(path, format=fmt)
-        paths.append(path)
-    return paths
+from helpers import DIGITS_MODEL, TorchrunRun, tiny_config, write_image_folder
 
 
 @pytest.fixture(scope="session")
@@ -74,9 +27,6 @@ def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-DIGITS_MODEL = ("model.resolution=32", "model.ngf=32", "model.ndf=32", "model.nz=64", "train.batch_size=64")
-
-
 @pytest.fixture(scope="session")
 def trained_digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 32x32 digits generator trained for 300 steps (about 40 s), shared by the quality tests."""
@@ -88,7 +38,20 @@ def trained_digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
-SLOW_FIXTURES = {"trained_digits_run", "straight_runs", "cluster", "ema_run"}
+@pytest.fixture(scope="session")
+def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> TorchrunRun:
+    """`torchrun --nproc_per_node=2 -m dcgan train configs/tiny.yaml train.steps=10` with an offline wandb
+    run, as a user starts it: read by the DDP, tracking and checkpoint tests. Read only: a test that
+    changes the run works on a copy."""
+    from distributed_helpers import torchrun
+
+    run = tmp_path_factory.mktemp("two_rank") / "run"
+    result = torchrun(2, "train", "configs/tiny.yaml", f"run.dir={run}", "log.wandb=offline", "train.steps=10")
+    assert result.returncode == 0, result.stderr
+    return TorchrunRun(run, result.stderr)
+
+
+SLOW_FIXTURES = {"trained_digits_run", "straight_runs", "cluster", "ema_run", "two_rank_run"}
 """Fixtures that train a model or start a cluster: every test that uses one is slow."""
 
 

@@ -1,4 +1,5 @@
-"""Real multi-process runs for tests: spawned gloo ranks, and `torchrun -m dcgan` as a user runs it."""
+"""Real multi-process runs for tests: spawned gloo ranks, `torchrun -m dcgan` as a user runs it, a
+training in the background, and signals to a process tree."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from conftest import ROOT
+from helpers import ROOT, subprocess_env
 
 
 def free_port() -> int:
@@ -40,10 +41,6 @@ def torchrun_cmd(nproc: int, *dcgan_args: str) -> list[str]:
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
         f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "dcgan", *dcgan_args,
     ]
-
-
-def subprocess_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
 
 
 def torchrun(nproc: int, *dcgan_args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -98,34 +95,20 @@ def signal_tree(pid: int, sig: int) -> None:
             pass
 
 
-def load_checkpoint_tensors(path: Path) -> dict[str, Any]:
-    """A complete DCP checkpoint as one flat {key: value} dict, read in this (single) process."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = path.parent / (path.name + ".pt")
-    dcp_to_torch_save(str(path), str(out))
-    state = torch.load(out, weights_only=False)
-    out.unlink()
-    return state
+def start_training(run: Path, *overrides: str) -> subprocess.Popen[str]:
+    """`dcgan train configs/tiny.yaml` in the background, as a user's second terminal would start it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dcgan", "train", "configs/tiny.yaml", f"run.dir={run}", *overrides],
+        cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal, even if this runs in the background
+    )
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        items: dict[str, Any] = {}
-        for key, value in tree.items():
-            items.update(flatten(value, f"{prefix}{key}."))
-        return items
-    return {prefix.rstrip("."): tree}
-
-
-def assert_states_equal(a: dict[str, Any], b: dict[str, Any], skip: tuple[str, ...] = ("meta.run_id", "meta.config")) -> None:
-    fa, fb = flatten(a), flatten(b)
-    assert sorted(k for k in fa if k not in skip) == sorted(k for k in fb if k not in skip)
-    for key in fa:
-        if key in skip:
-            continue
-        x, y = fa[key], fb[key]
-        if isinstance(x, torch.Tensor):
-            assert torch.equal(x, y), f"{key} differs"
-        else:
-            assert x == y, f"{key}: {x!r} != {y!r}"
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen[str], timeout: float = 120) -> None:
+    """Wait until `condition()`, failing if `process` ends first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"training ended early:\n{process.stderr.read() if process.stderr else ''}")
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.05)

@@ -14,8 +14,7 @@ from dcgan.compare import compare, describe_settings, training_identity, write_c
 from dcgan.config import ConfigError, load_config
 from dcgan.spread import Spread
 
-from conftest import TINY, run_cli
-from helpers import CPU
+from helpers import CPU, TINY, run_in_process
 
 
 def test_spread_is_the_mean_std_and_t_interval() -> None:
@@ -47,7 +46,7 @@ def test_a_comparison_trains_each_run_once_scores_it_and_resumes(tmp_path: Path)
     first = compare(str(TINY), common, ["sample.bn=running"], ["sample.bn=batch"], [0, 1], root, num=300, info=CPU)
     assert first.runs["A"] == first.runs["B"] and len(set(first.runs["A"])) == 2  # bn only: the same two runs
     out = tmp_path / "e.json"
-    run_cli("eval", first.runs["B"][1], "--data", "digits", "-n", "300", "--metrics", "digits", "--bn", "batch", "--out", str(out))
+    run_in_process("eval", first.runs["B"][1], "--data", "digits", "-n", "300", "--metrics", "digits", "--bn", "batch", "--out", str(out))
     assert json.loads(out.read_text())["digits_frechet"] == pytest.approx(first.values["B"][1], rel=1e-12)
     diffs = [b - a for a, b in zip(first.values["A"], first.values["B"])]
     assert first.difference.mean == pytest.approx(np.mean(diffs)) and first.difference.std == pytest.approx(np.std(diffs, ddof=1))

@@ -13,9 +13,8 @@ from dcgan.batchnorm import CrossRankBatchNorm2d, convert_to_cross_rank
 from dcgan.distributed import DistInfo, destroy_distributed, init_distributed
 from dcgan.step import build_step
 
-from conftest import run_cli, tiny_config
-from distributed_helpers import flatten, load_checkpoint_tensors, spawn_ranks
-from helpers import CPU
+from distributed_helpers import spawn_ranks
+from helpers import CPU, flatten, load_checkpoint_tensors, run_in_process, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -190,7 +189,7 @@ def test_one_process_runs_the_multi_rank_path_with_dist_force(tmp_path: Path) ->
     runs = {}
     for forced in ("true", "false"):
         run = tmp_path / f"force-{forced}"
-        result = run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10", f"dist.force={forced}")
+        result = run_in_process("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10", f"dist.force={forced}")
         mentioned = "cross-rank BatchNorm: batch statistics over all 1 rank(s), 16 images" in result.stderr
         assert mentioned == (forced == "true")
         runs[forced] = flatten(load_checkpoint_tensors(run / "checkpoints" / "step_000000010"))

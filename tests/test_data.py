@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import io
 import shutil
 import struct
@@ -26,8 +25,9 @@ from dcgan.data.stream import ShardError, ShardSource
 from dcgan.data.writer import write_shards
 from dcgan.distributed import DistInfo
 
-from conftest import ROOT, image_index, indexed_image, run_cli, tiny_config, write_image_folder
-from helpers import checkpoint_complete
+from helpers import (
+    ROOT, checkpoint_complete, image_index, indexed_image, run_in_process, subprocess_env, tiny_config, write_image_folder,
+)
 
 
 def rank_info(rank: int, world: int) -> DistInfo:
@@ -263,11 +263,11 @@ def test_celeba_recipe_center_crops_then_resizes() -> None:
 @pytest.mark.slow
 def test_shards_cli_refuses_non_empty_out_dir_and_overwrites_when_asked(image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = run_cli("shards", "folder", str(image_folder), str(out), "--resolution", "16", "--shard-size", "40", "--workers", "1")
+    result = run_in_process("shards", "folder", str(image_folder), str(out), "--resolution", "16", "--shard-size", "40", "--workers", "1")
     assert "80 images in 2 shards" in result.stdout
-    again = run_cli("shards", "folder", str(image_folder), str(out), "--resolution", "16", check=False)
+    again = run_in_process("shards", "folder", str(image_folder), str(out), "--resolution", "16", check=False)
     assert again.returncode == 2 and "not empty; pass --overwrite" in again.stderr
-    run_cli("shards", "folder", str(image_folder), str(out), "--resolution", "16", "--shard-size", "80", "--workers", "1", "--overwrite")
+    run_in_process("shards", "folder", str(image_folder), str(out), "--resolution", "16", "--shard-size", "80", "--workers", "1", "--overwrite")
     assert Manifest.read(out / "manifest.json").shards[0].samples == 80
     assert not (out / "shard-000001.tar").exists()
 
@@ -282,14 +282,14 @@ def test_digits_shards_match_the_builtin_digits(digits_shards: Path, tmp_path: P
 @pytest.mark.slow
 def test_training_from_shards_through_the_cli(digits_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    run_cli("train", "configs/tiny.yaml", f"run.dir={run}", f"data.shards={digits_shards}", "data.workers=2", "train.steps=10")
+    run_in_process("train", "configs/tiny.yaml", f"run.dir={run}", f"data.shards={digits_shards}", "data.workers=2", "train.steps=10")
     assert checkpoint_complete(run, 10)
     assert Counter(line.count('"step"') for line in (run / "stats.jsonl").read_text().splitlines()) == Counter({1: 2})
 
 
 @pytest.mark.slow
 def test_bench_data_prints_a_table(digits_shards: Path) -> None:
-    out = run_cli("bench", "data", str(digits_shards), "--workers", "0,1", "--batches", "5", "--batch-size", "16").stdout
+    out = run_in_process("bench", "data", str(digits_shards), "--workers", "0,1", "--batches", "5", "--batch-size", "16").stdout
     header, *lines = out.splitlines()
     assert header.split()[:2] == ["workers", "img/s"] and "delivered to cpu" in header
     rows = [line.split() for line in lines]
@@ -363,6 +363,6 @@ def test_the_read_buffer_is_set_by_reading_shards_not_by_importing(digits_shards
         "images = read_images(sys.argv[1], 16, 1, set(range(8)))\n"
         "print(os.environ.get('GOPEN_BUFFER') == str(READ_BUFFER), sorted(images), images[0].shape)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "GOPEN_BUFFER"}
+    env = {k: v for k, v in subprocess_env().items() if k != "GOPEN_BUFFER"}
     result = subprocess.run([sys.executable, "-c", program, str(digits_shards)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.stdout.split("\n")[:2] == ["None", "True [0, 1, 2, 3, 4, 5, 6, 7] (1, 16, 16)"], result.stderr

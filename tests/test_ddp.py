@@ -15,8 +15,8 @@ from dcgan.losses import discriminator_loss
 from dcgan.models import Discriminator
 from dcgan.train import build_trainer
 
-from conftest import tiny_config
-from distributed_helpers import _rank_main, free_port, spawn_ranks, torchrun
+from distributed_helpers import _rank_main, free_port, spawn_ranks
+from helpers import TorchrunRun, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -131,12 +131,10 @@ def test_a_dead_rank_makes_the_others_fail_within_the_timeout(tmp_path: Path) ->
     assert float(elapsed) < 5 + 10 and time.monotonic() - started < 60
 
 
-def test_torchrun_two_ranks_through_the_cli(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    result = torchrun(2, "train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10")
-    assert result.returncode == 0, result.stderr
-    assert "2 rank(s) on cpu, batch 16 per rank (global 32)" in result.stderr
-    assert "cross-rank BatchNorm: batch statistics over all 2 rank(s), 32 images" in result.stderr
+def test_torchrun_two_ranks_through_the_cli(two_rank_run: TorchrunRun) -> None:
+    run = two_rank_run.run
+    assert "2 rank(s) on cpu, batch 16 per rank (global 32)" in two_rank_run.stderr
+    assert "cross-rank BatchNorm: batch statistics over all 2 rank(s), 32 images" in two_rank_run.stderr
     assert sorted(p.name for p in (run / "checkpoints" / "step_000000010").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     lines = (run / "stats.jsonl").read_text().splitlines()
     assert len(lines) == 2 and '"global_batch": 32' in lines[-1]  # written once, by rank 0

@@ -18,9 +18,8 @@ from dcgan.evaluate import fid, kid, load_inception, swd
 from dcgan.models import Generator
 from dcgan.sample import LoadedGenerator, export_generator
 
-from conftest import DIGITS_MODEL, TINY, run_cli
 from distributed_helpers import torchrun
-from helpers import completed_steps, read_stats
+from helpers import DIGITS_MODEL, TINY, completed_steps, read_stats, run_in_process, tiny_config
 
 
 def gaussian_features(n: int, dim: int, seed: int) -> np.ndarray:
@@ -99,7 +98,7 @@ def eval_cli(source: Path, out: Path, inception: Path, *, ranks: int = 1) -> dic
     args = ["eval", str(source), "--data", "digits", "-n", "500", "--metrics", "fid,kid,swd,digits",
             "--inception", str(inception), "--out", str(out)]
     if ranks == 1:
-        run_cli(*args)
+        run_in_process(*args)
     else:
         result = torchrun(ranks, *args)
         assert result.returncode == 0, result.stderr
@@ -115,7 +114,7 @@ def test_eval_json_records_the_protocol(untrained_generator: Path, inception: Pa
     assert protocol["kid"] == {"subsets": 100, "subset_size": 500, "seed": 0} and protocol["swd"]["seed"] == 0
     assert protocol["ranks"] == 1
     whole = tmp_path / "all.json"
-    run_cli("eval", str(untrained_generator), "--data", "digits", "-n", "1797", "--out", str(whole))
+    run_in_process("eval", str(untrained_generator), "--data", "digits", "-n", "1797", "--out", str(whole))
     assert json.loads(whole.read_text())["protocol"]["reference"]["selection"] == "all"
 
 
@@ -158,8 +157,6 @@ def test_trained_generator_beats_untrained_on_every_metric_and_ranks_agree(
 def test_periodic_evaluation_logs_metrics_and_keeps_the_best_checkpoint(tmp_path: Path) -> None:
     from dcgan.checkpoint import read_best
     from dcgan.train import EXIT_OK, train
-
-    from conftest import tiny_config
 
     run = tmp_path / "run"
     config = tiny_config(run, "train.steps=40", "checkpoint.every=10", "checkpoint.keep=1", "eval.every=10",

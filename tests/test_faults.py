@@ -1,6 +1,7 @@
 """Faults a cluster and a hostile user produce, each ending in one line and an exit status, with no
 completed checkpoint lost: a second job on a busy run directory, Ctrl-C, a damaged newest checkpoint,
-shards whose samples cannot be decoded, impossible settings and launch environments."""
+shards whose samples cannot be decoded, bad input and incomplete launch environments. (Impossible
+settings: test_config.py; the signals themselves: test_preemption.py.)"""
 
 from __future__ import annotations
 
@@ -9,48 +10,26 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from dcgan.config import ConfigError, load_config
-from dcgan.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, EXIT_TERMINATED, StopSignal
+from dcgan.preemption import EXIT_INTERRUPTED, EXIT_TERMINATED
+from dcgan.train import EXIT_OK, train
 
-from conftest import ROOT, TINY, run_cli
-from distributed_helpers import descendants, signal_tree, subprocess_env, torchrun_cmd
-from helpers import completed_steps, read_stats
-
-pytestmark = pytest.mark.slow
+from distributed_helpers import descendants, signal_tree, start_training, torchrun_cmd, wait_for
+from helpers import ROOT, completed_steps, read_stats, run_cli, run_in_process, subprocess_env, tiny_config
 
 
-def start_training(run: Path, *overrides: str) -> subprocess.Popen[str]:
-    """`dcgan train configs/tiny.yaml` in the background, as a user's second terminal would start it."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "dcgan", "train", "configs/tiny.yaml", f"run.dir={run}", *overrides],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal, even if this runs in the background
-    )
-
-
-def wait_for(condition: object, process: subprocess.Popen[str], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if process.poll() is not None:
-            raise AssertionError(f"training ended early:\n{process.stderr.read() if process.stderr else ''}")
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.05)
-
-
+@pytest.mark.slow  # a training in a process of its own
 def test_a_second_job_on_a_busy_run_dir_is_refused_and_a_killed_job_leaves_no_lock(tmp_path: Path) -> None:
     run = tmp_path / "run"
     first = start_training(run, "train.steps=100000", "checkpoint.every=20")
     try:
         wait_for(lambda: 20 in completed_steps(run), first)
-        second = run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=30", check=False)
+        second = run_in_process("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=30", check=False)
         assert second.returncode == 4
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1, second.stderr
@@ -61,11 +40,12 @@ def test_a_second_job_on_a_busy_run_dir_is_refused_and_a_killed_job_leaves_no_lo
         first.wait()
     kept = completed_steps(run)
     assert kept and kept[-1] >= 20
-    after = run_cli("train", "configs/tiny.yaml", f"run.dir={run}", f"train.steps={kept[-1] + 5}")
+    after = run_in_process("train", "configs/tiny.yaml", f"run.dir={run}", f"train.steps={kept[-1] + 5}")
     assert f"resumed from {run / 'checkpoints'}/step_{kept[-1]:09d}" in after.stderr
     assert completed_steps(run)[-1] == kept[-1] + 5
 
 
+@pytest.mark.slow  # a training in a process of its own
 def test_ctrl_c_checkpoints_and_exits_130_and_a_second_one_stops_at_once(tmp_path: Path) -> None:
     run = tmp_path / "run"
     graceful = start_training(run, "train.steps=100000", "checkpoint.every=20")
@@ -80,70 +60,24 @@ def test_ctrl_c_checkpoints_and_exits_130_and_a_second_one_stops_at_once(tmp_pat
 
 
 
-def test_a_second_ctrl_c_interrupts_at_once() -> None:
-    """Real SIGINTs to this process: the first asks for a graceful stop, the second raises at once."""
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (CI may run us with it ignored)
-    stop = StopSignal().install()
-    try:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.requested and stop.exit_status == EXIT_INTERRUPTED
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-    finally:
-        stop.uninstall()
-        restored = signal.signal(signal.SIGINT, before)
-    assert restored is signal.default_int_handler  # uninstall put back what was there
-
-
-@pytest.mark.parametrize(
-    ("signals", "status"),
-    [
-        ([signal.SIGTERM], EXIT_TERMINATED),  # scancel, kill: stop for good
-        ([signal.SIGUSR2], EXIT_REQUEUE),  # SLURM's warning before the time limit
-        ([signal.SIGTERM, signal.SIGUSR2], EXIT_REQUEUE),  # preemption as submitit simulates it
-        ([signal.SIGUSR1, signal.SIGTERM], EXIT_REQUEUE),  # train.sbatch forwards USR1 as SIGTERM
-    ],
-)
-def test_only_the_user_signal_asks_for_a_requeue(signals: list[int], status: int) -> None:
-    """Real signals to this process: a `scancel` (SIGTERM alone) must not requeue the job it cancels."""
-    stop = StopSignal().install()
-    try:
-        for sig in signals:
-            os.kill(os.getpid(), sig)
-        assert stop.received == signals and stop.exit_status == status
-    finally:
-        stop.uninstall()
-
-
-def test_an_ignored_sigint_stays_ignored() -> None:
-    """A background job started by a shell ignores SIGINT so that Ctrl-C at the terminal spares it."""
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        stop = StopSignal().install()
-        os.kill(os.getpid(), signal.SIGINT)
-        assert not stop.requested and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-        stop.uninstall()
-    finally:
-        signal.signal(signal.SIGINT, before)
-
-
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10", "checkpoint.every=5")
+    assert train(tiny_config(run, "train.steps=10", "checkpoint.every=5")) == EXIT_OK
     data = run / "checkpoints" / "step_000000010" / "__0_0.distcp"
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # .metadata intact, data truncated
 
-    exported = run_cli("export", str(run), "--out", str(tmp_path / "g.pt"))
+    exported = run_in_process("export", str(run), "--out", str(tmp_path / "g.pt"))
     assert "generator of step 5" in exported.stdout
     assert "checkpoint" in exported.stderr and "step_000000010 cannot be read" in exported.stderr
 
-    resumed = run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=12", "checkpoint.every=5")
+    resumed = run_in_process("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=12", "checkpoint.every=5")
     assert "step_000000010 cannot be read" in resumed.stderr
     assert f"resumed from {run / 'checkpoints'}/step_000000005" in resumed.stderr
     assert (run / "checkpoints" / "step_000000010.damaged" / "__0_0.distcp").is_file()  # kept for inspection
     assert completed_steps(run) == [5, 10, 12]
 
 
+@pytest.mark.slow  # a training in a process of its own
 def test_shards_whose_samples_cannot_be_decoded_stop_the_run_in_one_line(digits_shards: Path, tmp_path: Path) -> None:
     """16x16 shards given by pattern (no manifest to check against) to a 32x32 model: every block is
     refused; the run must stop instead of skipping forever."""
@@ -176,14 +110,19 @@ def test_shards_whose_samples_cannot_be_decoded_stop_the_run_in_one_line(digits_
         ),
     ],
 )
-def test_an_incomplete_launch_environment_is_refused_in_one_line(tmp_path: Path, env: dict[str, str], message: str) -> None:
-    result = run_cli("train", "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", check=False, env=env)
+def test_an_incomplete_launch_environment_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for name, value in env.items():  # read when the process group is joined, not at import
+        monkeypatch.setenv(name, value)
+    result = run_in_process("train", "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", check=False)
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"dcgan: error: {message}")
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # a training in a process of its own
 def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_from_its_newest_checkpoint(tmp_path: Path) -> None:
     """Elastic restarts with no human: SIGKILL one worker after the first checkpoint; torchrun
     (--max-restarts=1) starts a new round, which resumes there and finishes with one stats line a step."""
@@ -209,12 +148,6 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_from_its_newest_c
     assert sorted(steps) == sorted(set(steps)) and steps[-1] == 200
 
 
-def test_impossible_settings_fail_before_any_work() -> None:
-    with pytest.raises(ConfigError, match=r"optim.lr: must be a finite number > 0, got inf"):
-        load_config(TINY, ["optim.lr=.inf"])
-    assert load_config(TINY, ["run.dir=~/runs/x"]).run.dir == str(Path.home() / "runs" / "x")
-
-
 @pytest.mark.parametrize(
     ("args", "status", "message"),
     [
@@ -231,7 +164,7 @@ def test_bad_input_gets_one_line_and_a_status(tmp_path: Path, args: list[str], s
     a_file = tmp_path / "not-a-generator.pt"
     a_file.write_bytes(b"")
     fill = {"file": str(a_file), "tmp": str(tmp_path)}
-    result = run_cli(*[a.format(**fill) for a in args], check=False)
+    result = run_in_process(*[a.format(**fill) for a in args], check=False)
     assert result.returncode == status
     last = result.stderr.strip().splitlines()[-1]
     assert message.format(**fill) in last and "Traceback" not in result.stderr
@@ -250,6 +183,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.slow  # a training in a process of its own
 def test_a_full_disk_during_a_background_save_is_one_line_and_keeps_the_last_checkpoint(small_disk: Path, tmp_path: Path) -> None:
     run = small_disk / "run"
     result = run_cli(
@@ -261,10 +195,11 @@ def test_a_full_disk_during_a_background_save_is_one_line_and_keeps_the_last_che
     assert last.startswith(f"dcgan: error: no space left on device at {run / 'checkpoints'}/step_")
     kept = completed_steps(run)
     assert kept and f"the last complete one, step_{kept[-1]:09d}, is kept" in last
-    exported = run_cli("export", str(run), "--out", str(tmp_path / "g.pt"))  # and it reads back whole
+    exported = run_in_process("export", str(run), "--out", str(tmp_path / "g.pt"))  # and it reads back whole
     assert f"generator of step {kept[-1]}" in exported.stdout
 
 
+@pytest.mark.slow  # a training in a process of its own
 def test_a_truncated_shard_read_by_workers_is_one_line_naming_it(digits_shards: Path, tmp_path: Path) -> None:
     copy = tmp_path / "shards"
     shutil.copytree(digits_shards, copy)
@@ -281,6 +216,7 @@ def test_a_truncated_shard_read_by_workers_is_one_line_naming_it(digits_shards: 
     )
 
 
+@pytest.mark.slow  # a training in a process of its own
 def test_a_stop_signal_while_waiting_for_data_that_never_comes_ends_the_run(digits_shards: Path, tmp_path: Path) -> None:
     """A data source that hangs (here a pipe that sleeps before it sends anything, as a stuck mount
     would): one process stops on SIGTERM at once instead of waiting for a batch."""
@@ -299,32 +235,37 @@ def test_a_stop_signal_while_waiting_for_data_that_never_comes_ends_the_run(digi
 
 
 def test_eval_against_data_of_another_shape_is_one_line(trained_digits_run: Path, digits_shards: Path) -> None:
-    result = run_cli("eval", str(trained_digits_run), "--data", str(digits_shards), "-n", "10", check=False)
+    result = run_in_process("eval", str(trained_digits_run), "--data", str(digits_shards), "-n", "10", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"dcgan: error: --data {digits_shards} holds 16x16 1-channel images; the generator makes 32x32 1-channel ones"
     )
 
 
-def test_requeued_attempts_that_never_progress_stop_requeueing(digits_shards: Path, tmp_path: Path) -> None:
+def test_requeued_attempts_that_never_progress_stop_requeueing(digits_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every requeued attempt resumes from step 10 and fails before saving anything newer (here a shard
-    that cannot be read; a time slice shorter than start-up ends the same way): the fourth refuses."""
+    that cannot be read; a time slice shorter than start-up ends the same way): the fourth refuses.
+    (In this process: SLURM_RESTART_COUNT is read when a run starts, not at import.)"""
     run = tmp_path / "run"
-    run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10")
+    assert train(tiny_config(run, "train.steps=10")) == EXIT_OK
     broken = tmp_path / "shards"
     shutil.copytree(digits_shards, broken)
     for shard in broken.glob("*.tar"):
         shard.write_bytes(shard.read_bytes()[:2000])
     attempt = ("train", "configs/tiny.yaml", f"run.dir={run}", f"data.shards={broken}", "train.steps=100")
-    assert run_cli(*attempt, check=False).returncode == 1  # by hand (no SLURM requeue): never counted
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert run_in_process(*attempt, check=False).returncode == 1  # by hand (no SLURM requeue): never counted
     for restart in (1, 2, 3):
-        assert run_cli(*attempt, check=False, env={"SLURM_RESTART_COUNT": str(restart)}).returncode == 1
-    refused = run_cli(*attempt, check=False, env={"SLURM_RESTART_COUNT": "4"})
+        monkeypatch.setenv("SLURM_RESTART_COUNT", str(restart))
+        assert run_in_process(*attempt, check=False).returncode == 1
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "4")
+    refused = run_in_process(*attempt, check=False)
     assert refused.returncode == 5
     assert refused.stderr.strip().splitlines()[-1].startswith(
         "dcgan: error: 3 requeued attempts in a row resumed from step 10 and saved nothing newer"
     )
     # the remedy the message names: without the record of attempts the job starts (and progresses) again
     (run / "attempts.json").unlink()
-    resumed = run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=20", env={"SLURM_RESTART_COUNT": "5"})
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "5")
+    resumed = run_in_process("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=20")
     assert "resumed from" in resumed.stderr and completed_steps(run)[-1] == 20

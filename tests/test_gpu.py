@@ -19,12 +19,12 @@ from dcgan.models import Discriminator
 from dcgan.step import STAT_NAMES
 from dcgan.step import build_step
 
-from conftest import TINY, run_cli
 from distributed_helpers import spawn_ranks
+from helpers import TINY, run_cli
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-GPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))
+GPU = DistInfo.single("cuda:0")
 LOSSES = [STAT_NAMES.index("loss_D"), STAT_NAMES.index("loss_G")]
 
 

@@ -13,8 +13,7 @@ from dcgan.latent import arithmetic, interpolate, parse_indices, slerp, walk_lat
 from dcgan.models import Generator
 from dcgan.sample import LoadedGenerator, export_generator, generate, seeded_latents
 
-from conftest import TINY
-from helpers import run_in_process
+from helpers import TINY, run_in_process
 
 
 @pytest.fixture(scope="module")

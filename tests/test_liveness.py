@@ -11,9 +11,10 @@ from contextlib import contextmanager
 
 import torch.distributed as dist
 
-from distributed_helpers import free_port
 from dcgan.errors import ShardError
 from dcgan.liveness import Liveness, StoreAddress
+
+from distributed_helpers import free_port
 
 LIVENESS_S = 3.0
 """The smallest `dist.liveness_s` the config accepts."""

@@ -10,7 +10,6 @@ README promises."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -21,9 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY
-from distributed_helpers import assert_states_equal, load_checkpoint_tensors
-from helpers import completed_steps, read_stats
+from helpers import ROOT, TINY, assert_states_equal, completed_steps, load_checkpoint_tensors, read_stats, subprocess_env
 from hosts import EmulatedHosts, emulated_hosts, missing_requirements
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(missing_requirements() is not None, reason=str(missing_requirements()))]
@@ -74,8 +71,7 @@ def torchrun_on(
     """`torchrun --nnodes=len(names) --nproc_per_node=nproc -m dcgan train tiny.yaml` on each host, with the
     c10d rendezvous on the first host's name (as slurm/train.sbatch does)."""
     head = names[0]
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",
-                "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = subprocess_env(PYTHONUNBUFFERED="1", **(env or {}))
     logs, procs = {}, {}
     started = time.monotonic()
     for name in names:

@@ -6,7 +6,6 @@ rendezvous on the first node, gloo between the hosts), its requeue after USR1, a
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import shutil
@@ -21,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
-from helpers import checkpoint_complete, completed_steps, read_stats
+from helpers import ROOT, checkpoint_complete, completed_steps, read_stats, subprocess_env
 from hosts import EmulatedHosts, missing_requirements
 
 LOCAL_CLUSTER = ROOT / "slurm" / "local-cluster"
@@ -102,9 +100,9 @@ def cluster() -> Iterator[Cluster]:
     workdir = Path(tempfile.mkdtemp(prefix="dcgan-mnslurm-", dir="/tmp"))
     workdir.chmod(0o755)
     env = {
-        **os.environ, "SLURM_CONF": str(workdir / "slurm" / "slurm.conf"), "SLURM_MN_CTLD_PORT": str(free_port()),
+        **subprocess_env(), "SLURM_CONF": str(workdir / "slurm" / "slurm.conf"), "SLURM_MN_CTLD_PORT": str(free_port()),
         "SLURM_MN_CRED_EXPIRE": "5",  # SLURM's minimum: a requeued job may start again 6 s after the requeue
-        "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true",
+        "WANDB_MODE": "disabled",
     }
     for key in [k for k in env if k.startswith(("SLURM_JOB", "SLURM_STEP", "SLURM_NODELIST", "SBATCH_"))]:
         del env[key]  # a test run inside a SLURM job must not pass that job's identity on

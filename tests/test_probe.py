@@ -11,7 +11,7 @@ import torch
 
 from dcgan.probe import features, labelled_images, load_discriminator, split, untrained_like
 
-from conftest import run_cli
+from helpers import run_in_process
 
 
 def test_the_labelled_split_takes_n_per_class_and_tests_on_the_rest() -> None:
@@ -32,7 +32,7 @@ def test_probe_on_a_trained_discriminator_beats_its_untrained_twin_on_the_digits
     twin = untrained_like(loaded)
     assert not torch.equal(next(twin.parameters()), next(loaded.discriminator.parameters()))
     out = tmp_path / "probe.json"
-    printed = run_cli("probe", str(trained_digits_run), "--labels", "5", "--draws", "3", "--out", str(out)).stdout
+    printed = run_in_process("probe", str(trained_digits_run), "--labels", "5", "--draws", "3", "--out", str(out)).stdout
     result = json.loads(out.read_text())
     gains = [t - u for t, u in zip(result["trained"], result["untrained"])]
     assert min(gains) > 0 and np.mean(gains) > 0.03, result  # measured: +0.09 +- 0.02 over 6 draws

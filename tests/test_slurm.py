@@ -15,8 +15,7 @@ import pytest
 from dcgan.config import ConfigError
 from launch.slurm import Resources, executor_parameters, make_executor, submit, validate
 
-from conftest import ROOT
-from helpers import checkpoint_complete, completed_steps
+from helpers import ROOT, checkpoint_complete, completed_steps, run_in_process, subprocess_env
 
 REFERENCE = ROOT / "tests" / "data" / "sbatch_4x8gpu.txt"
 
@@ -160,12 +159,13 @@ def test_options_that_make_no_sense_together_fail_before_submission(res: Resourc
         validate(res)
 
 
-def test_cli_rejects_a_bad_config_before_submitting(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "launch.slurm", "configs/tiny.yaml", "model.resolution=48", "--local", "--folder", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True,
-    )
-    assert result.returncode == 2 and "model.resolution: must be a power of two" in result.stderr
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["submit", "dry-run"])
+def test_cli_rejects_a_bad_config_before_submitting(tmp_path: Path, dry_run: list[str]) -> None:
+    """In one line, for a submission as for its dry run (the dry run fails like the submission would)."""
+    result = run_in_process("configs/tiny.yaml", "model.resolution=48", "--local", "--folder", str(tmp_path), *dry_run,
+                            program="launch.slurm", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "launch.slurm: error: model.resolution: must be a power of two >= 16, got 48"
     assert not any(tmp_path.iterdir())
 
 
@@ -216,10 +216,9 @@ def test_a_sweep_is_one_job_array_and_a_preempted_task_resumes_without_touching_
 @pytest.mark.slurm
 def test_sbatch_job_array_runs_one_point_per_task_from_a_points_file(cluster: None, tmp_path: Path) -> None:
     points = tmp_path / "points.txt"
-    written = subprocess.run(
-        [sys.executable, "-m", "launch.slurm", "configs/tiny.yaml", f"run.dir={tmp_path / 'sweep'}", "train.steps=10",
-         "--sweep", "seed=0,1", "--write-points", str(points)],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+    written = run_in_process(
+        "configs/tiny.yaml", f"run.dir={tmp_path / 'sweep'}", "train.steps=10", "--sweep", "seed=0,1", "--write-points", str(points),
+        program="launch.slurm",
     ).stdout
     assert f"POINTS={points} sbatch --array=0-1%64 slurm/train.sbatch configs/tiny.yaml" in written
     assert points.read_text().splitlines() == [
@@ -245,9 +244,8 @@ def test_a_request_the_partition_can_never_satisfy_is_refused_before_submission(
     """4 CPUs a task x 2 tasks on the 2-CPU node would pend forever (PartitionConfig): sbatch --test-only
     says so first, and nothing reaches the queue."""
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
-    result = subprocess.run(
-        [sys.executable, "-m", "launch.slurm", "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", "--tasks-per-node", "2", "--cpus-per-task", "4"],
-        cwd=ROOT, capture_output=True, text=True,
+    result = run_in_process(
+        "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", "--tasks-per-node", "2", "--cpus-per-task", "4", program="launch.slurm", check=False,
     )
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
@@ -257,9 +255,8 @@ def test_a_request_the_partition_can_never_satisfy_is_refused_before_submission(
 
 
 def test_shards_that_do_not_exist_here_are_refused_before_submission(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "launch.slurm", "configs/tiny.yaml", f"data.shards={tmp_path / 'nowhere'}", "--local", "--folder", str(tmp_path / "logs")],
-        cwd=ROOT, capture_output=True, text=True,
+    result = run_in_process(
+        "configs/tiny.yaml", f"data.shards={tmp_path / 'nowhere'}", "--local", "--folder", str(tmp_path / "logs"), program="launch.slurm", check=False,
     )
     assert result.returncode == 2
     assert result.stderr.strip() == f"launch.slurm: error: data.shards: {tmp_path / 'nowhere'} does not exist on this machine (give a path the cluster's nodes share)"
@@ -273,7 +270,7 @@ def test_a_local_job_logs_beside_its_run_and_leaves_nothing_else(tmp_path: Path)
     run = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "launch.slurm", str(ROOT / "configs" / "tiny.yaml"), f"run.dir={run}", "train.steps=2", "--local"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
     job_id = re.search(r"^job (\d+)$", result.stdout, re.M).group(1)

@@ -18,8 +18,7 @@ from dcgan.step import STAT_NAMES
 from dcgan.step import build_step
 from dcgan.train import build_trainer
 
-from conftest import TINY, run_cli
-from helpers import CPU
+from helpers import CPU, TINY, run_cli, run_in_process
 
 
 
@@ -68,7 +67,7 @@ def test_compiled_step_matches_eager() -> None:
 
 
 def test_bench_step_prints_both_rates_and_their_ratio_and_its_progress_on_stderr() -> None:
-    result = run_cli("bench", "step", "configs/tiny.yaml", "--batch-sizes", "8,16", "--warmup", "1", "--iters", "3")
+    result = run_in_process("bench", "step", "configs/tiny.yaml", "--batch-sizes", "8,16", "--warmup", "1", "--iters", "3")
     assert [line.split(":")[0] for line in result.stderr.splitlines() if line.startswith("... ")] == [
         "... batch 8", "... batch 8", "... batch 16", "... batch 16",
     ]
@@ -89,7 +88,7 @@ def test_an_end_to_end_rate_above_the_synthetic_rate_is_not_printed_as_a_share()
 
 
 def test_bench_step_times_the_multi_rank_path_of_one_process_beside_the_plain_step() -> None:
-    out = run_cli("bench", "step", "configs/tiny.yaml", "--batch-sizes", "8", "--warmup", "1", "--iters", "3", "--distributed")
+    out = run_in_process("bench", "step", "configs/tiny.yaml", "--batch-sizes", "8", "--warmup", "1", "--iters", "3", "--distributed")
     header, row = out.stdout.strip().splitlines()
     assert header.split() == ["batch", "reference", "img/s", "dcgan", "img/s", "ratio", "1-rank", "dist", "img/s", "ratio", "peak", "GiB"]
     size, reference, ours, ratio, distributed, dist_ratio, _ = row.split()

@@ -15,19 +15,19 @@ from dcgan.preemption import StopSignal
 from dcgan.tracking import GanHealth, Tracker, sample_diversity
 from dcgan.train import EXIT_NONFINITE, build_trainer, run_loop
 
-from conftest import run_cli, tiny_config
-from distributed_helpers import load_checkpoint_tensors, torchrun
 from dcgan.wandb_files import history, records, run_id, uploadable_segments
-from helpers import CPU, completed_steps, read_stats
 
-pytestmark = pytest.mark.slow  # wandb runs, trainings and subprocesses
-
+from distributed_helpers import signal_tree, start_training, torchrun, wait_for
+from helpers import (
+    CPU, TorchrunRun, completed_steps, load_checkpoint_tensors, read_stats, run_cli, run_in_process, tiny_config,
+)
 
 
 def offline_runs(run: Path) -> list[Path]:
     return sorted((run / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.slow  # wandb runs in processes of their own
 def test_offline_wandb_run_holds_metrics_images_histograms_and_config(tmp_path: Path) -> None:
     run = tmp_path / "run"
     result = run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "log.wandb=offline", "train.steps=20",
@@ -55,16 +55,6 @@ def test_offline_wandb_run_holds_metrics_images_histograms_and_config(tmp_path: 
     assert [s["loss_D"] for s in stats] == [row["loss_D"] for row in rows]
 
 
-def test_resumed_run_keeps_the_wandb_run_id_and_steps_continue(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "log.wandb=offline", "train.steps=10")
-    run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "log.wandb=offline", "train.steps=20")
-    first, second = offline_runs(run)
-    assert run_id(first) == run_id(second) == str(load_checkpoint_tensors(run / "checkpoints" / "step_000000020")["meta"]["run_id"])
-    assert [r["_step"] for r in history(first)] == [5, 10]
-    assert [r["_step"] for r in history(second)] == [15, 20]
-
-
 def test_resume_after_a_kill_between_checkpoints_keeps_one_stats_line_per_step(tmp_path: Path) -> None:
     import shutil
 
@@ -84,10 +74,8 @@ def test_resume_after_a_kill_between_checkpoints_keeps_one_stats_line_per_step(t
     assert lines[:2] == [first_pass[10], first_pass[20]] and lines[2] != first_pass[30]  # 30 is the new pass's
 
 
-def test_only_rank_zero_writes(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    result = torchrun(2, "train", "configs/tiny.yaml", f"run.dir={run}", "log.wandb=offline", "train.steps=10")
-    assert result.returncode == 0, result.stderr
+def test_only_rank_zero_writes(two_rank_run: TorchrunRun) -> None:
+    run = two_rank_run.run
     assert len(offline_runs(run)) == 1
     assert [row["step"] for row in read_stats(run)] == [5, 10]
     assert "[rank 1]" not in (run / "train.log").read_text()
@@ -152,7 +140,8 @@ def test_skip_mode_skips_non_finite_updates_and_finishes(tmp_path: Path) -> None
     assert not torch.equal(g_before["main.0.weight"], g_after["main.0.weight"])  # steps 1-3 did update
 
 
-def test_images_seen_is_logged_everywhere_and_counts_across_world_sizes(tmp_path: Path) -> None:
+@pytest.mark.slow  # wandb runs in processes of their own
+def test_a_resumed_run_keeps_its_wandb_run_id_and_images_seen_counts_across_world_sizes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     common = ("train", "configs/tiny.yaml", f"run.dir={run}", "log.wandb=offline", "log.every=5", "sample.every=10")
     run_cli(*common, "train.steps=10")  # one process, batch 16
@@ -161,6 +150,10 @@ def test_images_seen_is_logged_everywhere_and_counts_across_world_sizes(tmp_path
     stats = read_stats(run)
     assert [(s["step"], s["images_seen"]) for s in stats] == [(5, 80), (10, 160), (15, 320), (20, 480)]
     first, second = offline_runs(run)
+    # one wandb run in two segments, its steps continuing (three single-process segments: the last test)
+    assert run_id(first) == run_id(second) == str(load_checkpoint_tensors(run / "checkpoints" / "step_000000020")["meta"]["run_id"])
+    assert [r["_step"] for r in history(first)] == [5, 10]
+    assert [r["_step"] for r in history(second)] == [15, 20]
     rows = history(first) + history(second)
     assert [row["images_seen"] for row in rows if "loss_D" in row] == [80, 160, 320, 480]
     assert all("images_seen" in row for row in rows)  # images and histograms carry it too
@@ -170,14 +163,12 @@ def test_images_seen_is_logged_everywhere_and_counts_across_world_sizes(tmp_path
     assert (True, False) in eval_summaries and (False, True) in eval_summaries
 
 
+@pytest.mark.slow  # wandb runs in processes of their own
 def test_offline_segments_of_a_twice_killed_run_log_every_step_exactly_once(tmp_path: Path) -> None:
     """Each start writes an offline segment with the same run id; a segment resumed from a checkpoint
     older than the last logged step must not log the steps in between again: `dcgan sync` uploads the
     segments in order into one run, and their union is the whole history, once."""
     import signal
-
-    from distributed_helpers import signal_tree
-    from test_faults import start_training, wait_for
 
     run = tmp_path / "run"
     settings = ("log.wandb=offline", "log.every=5", "checkpoint.every=20", "sample.every=1000")
@@ -200,6 +191,6 @@ def test_offline_segments_of_a_twice_killed_run_log_every_step_exactly_once(tmp_
     logged = [row["_step"] for s in readable for row in history(s) if "loss_D" in row]
     assert sorted(logged) == list(range(5, 161, 5))  # every logged step, none twice
     assert logged == sorted(logged)  # and in order, segment after segment
-    sync = run_cli("sync", str(run), "--dry-run").stdout.strip()
+    sync = run_in_process("sync", str(run), "--dry-run").stdout.strip()
     assert sync.endswith(" ".join(str(s) for s in readable))
     assert f"wandb sync --id {run_id(segments[-1])} --project dcgan " in sync
