@@ -44,6 +44,7 @@ def test_fid_matches_a_direct_numpy_scipy_computation() -> None:
     assert fid(real, fake) == pytest.approx(direct, rel=1e-9)
 
 
+@pytest.mark.slow  # long-running: SWD of 256 images three times (about 10 s on 2 cores)
 def test_swd_is_near_zero_for_identical_sets_and_grows_with_blur() -> None:
     from dcgan.data.digits import digits_images
 
@@ -105,6 +106,7 @@ def eval_cli(source: Path, out: Path, inception: Path, *, ranks: int = 1) -> dic
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # long-running: four metrics of 500 images (about 15 s on 2 cores)
 def test_eval_json_records_the_protocol(untrained_generator: Path, inception: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DCGAN_CACHE", str(tmp_path / "cache"))
     protocol = eval_cli(untrained_generator, tmp_path / "e.json", inception)["protocol"]
@@ -113,8 +115,8 @@ def test_eval_json_records_the_protocol(untrained_generator: Path, inception: Pa
     assert protocol["network"] == {"path": str(inception.resolve()), "sha1": hashlib.sha1(inception.read_bytes()).hexdigest()}
     assert protocol["kid"] == {"subsets": 100, "subset_size": 500, "seed": 0} and protocol["swd"]["seed"] == 0
     assert protocol["ranks"] == 1
-    whole = tmp_path / "all.json"
-    run_in_process("eval", str(untrained_generator), "--data", "digits", "-n", "1797", "--out", str(whole))
+    whole = tmp_path / "all.json"  # (the digits score only: SWD of 1797 images would take most of a minute)
+    run_in_process("eval", str(untrained_generator), "--data", "digits", "-n", "1797", "--metrics", "digits", "--out", str(whole))
     assert json.loads(whole.read_text())["protocol"]["reference"]["selection"] == "all"
 
 
