@@ -106,10 +106,19 @@ def eval_cli(source: Path, out: Path, inception: Path, *, ranks: int = 1) -> dic
     return json.loads(out.read_text())
 
 
+@pytest.fixture(scope="module")
+def untrained_eval(untrained_generator: Path, inception: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """`dcgan eval` of the untrained generator (four metrics, 500 images; with a cold cache): its protocol
+    is one test's subject, its numbers another's baseline."""
+    folder = tmp_path_factory.mktemp("untrained_eval")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DCGAN_CACHE", str(folder / "cache"))
+        return eval_cli(untrained_generator, folder / "e.json", inception)
+
+
 @pytest.mark.slow  # long-running: four metrics of 500 images (about 15 s on 2 cores)
-def test_eval_json_records_the_protocol(untrained_generator: Path, inception: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DCGAN_CACHE", str(tmp_path / "cache"))
-    protocol = eval_cli(untrained_generator, tmp_path / "e.json", inception)["protocol"]
+def test_eval_json_records_the_protocol(untrained_generator: Path, untrained_eval: dict[str, Any], inception: Path, tmp_path: Path) -> None:
+    protocol = untrained_eval["protocol"]
     assert protocol["reference"] == {"data": "digits", "images": 500, "available": 1797, "selection": "seeded random subset", "seed": 0}
     assert protocol["generator"] == {"step": 0, "weights": "raw", "bn": "running", "images": 500, "noise_seed": 12345, "batch": 250}
     assert protocol["network"] == {"path": str(inception.resolve()), "sha1": hashlib.sha1(inception.read_bytes()).hexdigest()}
@@ -138,10 +147,10 @@ def test_the_reference_is_a_seeded_random_subset_of_the_shards_not_their_first_i
 
 @pytest.mark.slow
 def test_trained_generator_beats_untrained_on_every_metric_and_ranks_agree(
-    trained_digits_run: Path, untrained_generator: Path, inception: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    trained_digits_run: Path, untrained_eval: dict[str, Any], inception: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     trained = eval_cli(trained_digits_run, tmp_path / "trained.json", inception)
-    untrained = eval_cli(untrained_generator, tmp_path / "untrained.json", inception)
+    untrained = untrained_eval
     for key in ("fid", "kid", "swd", "digits_frechet"):
         assert trained[key] < untrained[key], key
     assert trained["digits_class_balance"] > untrained["digits_class_balance"]
