@@ -44,6 +44,7 @@ def test_fid_matches_a_direct_numpy_scipy_computation() -> None:
     assert fid(real, fake) == pytest.approx(direct, rel=1e-9)
 
 
+@pytest.mark.slow  # long-running: SWD of 256 images three times (about 10 s on 2 cores)
 def test_swd_is_near_zero_for_identical_sets_and_grows_with_blur() -> None:
     from dcgan.data.digits import digits_images
 
@@ -105,16 +106,26 @@ def eval_cli(source: Path, out: Path, inception: Path, *, ranks: int = 1) -> dic
     return json.loads(out.read_text())
 
 
-def test_eval_json_records_the_protocol(untrained_generator: Path, inception: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DCGAN_CACHE", str(tmp_path / "cache"))
-    protocol = eval_cli(untrained_generator, tmp_path / "e.json", inception)["protocol"]
+@pytest.fixture(scope="module")
+def untrained_eval(untrained_generator: Path, inception: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """`dcgan eval` of the untrained generator (four metrics, 500 images; with a cold cache): its protocol
+    is one test's subject, its numbers another's baseline."""
+    folder = tmp_path_factory.mktemp("untrained_eval")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DCGAN_CACHE", str(folder / "cache"))
+        return eval_cli(untrained_generator, folder / "e.json", inception)
+
+
+@pytest.mark.slow  # long-running: four metrics of 500 images (about 15 s on 2 cores)
+def test_eval_json_records_the_protocol(untrained_generator: Path, untrained_eval: dict[str, Any], inception: Path, tmp_path: Path) -> None:
+    protocol = untrained_eval["protocol"]
     assert protocol["reference"] == {"data": "digits", "images": 500, "available": 1797, "selection": "seeded random subset", "seed": 0}
     assert protocol["generator"] == {"step": 0, "weights": "raw", "bn": "running", "images": 500, "noise_seed": 12345, "batch": 250}
     assert protocol["network"] == {"path": str(inception.resolve()), "sha1": hashlib.sha1(inception.read_bytes()).hexdigest()}
     assert protocol["kid"] == {"subsets": 100, "subset_size": 500, "seed": 0} and protocol["swd"]["seed"] == 0
     assert protocol["ranks"] == 1
-    whole = tmp_path / "all.json"
-    run_in_process("eval", str(untrained_generator), "--data", "digits", "-n", "1797", "--out", str(whole))
+    whole = tmp_path / "all.json"  # (the digits score only: SWD of 1797 images would take most of a minute)
+    run_in_process("eval", str(untrained_generator), "--data", "digits", "-n", "1797", "--metrics", "digits", "--out", str(whole))
     assert json.loads(whole.read_text())["protocol"]["reference"]["selection"] == "all"
 
 
@@ -136,10 +147,10 @@ def test_the_reference_is_a_seeded_random_subset_of_the_shards_not_their_first_i
 
 @pytest.mark.slow
 def test_trained_generator_beats_untrained_on_every_metric_and_ranks_agree(
-    trained_digits_run: Path, untrained_generator: Path, inception: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    trained_digits_run: Path, untrained_eval: dict[str, Any], inception: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     trained = eval_cli(trained_digits_run, tmp_path / "trained.json", inception)
-    untrained = eval_cli(untrained_generator, tmp_path / "untrained.json", inception)
+    untrained = untrained_eval
     for key in ("fid", "kid", "swd", "digits_frechet"):
         assert trained[key] < untrained[key], key
     assert trained["digits_class_balance"] > untrained["digits_class_balance"]
