@@ -57,9 +57,15 @@ def worker(batch: int, steps: int, grad_repeats: int) -> None:
     from dcgan.step import build_step
 
     torch.set_num_threads(1)
-    config = load_config(ROOT / "configs" / "celeba64.yaml", [
-        "train.device=cpu", "train.compile=false", "train.precision=fp32", f"train.batch_size={batch}",
-])
+    config = load_config(
+        ROOT / "configs" / "celeba64.yaml",
+        [
+            "train.device=cpu",
+            "train.compile=false",
+            "train.precision=fp32",
+            f"train.batch_size={batch}",
+        ],
+    )
     info = init_distributed("cpu", 600, liveness_s=0)
     result: dict[str, float | int] = {"world": info.world_size}
     if info.distributed:
@@ -87,9 +93,21 @@ def launch(hosts, names: list[str], args: argparse.Namespace, tag: str) -> dict[
     env = subprocess_env()
     procs = []
     for name in names:
-        argv = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(names)}", "--nproc_per_node=1",
-                "--rdzv-backend=c10d", f"--rdzv-endpoint={names[0]}:29450", f"--rdzv-id={tag}", __file__, "--worker",
-                f"--batch={args.batch}", f"--steps={args.steps}", f"--grad-repeats={args.grad_repeats}"]
+        argv = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={len(names)}",
+            "--nproc_per_node=1",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={names[0]}:29450",
+            f"--rdzv-id={tag}",
+            __file__,
+            "--worker",
+            f"--batch={args.batch}",
+            f"--steps={args.steps}",
+            f"--grad-repeats={args.grad_repeats}",
+        ]
         procs.append(hosts.popen(name, argv, log=hosts.workdir / f"{tag}.{name}.log", env=env, cwd=ROOT))
     for proc in procs:
         if proc.wait(timeout=900) != 0:
@@ -97,7 +115,7 @@ def launch(hosts, names: list[str], args: argparse.Namespace, tag: str) -> dict[
     for name in names:
         for line in (hosts.workdir / f"{tag}.{name}.log").read_text().splitlines():
             if line.startswith("RESULT "):
-                return json.loads(line[len("RESULT "):])
+                return json.loads(line[len("RESULT ") :])
     raise SystemExit(f"{tag}: no result in {hosts.workdir}")
 
 
@@ -124,25 +142,35 @@ def table(results: dict[int, dict[str, float]], alone_ms: float) -> str:
     """Markdown rows; a limited link's step is compared with the bare bridge's (same two processes on
     the same cores: only the network differs), the model's extra being the no-overlap prediction."""
     bridge = results.get(0)
-    rows = ["| link (tbf, each way) | gradient all-reduce 25.4 MB: measured / model | BatchNorm packet 3 KB | "
-            f"step, 2 hosts x 1 rank (1 process alone: {alone_ms:.0f} ms) | step's extra over the bridge: measured / model |",
-            "| --- | --- | --- | --- | --- |"]
+    rows = [
+        "| link (tbf, each way) | gradient all-reduce 25.4 MB: measured / model | BatchNorm packet 3 KB | "
+        f"step, 2 hosts x 1 rank (1 process alone: {alone_ms:.0f} ms) | step's extra over the bridge: measured / model |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for rate, result in results.items():
         link = f"{rate} Mbit/s" if rate else "bridge, no limit"
         model = f"{GRADIENT_BYTES * 8 / (rate * 1e6) * 1e3:.0f} ms" if rate else "-"
         extra = "-"
         if rate and bridge is not None:
-            predicted = (result["grad_ms"] - bridge["grad_ms"]) + SMALL_ALL_REDUCES_PER_STEP * (result["bn_ms"] - bridge["bn_ms"])
+            predicted = (result["grad_ms"] - bridge["grad_ms"]) + SMALL_ALL_REDUCES_PER_STEP * (
+                result["bn_ms"] - bridge["bn_ms"]
+            )
             extra = f"{result['step_ms'] - bridge['step_ms']:.0f} ms / {predicted:.0f} ms"
-        rows.append(f"| {link} | {result['grad_ms']:.0f} ms / {model} | {result['bn_ms']:.2f} ms | "
-                    f"{result['step_ms']:.0f} ms | {extra} |")
+        rows.append(
+            f"| {link} | {result['grad_ms']:.0f} ms / {model} | {result['bn_ms']:.2f} ms | "
+            f"{result['step_ms']:.0f} ms | {extra} |"
+        )
     return "\n".join(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rates", type=lambda text: [int(x) for x in text.split(",")], default=[0, 1000, 100],
-                        help="link rates in Mbit/s, comma-separated (0 = the bare bridge)")
+    parser.add_argument(
+        "--rates",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=[0, 1000, 100],
+        help="link rates in Mbit/s, comma-separated (0 = the bare bridge)",
+    )
     parser.add_argument("--batch", type=int, default=8, help="images per rank per step (the paper model on CPU)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 untimed)")
     parser.add_argument("--grad-repeats", type=int, default=5, help="timed gradient all-reduces (after 2 untimed)")

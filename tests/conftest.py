@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from helpers import DIGITS_MODEL, TorchrunRun, tiny_config, write_image_folder
 
 
@@ -23,7 +22,9 @@ def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dcgan.data.writer import write_shards
 
     out = tmp_path_factory.mktemp("digit_shards")
-    write_shards("digits", Path("."), out, fmt="blocks", resolution=16, shard_size=225, block_size=32, workers=1, progress=False)
+    write_shards(
+        "digits", Path("."), out, fmt="blocks", resolution=16, shard_size=225, block_size=32, workers=1, progress=False
+    )
     return out
 
 
@@ -33,7 +34,9 @@ def trained_digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dcgan.train import EXIT_OK, train
 
     run = tmp_path_factory.mktemp("digits_run")
-    config = tiny_config(run, *DIGITS_MODEL, "train.steps=300", "log.every=100", "sample.every=300", "checkpoint.every=300")
+    config = tiny_config(
+        run, *DIGITS_MODEL, "train.steps=300", "log.every=100", "sample.every=300", "checkpoint.every=300"
+    )
     assert train(config) == EXIT_OK
     return run
 

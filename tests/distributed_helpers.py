@@ -3,6 +3,7 @@ training in the background, and signals to a process tree."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -15,7 +16,6 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
-
 from helpers import ROOT, subprocess_env
 
 
@@ -26,7 +26,9 @@ def free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     fn(rank, *args)
 
@@ -38,22 +40,43 @@ def spawn_ranks(fn: Callable[..., Any], world: int, *args: Any) -> None:
 
 def torchrun_cmd(nproc: int, *dcgan_args: str) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "dcgan", *dcgan_args,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        "-m",
+        "dcgan",
+        *dcgan_args,
     ]
 
 
 def torchrun(nproc: int, *dcgan_args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node=N -m dcgan ...`, waited for."""
-    return subprocess.run(torchrun_cmd(nproc, *dcgan_args), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        torchrun_cmd(nproc, *dcgan_args),
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-def torchrun_until(nproc: int, ready: Callable[[], bool], sig: int, *dcgan_args: str, timeout: float = 300) -> tuple[int, str]:
+def torchrun_until(
+    nproc: int, ready: Callable[[], bool], sig: int, *dcgan_args: str, timeout: float = 300
+) -> tuple[int, str]:
     """Start torchrun in its own process group, wait until `ready()`, send `sig` to the whole group
     (as a cluster's kill or preemption does), and return (exit status, stderr)."""
     proc = subprocess.Popen(
-        torchrun_cmd(nproc, *dcgan_args), cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
+        torchrun_cmd(nproc, *dcgan_args),
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     deadline = time.monotonic() + timeout
     try:
@@ -89,18 +112,22 @@ def descendants(pid: int) -> list[int]:
 def signal_tree(pid: int, sig: int) -> None:
     """Send `sig` to a process and all its descendants at once (as SLURM does to a job step)."""
     for target in [pid, *descendants(pid)]:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(target, sig)
-        except ProcessLookupError:
-            pass
 
 
 def start_training(run: Path, *overrides: str) -> subprocess.Popen[str]:
     """`dcgan train configs/tiny.yaml` in the background, as a user's second terminal would start it."""
     return subprocess.Popen(
         [sys.executable, "-m", "dcgan", "train", "configs/tiny.yaml", f"run.dir={run}", *overrides],
-        cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal, even if this runs in the background
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(
+            signal.SIGINT, signal.SIG_DFL
+        ),  # as in a terminal, even if this runs in the background
     )
 
 

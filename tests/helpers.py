@@ -57,7 +57,11 @@ def run_cli(
     wandb's service writing to the process's stderr, the environment at start-up, a separate
     interpreter). Other commands: run_in_process."""
     result = subprocess.run(
-        [sys.executable, "-m", "dcgan", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "dcgan", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env=subprocess_env(**(env or {})),
     )
     if check and result.returncode != 0:

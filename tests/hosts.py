@@ -19,7 +19,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,7 +103,9 @@ class EmulatedHosts:
         lines = ["127.0.0.1 localhost", f"{self.head_address} head"]
         lines += [f"{host.address} {host.name}" for host in self.hosts.values()]
         self.hosts_file.write_text("\n".join(lines) + "\n")
-        (self.workdir / "nodes").write_text("".join(f"{h.name} {h.address} {h.namespace}\n" for h in self.hosts.values()))
+        (self.workdir / "nodes").write_text(
+            "".join(f"{h.name} {h.address} {h.namespace}\n" for h in self.hosts.values())
+        )
         for host in self.hosts.values():
             for peer in [*self.hosts.values()]:
                 self.wait_reachable(host.name, peer.address)
@@ -115,7 +117,9 @@ class EmulatedHosts:
         probe = f"exec 3<>/dev/tcp/{address}/9"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            result = _sh("ip", "netns", "exec", self.hosts[name].namespace, "timeout", "1", "bash", "-c", probe, check=False)
+            result = _sh(
+                "ip", "netns", "exec", self.hosts[name].namespace, "timeout", "1", "bash", "-c", probe, check=False
+            )
             if "refused" in result.stderr:
                 return
             time.sleep(0.1)
@@ -131,13 +135,25 @@ class EmulatedHosts:
             hosts.write_text("\n".join([f"127.0.1.1 {name}", *others]) + "\n")
         return ["env", f"ON_HOST_HOSTS={hosts}", "bash", str(ON_HOST), str(self.workdir), name, *argv]
 
-    def popen(self, name: str, argv: Sequence[str], *, log: Path, env: dict[str, str] | None = None,
-              cwd: Path | None = None, loopback_name: bool = False) -> subprocess.Popen:
+    def popen(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        loopback_name: bool = False,
+    ) -> subprocess.Popen:
         """Start `argv` on host `name` in a session of its own, stdout and stderr into `log`."""
         with open(log, "ab") as out:
             return subprocess.Popen(
-                self.command(name, argv, loopback_name=loopback_name), stdout=out, stderr=subprocess.STDOUT,
-                env=env, cwd=cwd, start_new_session=True,
+                self.command(name, argv, loopback_name=loopback_name),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
             )
 
     def run(self, name: str, argv: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess:
@@ -152,10 +168,8 @@ class EmulatedHosts:
         """SIGKILL every process of host `name`: the host is lost (power, kernel panic, OOM of the node)."""
         killed = self.pids(name)
         for pid in killed:
-            try:
+            with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         return killed
 
     def set_link(self, name: str, up: bool) -> None:

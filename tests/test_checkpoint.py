@@ -9,16 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from dcgan.checkpoint import list_checkpoints
-from dcgan.preemption import EXIT_TERMINATED
-from dcgan.preemption import STOP_CHECK_EVERY
-from dcgan.train import EXIT_OK, build_trainer, train
-
 from distributed_helpers import torchrun, torchrun_until
 from helpers import (
-    CPU, TorchrunRun, assert_states_equal, checkpoint_complete, completed_steps, load_checkpoint_tensors, run_in_process, tiny_config,
+    CPU,
+    TorchrunRun,
+    assert_states_equal,
+    checkpoint_complete,
+    completed_steps,
+    load_checkpoint_tensors,
+    run_in_process,
+    tiny_config,
 )
+
+from dcgan.checkpoint import list_checkpoints
+from dcgan.preemption import EXIT_TERMINATED, STOP_CHECK_EVERY
+from dcgan.train import EXIT_OK, build_trainer, train
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +31,17 @@ STEPS = 200
 
 
 def run_args(run: Path, data: str, shards: Path) -> list[str]:
-    args = ["train", "configs/tiny.yaml", f"run.dir={run}", f"train.steps={STEPS}", "checkpoint.every=50",
-            "checkpoint.async_save=true", "log.every=25", "sample.every=100", "train.ema=0.99"]
+    args = [
+        "train",
+        "configs/tiny.yaml",
+        f"run.dir={run}",
+        f"train.steps={STEPS}",
+        "checkpoint.every=50",
+        "checkpoint.async_save=true",
+        "log.every=25",
+        "sample.every=100",
+        "train.ema=0.99",
+    ]
     if data == "shards":
         args += [f"data.shards={shards}", "data.workers=2"]
     return args
@@ -103,7 +117,9 @@ def test_keep_last_k_plus_every_nth(tmp_path: Path) -> None:
 def test_incompatible_config_is_refused_in_one_line(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert train(tiny_config(run, "train.steps=5")) == EXIT_OK
-    result = run_in_process("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10", "model.ngf=16", check=False)
+    result = run_in_process(
+        "train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10", "model.ngf=16", check=False
+    )
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert "belongs to another model (model.ngf: checkpoint 8, config 16)" in last
@@ -136,7 +152,10 @@ def test_resume_accepts_a_new_precision_and_sample_count(tmp_path: Path) -> None
     assert train(tiny_config(run, "train.steps=5", "checkpoint.every=5")) == EXIT_OK  # fp32: no scaler state
     assert train(tiny_config(run, "train.steps=10", "checkpoint.every=5", "train.precision=fp16")) == EXIT_OK
     assert "scale" in load_checkpoint_tensors(run / "checkpoints" / "step_000000010")["scaler"]
-    assert train(tiny_config(run, "train.steps=15", "checkpoint.every=5", "train.precision=bf16", "sample.num=36")) == EXIT_OK
+    assert (
+        train(tiny_config(run, "train.steps=15", "checkpoint.every=5", "train.precision=bf16", "sample.num=36"))
+        == EXIT_OK
+    )
     assert load_checkpoint_tensors(run / "checkpoints" / "step_000000015")["fixed_noise"].shape[0] == 36
 
 
@@ -182,5 +201,7 @@ def test_a_training_checkpoint_holds_the_schemas_parts_and_nothing_else(trained_
 
     [(_, path)] = list_checkpoints(trained_digits_run / "checkpoints")[-1:]
     parts = {key.split(".")[0] for key in stored_shapes(path)}
-    assert set(schema.PARTS) - {schema.SCALER, schema.EMA} <= parts <= set(schema.PARTS)  # scaler: empty without fp16; ema: off
+    assert (
+        set(schema.PARTS) - {schema.SCALER, schema.EMA} <= parts <= set(schema.PARTS)
+    )  # scaler: empty without fp16; ema: off
     assert schema.flat_key(schema.RNG, schema.rank_key(0), "noise") in stored_shapes(path)

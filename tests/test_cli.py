@@ -6,21 +6,20 @@ import argparse
 import contextlib
 import io
 import json
-import shutil
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT, TINY, read_stats, run_in_process
 from PIL import Image
 
 from dcgan.cli import build_parser
 from dcgan.config import load_config
 from launch.slurm import build_parser as slurm_parser
 from launch.slurm import main as slurm_main
-
-from helpers import ROOT, TINY, read_stats, run_in_process
 
 
 def every_parser(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
@@ -46,7 +45,9 @@ def test_every_option_has_help_and_shows_its_default(top: object) -> None:
             assert action.help, f"{where} has no help text"
             meaningful = action.default not in (None, False, "", [], argparse.SUPPRESS)
             if meaningful and (action.option_strings or action.nargs in ("?", "*")):
-                assert "default" in formatter._get_help_string(action), f"{where} does not show its default {action.default!r}"  # type: ignore[operator]
+                assert "default" in formatter._get_help_string(action), (
+                    f"{where} does not show its default {action.default!r}"
+                )  # type: ignore[operator]
 
 
 def test_top_level_help_is_about_the_tool_and_names_every_command() -> None:
@@ -73,16 +74,22 @@ def test_sample_draws_fresh_noise_repeatable_by_seed(trained_digits_run: Path, t
     assert not np.array_equal(pixels(tmp_path / "fresh.png"), training_grid)
 
 
-def test_report_is_one_offline_page_with_the_runs_numbers_and_sample_strip(trained_digits_run: Path, tmp_path: Path) -> None:
+def test_report_is_one_offline_page_with_the_runs_numbers_and_sample_strip(
+    trained_digits_run: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "report.html"
     printed = run_in_process("report", str(trained_digits_run), "--out", str(out)).stdout
     assert f"file://{out.resolve()}" in printed
     page = out.read_text()
-    data = json.loads(re.search(r"<script type='application/json' id='report-data'>(.*?)</script>", page, re.S).group(1))
+    data = json.loads(
+        re.search(r"<script type='application/json' id='report-data'>(.*?)</script>", page, re.S).group(1)
+    )
     logged = [row for row in read_stats(trained_digits_run) if "loss_D" in row]
     assert data["charts"]["Losses"]["loss_D"] == [[row["images_seen"], row["loss_D"]] for row in logged]
     assert data["charts"]["D(x) and D(G(z))"]["D_x"] == [[row["images_seen"], row["D_x"]] for row in logged]
-    assert [x for x, _ in data["charts"]["Training rate (img/s, eval time excluded)"]["img_per_s"]] == [row["images_seen"] for row in logged]
+    assert [x for x, _ in data["charts"]["Training rate (img/s, eval time excluded)"]["img_per_s"]] == [
+        row["images_seen"] for row in logged
+    ]
     grids = sorted((trained_digits_run / "samples").glob("step_*.png"))
     assert page.count("<img ") == min(len(grids), 8) >= 1
     assert page.count("<polyline ") >= 5 and "http" not in page.replace("http://www.w3.org/2000/svg", "")
@@ -90,10 +97,16 @@ def test_report_is_one_offline_page_with_the_runs_numbers_and_sample_strip(train
 
 def test_report_of_a_directory_that_is_not_a_run_is_one_line(tmp_path: Path) -> None:
     result = run_in_process("report", str(tmp_path), check=False)
-    assert result.returncode == 2 and result.stderr.strip() == f"dcgan: error: {tmp_path} has neither stats.jsonl nor samples/: is it a run directory?"
+    assert (
+        result.returncode == 2
+        and result.stderr.strip()
+        == f"dcgan: error: {tmp_path} has neither stats.jsonl nor samples/: is it a run directory?"
+    )
 
 
-def test_a_second_eval_of_the_same_step_adds_a_file_instead_of_overwriting(trained_digits_run: Path, tmp_path: Path) -> None:
+def test_a_second_eval_of_the_same_step_adds_a_file_instead_of_overwriting(
+    trained_digits_run: Path, tmp_path: Path
+) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained_digits_run, run)
     for _ in range(2):
@@ -116,7 +129,10 @@ def readme_commands() -> list[list[str]]:
                     words = words[1:]
                 if words[:1] in (["dcgan"], [".venv/bin/dcgan"]):
                     commands.append(["dcgan", *words[1:]])
-                elif "-m" in words and words[words.index("-m") + 1 : words.index("-m") + 2] in (["dcgan"], ["launch.slurm"]):
+                elif "-m" in words and words[words.index("-m") + 1 : words.index("-m") + 2] in (
+                    ["dcgan"],
+                    ["launch.slurm"],
+                ):
                     at = words.index("-m")
                     commands.append([words[at + 1], *words[at + 2 :]])
     return commands
@@ -132,26 +148,38 @@ def test_every_readme_command_parses_and_its_config_loads() -> None:
             args = parser.parse_args(argv)
         except SystemExit:
             pytest.fail(f"README: `{program} {shlex.join(argv)}` does not parse")
-        if getattr(args, "config", None) and getattr(args, "command", "train") == "train" and hasattr(args, "overrides"):
+        if (
+            getattr(args, "config", None)
+            and getattr(args, "command", "train") == "train"
+            and hasattr(args, "overrides")
+        ):
             load_config(args.config, args.overrides)
 
 
 def test_a_batch_larger_than_the_digits_is_one_line_before_the_run_directory_exists(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    result = run_in_process("train", str(ROOT / "configs" / "digits.yaml"), "train.batch_size=4000", f"run.dir={run}", check=False)
+    result = run_in_process(
+        "train", str(ROOT / "configs" / "digits.yaml"), "train.batch_size=4000", f"run.dir={run}", check=False
+    )
     assert (result.returncode, result.stderr) == (
-        2, "dcgan: error: train.batch_size: 4000 images per rank, but the built-in digits hold 1797: "
+        2,
+        "dcgan: error: train.batch_size: 4000 images per rank, but the built-in digits hold 1797: "
         "use a smaller train.batch_size, or shards of a larger data set\n",
     )
     assert not run.exists()
 
 
-def test_a_batch_larger_than_the_shards_is_the_same_line_before_the_run_directory_exists(digits_shards: Path, tmp_path: Path) -> None:
+def test_a_batch_larger_than_the_shards_is_the_same_line_before_the_run_directory_exists(
+    digits_shards: Path, tmp_path: Path
+) -> None:
     run = tmp_path / "run"
-    result = run_in_process("train", str(TINY), f"data.shards={digits_shards}", "train.batch_size=4000", f"run.dir={run}", check=False)
+    result = run_in_process(
+        "train", str(TINY), f"data.shards={digits_shards}", "train.batch_size=4000", f"run.dir={run}", check=False
+    )
     assert not run.exists()
     assert (result.returncode, result.stderr) == (
-        2, "dcgan: error: train.batch_size: 4000 images per rank, but the shards hold 1797 per rank per epoch: "
+        2,
+        "dcgan: error: train.batch_size: 4000 images per rank, but the shards hold 1797 per rank per epoch: "
         "use a smaller train.batch_size\n",
     )
 
@@ -160,12 +188,21 @@ def test_overrides_may_follow_an_option(tmp_path: Path) -> None:
     run = tmp_path / "run"
     printed = run_in_process("train", str(TINY), "--dry-run", "train.steps=5", f"run.dir={run}").stdout
     assert "  steps: 5\n" in printed and f"run.dir: {run} (starts fresh)" in printed and not run.exists()
-    args = build_parser().parse_args(["bench", "step", "configs/celeba64.yaml", "--batch-sizes", "128", "train.compile=true"])
+    args = build_parser().parse_args(
+        ["bench", "step", "configs/celeba64.yaml", "--batch-sizes", "128", "train.compile=true"]
+    )
     assert (args.config, args.batch_sizes, args.overrides) == ("configs/celeba64.yaml", "128", ["train.compile=true"])
     # the override after the options reaches the config (an invalid value: refused before any benchmark runs)
-    bench = run_in_process("bench", "step", str(TINY), "--batch-sizes", "8", "--iters", "1", "train.precision=fp17", check=False)
-    assert (bench.returncode, bench.stderr) == (2, "dcgan: error: train.precision: expected auto | fp32 | bf16 | fp16, got 'fp17'\n")
-    args = build_parser().parse_args(["compare", str(TINY), "--b", "train.ema=0.9", "train.steps=5", "--seeds", "1", "seed=3"])
+    bench = run_in_process(
+        "bench", "step", str(TINY), "--batch-sizes", "8", "--iters", "1", "train.precision=fp17", check=False
+    )
+    assert (bench.returncode, bench.stderr) == (
+        2,
+        "dcgan: error: train.precision: expected auto | fp32 | bf16 | fp16, got 'fp17'\n",
+    )
+    args = build_parser().parse_args(
+        ["compare", str(TINY), "--b", "train.ema=0.9", "train.steps=5", "--seeds", "1", "seed=3"]
+    )
     assert (args.b, args.seeds, args.overrides) == ("train.ema=0.9", 1, ["train.steps=5", "seed=3"])
     with contextlib.redirect_stdout(io.StringIO()) as slurm_out:  # launch.slurm parses the same way
         assert slurm_main([str(TINY), "--nodes", "2", "--dry-run", "train.steps=5", f"run.dir={run}"]) == 0
@@ -176,7 +213,18 @@ def test_compare_reports_a_failed_training_as_that_arm_and_seeds_failure(tmp_pat
     """A valid setting whose training fails at run time (a learning rate that makes the loss non-finite)."""
     out = tmp_path / "compare"
     result = run_in_process(
-        "compare", str(TINY), "train.steps=5", "--a", "optim.lr=1e38", "--b", "", "--seeds", "1", "--out", str(out), check=False,
+        "compare",
+        str(TINY),
+        "train.steps=5",
+        "--a",
+        "optim.lr=1e38",
+        "--b",
+        "",
+        "--seeds",
+        "1",
+        "--out",
+        str(out),
+        check=False,
     )
     lines = result.stderr.splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import CPU, TINY, run_in_process
 from scipy import stats
 
 from dcgan.compare import compare, describe_settings, training_identity, write_comparison
 from dcgan.config import ConfigError, load_config
 from dcgan.spread import Spread
-
-from helpers import CPU, TINY, run_in_process
 
 
 def test_spread_is_the_mean_std_and_t_interval() -> None:
@@ -23,7 +22,9 @@ def test_spread_is_the_mean_std_and_t_interval() -> None:
     sem = stats.sem(values)
     low, high = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=sem)
     assert spread.mean == pytest.approx(np.mean(values)) and spread.std == pytest.approx(np.std(values, ddof=1))
-    assert spread.mean - spread.half_width == pytest.approx(low) and spread.mean + spread.half_width == pytest.approx(high)
+    assert spread.mean - spread.half_width == pytest.approx(low) and spread.mean + spread.half_width == pytest.approx(
+        high
+    )
     assert not spread.excludes_zero() or low > 0
     assert math.isnan(Spread.of([1.0]).half_width)
 
@@ -46,10 +47,25 @@ def test_a_comparison_trains_each_run_once_scores_it_and_resumes(tmp_path: Path)
     first = compare(str(TINY), common, ["sample.bn=running"], ["sample.bn=batch"], [0, 1], root, num=300, info=CPU)
     assert first.runs["A"] == first.runs["B"] and len(set(first.runs["A"])) == 2  # bn only: the same two runs
     out = tmp_path / "e.json"
-    run_in_process("eval", first.runs["B"][1], "--data", "digits", "-n", "300", "--metrics", "digits", "--bn", "batch", "--out", str(out))
+    run_in_process(
+        "eval",
+        first.runs["B"][1],
+        "--data",
+        "digits",
+        "-n",
+        "300",
+        "--metrics",
+        "digits",
+        "--bn",
+        "batch",
+        "--out",
+        str(out),
+    )
     assert json.loads(out.read_text())["digits_frechet"] == pytest.approx(first.values["B"][1], rel=1e-12)
-    diffs = [b - a for a, b in zip(first.values["A"], first.values["B"])]
-    assert first.difference.mean == pytest.approx(np.mean(diffs)) and first.difference.std == pytest.approx(np.std(diffs, ddof=1))
+    diffs = [b - a for a, b in zip(first.values["A"], first.values["B"], strict=True)]
+    assert first.difference.mean == pytest.approx(np.mean(diffs)) and first.difference.std == pytest.approx(
+        np.std(diffs, ddof=1)
+    )
     logs = {run: (Path(run) / "stats.jsonl").read_text() for run in first.runs["A"]}
     again = compare(str(TINY), common, ["sample.bn=running"], ["sample.bn=batch"], [0, 1], root, num=300, info=CPU)
     assert again.values == first.values  # finished runs are reused: same numbers, nothing retrained

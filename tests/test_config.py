@@ -2,10 +2,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT, TINY, run_in_process
 
 from dcgan.config import Config, ConfigError, config_from_dict, keys_help, load_config, save_config
-
-from helpers import ROOT, TINY, run_in_process
 
 
 def test_defaults_are_the_paper_recipe() -> None:
@@ -88,7 +87,23 @@ def test_train_help_lists_every_contract_key() -> None:
     """`dcgan train --help` carries the table of config keys (the top-level help: test_cli)."""
     help_text = run_in_process("train", "--help").stdout
     assert keys_help() in help_text
-    for key in ("seed", "run.dir", "model.resolution", "model.nz", "model.ngf", "model.ndf", "model.channels",
-                "train.steps", "train.batch_size", "optim.lr", "optim.beta1", "optim.beta2", "data.shards",
-                "log.every", "sample.every", "checkpoint.every", "log.wandb"):
+    for key in (
+        "seed",
+        "run.dir",
+        "model.resolution",
+        "model.nz",
+        "model.ngf",
+        "model.ndf",
+        "model.channels",
+        "train.steps",
+        "train.batch_size",
+        "optim.lr",
+        "optim.beta1",
+        "optim.beta2",
+        "data.shards",
+        "log.every",
+        "sample.every",
+        "checkpoint.every",
+        "log.wandb",
+    ):
         assert f"  {key} " in help_text

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed_helpers import spawn_ranks
+from helpers import CPU, flatten, load_checkpoint_tensors, run_in_process, tiny_config
 from torch import nn
 
 from dcgan.batchnorm import CrossRankBatchNorm2d, convert_to_cross_rank
 from dcgan.distributed import DistInfo, destroy_distributed, init_distributed
 from dcgan.step import build_step
-
-from distributed_helpers import spawn_ranks
-from helpers import CPU, flatten, load_checkpoint_tensors, run_in_process, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -57,8 +56,12 @@ def _cross_rank_forward_backward(rank: int, world: int, out: Path) -> None:
             y = layer(x)
             (y * output_weights(world)[mine]).sum().backward()
             results[offset] = {
-                "y": y.detach(), "grad_x": x.grad, "grad_weight": layer.weight.grad, "grad_bias": layer.bias.grad,
-                "running_mean": layer.running_mean.clone(), "running_var": layer.running_var.clone(),
+                "y": y.detach(),
+                "grad_x": x.grad,
+                "grad_weight": layer.weight.grad,
+                "grad_bias": layer.bias.grad,
+                "running_mean": layer.running_mean.clone(),
+                "running_var": layer.running_var.clone(),
             }
         torch.save(results, out / f"rank{rank}.pt")
     finally:
@@ -73,8 +76,12 @@ def reference_float64(world: int, offset: float) -> dict[str, torch.Tensor]:
     y = layer(x)
     (y * output_weights(world).double()).sum().backward()
     return {
-        "y": y.detach(), "grad_x": x.grad, "grad_weight": layer.weight.grad, "grad_bias": layer.bias.grad,
-        "running_mean": layer.running_mean, "running_var": layer.running_var,
+        "y": y.detach(),
+        "grad_x": x.grad,
+        "grad_weight": layer.weight.grad,
+        "grad_bias": layer.bias.grad,
+        "running_mean": layer.running_mean,
+        "running_var": layer.running_var,
     }
 
 
@@ -92,7 +99,9 @@ def test_cross_rank_batchnorm_equals_batchnorm_on_the_joint_batch(tmp_path: Path
         exact = reference_float64(world, offset)
         per_rank = [r[offset] for r in ranks]
         assert_close_to(torch.cat([r["y"] for r in per_rank]), exact["y"], f"output at offset {offset}")
-        assert_close_to(torch.cat([r["grad_x"] for r in per_rank]), exact["grad_x"], f"input gradient at offset {offset}")
+        assert_close_to(
+            torch.cat([r["grad_x"] for r in per_rank]), exact["grad_x"], f"input gradient at offset {offset}"
+        )
         # each rank holds the gradient of its own share of the loss; DDP averages them, the sum is the whole
         for name in ("grad_weight", "grad_bias"):
             assert_close_to(sum(r[name] for r in per_rank), exact[name], f"{name} at offset {offset}")
@@ -110,13 +119,17 @@ def step_inputs() -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(uint8 images, z) of each step for the joint batch of 2 ranks at BATCH each."""
     generator = torch.Generator().manual_seed(5)
     return [
-        (torch.randint(0, 256, (2 * BATCH, 1, 16, 16), dtype=torch.uint8, generator=generator),
-         torch.randn(2 * BATCH, 16, generator=generator))
+        (
+            torch.randint(0, 256, (2 * BATCH, 1, 16, 16), dtype=torch.uint8, generator=generator),
+            torch.randn(2 * BATCH, 16, generator=generator),
+        )
         for _ in range(STEPS)
     ]
 
 
-def train_state(run_dir: Path, info: DistInfo, part: slice, compile: bool = False, **build: object) -> dict[str, torch.Tensor]:
+def train_state(
+    run_dir: Path, info: DistInfo, part: slice, compile: bool = False, **build: object
+) -> dict[str, torch.Tensor]:
     """G's and D's parameters and buffers after STEPS steps on the `part` of every joint batch."""
     batch = part.stop - part.start
     config = tiny_config(run_dir, f"train.batch_size={batch}", f"train.compile={str(compile).lower()}")
@@ -149,10 +162,14 @@ def test_two_ranks_at_batch_b_train_exactly_like_one_process_at_2b(tmp_path: Pat
         for sync, state in states.items():
             assert state.keys() == reference.keys()
             for key, value in reference.items():
-                torch.testing.assert_close(state[key], value, rtol=1e-4, atol=2e-6, msg=lambda m: f"{sync} {key}: {m}")
+                torch.testing.assert_close(
+                    state[key], value, rtol=1e-4, atol=2e-6, msg=lambda m, sync=sync, key=key: f"{sync} {key}: {m}"
+                )
     # the comparison can tell: one rank's half batch alone (its own statistics and gradients) ends elsewhere
     alone = train_state(tmp_path, one, slice(0, BATCH))
-    differs = [k for k in reference if "weight" in k and not torch.allclose(alone[k], reference[k], rtol=1e-4, atol=2e-6)]
+    differs = [
+        k for k in reference if "weight" in k and not torch.allclose(alone[k], reference[k], rtol=1e-4, atol=2e-6)
+    ]
     assert len(differs) >= 6
 
 
@@ -164,7 +181,9 @@ def _compiled_two_rank_steps(rank: int, out: Path) -> None:
         counters.clear()
         state = train_state(out, info, slice(rank * BATCH, (rank + 1) * BATCH), compile=True)
         breaks = {reason: count for reason, count in counters["graph_break"].items()}
-        torch.save({"state": state, "graph_breaks": breaks, "frames": dict(counters["stats"])}, out / f"compiled{rank}.pt")
+        torch.save(
+            {"state": state, "graph_breaks": breaks, "frames": dict(counters["stats"])}, out / f"compiled{rank}.pt"
+        )
     finally:
         destroy_distributed()
 
@@ -180,7 +199,9 @@ def test_compiled_multi_rank_step_has_no_graph_break_and_matches_eager(tmp_path:
         assert result["graph_breaks"] == {}
         assert result["frames"].get("unique_graphs", 0) >= 2  # G and D really were compiled
         for key, value in reference.items():
-            torch.testing.assert_close(result["state"][key], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(
+                result["state"][key], value, rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}"
+            )
 
 
 def test_one_process_runs_the_multi_rank_path_with_dist_force(tmp_path: Path) -> None:
@@ -189,7 +210,9 @@ def test_one_process_runs_the_multi_rank_path_with_dist_force(tmp_path: Path) ->
     runs = {}
     for forced in ("true", "false"):
         run = tmp_path / f"force-{forced}"
-        result = run_in_process("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10", f"dist.force={forced}")
+        result = run_in_process(
+            "train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10", f"dist.force={forced}"
+        )
         mentioned = "cross-rank BatchNorm: batch statistics over all 1 rank(s), 16 images" in result.stderr
         assert mentioned == (forced == "true")
         runs[forced] = flatten(load_checkpoint_tensors(run / "checkpoints" / "step_000000010"))
@@ -197,4 +220,6 @@ def test_one_process_runs_the_multi_rank_path_with_dist_force(tmp_path: Path) ->
     weights = [k for k in plain_state if k.startswith("model.") and "num_batches" not in k]
     assert len(weights) >= 10
     for key in weights:
-        torch.testing.assert_close(forced_state[key], plain_state[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(
+            forced_state[key], plain_state[key], rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}"
+        )

@@ -15,6 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    ROOT,
+    checkpoint_complete,
+    image_index,
+    indexed_image,
+    run_in_process,
+    subprocess_env,
+    tiny_config,
+    write_image_folder,
+)
 from PIL import Image
 
 from dcgan.config import ConfigError
@@ -25,10 +35,6 @@ from dcgan.data.stream import ShardError, ShardSource
 from dcgan.data.writer import write_shards
 from dcgan.distributed import DistInfo
 
-from helpers import (
-    ROOT, checkpoint_complete, image_index, indexed_image, run_in_process, subprocess_env, tiny_config, write_image_folder,
-)
-
 
 def rank_info(rank: int, world: int) -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
@@ -37,7 +43,10 @@ def rank_info(rank: int, world: int) -> DistInfo:
 def source_for(shards: Path, tmp: Path, rank: int = 0, world: int = 1, *overrides: str) -> ShardSource:
     manifest = Manifest.read(shards / "manifest.json")
     config = tiny_config(
-        tmp, f"data.shards={shards}", f"model.resolution={manifest.resolution}", f"model.channels={manifest.channels}",
+        tmp,
+        f"data.shards={shards}",
+        f"model.resolution={manifest.resolution}",
+        f"model.channels={manifest.channels}",
         *overrides,
     )
     return ShardSource(config, rank_info(rank, world), pin_memory=False)
@@ -55,7 +64,9 @@ def take(source: ShardSource, n: int, close: bool = True) -> list[torch.Tensor]:
 @pytest.mark.parametrize("fmt", ["blocks", "png"])
 def test_lossless_formats_round_trip_pixel_exact(fmt: str, image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / fmt
-    manifest = write_shards("folder", image_folder, out, fmt=fmt, resolution=16, shard_size=20, block_size=8, workers=2, progress=False)
+    manifest = write_shards(
+        "folder", image_folder, out, fmt=fmt, resolution=16, shard_size=20, block_size=8, workers=2, progress=False
+    )
     assert manifest.total_samples == 80 and [s.samples for s in manifest.shards] == [20, 20, 20, 20]
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] + [f"shard-{i:06d}.tar" for i in range(4)]
     source = source_for(out, tmp_path, 0, 1, "data.resampled=false", "train.batch_size=10", "data.workers=0")
@@ -68,7 +79,9 @@ def test_lossless_formats_round_trip_pixel_exact(fmt: str, image_folder: Path, t
 
 def test_jpeg_shards_decode_close_to_the_originals(image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "jpg"
-    manifest = write_shards("folder", image_folder, out, fmt="jpeg", resolution=16, shard_size=40, workers=1, progress=False)
+    manifest = write_shards(
+        "folder", image_folder, out, fmt="jpeg", resolution=16, shard_size=40, workers=1, progress=False
+    )
     assert manifest.format == "jpeg"
     source = source_for(out, tmp_path, 0, 1, "data.resampled=false", "train.batch_size=10", "data.workers=0")
     order = [int(p.stem) for p in sorted(image_folder.rglob("*.png"))]  # keys follow the sorted file list
@@ -93,7 +106,17 @@ def make_indexed_blocks(tmp_path: Path, count: int, shard_size: int) -> Path:
     folder = tmp_path / "folder"
     write_image_folder(folder, count, 16)
     out = tmp_path / "shards"
-    write_shards("folder", folder, out, fmt="blocks", resolution=16, shard_size=shard_size, block_size=5, workers=1, progress=False)
+    write_shards(
+        "folder",
+        folder,
+        out,
+        fmt="blocks",
+        resolution=16,
+        shard_size=shard_size,
+        block_size=5,
+        workers=1,
+        progress=False,
+    )
     return out
 
 
@@ -142,8 +165,8 @@ def test_stream_is_deterministic_and_differs_by_rank(tmp_path: Path) -> None:
     a = [b.clone() for b in take(source_for(shards, tmp_path, 0, 2, "data.workers=2", "train.batch_size=4"), 6)]
     b = take(source_for(shards, tmp_path, 0, 2, "data.workers=2", "train.batch_size=4"), 6)
     c = take(source_for(shards, tmp_path, 1, 2, "data.workers=2", "train.batch_size=4"), 6)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 @pytest.mark.parametrize("workers", [0, 2, 3])
@@ -157,7 +180,7 @@ def test_resume_mid_epoch_replays_the_same_stream(tmp_path: Path, workers: int) 
     resumed = source_for(shards, tmp_path, 1, 2, *args)
     resumed.load_state_dict(first.state_dict())
     tail = take(resumed, 7)
-    assert all(torch.equal(x, y) for x, y in zip(straight, head + tail))
+    assert all(torch.equal(x, y) for x, y in zip(straight, head + tail, strict=True))
 
 
 def corrupt_one_png(shards: Path) -> int:
@@ -263,11 +286,25 @@ def test_celeba_recipe_center_crops_then_resizes() -> None:
 @pytest.mark.slow
 def test_shards_cli_refuses_non_empty_out_dir_and_overwrites_when_asked(image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = run_in_process("shards", "folder", str(image_folder), str(out), "--resolution", "16", "--shard-size", "40", "--workers", "1")
+    result = run_in_process(
+        "shards", "folder", str(image_folder), str(out), "--resolution", "16", "--shard-size", "40", "--workers", "1"
+    )
     assert "80 images in 2 shards" in result.stdout
     again = run_in_process("shards", "folder", str(image_folder), str(out), "--resolution", "16", check=False)
     assert again.returncode == 2 and "not empty; pass --overwrite" in again.stderr
-    run_in_process("shards", "folder", str(image_folder), str(out), "--resolution", "16", "--shard-size", "80", "--workers", "1", "--overwrite")
+    run_in_process(
+        "shards",
+        "folder",
+        str(image_folder),
+        str(out),
+        "--resolution",
+        "16",
+        "--shard-size",
+        "80",
+        "--workers",
+        "1",
+        "--overwrite",
+    )
     assert Manifest.read(out / "manifest.json").shards[0].samples == 80
     assert not (out / "shard-000001.tar").exists()
 
@@ -282,14 +319,23 @@ def test_digits_shards_match_the_builtin_digits(digits_shards: Path, tmp_path: P
 @pytest.mark.slow
 def test_training_from_shards_through_the_cli(digits_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    run_in_process("train", "configs/tiny.yaml", f"run.dir={run}", f"data.shards={digits_shards}", "data.workers=2", "train.steps=10")
+    run_in_process(
+        "train",
+        "configs/tiny.yaml",
+        f"run.dir={run}",
+        f"data.shards={digits_shards}",
+        "data.workers=2",
+        "train.steps=10",
+    )
     assert checkpoint_complete(run, 10)
     assert Counter(line.count('"step"') for line in (run / "stats.jsonl").read_text().splitlines()) == Counter({1: 2})
 
 
 @pytest.mark.slow
 def test_bench_data_prints_a_table(digits_shards: Path) -> None:
-    out = run_in_process("bench", "data", str(digits_shards), "--workers", "0,1", "--batches", "5", "--batch-size", "16").stdout
+    out = run_in_process(
+        "bench", "data", str(digits_shards), "--workers", "0,1", "--batches", "5", "--batch-size", "16"
+    ).stdout
     header, *lines = out.splitlines()
     assert header.split()[:2] == ["workers", "img/s"] and "delivered to cpu" in header
     rows = [line.split() for line in lines]
@@ -309,7 +355,9 @@ def damage_tar_header(shard: Path, member_index: int) -> int:
     return blocks_before
 
 
-def test_a_damaged_tar_header_counts_the_rest_of_the_shard_as_skipped(digits_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_damaged_tar_header_counts_the_rest_of_the_shard_as_skipped(
+    digits_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     copy = copied_shards(digits_shards, tmp_path)
     manifest = Manifest.read(copy / "manifest.json")
     expected = manifest.shards[0].samples
@@ -337,7 +385,9 @@ def _blocks_of(shard: Path, count: int) -> list[np.ndarray]:
     return blocks
 
 
-def test_flipped_pixels_in_a_block_fail_its_checksum_and_count_its_images(digits_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_flipped_pixels_in_a_block_fail_its_checksum_and_count_its_images(
+    digits_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     copy = copied_shards(digits_shards, tmp_path)
     shard = copy / "shard-000000.tar"
     with tarfile.open(shard) as tar:
@@ -364,5 +414,12 @@ def test_the_read_buffer_is_set_by_reading_shards_not_by_importing(digits_shards
         "print(os.environ.get('GOPEN_BUFFER') == str(READ_BUFFER), sorted(images), images[0].shape)\n"
     )
     env = {k: v for k, v in subprocess_env().items() if k != "GOPEN_BUFFER"}
-    result = subprocess.run([sys.executable, "-c", program, str(digits_shards)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", program, str(digits_shards)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.stdout.split("\n")[:2] == ["None", "True [0, 1, 2, 3, 4, 5, 6, 7] (1, 16, 16)"], result.stderr

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed_helpers import _rank_main, free_port, spawn_ranks
+from helpers import TorchrunRun, tiny_config
 
 from dcgan.config import ModelConfig
-from dcgan.distributed import init_distributed, prepare_module, replicas_agree, sync_buffers, destroy_distributed
+from dcgan.distributed import destroy_distributed, init_distributed, prepare_module, replicas_agree, sync_buffers
 from dcgan.losses import discriminator_loss
 from dcgan.models import Discriminator
 from dcgan.train import build_trainer
-
-from distributed_helpers import _rank_main, free_port, spawn_ranks
-from helpers import TorchrunRun, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +40,14 @@ def _train_k_steps(rank: int, out: Path, steps: int) -> None:
             trainer.d_bare.main[0].weight[0, 0, 0, 0] += rank  # a deliberate divergence on rank 1
         perturbed = replicas_agree(trainer.d_bare, info)
         torch.save(
-            {"G": g_state, "D": d_state, "seen": torch.cat(seen),
-             "before_sync": before_sync, "after_sync": after_sync, "perturbed": perturbed},
+            {
+                "G": g_state,
+                "D": d_state,
+                "seen": torch.cat(seen),
+                "before_sync": before_sync,
+                "after_sync": after_sync,
+                "perturbed": perturbed,
+            },
             out / f"rank{rank}.pt",
         )
     finally:
@@ -91,7 +96,9 @@ def test_applied_gradient_is_the_mean_of_the_per_rank_gradients(tmp_path: Path) 
     for rank in (0, 1):  # each rank's gradient computed alone, in this process, from the same init
         torch.manual_seed(0)
         d = Discriminator(ModelConfig(resolution=16, ndf=4, channels=1))
-        discriminator_loss(d(torch.load(tmp_path / f"real{rank}.pt")), d(torch.load(tmp_path / f"fake{rank}.pt"))).backward()
+        discriminator_loss(
+            d(torch.load(tmp_path / f"real{rank}.pt")), d(torch.load(tmp_path / f"fake{rank}.pt"))
+        ).backward()
         by_hand.append({n: p.grad.clone() for n, p in d.named_parameters()})
     for rank in (0, 1):
         applied = torch.load(tmp_path / f"grad{rank}.pt")
@@ -135,7 +142,10 @@ def test_torchrun_two_ranks_through_the_cli(two_rank_run: TorchrunRun) -> None:
     run = two_rank_run.run
     assert "2 rank(s) on cpu, batch 16 per rank (global 32)" in two_rank_run.stderr
     assert "cross-rank BatchNorm: batch statistics over all 2 rank(s), 32 images" in two_rank_run.stderr
-    assert sorted(p.name for p in (run / "checkpoints" / "step_000000010").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert sorted(p.name for p in (run / "checkpoints" / "step_000000010").iterdir()) == [
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
     lines = (run / "stats.jsonl").read_text().splitlines()
     assert len(lines) == 2 and '"global_batch": 32' in lines[-1]  # written once, by rank 0
-

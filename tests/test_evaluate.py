@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed_helpers import torchrun
+from helpers import DIGITS_MODEL, TINY, completed_steps, read_stats, run_in_process, tiny_config
 from scipy import linalg
 
 from dcgan.config import ConfigError, load_config, metric_keys
 from dcgan.evaluate import fid, kid, load_inception, swd
 from dcgan.models import Generator
 from dcgan.sample import LoadedGenerator, export_generator
-
-from distributed_helpers import torchrun
-from helpers import DIGITS_MODEL, TINY, completed_steps, read_stats, run_in_process, tiny_config
 
 
 def gaussian_features(n: int, dim: int, seed: int) -> np.ndarray:
@@ -96,8 +95,20 @@ def untrained_generator(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def eval_cli(source: Path, out: Path, inception: Path, *, ranks: int = 1) -> dict[str, Any]:
-    args = ["eval", str(source), "--data", "digits", "-n", "500", "--metrics", "fid,kid,swd,digits",
-            "--inception", str(inception), "--out", str(out)]
+    args = [
+        "eval",
+        str(source),
+        "--data",
+        "digits",
+        "-n",
+        "500",
+        "--metrics",
+        "fid,kid,swd,digits",
+        "--inception",
+        str(inception),
+        "--out",
+        str(out),
+    ]
     if ranks == 1:
         run_in_process(*args)
     else:
@@ -107,7 +118,9 @@ def eval_cli(source: Path, out: Path, inception: Path, *, ranks: int = 1) -> dic
 
 
 @pytest.fixture(scope="module")
-def untrained_eval(untrained_generator: Path, inception: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def untrained_eval(
+    untrained_generator: Path, inception: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
     """`dcgan eval` of the untrained generator (four metrics, 500 images; with a cold cache): its protocol
     is one test's subject, its numbers another's baseline."""
     folder = tmp_path_factory.mktemp("untrained_eval")
@@ -117,15 +130,35 @@ def untrained_eval(untrained_generator: Path, inception: Path, tmp_path_factory:
 
 
 @pytest.mark.slow  # long-running: four metrics of 500 images (about 15 s on 2 cores)
-def test_eval_json_records_the_protocol(untrained_generator: Path, untrained_eval: dict[str, Any], inception: Path, tmp_path: Path) -> None:
+def test_eval_json_records_the_protocol(
+    untrained_generator: Path, untrained_eval: dict[str, Any], inception: Path, tmp_path: Path
+) -> None:
     protocol = untrained_eval["protocol"]
-    assert protocol["reference"] == {"data": "digits", "images": 500, "available": 1797, "selection": "seeded random subset", "seed": 0}
-    assert protocol["generator"] == {"step": 0, "weights": "raw", "bn": "running", "images": 500, "noise_seed": 12345, "batch": 250}
-    assert protocol["network"] == {"path": str(inception.resolve()), "sha1": hashlib.sha1(inception.read_bytes()).hexdigest()}
+    assert protocol["reference"] == {
+        "data": "digits",
+        "images": 500,
+        "available": 1797,
+        "selection": "seeded random subset",
+        "seed": 0,
+    }
+    assert protocol["generator"] == {
+        "step": 0,
+        "weights": "raw",
+        "bn": "running",
+        "images": 500,
+        "noise_seed": 12345,
+        "batch": 250,
+    }
+    assert protocol["network"] == {
+        "path": str(inception.resolve()),
+        "sha1": hashlib.sha1(inception.read_bytes()).hexdigest(),
+    }
     assert protocol["kid"] == {"subsets": 100, "subset_size": 500, "seed": 0} and protocol["swd"]["seed"] == 0
     assert protocol["ranks"] == 1
     whole = tmp_path / "all.json"  # (the digits score only: SWD of 1797 images would take most of a minute)
-    run_in_process("eval", str(untrained_generator), "--data", "digits", "-n", "1797", "--metrics", "digits", "--out", str(whole))
+    run_in_process(
+        "eval", str(untrained_generator), "--data", "digits", "-n", "1797", "--metrics", "digits", "--out", str(whole)
+    )
     assert json.loads(whole.read_text())["protocol"]["reference"]["selection"] == "all"
 
 
@@ -147,7 +180,11 @@ def test_the_reference_is_a_seeded_random_subset_of_the_shards_not_their_first_i
 
 @pytest.mark.slow
 def test_trained_generator_beats_untrained_on_every_metric_and_ranks_agree(
-    trained_digits_run: Path, untrained_eval: dict[str, Any], inception: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    trained_digits_run: Path,
+    untrained_eval: dict[str, Any],
+    inception: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     trained = eval_cli(trained_digits_run, tmp_path / "trained.json", inception)
     untrained = untrained_eval
@@ -170,8 +207,16 @@ def test_periodic_evaluation_logs_metrics_and_keeps_the_best_checkpoint(tmp_path
     from dcgan.train import EXIT_OK, train
 
     run = tmp_path / "run"
-    config = tiny_config(run, "train.steps=40", "checkpoint.every=10", "checkpoint.keep=1", "eval.every=10",
-                         "eval.metrics=[swd,digits]", "eval.num=64", "eval.best=digits_frechet")
+    config = tiny_config(
+        run,
+        "train.steps=40",
+        "checkpoint.every=10",
+        "checkpoint.keep=1",
+        "eval.every=10",
+        "eval.metrics=[swd,digits]",
+        "eval.num=64",
+        "eval.best=digits_frechet",
+    )
     assert train(config) == EXIT_OK
     lines = read_stats(run)
     evals = [line for line in lines if "eval/swd" in line]
@@ -191,9 +236,18 @@ def test_eval_config_errors() -> None:
         load_config(TINY, ["eval.best=fid"])
     # named by what evaluate() returns: digits gives digits_frechet (lower is better), not "digits"; a
     # key that eval.metrics does not produce would crash at the first eval (KeyError) if it passed here
-    for bad in (["eval.metrics=[swd]", "eval.best=digits_frechet"], ["eval.metrics=[digits]", "eval.best=digits"],
-                ["eval.metrics=[digits]", "eval.best=digits_confident"]):
+    for bad in (
+        ["eval.metrics=[swd]", "eval.best=digits_frechet"],
+        ["eval.metrics=[digits]", "eval.best=digits"],
+        ["eval.metrics=[digits]", "eval.best=digits_confident"],
+    ):
         with pytest.raises(ConfigError, match="eval.best: must be empty or one of"):
             load_config(TINY, bad)
     assert load_config(TINY, ["eval.metrics=[swd,digits]", "eval.best=digits_frechet"]).eval.best == "digits_frechet"
-    assert metric_keys(["fid", "swd", "digits"]) == ("fid", "swd", "digits_frechet", "digits_confident", "digits_class_balance")
+    assert metric_keys(["fid", "swd", "digits"]) == (
+        "fid",
+        "swd",
+        "digits_frechet",
+        "digits_confident",
+        "digits_class_balance",
+    )

@@ -15,12 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from distributed_helpers import descendants, signal_tree, start_training, torchrun_cmd, wait_for
+from helpers import ROOT, completed_steps, read_stats, run_cli, run_in_process, subprocess_env, tiny_config
 
 from dcgan.preemption import EXIT_INTERRUPTED, EXIT_TERMINATED
 from dcgan.train import EXIT_OK, train
-
-from distributed_helpers import descendants, signal_tree, start_training, torchrun_cmd, wait_for
-from helpers import ROOT, completed_steps, read_stats, run_cli, run_in_process, subprocess_env, tiny_config
 
 
 @pytest.mark.slow  # a training in a process of its own
@@ -59,7 +58,6 @@ def test_ctrl_c_checkpoints_and_exits_130_and_a_second_one_stops_at_once(tmp_pat
     assert completed_steps(run)[-1] == step > 20  # the Ctrl-C checkpoint, off the regular schedule
 
 
-
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert train(tiny_config(run, "train.steps=10", "checkpoint.every=5")) == EXIT_OK
@@ -88,8 +86,15 @@ def test_shards_whose_samples_cannot_be_decoded_stop_the_run_in_one_line(digits_
     pattern = str(bare / "shard-{000000..000007}.tar")
     started = time.monotonic()
     result = run_cli(
-        "train", "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", f"data.shards={pattern}", "data.epoch_samples=512",
-        "model.resolution=32", "data.workers=1", check=False, timeout=120,
+        "train",
+        "configs/tiny.yaml",
+        f"run.dir={tmp_path / 'run'}",
+        f"data.shards={pattern}",
+        "data.epoch_samples=512",
+        "model.resolution=32",
+        "data.workers=1",
+        check=False,
+        timeout=120,
     )
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
@@ -103,7 +108,10 @@ def test_shards_whose_samples_cannot_be_decoded_stop_the_run_in_one_line(digits_
     ("env", "message"),
     [
         ({"RANK": "1"}, "RANK=1 is set but WORLD_SIZE is not: start the ranks with torchrun or srun"),
-        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "WORLD_SIZE=2 but MASTER_ADDR is not set: start the ranks with torchrun or srun"),
+        (
+            {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
+            "WORLD_SIZE=2 but MASTER_ADDR is not set: start the ranks with torchrun or srun",
+        ),
         (  # what torchrun --max-restarts=3 exports without the fix for its shared store
             {"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"},
             "torchrun --max-restarts=3 needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment",
@@ -131,10 +139,16 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_from_its_newest_c
     env = {**subprocess_env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     command = torchrun_cmd(2, "train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=200", "checkpoint.every=50")
     with log.open("w") as out:
-        launcher = subprocess.Popen([*command[:3], "--max-restarts=1", *command[3:]], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        launcher = subprocess.Popen(
+            [*command[:3], "--max-restarts=1", *command[3:]], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
         try:
             wait_for(lambda: 50 in completed_steps(run), launcher, timeout=180)
-            [rank1] = [pid for pid in descendants(launcher.pid) if "RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")]
+            [rank1] = [
+                pid
+                for pid in descendants(launcher.pid)
+                if "RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+            ]
             os.kill(rank1, signal.SIGKILL)
             assert launcher.wait(timeout=240) == 0, log.read_text()[-3000:]
         finally:
@@ -152,8 +166,16 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_from_its_newest_c
     ("args", "status", "message"),
     [
         (["train", "configs/tiny.yaml", "run.dir={file}"], 2, "run.dir: {file} is a file, not a directory"),
-        (["train", "configs/tiny.yaml", "run.dir={tmp}/r", "seed=1180591620717411303424"], 2, "seed: must be an integer in [0, 2^32)"),
-        (["sample", "{file}", "--out", "{tmp}/x.png"], 2, "{file} is not a generator exported by `dcgan export` (EOFError)"),
+        (
+            ["train", "configs/tiny.yaml", "run.dir={tmp}/r", "seed=1180591620717411303424"],
+            2,
+            "seed: must be an integer in [0, 2^32)",
+        ),
+        (
+            ["sample", "{file}", "--out", "{tmp}/x.png"],
+            2,
+            "{file} is not a generator exported by `dcgan export` (EOFError)",
+        ),
         (["sample", "{tmp}", "--num", "0", "--out", "{tmp}/x.png"], 2, "argument --num: must be >= 1, got 0"),
         (["eval", "{tmp}", "--data", "digits", "-n", "0"], 2, "argument -n/--num: must be >= 1, got 0"),
         (["export", "{tmp}", "--out", "{tmp}"], 2, "--out {tmp} is a directory: give a file name"),
@@ -184,11 +206,18 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.mark.slow  # a training in a process of its own
-def test_a_full_disk_during_a_background_save_is_one_line_and_keeps_the_last_checkpoint(small_disk: Path, tmp_path: Path) -> None:
+def test_a_full_disk_during_a_background_save_is_one_line_and_keeps_the_last_checkpoint(
+    small_disk: Path, tmp_path: Path
+) -> None:
     run = small_disk / "run"
     result = run_cli(
-        "train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=60", "checkpoint.every=5",
-        "checkpoint.async_save=true", check=False,
+        "train",
+        "configs/tiny.yaml",
+        f"run.dir={run}",
+        "train.steps=60",
+        "checkpoint.every=5",
+        "checkpoint.async_save=true",
+        check=False,
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -206,8 +235,13 @@ def test_a_truncated_shard_read_by_workers_is_one_line_naming_it(digits_shards: 
     victim = copy / "shard-000002.tar"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
     result = run_cli(
-        "train", "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", f"data.shards={copy}", "data.workers=2",
-        "train.steps=400", check=False,
+        "train",
+        "configs/tiny.yaml",
+        f"run.dir={tmp_path / 'run'}",
+        f"data.shards={copy}",
+        "data.workers=2",
+        "train.steps=400",
+        check=False,
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
@@ -217,7 +251,9 @@ def test_a_truncated_shard_read_by_workers_is_one_line_naming_it(digits_shards: 
 
 
 @pytest.mark.slow  # a training in a process of its own
-def test_a_stop_signal_while_waiting_for_data_that_never_comes_ends_the_run(digits_shards: Path, tmp_path: Path) -> None:
+def test_a_stop_signal_while_waiting_for_data_that_never_comes_ends_the_run(
+    digits_shards: Path, tmp_path: Path
+) -> None:
     """A data source that hangs (here a pipe that sleeps before it sends anything, as a stuck mount
     would): one process stops on SIGTERM at once instead of waiting for a batch."""
     run = tmp_path / "run"
@@ -230,7 +266,10 @@ def test_a_stop_signal_while_waiting_for_data_that_never_comes_ends_the_run(digi
     _, err = waiting.communicate(timeout=60)
     assert waiting.returncode == EXIT_TERMINATED, err
     assert time.monotonic() - stopped < 30  # not after the pipe's 60 s
-    assert f"stop signal while waiting for data: nothing trained since the last checkpoint, exiting {EXIT_TERMINATED}" in err
+    assert (
+        f"stop signal while waiting for data: nothing trained since the last checkpoint, exiting {EXIT_TERMINATED}"
+        in err
+    )
     assert completed_steps(run) == []
 
 
@@ -242,7 +281,9 @@ def test_eval_against_data_of_another_shape_is_one_line(trained_digits_run: Path
     )
 
 
-def test_requeued_attempts_that_never_progress_stop_requeueing(digits_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_requeued_attempts_that_never_progress_stop_requeueing(
+    digits_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every requeued attempt resumes from step 10 and fails before saving anything newer (here a shard
     that cannot be read; a time slice shorter than start-up ends the same way): the fourth refuses.
     (In this process: SLURM_RESTART_COUNT is read when a run starts, not at import.)"""
@@ -261,8 +302,10 @@ def test_requeued_attempts_that_never_progress_stop_requeueing(digits_shards: Pa
     monkeypatch.setenv("SLURM_RESTART_COUNT", "4")
     refused = run_in_process(*attempt, check=False)
     assert refused.returncode == 5
-    assert refused.stderr.strip().splitlines()[-1].startswith(
-        "dcgan: error: 3 requeued attempts in a row resumed from step 10 and saved nothing newer"
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .startswith("dcgan: error: 3 requeued attempts in a row resumed from step 10 and saved nothing newer")
     )
     # the remedy the message names: without the record of attempts the job starts (and progresses) again
     (run / "attempts.json").unlink()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, load_checkpoint_tensors, read_stats, run_in_process, tiny_config
 from PIL import Image
 
 from dcgan.config import load_config
@@ -16,8 +17,6 @@ from dcgan.ema import WARMUP_UPDATES, GeneratorEMA, decay_at
 from dcgan.models import Generator
 from dcgan.sample import generate, load_export, load_generator, save_grid
 from dcgan.train import EXIT_OK, train
-
-from helpers import TINY, load_checkpoint_tensors, read_stats, run_in_process, tiny_config
 
 
 def test_the_average_follows_its_formula_with_a_warmup() -> None:
@@ -32,8 +31,8 @@ def test_the_average_follows_its_formula_with_a_warmup() -> None:
                 p.add_(1.0)
         ema.update(source)
         decay = decay_at(0.9, update)
-        expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, source.parameters())]
-    for got, want in zip(ema.module.parameters(), expected):
+        expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, source.parameters(), strict=True)]
+    for got, want in zip(ema.module.parameters(), expected, strict=True):
         torch.testing.assert_close(got, want)
     assert decay_at(0.999, 0) == pytest.approx(1 / WARMUP_UPDATES) and decay_at(0.999, 10**6) == 0.999
     assert ema.updates == 3 and ema.state_dict()["updates"].item() == 3
@@ -43,8 +42,17 @@ def test_the_average_follows_its_formula_with_a_warmup() -> None:
 def ema_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny run that keeps an average of G and evaluates both generators every 20 steps."""
     run = tmp_path_factory.mktemp("ema") / "run"
-    config = tiny_config(run, "train.steps=40", "train.ema=0.9", "eval.every=20", "eval.metrics=[swd,digits]",
-                         "eval.num=300", "eval.best=digits_frechet", "sample.every=20", "checkpoint.every=20")
+    config = tiny_config(
+        run,
+        "train.steps=40",
+        "train.ema=0.9",
+        "eval.every=20",
+        "eval.metrics=[swd,digits]",
+        "eval.num=300",
+        "eval.best=digits_frechet",
+        "sample.every=20",
+        "checkpoint.every=20",
+    )
     assert train(config) == EXIT_OK
     return run
 
@@ -62,18 +70,26 @@ def test_evaluation_logs_both_generators_and_the_best_checkpoint_ranks_by_the_av
     assert best["metric"] == "ema_digits_frechet" and best["value"] == evals[best["step"]]["eval/ema_digits_frechet"]
 
 
-def test_eval_of_a_run_defaults_to_its_average_and_repeats_the_numbers_logged_in_training(ema_run: Path, tmp_path: Path) -> None:
+def test_eval_of_a_run_defaults_to_its_average_and_repeats_the_numbers_logged_in_training(
+    ema_run: Path, tmp_path: Path
+) -> None:
     logged = next(line for line in read_stats(ema_run) if line["step"] == 40 and "eval/swd" in line)
     for flags, prefix, weights in (([], "ema_", "ema"), (["--raw"], "", "raw")):
         out = tmp_path / f"{weights}.json"
-        run_in_process("eval", str(ema_run), "--data", "digits", "-n", "300", "--metrics", "swd,digits", "--out", str(out), *flags)
+        run_in_process(
+            "eval", str(ema_run), "--data", "digits", "-n", "300", "--metrics", "swd,digits", "--out", str(out), *flags
+        )
         record = json.loads(out.read_text())
-        assert record["protocol"]["generator"]["weights"] == weights and record["protocol"]["generator"]["bn"] == "running"
+        assert (
+            record["protocol"]["generator"]["weights"] == weights and record["protocol"]["generator"]["bn"] == "running"
+        )
         for key in ("swd", "digits_frechet", "digits_confident"):
             assert record[key] == pytest.approx(logged[f"eval/{prefix}{key}"], rel=1e-12), (weights, key)
 
 
-def test_grids_sample_and_export_use_the_average_and_the_raw_generator_on_request(ema_run: Path, tmp_path: Path) -> None:
+def test_grids_sample_and_export_use_the_average_and_the_raw_generator_on_request(
+    ema_run: Path, tmp_path: Path
+) -> None:
     again = tmp_path / "again.png"
     run_in_process("sample", str(ema_run), "--fixed-noise", "--num", "16", "--out", str(again))
     grid = np.asarray(Image.open(ema_run / "samples" / "step_000000040.png"))
@@ -88,7 +104,9 @@ def test_grids_sample_and_export_use_the_average_and_the_raw_generator_on_reques
     by_hand, from_export = tmp_path / "by_hand.png", tmp_path / "from_export.png"
     save_grid(generate(load_export(averaged).generator, load_export(averaged).fixed_noise), by_hand)
     run_in_process("sample", str(averaged), "--fixed-noise", "--num", "16", "--out", str(from_export))
-    assert np.array_equal(np.asarray(Image.open(by_hand)), grid) and np.array_equal(np.asarray(Image.open(from_export)), grid)
+    assert np.array_equal(np.asarray(Image.open(by_hand)), grid) and np.array_equal(
+        np.asarray(Image.open(from_export)), grid
+    )
     run_in_process("sample", str(averaged), "--num", "4", "--out", str(tmp_path / "four.png"))
     assert Image.open(tmp_path / "four.png").size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
     noise = torch.randn(8, 16, generator=torch.Generator().manual_seed(3))
@@ -136,7 +154,9 @@ def test_a_run_with_batch_statistics_records_them_and_sample_can_override(tmp_pa
     out = tmp_path / "e.json"
     run_in_process("eval", str(run), "--data", "digits", "-n", "300", "--out", str(out))
     assert json.loads(out.read_text())["protocol"]["generator"]["bn"] == "batch"
-    printed = run_in_process("sample", str(run), "--bn", "running", "--seed", "1", "--out", str(tmp_path / "s.png")).stdout
+    printed = run_in_process(
+        "sample", str(run), "--bn", "running", "--seed", "1", "--out", str(tmp_path / "s.png")
+    ).stdout
     assert "running BatchNorm statistics" in printed
 
 

@@ -11,16 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed_helpers import spawn_ranks
+from helpers import TINY, run_cli
 
 from dcgan.config import load_config
 from dcgan.distributed import DistInfo, destroy_distributed, init_distributed, prepare_module
 from dcgan.graphs import GraphedStep, make_runner
 from dcgan.models import Discriminator
-from dcgan.step import STAT_NAMES
-from dcgan.step import build_step
-
-from distributed_helpers import spawn_ranks
-from helpers import TINY, run_cli
+from dcgan.step import STAT_NAMES, build_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -102,7 +100,14 @@ def test_bf16_channels_last_fused_adam_step() -> None:
 
 def test_cli_trains_and_resumes_on_the_gpu(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    common = ("train", "configs/tiny.yaml", f"run.dir={run}", "train.device=cuda", "checkpoint.every=10", "log.every=10")
+    common = (
+        "train",
+        "configs/tiny.yaml",
+        f"run.dir={run}",
+        "train.device=cuda",
+        "checkpoint.every=10",
+        "log.every=10",
+    )
     run_cli(*common, "train.steps=20")
     resumed = run_cli(*common, "train.steps=30")
     assert f"resumed from {run / 'checkpoints'}/step_000000020" in resumed.stderr
@@ -127,8 +132,16 @@ def test_the_weight_average_updates_without_a_host_sync_and_follows_a_graphed_ru
         torch.cuda.set_sync_debug_mode("default")
     assert ema.updates == 3 and next(ema.module.parameters()).is_cuda
     run = tmp_path / "run"
-    run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.device=cuda", "train.cuda_graph=true", "train.ema=0.99",
-            "train.steps=30", "sample.every=30")
+    run_cli(
+        "train",
+        "configs/tiny.yaml",
+        f"run.dir={run}",
+        "train.device=cuda",
+        "train.cuda_graph=true",
+        "train.ema=0.99",
+        "train.steps=30",
+        "sample.every=30",
+    )
     averaged, raw = load_generator(run), load_generator(run, weights="raw")
     assert averaged.weights == "ema"
     assert not torch.equal(next(averaged.generator.parameters()), next(raw.generator.parameters()))
@@ -157,8 +170,10 @@ def _cross_rank_bn_on_two_gpus(rank: int, out: Path) -> None:
         (full.sum() / 2).backward()
         torch.save(
             {
-                "sync": torch.cat(gathered).cpu(), "full": full.detach().cpu(),
-                "sync_grad": next(ddp.module.parameters()).grad.cpu(), "full_grad": next(reference.parameters()).grad.cpu(),
+                "sync": torch.cat(gathered).cpu(),
+                "full": full.detach().cpu(),
+                "sync_grad": next(ddp.module.parameters()).grad.cpu(),
+                "full_grad": next(reference.parameters()).grad.cpu(),
             },
             out,
         )

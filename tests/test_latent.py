@@ -6,14 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY, run_in_process
 from PIL import Image
 
 from dcgan.config import ConfigError, load_config
 from dcgan.latent import arithmetic, interpolate, parse_indices, slerp, walk_latents
 from dcgan.models import Generator
 from dcgan.sample import LoadedGenerator, export_generator, generate, seeded_latents
-
-from helpers import TINY, run_in_process
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +58,56 @@ def test_arithmetic_is_a_minus_b_plus_c_of_averaged_latents(generator: LoadedGen
     torch.testing.assert_close(found.result, want)
     assert [len(row) for row in found.rows] == [4, 3, 2, 8]
     torch.testing.assert_close(found.rows[3][0], generate(generator.generator, want[None])[0], rtol=0, atol=1e-6)
-    torch.testing.assert_close(found.rows[1][-1], generate(generator.generator, latents[[4, 5]].mean(0)[None])[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        found.rows[1][-1], generate(generator.generator, latents[[4, 5]].mean(0)[None])[0], rtol=0, atol=1e-6
+    )
     with pytest.raises(ConfigError, match="--b: index 64 is outside the grid of --num 64"):
         parse_indices("1,64", "--b", 64)
 
 
-def test_the_commands_write_a_grid_an_animation_and_refuse_bad_indices(generator: LoadedGenerator, tmp_path: Path) -> None:
+def test_the_commands_write_a_grid_an_animation_and_refuse_bad_indices(
+    generator: LoadedGenerator, tmp_path: Path
+) -> None:
     source = tmp_path / "g.pt"
     export_generator(generator, source)
-    run_in_process("interpolate", str(source), "--out", str(tmp_path / "walk.png"), "--rows", "3", "--steps", "5", "--seed", "1")
+    run_in_process(
+        "interpolate", str(source), "--out", str(tmp_path / "walk.png"), "--rows", "3", "--steps", "5", "--seed", "1"
+    )
     assert Image.open(tmp_path / "walk.png").size == (5 * 18 + 2, 3 * 18 + 2)
-    run_in_process("interpolate", str(source), "--out", str(tmp_path / "walk.gif"), "--rows", "2", "--steps", "6", "--path", "lerp")
+    run_in_process(
+        "interpolate", str(source), "--out", str(tmp_path / "walk.gif"), "--rows", "2", "--steps", "6", "--path", "lerp"
+    )
     assert Image.open(tmp_path / "walk.gif").n_frames == 2 * 6 - 2  # forth and back
-    run_in_process("arithmetic", str(source), "--seed", "2", "--a", "0,1", "--b", "2", "--c", "3", "--out", str(tmp_path / "sum.png"))
+    run_in_process(
+        "arithmetic",
+        str(source),
+        "--seed",
+        "2",
+        "--a",
+        "0,1",
+        "--b",
+        "2",
+        "--c",
+        "3",
+        "--out",
+        str(tmp_path / "sum.png"),
+    )
     assert Image.open(tmp_path / "sum.png").size == (8 * 18 + 2, 4 * 18 + 2)
-    bad = run_in_process("arithmetic", str(source), "--seed", "2", "--a", "0,x", "--b", "2", "--c", "3", "--out", str(tmp_path / "x.png"), check=False)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("dcgan: error: --a '0,x': expected comma-separated")
+    bad = run_in_process(
+        "arithmetic",
+        str(source),
+        "--seed",
+        "2",
+        "--a",
+        "0,x",
+        "--b",
+        "2",
+        "--c",
+        "3",
+        "--out",
+        str(tmp_path / "x.png"),
+        check=False,
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+        "dcgan: error: --a '0,x': expected comma-separated"
+    )

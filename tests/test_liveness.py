@@ -10,22 +10,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch.distributed as dist
+from distributed_helpers import free_port
 
 from dcgan.errors import ShardError
 from dcgan.liveness import Liveness, StoreAddress
-
-from distributed_helpers import free_port
 
 LIVENESS_S = 3.0
 """The smallest `dist.liveness_s` the config accepts."""
 
 
 @contextmanager
-def ranks(world: int, verdicts: dict[int, str], liveness_s: float = LIVENESS_S) -> Iterator[tuple[list[dist.TCPStore], list[Liveness]]]:
+def ranks(
+    world: int, verdicts: dict[int, str], liveness_s: float = LIVENESS_S
+) -> Iterator[tuple[list[dist.TCPStore], list[Liveness]]]:
     """A store server (rank 0's side; clear the list to end it) and `world` heartbeats on it, all stopped
     afterwards."""
     port = free_port()
-    server = [dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=10))]
+    server = [
+        dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=10))
+    ]
     address = StoreAddress("127.0.0.1", port)
 
     def collect(rank: int):
@@ -52,8 +55,10 @@ def test_a_rank_that_fails_is_named_with_its_own_error_by_every_other_rank_at_on
         time.sleep(1.5)
         beats[2].stop(ShardError("shard /data/x-000003.tar: truncated"))
         waited = wait_for_verdicts(verdicts, 2, 12)
-    expected = (f"rank 2 on {socket.gethostname()} failed: shard /data/x-000003.tar: truncated. Completed "
-                "checkpoints are kept: start the job again to resume")
+    expected = (
+        f"rank 2 on {socket.gethostname()} failed: shard /data/x-000003.tar: truncated. Completed "
+        "checkpoints are kept: start the job again to resume"
+    )
     assert verdicts == {0: expected, 1: expected}
     assert waited < 6  # within beats (rank 0 lingers 2 s for rank 1 to read it), not after 10 s of silence
 
@@ -90,5 +95,6 @@ def test_a_rank_that_cannot_reach_the_store_says_it_is_cut_off() -> None:
         waited = wait_for_verdicts(verdicts, 2, 4 * LIVENESS_S)
     for rank in (0, 1):
         assert verdicts[rank].startswith(
-            f"rank {rank} on {socket.gethostname()} lost contact with rank 0's rendezvous store at {address} for 3 s")
+            f"rank {rank} on {socket.gethostname()} lost contact with rank 0's rendezvous store at {address} for 3 s"
+        )
     assert waited < LIVENESS_S + 3

@@ -29,7 +29,9 @@ def test_paper_initialisation_statistics() -> None:
     torch.manual_seed(0)
     config = ModelConfig()
     for model in (Generator(config), Discriminator(config)):
-        conv = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))])
+        conv = torch.cat(
+            [m.weight.flatten() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+        )
         bn_w = torch.cat([m.weight for m in model.modules() if isinstance(m, nn.BatchNorm2d)])
         bn_b = torch.cat([m.bias for m in model.modules() if isinstance(m, nn.BatchNorm2d)])
         assert abs(conv.mean().item()) < 1e-3 and abs(conv.std().item() - 0.02) < 5e-4

@@ -19,11 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from helpers import ROOT, TINY, assert_states_equal, completed_steps, load_checkpoint_tensors, read_stats, subprocess_env
+from helpers import (
+    ROOT,
+    TINY,
+    assert_states_equal,
+    completed_steps,
+    load_checkpoint_tensors,
+    read_stats,
+    subprocess_env,
+)
 from hosts import EmulatedHosts, emulated_hosts, missing_requirements
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(missing_requirements() is not None, reason=str(missing_requirements()))]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(missing_requirements() is not None, reason=str(missing_requirements())),
+]
 
 SURVIVOR_BOUND_S = 30.0
 """README's promise: every surviving process ends within this many seconds of a fault (defaults)."""
@@ -60,13 +70,23 @@ class Launch:
                     ended[name] = (proc.returncode, time.monotonic() - self.started)
             time.sleep(0.1)
         running = [name for name in self.procs if name not in ended]
-        assert not running, f"still running after {timeout} s on {running}:\n" + "\n".join(self.log(n)[-3000:] for n in running)
+        assert not running, f"still running after {timeout} s on {running}:\n" + "\n".join(
+            self.log(n)[-3000:] for n in running
+        )
         return ended
 
 
 def torchrun_on(
-    hosts: EmulatedHosts, names: Sequence[str], nproc: int, run_dir: Path, *overrides: str, flags: Sequence[str] = (),
-    env: dict[str, str] | None = None, loopback_name: bool = False, tag: str = "run", nnodes: str = "",
+    hosts: EmulatedHosts,
+    names: Sequence[str],
+    nproc: int,
+    run_dir: Path,
+    *overrides: str,
+    flags: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    loopback_name: bool = False,
+    tag: str = "run",
+    nnodes: str = "",
 ) -> Launch:
     """`torchrun --nnodes=len(names) --nproc_per_node=nproc -m dcgan train tiny.yaml` on each host, with the
     c10d rendezvous on the first host's name (as slurm/train.sbatch does)."""
@@ -76,9 +96,24 @@ def torchrun_on(
     started = time.monotonic()
     for name in names:
         logs[name] = hosts.workdir / f"{tag}.{name}.log"
-        argv = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes or len(names)}", f"--nproc_per_node={nproc}",
-                "--rdzv-backend=c10d", f"--rdzv-endpoint={head}:29400", f"--rdzv-id={tag}", *flags,
-                "-m", "dcgan", "train", str(TINY), f"run.dir={run_dir}", "log.wandb=disabled", *overrides]
+        argv = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={nnodes or len(names)}",
+            f"--nproc_per_node={nproc}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={head}:29400",
+            f"--rdzv-id={tag}",
+            *flags,
+            "-m",
+            "dcgan",
+            "train",
+            str(TINY),
+            f"run.dir={run_dir}",
+            "log.wandb=disabled",
+            *overrides,
+        ]
         procs[name] = hosts.popen(name, argv, log=logs[name], env=full_env, cwd=ROOT, loopback_name=loopback_name)
     return Launch(logs, procs, started)
 
@@ -99,19 +134,35 @@ def worker_traceback(text: str) -> bool:
     return f'File "{ROOT / "dcgan"}' in text
 
 
-def test_two_hosts_of_two_ranks_train_the_same_weights_as_one_host_of_four(two_hosts: EmulatedHosts, tmp_path: Path) -> None:
+def test_two_hosts_of_two_ranks_train_the_same_weights_as_one_host_of_four(
+    two_hosts: EmulatedHosts, tmp_path: Path
+) -> None:
     """Bit for bit. The hosts resolve their own names to loopback (Debian's default), which
     GLOO_SOCKET_IFNAME makes work: the fix that the refusal below names."""
     settings = ("train.steps=8", "train.batch_size=8", "checkpoint.every=8", "sample.every=8", "log.every=4")
-    across = torchrun_on(two_hosts, ["hosta", "hostb"], 2, tmp_path / "across", *settings, tag="across",
-                         loopback_name=True, env={"GLOO_SOCKET_IFNAME": "eth0"})
-    assert {name: status for name, (status, _) in across.wait(120).items()} == {"hosta": 0, "hostb": 0}, across.log("hosta")
+    across = torchrun_on(
+        two_hosts,
+        ["hosta", "hostb"],
+        2,
+        tmp_path / "across",
+        *settings,
+        tag="across",
+        loopback_name=True,
+        env={"GLOO_SOCKET_IFNAME": "eth0"},
+    )
+    assert {name: status for name, (status, _) in across.wait(120).items()} == {"hosta": 0, "hostb": 0}, across.log(
+        "hosta"
+    )
     alone = torchrun_on(two_hosts, ["hosta"], 4, tmp_path / "alone", *settings, tag="alone")
     assert alone.wait(120)["hosta"][0] == 0, alone.log("hosta")
     assert ": 4 rank(s) on cpu" in (tmp_path / "across" / "train.log").read_text()
     final = f"checkpoints/step_{8:09d}"
-    assert_states_equal(load_checkpoint_tensors(tmp_path / "across" / final), load_checkpoint_tensors(tmp_path / "alone" / final))
-    assert [line["step"] for line in read_stats(tmp_path / "across")] == [line["step"] for line in read_stats(tmp_path / "alone")]
+    assert_states_equal(
+        load_checkpoint_tensors(tmp_path / "across" / final), load_checkpoint_tensors(tmp_path / "alone" / final)
+    )
+    assert [line["step"] for line in read_stats(tmp_path / "across")] == [
+        line["step"] for line in read_stats(tmp_path / "alone")
+    ]
 
 
 FAULT_RUN = ("train.steps=400", "log.every=5", "checkpoint.every=10", "sample.every=100000")
@@ -137,8 +188,14 @@ def test_a_lost_host_ends_the_survivor_in_one_line_and_elastic_torchrun_resumes_
     resumes from the newest checkpoint with a warning that the global batch changed."""
     run = tmp_path / "run"
     launch = torchrun_on(
-        two_hosts, ["hosta", "hostb"], 1, run, *FAULT_RUN, "train.steps=60",
-        flags=["--max-restarts=1", "--rdzv-conf=last_call_timeout=2"], env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+        two_hosts,
+        ["hosta", "hostb"],
+        1,
+        run,
+        *FAULT_RUN,
+        "train.steps=60",
+        flags=["--max-restarts=1", "--rdzv-conf=last_call_timeout=2"],
+        env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
         nnodes="1:2",
     )
     wait_for(lambda: len(completed_steps(run)) >= 2, 120, "two checkpoints")
@@ -172,7 +229,9 @@ def exits_within(launch: Launch, fault: float, bound: float) -> dict[str, tuple[
     return after
 
 
-def test_a_partition_ends_both_sides_in_seconds_and_the_next_start_resumes(two_hosts: EmulatedHosts, tmp_path: Path) -> None:
+def test_a_partition_ends_both_sides_in_seconds_and_the_next_start_resumes(
+    two_hosts: EmulatedHosts, tmp_path: Path
+) -> None:
     """Host B's link goes down, its processes alive: both sides end within the bound in one line each,
     torchrun's agent on the cut-off host included, nothing is left running, and once the link is back
     the same command resumes from the newest complete checkpoint."""
@@ -186,13 +245,19 @@ def test_a_partition_ends_both_sides_in_seconds_and_the_next_start_resumes(two_h
     kept = completed_steps(run)
     [line_a] = error_lines(launch.log("hosta"))
     [line_b] = error_lines(launch.log("hostb"))
-    assert re.match(r"dcgan: error: lost rank 1 on hostb: no heartbeat for 1\d s \(dist.liveness_s=15\)", line_a), line_a
-    assert re.match(r"dcgan: error: rank 1 on hostb lost contact with rank 0's rendezvous store at hosta:\d+ for 15 s", line_b), line_b
-    assert "torchrun's agent" in launch.log("hostb") and "was stuck on the unreachable rendezvous" in launch.log("hostb")
+    assert re.match(r"dcgan: error: lost rank 1 on hostb: no heartbeat for 1\d s \(dist.liveness_s=15\)", line_a), (
+        line_a
+    )
+    assert re.match(
+        r"dcgan: error: rank 1 on hostb lost contact with rank 0's rendezvous store at hosta:\d+ for 15 s", line_b
+    ), line_b
+    assert "torchrun's agent" in launch.log("hostb") and "was stuck on the unreachable rendezvous" in launch.log(
+        "hostb"
+    )
     assert not worker_traceback(launch.log("hosta") + launch.log("hostb"))
     time.sleep(0.5)
     assert two_hosts.pids("hosta") == [] and two_hosts.pids("hostb") == []
-    print(f"partition: exits {({name: round(s, 1) for name, (_, s) in ended.items()})} s after the fault")
+    print(f"partition: exits { ({name: round(s, 1) for name, (_, s) in ended.items()}) } s after the fault")
 
     two_hosts.set_link("hostb", up=True)
     two_hosts.wait_reachable("hostb", two_hosts.hosts["hosta"].address)
@@ -203,7 +268,9 @@ def test_a_partition_ends_both_sides_in_seconds_and_the_next_start_resumes(two_h
     assert completed_steps(run)[-1] == 40
 
 
-def test_a_peer_lost_during_start_up_ends_the_survivor_within_the_bound(two_hosts: EmulatedHosts, tmp_path: Path) -> None:
+def test_a_peer_lost_during_start_up_ends_the_survivor_within_the_bound(
+    two_hosts: EmulatedHosts, tmp_path: Path
+) -> None:
     """Host B dies as soon as its rank is spawned, before it reaches the process group: host A's rank,
     waiting for it inside init_process_group, ends within the bound (it waited 5x dist.timeout_s)."""
     launch = torchrun_on(two_hosts, ["hosta", "hostb"], 1, tmp_path / "run", *FAULT_RUN)
@@ -213,8 +280,11 @@ def test_a_peer_lost_during_start_up_ends_the_survivor_within_the_bound(two_host
     ended = exits_within(launch, fault, START_UP_BOUND_S)
     assert ended["hosta"][0] != 0
     [line] = error_lines(launch.log("hosta"))
-    assert re.match(r"dcgan: error: lost rank 1 on a host never reported \(the rank never started\): no heartbeat for "
-                    r"2\d s", line), line  # the arrival rule: dist.liveness_s + 5 s after rank 0's start
+    assert re.match(
+        r"dcgan: error: lost rank 1 on a host never reported \(the rank never started\): no heartbeat for "
+        r"2\d s",
+        line,
+    ), line  # the arrival rule: dist.liveness_s + 5 s after rank 0's start
     assert not worker_traceback(launch.log("hosta"))
     assert not (tmp_path / "run" / "checkpoints").exists() or completed_steps(tmp_path / "run") == []
     assert two_hosts.pids("hosta") == []

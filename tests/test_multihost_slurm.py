@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT, checkpoint_complete, completed_steps, read_stats, subprocess_env
 from hosts import EmulatedHosts, missing_requirements
 
@@ -61,7 +60,9 @@ class Cluster:
         while self.in_queue(job):
             if time.monotonic() > deadline:
                 text = log.read_text() if log and log.exists() else ""
-                raise AssertionError(f"job {job} still in the queue after {timeout:.0f} s\n{self.job_fields(job)}\n{text[-3000:]}")
+                raise AssertionError(
+                    f"job {job} still in the queue after {timeout:.0f} s\n{self.job_fields(job)}\n{text[-3000:]}"
+                )
             time.sleep(0.5)
 
     def job_fields(self, job: str) -> dict[str, str]:
@@ -100,7 +101,9 @@ def cluster() -> Iterator[Cluster]:
     workdir = Path(tempfile.mkdtemp(prefix="dcgan-mnslurm-", dir="/tmp"))
     workdir.chmod(0o755)
     env = {
-        **subprocess_env(), "SLURM_CONF": str(workdir / "slurm" / "slurm.conf"), "SLURM_MN_CTLD_PORT": str(free_port()),
+        **subprocess_env(),
+        "SLURM_CONF": str(workdir / "slurm" / "slurm.conf"),
+        "SLURM_MN_CTLD_PORT": str(free_port()),
         "SLURM_MN_CRED_EXPIRE": "5",  # SLURM's minimum: a requeued job may start again 6 s after the requeue
         "WANDB_MODE": "disabled",
     }
@@ -110,16 +113,28 @@ def cluster() -> Iterator[Cluster]:
     try:
         hosts.start()
         started = subprocess.run(
-            ["bash", str(LOCAL_CLUSTER / "start-multinode.sh"), str(workdir / "slurm"), hosts.head_address,
-             *(f"{name}={host.address}" for name, host in hosts.hosts.items())],
-            env=env, capture_output=True, text=True, timeout=120,
+            [
+                "bash",
+                str(LOCAL_CLUSTER / "start-multinode.sh"),
+                str(workdir / "slurm"),
+                hosts.head_address,
+                *(f"{name}={host.address}" for name, host in hosts.hosts.items()),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert started.returncode == 0, f"start-multinode.sh failed:\n{started.stdout}\n{started.stderr}"
         yield Cluster(hosts, workdir, env)
     finally:
         try:
-            subprocess.run(["bash", str(LOCAL_CLUSTER / "stop-multinode.sh"), str(workdir / "slurm")],
-                           env=env, capture_output=True, timeout=90)
+            subprocess.run(
+                ["bash", str(LOCAL_CLUSTER / "stop-multinode.sh"), str(workdir / "slurm")],
+                env=env,
+                capture_output=True,
+                timeout=90,
+            )
         finally:
             hosts.close()  # slurmstepd and job processes that outlived their slurmd end here
             shutil.rmtree(workdir, ignore_errors=True)
@@ -128,13 +143,25 @@ def cluster() -> Iterator[Cluster]:
 def sbatch(cluster: Cluster, out: Path, *args: str) -> str:
     """slurm/train.sbatch on 2 nodes x 1 process, as a user submits it on a CPU cluster."""
     return cluster.slurm(
-        "sbatch", "--parsable", f"--chdir={ROOT}", "--nodes=2", "--gres=none", "--cpus-per-task=1", "--mem=2G",
-        f"--output={out}", f"--export=ALL,PYTHON={sys.executable},NPROC_PER_NODE=1",
-        str(ROOT / "slurm" / "train.sbatch"), "configs/tiny.yaml", *args, "log.wandb=disabled",
+        "sbatch",
+        "--parsable",
+        f"--chdir={ROOT}",
+        "--nodes=2",
+        "--gres=none",
+        "--cpus-per-task=1",
+        "--mem=2G",
+        f"--output={out}",
+        f"--export=ALL,PYTHON={sys.executable},NPROC_PER_NODE=1",
+        str(ROOT / "slurm" / "train.sbatch"),
+        "configs/tiny.yaml",
+        *args,
+        "log.wandb=disabled",
     ).stdout.strip()
 
 
-def test_sbatch_job_trains_across_two_hosts_and_resumes_on_both_after_a_requeue(cluster: Cluster, tmp_path: Path) -> None:
+def test_sbatch_job_trains_across_two_hosts_and_resumes_on_both_after_a_requeue(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     """The signal goes right after the first checkpoint (step 10), 110 steps before the end."""
     run, out = tmp_path / "run", tmp_path / "out.txt"
     job = sbatch(cluster, out, f"run.dir={run}", "train.steps=120", "checkpoint.every=10")
@@ -143,8 +170,12 @@ def test_sbatch_job_trains_across_two_hosts_and_resumes_on_both_after_a_requeue(
     while not (checkpoint_complete(run, 10) and len(ranks) == 2):
         for host, seen in cluster.ranks_by_host().items():
             ranks.setdefault(host, set()).update(seen)
-        assert cluster.in_queue(job), f"job {job} ended before its first checkpoint:\n{out.read_text() if out.exists() else ''}"
-        assert time.monotonic() < deadline, f"no checkpoint of step 10 with ranks on both hosts (ranks {ranks}):\n{out.read_text() if out.exists() else ''}"
+        assert cluster.in_queue(job), (
+            f"job {job} ended before its first checkpoint:\n{out.read_text() if out.exists() else ''}"
+        )
+        assert time.monotonic() < deadline, (
+            f"no checkpoint of step 10 with ranks on both hosts (ranks {ranks}):\n{out.read_text() if out.exists() else ''}"
+        )
         time.sleep(0.2)
     assert sorted(ranks) == list(NAMES) and sorted(r for seen in ranks.values() for r in seen) == [0, 1], ranks
 
@@ -155,13 +186,18 @@ def test_sbatch_job_trains_across_two_hosts_and_resumes_on_both_after_a_requeue(
 
     text = out.read_text()
     fields = cluster.job_fields(job)
-    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "1"), f"{fields}\n{text}"
+    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "1"), (
+        f"{fields}\n{text}"
+    )
     assert fields["NodeList"] == "node[1-2]"
     for restart in (0, 1):
         assert f"job {job} restart {restart}: 2 node(s) x 1 process(es), rendezvous node1:" in text, text
     assert text.count("2 rank(s) on cpu") == 2, text  # rank 0's line, in each slice
     assert "signal USR1: asking the job step to checkpoint" in text and f"requeueing job {job}" in text, text
-    stops = [int(step) for step in re.findall(r"\[rank 1\] WARNING \S+: stop signal received: checkpointing step (\d+)", text)]
+    stops = [
+        int(step)
+        for step in re.findall(r"\[rank 1\] WARNING \S+: stop signal received: checkpointing step (\d+)", text)
+    ]
     stopped = int(re.search(r"^\S+ WARNING \S+: stop signal received: checkpointing step (\d+)", text, re.M).group(1))
     assert stops == [stopped] and 10 <= stopped < 120, text  # the rank on the other host checkpointed the same step
     assert f"resumed from {run / 'checkpoints'}/step_{stopped:09d} at step {stopped}" in text, text
@@ -175,9 +211,30 @@ def test_sbatch_job_trains_across_two_hosts_and_resumes_on_both_after_a_requeue(
 def test_submitit_job_of_two_nodes_runs_one_task_on_each_host(cluster: Cluster, tmp_path: Path) -> None:
     run = tmp_path / "run"
     submitted = subprocess.run(
-        [sys.executable, "-m", "launch.slurm", "configs/tiny.yaml", f"run.dir={run}", "train.steps=20", "log.wandb=disabled",
-         "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", "--mem-gb", "2", "--time", "5"],
-        cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "launch.slurm",
+            "configs/tiny.yaml",
+            f"run.dir={run}",
+            "train.steps=20",
+            "log.wandb=disabled",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "0",
+            "--cpus-per-task",
+            "1",
+            "--mem-gb",
+            "2",
+            "--time",
+            "5",
+        ],
+        cwd=ROOT,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert submitted.returncode == 0, submitted.stderr
     job = re.search(r"^job (\d+)$", submitted.stdout, re.M).group(1)

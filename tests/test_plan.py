@@ -7,10 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import run_in_process, tiny_config
 
 from dcgan.train import EXIT_OK, train
-
-from helpers import run_in_process, tiny_config
 
 
 def field(report: str, prefix: str) -> str:
@@ -18,9 +17,18 @@ def field(report: str, prefix: str) -> str:
     return line
 
 
-def test_train_dry_run_prints_the_plan_and_trains_nothing(digits_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_dry_run_prints_the_plan_and_trains_nothing(
+    digits_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run = tmp_path / "run"
-    args = ("train", "configs/tiny.yaml", f"run.dir={run}", f"data.shards={digits_shards}", "train.steps=300", "--dry-run")
+    args = (
+        "train",
+        "configs/tiny.yaml",
+        f"run.dir={run}",
+        f"data.shards={digits_shards}",
+        "train.steps=300",
+        "--dry-run",
+    )
     with monkeypatch.context() as env:  # as rank 0 of 2 under torchrun (read by the command, not at import)
         env.setenv("WORLD_SIZE", "2")
         env.setenv("RANK", "0")
@@ -29,7 +37,10 @@ def test_train_dry_run_prints_the_plan_and_trains_nothing(digits_shards: Path, t
     assert f"    shards: {digits_shards}\n" in report
     assert field(report, "world size") == "world size: 2 rank(s); batch 16 per rank, global batch 32"
     assert field(report, "data:") == f"data: {digits_shards}: 8 shard(s), 1797 images"
-    assert "each rank draws shards from all 8 with replacement (data.resampled=true), 896 images per rank per epoch" in report
+    assert (
+        "each rank draws shards from all 8 with replacement (data.resampled=true), 896 images per rank per epoch"
+        in report
+    )
     assert field(report, "steps per epoch") == "steps per epoch: 56; train.steps 300 = 5.4 epochs, 9600 images"
     assert field(report, "run.dir") == f"run.dir: {run} (starts fresh)"
     assert field(report, "cadence") == "cadence (wall clock unknown until the run has logged a step):"
@@ -48,22 +59,51 @@ def test_train_dry_run_prints_the_plan_and_trains_nothing(digits_shards: Path, t
 def test_slurm_dry_run_prints_the_plan_and_the_sbatch_script_and_submits_nothing(tmp_path: Path) -> None:
     folder = tmp_path / "logs"
     report = run_in_process(
-        "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", "--nodes", "2", "--tasks-per-node", "2", "--cpus-per-task", "1",
-        "--partition", "debug", "--folder", str(folder), "--dry-run", program="launch.slurm",
+        "configs/tiny.yaml",
+        f"run.dir={tmp_path / 'run'}",
+        "--nodes",
+        "2",
+        "--tasks-per-node",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--partition",
+        "debug",
+        "--folder",
+        str(folder),
+        "--dry-run",
+        program="launch.slurm",
     ).stdout
     assert field(report, "world size") == "world size: 4 rank(s); batch 16 per rank, global batch 64"
     script = report.split("sbatch script:\n", 1)[1]
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=2", "#SBATCH --cpus-per-task=1",
-                 "#SBATCH --partition=debug", "#SBATCH --signal=USR2@120", "#SBATCH --job-name=dcgan-run"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=2",
+        "#SBATCH --cpus-per-task=1",
+        "#SBATCH --partition=debug",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --job-name=dcgan-run",
+    ):
         assert line in script.splitlines()
     assert "srun --unbuffered" in script and "submitit.core._submit" in script
     if shutil.which("sbatch"):  # SLURM's own verdict on the request (2 nodes: refused by a 1-node cluster)
-        assert re.search(r"^SLURM \(sbatch --test-only\): (accepts|REFUSES): \S", report.split("sbatch script:")[0], re.M)
+        assert re.search(
+            r"^SLURM \(sbatch --test-only\): (accepts|REFUSES): \S", report.split("sbatch script:")[0], re.M
+        )
     assert not folder.exists()  # no job, no log folder
 
 
 def test_slurm_dry_run_fails_like_a_submission_would(tmp_path: Path) -> None:
     """Impossible resources; a bad config value: test_slurm.py, for both."""
-    result = run_in_process("configs/tiny.yaml", "--nodes", "0", "--dry-run", "--folder", str(tmp_path / "f"), program="launch.slurm", check=False)
+    result = run_in_process(
+        "configs/tiny.yaml",
+        "--nodes",
+        "0",
+        "--dry-run",
+        "--folder",
+        str(tmp_path / "f"),
+        program="launch.slurm",
+        check=False,
+    )
     assert result.returncode == 2 and result.stderr.startswith("launch.slurm: error: ")
     assert not (tmp_path / "f").exists()

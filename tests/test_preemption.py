@@ -14,7 +14,9 @@ from dcgan.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, EXIT_TERMINATED, St
 
 def test_a_second_ctrl_c_interrupts_at_once() -> None:
     """Real SIGINTs to this process: the first asks for a graceful stop, the second raises at once."""
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (CI may run us with it ignored)
+    before = signal.signal(
+        signal.SIGINT, signal.default_int_handler
+    )  # as in a terminal (CI may run us with it ignored)
     stop = StopSignal().install()
     try:
         os.kill(os.getpid(), signal.SIGINT)

@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, checkpoint_complete, completed_steps, run_in_process, subprocess_env
 
 from dcgan.config import ConfigError
 from launch.slurm import Resources, executor_parameters, make_executor, submit, validate
-
-from helpers import ROOT, checkpoint_complete, completed_steps, run_in_process, subprocess_env
 
 REFERENCE = ROOT / "tests" / "data" / "sbatch_4x8gpu.txt"
 
@@ -25,7 +24,9 @@ def cluster() -> None:
     """Start (or find running) the local cluster; skip, saying why, where it cannot be installed."""
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         pytest.skip("the local SLURM cluster needs root and apt-get (Debian) to install")
-    result = subprocess.run(["bash", str(ROOT / "slurm" / "local-cluster" / "start.sh")], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        ["bash", str(ROOT / "slurm" / "local-cluster" / "start.sh")], capture_output=True, text=True, timeout=600
+    )
     if result.returncode != 0:
         pytest.skip(f"SLURM could not be started here: {result.stderr.strip().splitlines()[-1:]}")
 
@@ -40,7 +41,12 @@ def log_text(job_folder: Path) -> str:
 
 @pytest.mark.slurm
 def test_two_task_job_finishes_and_leaves_a_complete_checkpoint(cluster: None, tmp_path: Path) -> None:
-    job, _ = submit("configs/tiny.yaml", tiny(tmp_path / "run", "train.steps=20"), Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=5), tmp_path / "logs")
+    job, _ = submit(
+        "configs/tiny.yaml",
+        tiny(tmp_path / "run", "train.steps=20"),
+        Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=5),
+        tmp_path / "logs",
+    )
     assert job.results() == [0, 0]
     assert completed_steps(tmp_path / "run") == [10, 20]
     assert "2 rank(s) on cpu" in log_text(tmp_path / "logs")
@@ -49,7 +55,12 @@ def test_two_task_job_finishes_and_leaves_a_complete_checkpoint(cluster: None, t
 @pytest.mark.slurm
 def test_preempted_job_is_requeued_and_continues_from_its_checkpoint(cluster: None, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    job, _ = submit("configs/tiny.yaml", tiny(run, "train.steps=200", "checkpoint.every=50"), Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=5), tmp_path / "logs")
+    job, _ = submit(
+        "configs/tiny.yaml",
+        tiny(run, "train.steps=200", "checkpoint.every=50"),
+        Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=5),
+        tmp_path / "logs",
+    )
     deadline = time.monotonic() + 120
     while not checkpoint_complete(run, 50):
         assert time.monotonic() < deadline, "the job never wrote its first checkpoint"
@@ -78,25 +89,37 @@ def unsignalled_slices(logs: str) -> int:
 
 
 @pytest.mark.slurm
-def test_job_at_its_time_limit_is_requeued_and_resumes_and_scancel_ends_it_for_good(cluster: None, tmp_path: Path) -> None:
+def test_job_at_its_time_limit_is_requeued_and_resumes_and_scancel_ends_it_for_good(
+    cluster: None, tmp_path: Path
+) -> None:
     """No dependence on speed: the run is far longer than any time slice, however fast or loaded the
     machine, so it always meets its limit; the test ends it with scancel once a requeued slice has
     trained past its resume step."""
     run = tmp_path / "run"
     res = Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=1, signal_delay_s=15)
-    job, _ = submit("configs/tiny.yaml", tiny(run, "train.steps=1000000", "checkpoint.every=50", "log.every=50"), res, tmp_path / "logs")
+    job, _ = submit(
+        "configs/tiny.yaml",
+        tiny(run, "train.steps=1000000", "checkpoint.every=50", "log.every=50"),
+        res,
+        tmp_path / "logs",
+    )
     deadline = time.monotonic() + 300
     # scancel once a requeued slice has trained past its resume step, and before its own time-limit signal
     # (every stop so far was followed by a resume): a scancel during a requeue hand-over ends in 75, not 143
-    while not (resumed := re.search(r"resumed from \S+ at step (\d+)", log_text(tmp_path / "logs"))) or not any(
-        step > int(resumed.group(1)) for step in completed_steps(run)
-    ) or unsignalled_slices(log_text(tmp_path / "logs")) != 1:
+    while (
+        not (resumed := re.search(r"resumed from \S+ at step (\d+)", log_text(tmp_path / "logs")))
+        or not any(step > int(resumed.group(1)) for step in completed_steps(run))
+        or unsignalled_slices(log_text(tmp_path / "logs")) != 1
+    ):
         assert time.monotonic() < deadline, "no requeued slice trained past its resume step"
         time.sleep(1)
     subprocess.run(["scancel", job.job_id], check=True)
     wait_until_gone(job.job_id, timeout=120)
     logs = log_text(tmp_path / "logs")
-    stops = [(int(step), int(status)) for step, status in re.findall(r"stop signal received: checkpointing step (\d+), then exiting (\d+)", logs)]
+    stops = [
+        (int(step), int(status))
+        for step, status in re.findall(r"stop signal received: checkpointing step (\d+), then exiting (\d+)", logs)
+    ]
     assert stops[0] == (int(resumed.group(1)), 75)  # the time limit: checkpoint, requeue, resume there
     assert stops[-1][1] == 143 and "not requeueing" in logs  # the scancel: checkpoint, and gone
     assert completed_steps(run)[-1] == stops[-1][0]
@@ -107,7 +130,9 @@ def sbatch_and_wait(*args: str, timeout: float = 180) -> str:
     array tasks) has left the queue, and return its id."""
     job = subprocess.run(
         ["sbatch", "--parsable", f"--chdir={ROOT}", "--gres=none", "--mem=2G", *args],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     deadline = time.monotonic() + timeout
     while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
@@ -120,8 +145,13 @@ def sbatch_and_wait(*args: str, timeout: float = 180) -> str:
 def test_sbatch_script_runs_two_processes_through_srun_and_torchrun(cluster: None, tmp_path: Path) -> None:
     out = tmp_path / "out.txt"
     sbatch_and_wait(
-        "--cpus-per-task=2", f"--output={out}", f"--export=ALL,PYTHON={sys.executable},NPROC_PER_NODE=2",
-        str(ROOT / "slurm" / "train.sbatch"), "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", "train.steps=10",
+        "--cpus-per-task=2",
+        f"--output={out}",
+        f"--export=ALL,PYTHON={sys.executable},NPROC_PER_NODE=2",
+        str(ROOT / "slurm" / "train.sbatch"),
+        "configs/tiny.yaml",
+        f"run.dir={tmp_path / 'run'}",
+        "train.steps=10",
     )
     text = out.read_text()
     assert "1 node(s) x 2 process(es)" in text and "2 rank(s) on cpu" in text
@@ -129,7 +159,20 @@ def test_sbatch_script_runs_two_processes_through_srun_and_torchrun(cluster: Non
 
 
 def normalized_sbatch(folder: Path) -> str:
-    executor = make_executor(Resources(nodes=4, gpus_per_node=8, cpus_per_task=12, mem_gb=480, partition="gpu", time_min=1440, account="vision", qos="high"), folder, "dcgan-celeba64")
+    executor = make_executor(
+        Resources(
+            nodes=4,
+            gpus_per_node=8,
+            cpus_per_task=12,
+            mem_gb=480,
+            partition="gpu",
+            time_min=1440,
+            account="vision",
+            qos="high",
+        ),
+        folder,
+        "dcgan-celeba64",
+    )
     text = executor._executor._make_submission_file_text("python -u -m submitit.core._submit %j", "uid")
     return text.replace(str(folder), "FOLDER").replace(sys.executable, "PYTHON")
 
@@ -140,7 +183,13 @@ def test_generated_sbatch_for_four_nodes_of_eight_gpus_matches_the_reference(tmp
         REFERENCE.write_text(text)
         pytest.skip(f"wrote {REFERENCE}: review its diff, then run without DCGAN_WRITE_REFERENCE to compare")
     assert text == REFERENCE.read_text()
-    for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --signal=USR2@120", "#SBATCH --partition=gpu"):
+    for line in (
+        "#SBATCH --nodes=4",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --partition=gpu",
+    ):
         assert line in text
 
 
@@ -162,8 +211,16 @@ def test_options_that_make_no_sense_together_fail_before_submission(res: Resourc
 @pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["submit", "dry-run"])
 def test_cli_rejects_a_bad_config_before_submitting(tmp_path: Path, dry_run: list[str]) -> None:
     """In one line, for a submission as for its dry run (the dry run fails like the submission would)."""
-    result = run_in_process("configs/tiny.yaml", "model.resolution=48", "--local", "--folder", str(tmp_path), *dry_run,
-                            program="launch.slurm", check=False)
+    result = run_in_process(
+        "configs/tiny.yaml",
+        "model.resolution=48",
+        "--local",
+        "--folder",
+        str(tmp_path),
+        *dry_run,
+        program="launch.slurm",
+        check=False,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == "launch.slurm: error: model.resolution: must be a power of two >= 16, got 48"
     assert not any(tmp_path.iterdir())
@@ -175,16 +232,21 @@ def test_local_executor_parameters_carry_no_slurm_keys() -> None:
 
 
 @pytest.mark.slurm
-def test_a_sweep_is_one_job_array_and_a_preempted_task_resumes_without_touching_its_siblings(cluster: None, tmp_path: Path) -> None:
-    from launch.slurm import parse_sweep, point_name, submit_sweep
-
+def test_a_sweep_is_one_job_array_and_a_preempted_task_resumes_without_touching_its_siblings(
+    cluster: None, tmp_path: Path
+) -> None:
     from dcgan.config import load_config
+    from launch.slurm import parse_sweep, point_name, submit_sweep
 
     base = tmp_path / "sweep"
     points = parse_sweep(["optim.lr=1e-4,2e-4", "seed=0,1"])
     submitted = submit_sweep(
-        "configs/tiny.yaml", [f"run.dir={base}", "train.steps=200", "checkpoint.every=10", "train.batch_size=64"], points,
-        Resources(cpus_per_task=1, mem_gb=2, time_min=5), tmp_path / "logs", parallelism=2,
+        "configs/tiny.yaml",
+        [f"run.dir={base}", "train.steps=200", "checkpoint.every=10", "train.batch_size=64"],
+        points,
+        Resources(cpus_per_task=1, mem_gb=2, time_min=5),
+        tmp_path / "logs",
+        parallelism=2,
     )
     array_ids = {str(job.job_id).split("_")[0] for _, job, _ in submitted}
     assert len(array_ids) == 1  # ONE array job
@@ -195,7 +257,7 @@ def test_a_sweep_is_one_job_array_and_a_preempted_task_resumes_without_touching_
     while not checkpoint_complete(first_run, 10):
         assert time.monotonic() < deadline, "the first task never wrote its first checkpoint"
         time.sleep(0.2)
-    for attempt in range(20):  # preempt task 0 only: SIGTERM, then USR2 (SLURM may briefly refuse: retry)
+    for _ in range(20):  # preempt task 0 only: SIGTERM, then USR2 (SLURM may briefly refuse: retry)
         try:
             submitted[0][1]._interrupt()
             break
@@ -217,7 +279,13 @@ def test_a_sweep_is_one_job_array_and_a_preempted_task_resumes_without_touching_
 def test_sbatch_job_array_runs_one_point_per_task_from_a_points_file(cluster: None, tmp_path: Path) -> None:
     points = tmp_path / "points.txt"
     written = run_in_process(
-        "configs/tiny.yaml", f"run.dir={tmp_path / 'sweep'}", "train.steps=10", "--sweep", "seed=0,1", "--write-points", str(points),
+        "configs/tiny.yaml",
+        f"run.dir={tmp_path / 'sweep'}",
+        "train.steps=10",
+        "--sweep",
+        "seed=0,1",
+        "--write-points",
+        str(points),
         program="launch.slurm",
     ).stdout
     assert f"POINTS={points} sbatch --array=0-1%64 slurm/train.sbatch configs/tiny.yaml" in written
@@ -227,9 +295,14 @@ def test_sbatch_job_array_runs_one_point_per_task_from_a_points_file(cluster: No
     ]
     out = tmp_path / "out-%A_%a.txt"
     job = sbatch_and_wait(
-        "--array=0-1", "--cpus-per-task=1", f"--output={out}",
+        "--array=0-1",
+        "--cpus-per-task=1",
+        f"--output={out}",
         f"--export=ALL,PYTHON={sys.executable},NPROC_PER_NODE=1,POINTS={points}",
-        str(ROOT / "slurm" / "train.sbatch"), "configs/tiny.yaml", "train.steps=10", timeout=240,
+        str(ROOT / "slurm" / "train.sbatch"),
+        "configs/tiny.yaml",
+        "train.steps=10",
+        timeout=240,
     )
     for task in (0, 1):
         text = (tmp_path / f"out-{job}_{task}.txt").read_text()
@@ -245,21 +318,39 @@ def test_a_request_the_partition_can_never_satisfy_is_refused_before_submission(
     says so first, and nothing reaches the queue."""
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
     result = run_in_process(
-        "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", "--tasks-per-node", "2", "--cpus-per-task", "4", program="launch.slurm", check=False,
+        "configs/tiny.yaml",
+        f"run.dir={tmp_path / 'run'}",
+        "--tasks-per-node",
+        "2",
+        "--cpus-per-task",
+        "4",
+        program="launch.slurm",
+        check=False,
     )
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
-    assert line.startswith("launch.slurm: error: SLURM refuses this request (1 node(s) x 2 task(s) x 4 CPU(s), 0 GPU(s) a node): ")
+    assert line.startswith(
+        "launch.slurm: error: SLURM refuses this request (1 node(s) x 2 task(s) x 4 CPU(s), 0 GPU(s) a node): "
+    )
     assert line.endswith("Requested node configuration is not available")
     assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split() == before
 
 
 def test_shards_that_do_not_exist_here_are_refused_before_submission(tmp_path: Path) -> None:
     result = run_in_process(
-        "configs/tiny.yaml", f"data.shards={tmp_path / 'nowhere'}", "--local", "--folder", str(tmp_path / "logs"), program="launch.slurm", check=False,
+        "configs/tiny.yaml",
+        f"data.shards={tmp_path / 'nowhere'}",
+        "--local",
+        "--folder",
+        str(tmp_path / "logs"),
+        program="launch.slurm",
+        check=False,
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == f"launch.slurm: error: data.shards: {tmp_path / 'nowhere'} does not exist on this machine (give a path the cluster's nodes share)"
+    assert (
+        result.stderr.strip()
+        == f"launch.slurm: error: data.shards: {tmp_path / 'nowhere'} does not exist on this machine (give a path the cluster's nodes share)"
+    )
     assert not (tmp_path / "logs").exists()
 
 
@@ -269,8 +360,20 @@ def test_a_local_job_logs_beside_its_run_and_leaves_nothing_else(tmp_path: Path)
     empty directory literally named %j beside them."""
     run = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "launch.slurm", str(ROOT / "configs" / "tiny.yaml"), f"run.dir={run}", "train.steps=2", "--local"],
-        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "launch.slurm",
+            str(ROOT / "configs" / "tiny.yaml"),
+            f"run.dir={run}",
+            "train.steps=2",
+            "--local",
+        ],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     job_id = re.search(r"^job (\d+)$", result.stdout, re.M).group(1)

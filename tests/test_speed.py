@@ -7,19 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CPU, TINY, run_cli, run_in_process
 
 from dcgan.bench import end_to_end_share, synthetic_batch
 from dcgan.config import ConfigError, load_config
-from dcgan.distributed import DistInfo
+from dcgan.distributed import DistInfo, gradient_sync
 from dcgan.errors import LaunchError
-from dcgan.distributed import gradient_sync
 from dcgan.graphs import make_runner, unsupported_reason
-from dcgan.step import STAT_NAMES
-from dcgan.step import build_step
+from dcgan.step import STAT_NAMES, build_step
 from dcgan.train import build_trainer
-
-from helpers import CPU, TINY, run_cli, run_in_process
-
 
 
 def run_steps(n: int, *overrides: str) -> tuple[torch.Tensor, torch.nn.Module]:
@@ -67,9 +63,14 @@ def test_compiled_step_matches_eager() -> None:
 
 
 def test_bench_step_prints_both_rates_and_their_ratio_and_its_progress_on_stderr() -> None:
-    result = run_in_process("bench", "step", "configs/tiny.yaml", "--batch-sizes", "8,16", "--warmup", "1", "--iters", "3")
+    result = run_in_process(
+        "bench", "step", "configs/tiny.yaml", "--batch-sizes", "8,16", "--warmup", "1", "--iters", "3"
+    )
     assert [line.split(":")[0] for line in result.stderr.splitlines() if line.startswith("... ")] == [
-        "... batch 8", "... batch 8", "... batch 16", "... batch 16",
+        "... batch 8",
+        "... batch 8",
+        "... batch 16",
+        "... batch 16",
     ]
     header, *rows = result.stdout.strip().splitlines()
     assert header.split() == ["batch", "reference", "img/s", "dcgan", "img/s", "ratio", "peak", "GiB"]
@@ -88,13 +89,30 @@ def test_an_end_to_end_rate_above_the_synthetic_rate_is_not_printed_as_a_share()
 
 
 def test_bench_step_times_the_multi_rank_path_of_one_process_beside_the_plain_step() -> None:
-    out = run_in_process("bench", "step", "configs/tiny.yaml", "--batch-sizes", "8", "--warmup", "1", "--iters", "3", "--distributed")
+    out = run_in_process(
+        "bench", "step", "configs/tiny.yaml", "--batch-sizes", "8", "--warmup", "1", "--iters", "3", "--distributed"
+    )
     header, row = out.stdout.strip().splitlines()
-    assert header.split() == ["batch", "reference", "img/s", "dcgan", "img/s", "ratio", "1-rank", "dist", "img/s", "ratio", "peak", "GiB"]
+    assert header.split() == [
+        "batch",
+        "reference",
+        "img/s",
+        "dcgan",
+        "img/s",
+        "ratio",
+        "1-rank",
+        "dist",
+        "img/s",
+        "ratio",
+        "peak",
+        "GiB",
+    ]
     size, reference, ours, ratio, distributed, dist_ratio, _ = row.split()
     assert int(size) == 8 and min(float(reference), float(ours), float(distributed)) > 0
     implied = float(distributed) / float(reference)
-    assert abs(float(dist_ratio) - implied) <= 0.005 + implied * (0.5 / float(distributed) + 0.5 / float(reference)) * 1.01
+    assert (
+        abs(float(dist_ratio) - implied) <= 0.005 + implied * (0.5 / float(distributed) + 0.5 / float(reference)) * 1.01
+    )
     assert "cross-rank BatchNorm" not in out.stderr  # a benchmark builds steps, it does not log a run
 
 
@@ -132,6 +150,13 @@ def test_compiling_on_a_machine_without_cuda_prints_no_cuda_warning(tmp_path: Pa
     the project compiles quietly there."""
     if torch.cuda.is_available():
         pytest.skip("the warning only exists without CUDA")
-    result = run_cli("train", "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", "train.steps=2", "train.compile=true", "log.wandb=disabled")
+    result = run_cli(
+        "train",
+        "configs/tiny.yaml",
+        f"run.dir={tmp_path / 'run'}",
+        "train.steps=2",
+        "train.compile=true",
+        "log.wandb=disabled",
+    )
     assert "checkpoint of step 2 complete" in result.stderr
     assert "No CUDA runtime" not in result.stderr

@@ -9,18 +9,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from distributed_helpers import signal_tree, start_training, torchrun, wait_for
+from helpers import (
+    CPU,
+    TorchrunRun,
+    completed_steps,
+    load_checkpoint_tensors,
+    read_stats,
+    run_cli,
+    run_in_process,
+    tiny_config,
+)
 from PIL import Image
 
 from dcgan.preemption import StopSignal
 from dcgan.tracking import GanHealth, Tracker, sample_diversity
 from dcgan.train import EXIT_NONFINITE, build_trainer, run_loop
-
 from dcgan.wandb_files import history, records, run_id, uploadable_segments
-
-from distributed_helpers import signal_tree, start_training, torchrun, wait_for
-from helpers import (
-    CPU, TorchrunRun, completed_steps, load_checkpoint_tensors, read_stats, run_cli, run_in_process, tiny_config,
-)
 
 
 def offline_runs(run: Path) -> list[Path]:
@@ -30,14 +35,34 @@ def offline_runs(run: Path) -> list[Path]:
 @pytest.mark.slow  # wandb runs in processes of their own
 def test_offline_wandb_run_holds_metrics_images_histograms_and_config(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    result = run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "log.wandb=offline", "train.steps=20",
-                     "log.every=5", "sample.every=10", "log.tags=a,b")
+    result = run_cli(
+        "train",
+        "configs/tiny.yaml",
+        f"run.dir={run}",
+        "log.wandb=offline",
+        "train.steps=20",
+        "log.every=5",
+        "sample.every=10",
+        "log.tags=a,b",
+    )
     (wandb_dir,) = offline_runs(run)
     assert f"upload all its segments as one run with: dcgan sync {run}" in result.stderr
     rows = history(wandb_dir)
     assert [row["_step"] for row in rows] == [5, 10, 15, 20]
-    for key in ("loss_D", "loss_G", "D_x", "D_G_z_before", "D_G_z_after", "grad_norm_G", "grad_norm_D",
-                "img_per_s", "img_per_s_per_gpu", "data_wait_share", "step_time_ms", "skipped_samples"):
+    for key in (
+        "loss_D",
+        "loss_G",
+        "D_x",
+        "D_G_z_before",
+        "D_G_z_after",
+        "grad_norm_G",
+        "grad_norm_D",
+        "img_per_s",
+        "img_per_s_per_gpu",
+        "data_wait_share",
+        "step_time_ms",
+        "skipped_samples",
+    ):
         assert all(np.isfinite(row[key]) for row in rows), key
     with_images = [row for row in rows if "samples/path" in row]
     assert [row["_step"] for row in with_images] == [10, 20]
@@ -45,8 +70,10 @@ def test_offline_wandb_run_holds_metrics_images_histograms_and_config(tmp_path: 
         image = Image.open(wandb_dir / "files" / row["samples/path"])
         assert image.mode == "RGB" and image.size == (row["samples/width"], row["samples/height"]) == (74, 74)
         assert row["D_real/_type"] == "histogram" and row["D_fake/_type"] == "histogram"
-        assert 0 <= row["sample_diversity"]
-    run_record = next(r.run for r in records(next(wandb_dir.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "run")
+        assert row["sample_diversity"] >= 0
+    run_record = next(
+        r.run for r in records(next(wandb_dir.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "run"
+    )
     config = {item.key: json.loads(item.value_json) for item in run_record.config.update}
     model = config["model"].get("value", config["model"])  # wandb wraps values as {"value": ...} in some versions
     assert model["resolution"] == 16 and list(run_record.tags) == ["a", "b"]
@@ -95,7 +122,9 @@ class PoisonAt:
         return self.runner(images)
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     run = tmp_path / "run"
     trainer = build_trainer(tiny_config(run, "train.steps=30", "checkpoint.every=5", "log.every=10"), CPU)
     trainer.checkpointer.prepare()
@@ -129,7 +158,9 @@ def test_gan_health_warns_once_when_d_wins_and_when_samples_collapse(caplog: pyt
 
 
 def test_skip_mode_skips_non_finite_updates_and_finishes(tmp_path: Path) -> None:
-    trainer = build_trainer(tiny_config(tmp_path / "run", "train.steps=6", "train.nonfinite=skip", "checkpoint.every=100"), CPU)
+    trainer = build_trainer(
+        tiny_config(tmp_path / "run", "train.steps=6", "train.nonfinite=skip", "checkpoint.every=100"), CPU
+    )
     trainer.checkpointer.prepare()
     trainer.runner = PoisonAt(trainer.runner, trainer, at=4)
     g_before = {k: v.clone() for k, v in trainer.g_bare.state_dict().items()}
@@ -151,7 +182,11 @@ def test_a_resumed_run_keeps_its_wandb_run_id_and_images_seen_counts_across_worl
     assert [(s["step"], s["images_seen"]) for s in stats] == [(5, 80), (10, 160), (15, 320), (20, 480)]
     first, second = offline_runs(run)
     # one wandb run in two segments, its steps continuing (three single-process segments: the last test)
-    assert run_id(first) == run_id(second) == str(load_checkpoint_tensors(run / "checkpoints" / "step_000000020")["meta"]["run_id"])
+    assert (
+        run_id(first)
+        == run_id(second)
+        == str(load_checkpoint_tensors(run / "checkpoints" / "step_000000020")["meta"]["run_id"])
+    )
     assert [r["_step"] for r in history(first)] == [5, 10]
     assert [r["_step"] for r in history(second)] == [15, 20]
     rows = history(first) + history(second)
@@ -179,7 +214,7 @@ def test_offline_segments_of_a_twice_killed_run_log_every_step_exactly_once(tmp_
 
     for kill_after in (30, 70):
         process = start_training(run, "train.steps=100000", *settings)
-        wait_for(lambda: last_logged() >= kill_after, process)
+        wait_for(lambda kill_after=kill_after: last_logged() >= kill_after, process)
         signal_tree(process.pid, signal.SIGKILL)  # the job's whole process tree, wandb's service included
         process.wait()
     run_cli("train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=160", *settings)

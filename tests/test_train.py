@@ -7,17 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import CPU, DIGITS_MODEL, read_stats, run_cli, run_in_process, tiny_config
 from PIL import Image
 
 from dcgan.quality import DigitsScorer
 from dcgan.sample import generate
-from dcgan.step import STAT_NAMES
 from dcgan.schema import warn_if_global_batch_changed
+from dcgan.step import STAT_NAMES
 from dcgan.tracking import Window
 from dcgan.train import EXIT_OK, build_trainer, train
-
-from helpers import CPU, DIGITS_MODEL, read_stats, run_cli, run_in_process, tiny_config
-
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -70,7 +68,16 @@ def test_run_directory_contents(tmp_path: Path) -> None:
     assert (run / "config.yaml").is_file() and (run / "train.log").is_file()
     lines = read_stats(run)
     assert [line["step"] for line in lines] == [5, 10, 15, 20]
-    for key in ("loss_D", "loss_G", "D_x", "D_G_z_before", "D_G_z_after", "img_per_s", "grad_norm_G", "data_wait_share"):
+    for key in (
+        "loss_D",
+        "loss_G",
+        "D_x",
+        "D_G_z_before",
+        "D_G_z_after",
+        "img_per_s",
+        "grad_norm_G",
+        "data_wait_share",
+    ):
         assert all(np.isfinite(line[key]) for line in lines), key
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000000010.png", "step_000000020.png"]
     grid = Image.open(run / "samples" / "step_000000020.png")
@@ -132,7 +139,9 @@ def test_a_window_counts_training_time_only() -> None:
     assert window.training_s() == pytest.approx(5.0)
 
 
-def test_a_resume_on_another_number_of_ranks_warns_that_the_global_batch_changed(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_resume_on_another_number_of_ranks_warns_that_the_global_batch_changed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     stored = {"rng.rank0.noise": (5056,), "rng.rank1.noise": (5056,), "model.G.x": (3,)}  # written by 2 ranks
     saved = {"train": {"batch_size": 128}}
     warn_if_global_batch_changed(saved, stored, global_batch=256, world_size=2)
