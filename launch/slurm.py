@@ -19,6 +19,7 @@ import argparse
 import itertools
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,7 +53,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         from dcgan.errors import EXIT_REQUEUE, EXIT_TERMINATED
         from dcgan.train import train
 
-        env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        env = submitit.helpers.TorchDistributedEnvironment()
+        env.master_port = rendezvous_port(submitit.JobEnvironment().job_id, restart_count())
+        env.export(set_cuda_visible_devices=False)
         limit_threads_to_allocation()
         status = train(load_config(self.config, self.overrides))
         if status == EXIT_REQUEUE:
@@ -66,6 +69,23 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(TrainJob(self.config, list(self.overrides)))
+
+
+FIRST_PORT, PORTS = 20000, 12000
+"""Rendezvous ports lie in 20000-31999, below Linux's ephemeral range (32768-60999), where an outgoing
+connection of any process on the node may hold the port a job's store wants to listen on."""
+
+
+def restart_count() -> int:
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
+def rendezvous_port(job_id: str, restart: int) -> int:
+    """One port per job and per requeue, the rule slurm/train.sbatch spells in shell: every task computes
+    it alone and agrees. submitit's own choice depends on the job id only, so a requeued job met the port
+    its previous attempt's rank 0 was still releasing (EADDRINUSE in CI)."""
+    job_number = int(re.sub(r"\D", "", job_id) or 0)
+    return FIRST_PORT + (job_number * 8 + restart) % PORTS
 
 
 def limit_threads_to_allocation() -> None:

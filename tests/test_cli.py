@@ -9,6 +9,7 @@ import json
 import re
 import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from dcgan.cli import build_parser
 from dcgan.config import load_config
 from launch.slurm import build_parser as slurm_parser
 from launch.slurm import main as slurm_main
+from launch.slurm import rendezvous_port
 
 
 def every_parser(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
@@ -233,3 +235,16 @@ def test_compare_reports_a_failed_training_as_that_arm_and_seeds_failure(tmp_pat
         f"dcgan: error: seed 0 A: training {run} failed (exit status 3): non-finite loss at or before step 5: stopping; "
         f"no checkpoint was completed; log: {run / 'train.log'}"
     )
+
+
+def test_both_launchers_rendezvous_on_a_new_port_per_requeue_below_the_ephemeral_range() -> None:
+    """launch.slurm and slurm/train.sbatch spell one rule in two languages: they must agree, move a
+    requeued job off its previous attempt's port, and stay out of 32768-60999."""
+    line = next(x for x in (ROOT / "slurm/train.sbatch").read_text().splitlines() if x.startswith("RDZV_PORT="))
+    for job_id, restart in [("7", 0), ("7", 1), ("123456", 0), ("123456", 3), ("99999999", 2)]:
+        env = {"SLURM_JOB_ID": job_id, "SLURM_RESTART_COUNT": str(restart), "PATH": "/usr/bin:/bin"}
+        shell = subprocess.run(["bash", "-c", f"{line}; echo $RDZV_PORT"], env=env, capture_output=True, text=True)
+        port = rendezvous_port(job_id, restart)
+        assert int(shell.stdout) == port
+        assert 20000 <= port < 32768
+        assert rendezvous_port(job_id, restart + 1) != port
