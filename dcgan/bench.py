@@ -96,7 +96,7 @@ def time_step(step: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor
 
 
 def bench_config(base: Config, batch_size: int, precision: str | None) -> Config:
-    sections: dict[str, dict[str, object]] = {"train": {"batch_size": batch_size}}
+    sections: dict[str, dict[str, object]] = {"train": {"batch_size": batch_size, "global_batch": 0}}
     if precision:
         sections["train"]["precision"] = precision
     return replace(base, **sections)

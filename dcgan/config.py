@@ -48,16 +48,30 @@ class ModelConfig:
 class DataConfig:
     shards: str = _field("", "shard directory with manifest.json, brace pattern or URL; empty = built-in digits")
     workers: int = _field(2, "DataLoader worker processes per rank (0 = load in the training process)")
-    shuffle_buffer: int = _field(1000, "samples held in each worker's shuffle buffer")
+    shuffle_buffer: int = _field(1000, "samples held in each partition's shuffle buffer")
     resampled: bool = _field(True, "draw shards with replacement (equal batches on every rank, any shard count)")
-    epoch_samples: int = _field(0, "samples per rank per epoch; 0 = the data set size divided by the ranks")
+    epoch_samples: int = _field(0, "images per epoch, all ranks together; 0 = the data set size")
+    partitions: int = _field(
+        0,
+        "independent seeded streams the shards are read in, fixed when a run starts and kept in its checkpoints: "
+        "each gives global_batch / partitions images a step, a rank reads only its partitions, so the data order "
+        "does not depend on the number of ranks or workers; 0 = ranks x workers at the start (as many as divide "
+        "the global batch)",
+    )
     prefetch: int = _field(4, "batches prefetched per worker")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = _field(10000, "training iterations (one D and one G update each)")
-    batch_size: int = _field(128, "images per process per step; the global batch is this x ranks")
+    batch_size: int = _field(
+        128, "images per process per step when train.global_batch=0 (the global batch is this x ranks)"
+    )
+    global_batch: int = _field(
+        0,
+        "images per step over all ranks, whatever their number: each rank trains on global_batch / ranks, and a "
+        "rank count that does not divide it is refused; 0 = train.batch_size per process",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _field(
         "auto", "autocast precision; auto = bf16 on GPUs that support it, fp32 on CPU"
     )
@@ -186,6 +200,25 @@ class Config:
     @property
     def uses_builtin_digits(self) -> bool:
         return self.data.shards == ""
+
+    def global_batch(self, world_size: int) -> int:
+        """Images one step trains on over `world_size` ranks."""
+        return self.train.global_batch or self.train.batch_size * world_size
+
+    def batch_per_rank(self, world_size: int) -> int:
+        """Images each of `world_size` ranks trains on per step; refused in one line (before any work)
+        where a fixed train.global_batch cannot be split evenly."""
+        total = self.train.global_batch
+        if not total:
+            return self.train.batch_size
+        if total % world_size:
+            fitting = [str(n) for n in range(1, total + 1) if total % n == 0]
+            raise ConfigError(
+                f"train.global_batch: {total} images cannot be split over {world_size} ranks: run on a number of "
+                f"ranks that divides it ({', '.join(fitting[:12])}{', ...' if len(fitting) > 12 else ''}) or change "
+                "train.global_batch"
+            )
+        return total // world_size
 
     @property
     def images_from_average(self) -> bool:
@@ -396,6 +429,8 @@ def validate(config: Config) -> None:
     _require(0 <= config.seed < 2**32, "seed", "an integer in [0, 2^32)", config.seed)
     _require(t.steps >= 1, "train.steps", ">= 1", t.steps)
     _require(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
+    _require(t.global_batch >= 0, "train.global_batch", ">= 0 (0 = train.batch_size per process)", t.global_batch)
+    _require(d.partitions >= 0, "data.partitions", ">= 0 (0 = chosen when the run starts)", d.partitions)
     if t.cuda_graph:
         _require(
             t.device != "cpu", "train.cuda_graph", "false with train.device=cpu (CUDA graphs need CUDA)", t.cuda_graph

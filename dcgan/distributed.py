@@ -368,21 +368,22 @@ def average_gradients(module: nn.Module, info: DistInfo) -> None:
         grad.copy_(mean.view(grad.shape))
 
 
-def log_batchnorm_mode(info: DistInfo, sync_bn: bool, batch_size: int) -> None:
-    """Say once which BatchNorm statistics the run uses, since it changes what they mean."""
+def log_batchnorm_mode(info: DistInfo, sync_bn: bool, global_batch: int) -> None:
+    """Say once which BatchNorm statistics the run uses, since it changes what they mean (and, per rank,
+    whether the run's trajectory depends on its number of ranks)."""
     if not info.distributed:
         return
     if sync_bn:
         log.info(
             "cross-rank BatchNorm: batch statistics over all %d rank(s), %d images (one all-reduce per layer)",
             info.world_size,
-            batch_size * info.world_size,
+            global_batch,
         )
     else:
         log.info(
             "per-rank BatchNorm (model.sync_bn=false): each rank normalizes its own %d images; "
-            "running statistics are taken from rank 0",
-            batch_size,
+            "running statistics are taken from rank 0; the run's trajectory depends on its number of ranks",
+            global_batch // info.world_size,
         )
 
 

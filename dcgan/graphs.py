@@ -4,8 +4,8 @@ At batch 128 a DCGAN step is a few hundred short kernels, and launching them one
 takes longer than running them; replaying a captured graph launches the whole step — both forwards,
 both backwards, both Adam updates, the statistics — at once. Capture records device addresses, so the
 step must touch the same tensors every time: the batch and the noise are copied into static buffers
-outside the graph (the noise is drawn by the same generator as in eager mode, so checkpoints and resumes
-are unchanged), gradients and activations live in the graph's private memory pool, and Adam keeps its
+outside the graph (the noise is drawn as in eager mode, by step: dcgan.step.LatentNoise, so checkpoints
+and resumes are unchanged), gradients and activations live in the graph's private memory pool, and Adam keeps its
 step counter on the device (`capturable=True`).
 
 Several processes: the models are not wrapped in DDP (whose all-reduce is launched from autograd hooks
@@ -77,7 +77,7 @@ class GraphedStep:
         self.side_stream: torch.cuda.Stream | None = None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        z = self.step.draw_noise(images.shape[0], images.device)
+        z = self.step.noise.draw()
         if self.warmup_left > 0:
             self.warmup_left -= 1
             return self._eager_on_side_stream(images, z)

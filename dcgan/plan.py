@@ -28,7 +28,7 @@ def measured_step_ms(run_dir: Path) -> float | None:
 
 
 def data_lines(config: Config, world_size: int) -> tuple[list[str], int]:
-    """What each rank reads, and batches per rank per epoch (rank 0's; every rank has the same)."""
+    """What each rank reads, and steps per epoch (the same for every rank and any number of ranks)."""
     from dcgan.data import build_source
     from dcgan.data.digits import DigitsSource
     from dcgan.data.stream import ShardSource
@@ -36,26 +36,28 @@ def data_lines(config: Config, world_size: int) -> tuple[list[str], int]:
     info = DistInfo(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"))
     source = build_source(config, info)
     try:
-        batches = source.batches_per_epoch
+        steps = source.batches_per_epoch
+        global_batch = config.global_batch(world_size)
         if isinstance(source, DigitsSource):
             images = len(source.images)
-            return [f"data: built-in digits, {images} images; each rank its own {images // world_size}"], batches
+            return [
+                f"data: built-in digits, {images} images; one permutation per epoch, each rank its slice of every "
+                "global batch"
+            ], steps
         assert isinstance(source, ShardSource), "a source is the digits or shards"
-        shards = source.shards
+        shards, plan = source.shards, source.plan
         total = f"{shards.total} images" if shards.total is not None else "image count unknown (no manifest)"
-        lines = [f"data: {config.data.shards}: {len(shards.urls)} shard(s), {total}"]
-        if config.data.resampled:
-            lines.append(
-                f"  each rank draws shards from all {len(shards.urls)} with replacement (data.resampled=true), "
-                f"{batches * config.train.batch_size} images per rank per epoch"
-            )
-        else:
-            per_rank = len(shards.urls) // world_size
-            lines.append(
-                f"  each rank gets {per_rank} shard(s) of a new deal every epoch (data.resampled=false), "
-                f"{batches * config.train.batch_size} images per rank per epoch"
-            )
-        return lines, batches
+        draw = (
+            f"drawing shards from all {len(shards.urls)} with replacement (data.resampled=true)"
+            if config.data.resampled
+            else "reading its share of a new deal of the shards every epoch (data.resampled=false)"
+        )
+        lines = [
+            f"data: {config.data.shards}: {len(shards.urls)} shard(s), {total}",
+            f"  {plan.partitions} partitions (data.partitions) of {plan.chunk} images a step, each {draw}; "
+            f"each rank reads {len(plan.mine)}; {steps * global_batch} images per epoch",
+        ]
+        return lines, steps
     finally:
         source.close()
 
@@ -78,16 +80,17 @@ def format_seconds(seconds: float) -> str:
 def describe(config: Config, world_size: int) -> str:
     """The dry-run report of a training run with `world_size` ranks."""
     t, run_dir = config.train, Path(config.run.dir)
+    global_batch = config.global_batch(world_size)
     data, batches_per_epoch = data_lines(config, world_size)
     step_ms = measured_step_ms(run_dir)
     resume = latest_checkpoint(RunDir(run_dir).checkpoints)
     lines = [
         "resolved config:",
         *("  " + line for line in yaml.safe_dump(config_to_dict(config), sort_keys=False).splitlines()),
-        f"world size: {world_size} rank(s); batch {t.batch_size} per rank, global batch {t.batch_size * world_size}",
+        f"world size: {world_size} rank(s); batch {config.batch_per_rank(world_size)} per rank, global batch {global_batch}",
         *data,
         f"steps per epoch: {batches_per_epoch}; train.steps {t.steps} = {t.steps / max(batches_per_epoch, 1):.1f} epochs, "
-        f"{t.steps * t.batch_size * world_size} images",
+        f"{t.steps * global_batch} images",
         f"run.dir: {run_dir} ({f'resumes from {resume.name}' if resume else 'starts fresh'})",
         "cadence"
         + (

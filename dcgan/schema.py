@@ -7,8 +7,11 @@ A checkpoint is one DCP directory (dcgan.checkpoint writes it) holding this tree
     scaler                        GradScaler state; empty when neither fp16 nor nonfinite=skip   (optional)
     progress.step                 steps trained
     progress.images_seen          global images trained on                    (optional: older checkpoints)
-    progress.data                 the loader's position (epoch, batch)
-    rng.rank<N>.noise             each writing rank's latent-noise generator  (optional: another rank count)
+    progress.data                 the loader's position (epoch, step in it): the same on every rank
+    progress.world_size           ranks that wrote it                         (optional: older checkpoints)
+    progress.global_batch         images per step over all ranks              (optional: older checkpoints)
+    rng.rank<N>.noise             older checkpoints only: per-rank noise generators, no longer read (the
+                                  noise is a function of the step, dcgan.step.LatentNoise)
     fixed_noise                   the sample grid's latent batch              (optional on resume: sample.num)
     meta.run_id, meta.config      the wandb run id; the resolved config as YAML (its model is checked on resume)
     ema.params, ema.updates       the averaged G's parameters and update count   (optional: train.ema > 0)
@@ -46,19 +49,14 @@ MODEL, OPTIM, SCALER, PROGRESS, RNG, FIXED_NOISE, META, EMA = (
     "meta",
     "ema",
 )
-PARTS = (MODEL, OPTIM, SCALER, PROGRESS, RNG, FIXED_NOISE, META, EMA)
-"""The top-level parts, in the order they are written."""
+PARTS = (MODEL, OPTIM, SCALER, PROGRESS, FIXED_NOISE, META, EMA)
+"""The top-level parts, in the order they are written (RNG only in older checkpoints)."""
 
 Loader = Callable[[Path, dict[str, Any]], None]
 """Fills a state tree in place from the checkpoint at a path (Checkpointer.load, or checkpoint.load_in_process)."""
 
 Stored = dict[str, "tuple[int, ...] | None"]
 """A checkpoint's flattened keys ('rng.rank0.noise', ...) with their tensors' shapes (checkpoint.stored_shapes)."""
-
-
-def rank_key(rank: int) -> str:
-    """The key of one rank's entry under `rng`."""
-    return f"rank{rank}"
 
 
 def flat_key(*parts: str) -> str:
@@ -76,8 +74,8 @@ def training_state(
     step: int,
     images_seen: int,
     data: dict[str, Any],
-    rank: int,
-    noise_rng: torch.Tensor,
+    world_size: int,
+    global_batch: int,
     fixed_noise: torch.Tensor,
     run_id: str,
     config_yaml: str,
@@ -88,8 +86,13 @@ def training_state(
         MODEL: {"G": g, "D": d},
         OPTIM: {"G": optim_g, "D": optim_d},
         SCALER: scaler,
-        PROGRESS: {"step": step, "images_seen": images_seen, "data": data},
-        RNG: {rank_key(rank): {"noise": noise_rng}},
+        PROGRESS: {
+            "step": step,
+            "images_seen": images_seen,
+            "data": data,
+            "world_size": world_size,
+            "global_batch": global_batch,
+        },
         FIXED_NOISE: fixed_noise,
         META: {"run_id": run_id, "config": config_yaml},
     }
@@ -157,13 +160,12 @@ def check_compatible(saved: dict[str, Any], config: Config, path: Path) -> None:
         )
 
 
-def trim_to_stored(state: dict[str, Any], stored: Stored, rank: int) -> dict[str, Any]:
+def trim_to_stored(state: dict[str, Any], stored: Stored) -> dict[str, Any]:
     """Leave out of a training tree (about to be read in place) the optional parts this checkpoint does
     not hold in the same shape, saying what each means for the run; return the tree."""
-    noise = state[RNG][rank_key(rank)]["noise"]
-    # absent when fewer ranks wrote the checkpoint; another shape when a CPU run resumes on a GPU
-    if stored.get(flat_key(RNG, rank_key(rank), "noise")) != tuple(noise.shape):
-        del state[RNG]
+    for key in ("world_size", "global_batch"):
+        if flat_key(PROGRESS, key) not in stored:  # written before the run's shape was kept
+            del state[PROGRESS][key]
     if stored.get(FIXED_NOISE) != tuple(state[FIXED_NOISE].shape):
         log.info("sample.num changed since the checkpoint: sample grids from here on use new fixed noise")
         del state[FIXED_NOISE]
@@ -207,21 +209,35 @@ def _as_tuple(value: Any) -> tuple[Any, ...]:
     return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 
 
-def warn_if_global_batch_changed(saved: dict[str, Any], stored: Stored, global_batch: int, world_size: int) -> None:
-    """A resume on another number of ranks changes the global batch (train.batch_size is per process):
-    say so, since the lr was chosen for the old one. The writers are counted by their per-rank noise state."""
-    writers = sum(1 for key in stored if key.startswith(flat_key(RNG, "rank")) and key.endswith(".noise"))
-    saved_batch = int(saved.get("train", {}).get("batch_size", 0))
-    before, batch_size = saved_batch * writers, global_batch // world_size
-    if writers and before != global_batch:
-        log.warning(
-            "the global batch changed on resume: %d (%d rank(s) x %d) when checkpointed, %d (%d x %d) now; optim.lr "
-            "is not rescaled (for the same global batch: train.batch_size=%d)",
-            before,
+def describe_resize(
+    saved: dict[str, Any], stored: Stored, progress: dict[str, Any], global_batch: int, world_size: int
+) -> None:
+    """Say what a resume on another number of ranks means for the run: with the same global batch it
+    continues the same trajectory (data and noise are functions of the step); with another (train.batch_size
+    is per process where train.global_batch=0) the lr was chosen for the old one. Checkpoints written
+    before the run's shape was kept tell the ranks by their per-rank noise state."""
+    if "world_size" in progress:
+        writers, before = int(progress["world_size"]), int(progress["global_batch"])
+    else:
+        writers = sum(1 for key in stored if key.startswith(flat_key(RNG, "rank")) and key.endswith(".noise"))
+        before = int(saved.get("train", {}).get("batch_size", 0)) * writers
+    if not writers or (writers == world_size and before == global_batch):
+        return
+    if before == global_batch:
+        log.info(
+            "resized from %d to %d ranks: same global batch (%d), same data order and noise, the same trajectory",
             writers,
-            saved_batch,
-            global_batch,
             world_size,
-            batch_size,
-            max(before // world_size, 1),
+            global_batch,
         )
+        return
+    log.warning(
+        "the global batch changed on resume: %d on %d rank(s) when checkpointed, %d on %d now; the data order "
+        "changes and optim.lr is not rescaled (for the same global batch on any number of ranks: "
+        "train.global_batch=%d)",
+        before,
+        writers,
+        global_batch,
+        world_size,
+        before,
+    )

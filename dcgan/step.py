@@ -21,6 +21,7 @@ from dcgan.config import Config
 from dcgan.distributed import Bare, DistInfo, GradientSync, average_gradients, gradient_sync, prepare_module
 from dcgan.losses import discriminator_loss, generator_loss
 from dcgan.models import Discriminator, Generator
+from dcgan.seeds import mix
 
 STAT_NAMES = ("loss_D", "loss_G", "D_x", "D_G_z_before", "D_G_z_after", "grad_norm_G", "grad_norm_D", "nonfinite")
 """Names of the values in the vector a step returns, in order (one device tensor, summed over steps by
@@ -51,6 +52,42 @@ def total_grad_norm(module: nn.Module) -> torch.Tensor:
     return get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
 
 
+NOISE_STREAM = 0x4E015E
+"""Tags the latent-noise seeds apart from the data order's, which mix the same run seed."""
+
+
+@dataclass
+class LatentNoise:
+    """The latent batch of each step, as a function of (seed, step) alone: drawn for the whole global
+    batch, of which this rank takes its slice. A run on any number of ranks therefore trains on the same
+    noise, and a resume needs only the step (`at`), not a generator's state per rank. Drawing the global
+    batch on every rank costs global_batch x nz numbers per step (51,200 at the paper's 512 x 100)."""
+
+    seed: int
+    nz: int
+    global_batch: int
+    rank: int
+    world_size: int
+    device: torch.device
+    at: int = 0
+    """The step whose noise the next draw returns (the trainer sets it on resume)."""
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator(device=self.device)
+
+    def global_batch_at(self, step: int) -> torch.Tensor:
+        """The whole global batch's latents of `step` (every rank's slices, in rank order)."""
+        self.generator.manual_seed(mix(self.seed, NOISE_STREAM, step))
+        return torch.randn(self.global_batch, self.nz, device=self.device, generator=self.generator)
+
+    def draw(self) -> torch.Tensor:
+        """This rank's latents for step `at`, then move on to the next step."""
+        share = self.global_batch // self.world_size
+        z = self.global_batch_at(self.at)[self.rank * share : (self.rank + 1) * share]
+        self.at += 1
+        return z
+
+
 @dataclass
 class GANStep:
     """Holds what an iteration touches. `g`/`d` may be DDP wrappers; `d_bare` is D without DDP."""
@@ -62,8 +99,7 @@ class GANStep:
     opt_d: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     dtype: torch.dtype
-    nz: int
-    noise: torch.Generator
+    noise: LatentNoise
     channels_last: bool = False
     autocast_cache: bool = True
     """Off under CUDA-graph capture: autocast's cast cache must not outlive the captured region."""
@@ -77,13 +113,9 @@ class GANStep:
         enabled = self.dtype != torch.float32
         return torch.autocast(device.type, dtype=self.dtype, enabled=enabled, cache_enabled=self.autocast_cache)
 
-    def draw_noise(self, batch: int, device: torch.device) -> torch.Tensor:
-        """This step's latent batch, from the per-rank generator that checkpoints save and restore."""
-        return torch.randn(batch, self.nz, device=device, generator=self.noise)
-
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Train on one batch of uint8 images already on the device; return the stats vector."""
-        return self.train(images, self.draw_noise(images.shape[0], images.device))
+        return self.train(images, self.noise.draw())
 
     def train(self, images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The step's body: only device work, no host reads, shapes fixed by the inputs' shapes."""
@@ -140,11 +172,6 @@ class GANStep:
 # --- building a step from a config ---------------------------------------------------------------
 
 
-def noise_seed(seed: int, rank: int) -> int:
-    """Per-rank latent noise: ranks must not draw the same z, or the global batch repeats itself."""
-    return seed * 1_000_003 + rank + 1
-
-
 def make_scaler(dtype: torch.dtype, nonfinite: str, device: torch.device) -> torch.amp.GradScaler:
     """fp16 needs loss scaling. With train.nonfinite=skip the scaler (at scale 1 for other dtypes) is
     what skips an update whose gradients are not finite; otherwise it is disabled (a no-op)."""
@@ -197,8 +224,9 @@ def build_step(
         opt_d=opt_d,
         scaler=make_scaler(dtype, t.nonfinite, device),
         dtype=dtype,
-        nz=config.model.nz,
-        noise=torch.Generator(device=device).manual_seed(noise_seed(config.seed, info.rank)),
+        noise=LatentNoise(
+            config.seed, config.model.nz, config.global_batch(info.world_size), info.rank, info.world_size, device
+        ),
         channels_last=t.channels_last and device.type == "cuda",
         average_gradients=partial(average_gradients, info=info) if sync == "explicit" else None,
     )

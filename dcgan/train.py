@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 from dcgan import schema
 from dcgan.checkpoint import Best, Checkpointer, read_best, read_newest, stored_shapes
 from dcgan.config import Config, config_to_dict
-from dcgan.data import build_source
+from dcgan.data import build_source, with_run_partitions
 from dcgan.data.base import BatchSource
 from dcgan.distributed import (
     DistInfo,
@@ -49,7 +49,7 @@ from dcgan.plan import lr_advice
 from dcgan.preemption import StoppedWhileWaiting, StopSignal, stop_agreed
 from dcgan.rundir import RunDir, RunDirLock, check_progress, own_run_dir, save_run_config
 from dcgan.sample import LoadedGenerator, generate, plain_copy, save_grid, to_uint8_grid
-from dcgan.step import NONFINITE, GANStep, build_step, noise_seed
+from dcgan.step import NONFINITE, GANStep, build_step
 from dcgan.tracking import (
     GanHealth,
     Progress,
@@ -93,7 +93,7 @@ class Trainer:
     @property
     def global_batch(self) -> int:
         """Images one step trains on across all ranks."""
-        return self.config.train.batch_size * self.info.world_size
+        return self.config.global_batch(self.info.world_size)
 
     def train_step(self, images: torch.Tensor) -> torch.Tensor:
         """One step on a batch already on the device; return its statistics (a device tensor, not read)."""
@@ -134,8 +134,8 @@ class Trainer:
             step=self.step,
             images_seen=self.images_seen,
             data=self.data.state_dict(),
-            rank=self.info.rank,
-            noise_rng=step_fn.noise.get_state(),
+            world_size=self.info.world_size,
+            global_batch=self.global_batch,
             fixed_noise=self.fixed_noise,
             run_id=self.run_id,
             config_yaml=yaml.safe_dump(config_to_dict(self.config), sort_keys=False),
@@ -148,7 +148,7 @@ class Trainer:
         stored = stored_shapes(path)
         saved_config = schema.saved_config(path, self.checkpointer.load)
         schema.check_compatible(saved_config, self.config, path)
-        state = schema.trim_to_stored(self.state_dict(), stored, self.info.rank)
+        state = schema.trim_to_stored(self.state_dict(), stored)
         self.checkpointer.load(path, state)
         models, optims = state[schema.MODEL], state[schema.OPTIM]
         for name, model, optimizer in (("G", self.g_bare, self.step_fn.opt_g), ("D", self.d_bare, self.step_fn.opt_d)):
@@ -169,19 +169,12 @@ class Trainer:
             else:
                 self.ema = GeneratorEMA(self.g_bare, self.config.model, self.config.train.ema)
         self.run_id = str(state[schema.META]["run_id"])
-        if schema.RNG in state:
-            self.step_fn.noise.set_state(state[schema.RNG][schema.rank_key(self.info.rank)]["noise"])
-        else:
-            self.step_fn.noise.manual_seed(noise_seed(self.config.seed, self.info.rank) + self.step)
-            log.warning(
-                "checkpoint has no noise RNG for rank %d (fewer ranks or another device wrote it): reseeded",
-                self.info.rank,
-            )
+        self.step_fn.noise.at = self.step
         self.checkpointer.resumed(self.step)
         log.info(
             "resumed from %s at step %d (data epoch %d, batch %d)", path, self.step, *self.data.state_dict().values()
         )
-        schema.warn_if_global_batch_changed(saved_config, stored, self.global_batch, self.info.world_size)
+        schema.describe_resize(saved_config, stored, progress, self.global_batch, self.info.world_size)
 
     def save(self, *, blocking: bool = False, best: Best | None = None) -> None:
         """Check replicas agree, then write this step's checkpoint (collective: every rank calls it)."""
@@ -421,14 +414,14 @@ def log_start(trainer: Trainer) -> None:
         trainer.run_dir,
         info.world_size,
         info.device,
-        cfg.train.batch_size,
+        trainer.global_batch // info.world_size,
         trainer.global_batch,
         trainer.step_fn.dtype,
         torch.get_num_threads(),
         trainer.step,
         cfg.train.steps,
     )
-    log_batchnorm_mode(info, cfg.model.sync_bn, cfg.train.batch_size)
+    log_batchnorm_mode(info, cfg.model.sync_bn, trainer.global_batch)
     if info.is_main and (advice := lr_advice(cfg.optim.lr, trainer.global_batch)):
         log.info("%s", advice)
 
@@ -447,9 +440,10 @@ def train(config: Config) -> int:
     failure: BaseException | None = None
     try:
         setup_logging(None, info.rank)
-        data = build_source(
-            config, info
-        )  # what the data refuses (too large a batch, missing shards): before run.dir exists
+        # what the data refuses (a batch too large, missing shards, ranks that cannot share the global
+        # batch or the partitions): before run.dir exists
+        config = with_run_partitions(config, info)
+        data = build_source(config, info)
         lock = own_run_dir(run_dir, info)
         setup_logging(run_dir, info.rank)
         trainer = build_trainer(config, info, data)

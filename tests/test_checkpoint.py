@@ -204,4 +204,4 @@ def test_a_training_checkpoint_holds_the_schemas_parts_and_nothing_else(trained_
     assert (
         set(schema.PARTS) - {schema.SCALER, schema.EMA} <= parts <= set(schema.PARTS)
     )  # scaler: empty without fp16; ema: off
-    assert schema.flat_key(schema.RNG, schema.rank_key(0), "noise") in stored_shapes(path)
+    assert schema.flat_key(schema.PROGRESS, "world_size") in stored_shapes(path)

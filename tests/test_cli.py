@@ -165,8 +165,8 @@ def test_a_batch_larger_than_the_digits_is_one_line_before_the_run_directory_exi
     )
     assert (result.returncode, result.stderr) == (
         2,
-        "dcgan: error: train.batch_size: 4000 images per rank, but the built-in digits hold 1797: "
-        "use a smaller train.batch_size, or shards of a larger data set\n",
+        "dcgan: error: the global batch of 4000 images is larger than the built-in digits (1797): "
+        "use a smaller train.global_batch or train.batch_size, or shards of a larger data set\n",
     )
     assert not run.exists()
 
@@ -181,8 +181,8 @@ def test_a_batch_larger_than_the_shards_is_the_same_line_before_the_run_director
     assert not run.exists()
     assert (result.returncode, result.stderr) == (
         2,
-        "dcgan: error: train.batch_size: 4000 images per rank, but the shards hold 1797 per rank per epoch: "
-        "use a smaller train.batch_size\n",
+        "dcgan: error: the global batch of 4000 images is larger than the shards (1797 images): "
+        "use a smaller train.global_batch or train.batch_size\n",
     )
 
 

@@ -236,7 +236,7 @@ def test_missing_shard_names_itself(digits_shards: Path, tmp_path: Path) -> None
 
 
 def test_exact_mode_with_too_few_shards_fails_fast_with_the_fix(digits_shards: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="8 shards cannot feed 4 rank\\(s\\) x 4 worker\\(s\\).*data.resampled=true"):
+    with pytest.raises(ConfigError, match="8 shards cannot feed 16 partitions in exact mode.*data.resampled=true"):
         source_for(digits_shards, tmp_path, 0, 4, "data.resampled=false", "data.workers=4")
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from dcgan.quality import DigitsScorer
 from dcgan.sample import generate
-from dcgan.schema import warn_if_global_batch_changed
+from dcgan.schema import describe_resize
 from dcgan.step import STAT_NAMES
 from dcgan.tracking import Window
 from dcgan.train import EXIT_OK, build_trainer, train
@@ -139,17 +139,23 @@ def test_a_window_counts_training_time_only() -> None:
     assert window.training_s() == pytest.approx(5.0)
 
 
-def test_a_resume_on_another_number_of_ranks_warns_that_the_global_batch_changed(
+def test_a_resume_on_another_number_of_ranks_says_whether_the_trajectory_continues(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    stored = {"rng.rank0.noise": (5056,), "rng.rank1.noise": (5056,), "model.G.x": (3,)}  # written by 2 ranks
-    saved = {"train": {"batch_size": 128}}
-    warn_if_global_batch_changed(saved, stored, global_batch=256, world_size=2)
+    caplog.set_level("INFO", logger="dcgan.schema")
+    progress = {"world_size": 2, "global_batch": 256}
+    describe_resize({}, {}, progress, global_batch=256, world_size=2)
     assert not caplog.records
-    warn_if_global_batch_changed(saved, stored, global_batch=128, world_size=1)
-    [record] = caplog.records
-    assert "256 (2 rank(s) x 128) when checkpointed, 128 (1 x 128) now" in record.getMessage()
-    assert "train.batch_size=256" in record.getMessage()
+    describe_resize({}, {}, progress, global_batch=256, world_size=4)
+    describe_resize({}, {}, progress, global_batch=128, world_size=1)
+    resized, changed = (record.getMessage() for record in caplog.records)
+    assert resized.startswith("resized from 2 to 4 ranks: same global batch (256), same data order and noise")
+    assert "256 on 2 rank(s) when checkpointed, 128 on 1 now" in changed and "train.global_batch=256" in changed
+    # written before the run's shape was kept: the ranks are counted by their noise generators
+    caplog.clear()
+    stored = {"rng.rank0.noise": (5056,), "rng.rank1.noise": (5056,), "model.G.x": (3,)}
+    describe_resize({"train": {"batch_size": 128}}, stored, {}, global_batch=128, world_size=1)
+    assert "256 on 2 rank(s) when checkpointed, 128 on 1 now" in caplog.records[0].getMessage()
 
 
 def test_lr_advice_follows_the_readmes_one_rule() -> None:

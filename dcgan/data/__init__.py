@@ -2,17 +2,59 @@
 
 from __future__ import annotations
 
-from dcgan.config import Config
+import logging
+from pathlib import Path
+
+from dcgan.config import Config, replace
 from dcgan.data.base import BatchSource
 from dcgan.distributed import DistInfo
 
+log = logging.getLogger(__name__)
+
 
 def build_source(config: Config, info: DistInfo) -> BatchSource:
-    """The batch source this rank trains on, chosen by `data.shards` (empty = built-in digits)."""
+    """The batch source this rank trains on, chosen by `data.shards` (empty = built-in digits); a world
+    size that cannot share train.global_batch is refused here, before any work."""
+    config.batch_per_rank(info.world_size)
     if config.uses_builtin_digits:
         from dcgan.data.digits import DigitsSource
 
-        return DigitsSource(config.model.resolution, config.train.batch_size, config.seed, info.rank, info.world_size)
+        return DigitsSource(
+            config.model.resolution, config.global_batch(info.world_size), config.seed, info.rank, info.world_size
+        )
     from dcgan.data.stream import ShardSource
 
     return ShardSource(config, info)
+
+
+def with_run_partitions(config: Config, info: DistInfo) -> Config:
+    """The config with the run's data.partitions made explicit: those its newest checkpoint was written
+    with (a resume on another number of ranks or workers keeps the data order), else the number chosen
+    now. An explicit data.partitions that differs from the checkpoint's wins, with a warning: the data
+    order changes from there."""
+    if config.uses_builtin_digits:
+        return config
+    from dcgan.data.stream import resolve_partitions
+
+    stored = checkpointed_partitions(Path(config.run.dir))
+    wanted = config.data.partitions
+    if stored and wanted and wanted != stored:
+        log.warning(
+            "data.partitions=%d, but the run was checkpointed with %d: the data order changes from here", wanted, stored
+        )
+    chosen = replace(config, data={"partitions": wanted or stored})
+    return replace(chosen, data={"partitions": resolve_partitions(chosen, info.world_size, config.data.workers)})
+
+
+def checkpointed_partitions(run_dir: Path) -> int:
+    """data.partitions of the newest readable checkpoint's own config (0: none, or an older checkpoint
+    that read its shards by rank)."""
+    from dcgan.checkpoint import UNREADABLE, load_in_process, read_newest
+    from dcgan.rundir import RunDir
+    from dcgan.schema import saved_config
+
+    try:
+        saved = read_newest(RunDir(run_dir).checkpoints, lambda path: saved_config(path, load_in_process))
+    except UNREADABLE:
+        return 0  # every checkpoint is damaged: the resume itself says so
+    return int((saved or {}).get("data", {}).get("partitions", 0))

@@ -2,8 +2,9 @@
 
 A source is an endless stream of uint8 batches (N, C, H, W) on the host, cut into epochs. Its whole
 position is (epoch, batches already taken in that epoch): every epoch's order is a pure function of
-(seed, rank, epoch), so a resumed run replays an epoch's order and skips the batches it already
-trained on, and sees exactly the stream an uninterrupted run would have seen.
+(seed, epoch) and the data, and a rank's batch is its slice of the global batch, so a resumed run, on
+any number of ranks, replays an epoch's order and skips the steps already trained on, and sees exactly
+the stream an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -35,13 +36,13 @@ class BatchSource(Protocol):
 
 
 def check_batch_fits(
-    batch_size: int, available: int, holds: str, advice: str = "use a smaller train.batch_size"
+    global_batch: int, available: int, holds: str, advice: str = "use a smaller train.global_batch or train.batch_size"
 ) -> None:
-    """A rank's batch must fit in the images it reads in one epoch: the one check, and its one line, of
-    every source. `holds` says what holds how many ("the shards hold 1797 per rank per epoch"), giving
-    "train.batch_size: 4000 images per rank, but the shards hold 1797 per rank per epoch: use a smaller ..."."""
-    if batch_size > available:
-        raise ConfigError(f"train.batch_size: {batch_size} images per rank, but {holds}: {advice}")
+    """A step's global batch must fit in the images one epoch reads: the one check, and its one line, of
+    every source. `holds` says what holds how many ("the shards hold 1797 per epoch"), giving
+    "the global batch of 4000 images is larger than the shards hold (1797 per epoch): use a smaller ..."."""
+    if global_batch > available:
+        raise ConfigError(f"the global batch of {global_batch} images is larger than {holds}: {advice}")
 
 
 EpochFactory = Callable[[int, int], Iterator[torch.Tensor]]

@@ -37,25 +37,27 @@ def digits_images(resolution: int) -> torch.Tensor:
 
 
 class DigitsSource(EpochStream):
-    """Each epoch: a seeded permutation of all digits, rank r taking every world-th one, full batches only."""
+    """Each epoch: one seeded permutation of all digits, cut into global batches; rank r trains on the
+    r-th slice of each. The images of a step are therefore the same whatever the number of ranks."""
 
-    def __init__(self, resolution: int, batch_size: int, seed: int, rank: int, world_size: int) -> None:
+    def __init__(self, resolution: int, global_batch: int, seed: int, rank: int, world_size: int) -> None:
         self.images = digits_images(resolution)
-        per_rank = len(self.images) // world_size
-        holds = (
-            f"the built-in digits hold {per_rank}"
-            if world_size == 1
-            else (f"each of {world_size} ranks holds {per_rank} of the {len(self.images)} built-in digits")
+        check_batch_fits(
+            global_batch,
+            len(self.images),
+            f"the built-in digits ({len(self.images)})",
+            "use a smaller train.global_batch or train.batch_size, or shards of a larger data set",
         )
-        check_batch_fits(batch_size, per_rank, holds, "use a smaller train.batch_size, or shards of a larger data set")
-        self.seed, self.rank, self.world_size, self.batch_size = seed, rank, world_size, batch_size
-        super().__init__(self._epoch, per_rank // batch_size)
+        self.seed, self.global_batch = seed, global_batch
+        self.share = global_batch // world_size
+        self.first = rank * self.share
+        super().__init__(self._epoch, len(self.images) // global_batch)
 
     def _epoch(self, epoch: int, skip: int) -> Iterator[torch.Tensor]:
         order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-        mine = order[self.rank :: self.world_size]
-        for b in range(skip, self.batches_per_epoch):
-            yield self.images[mine[b * self.batch_size : (b + 1) * self.batch_size]]
+        for step in range(skip, self.batches_per_epoch):
+            start = step * self.global_batch + self.first
+            yield self.images[order[start : start + self.share]]
 
     @property
     def skipped_samples(self) -> int:

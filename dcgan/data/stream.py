@@ -1,16 +1,21 @@
-"""Streaming WebDataset shards to many ranks, each rank its own shards, resumable to the exact batch.
+"""Streaming WebDataset shards to many ranks, resumable to the exact batch, in an order that does not
+depend on the number of ranks or loader workers.
 
-Per rank, DataLoader workers each produce a "lane" of batches: in an epoch, lane l produces the batches
-at positions l, l+W, l+2W, ... (W = workers), from a sample stream seeded by (seed, rank, epoch, lane):
-- resampled mode (default): shards drawn with replacement, so every rank has an endless stream and all
-  ranks yield the same number of full batches (uneven counts would hang DDP and cross-rank BatchNorm);
-- exact mode (data.resampled=false): each epoch the shard list is shuffled (same order on all ranks) and
-  dealt to ranks, then to lanes; every sample is seen at most once per epoch.
-Samples pass through a shuffle buffer before they are decoded and batched. The DataLoader hands out
-batches round-robin over workers, so lane l is simply worker l; after a resume in the middle of an epoch
-the lanes are rotated so that the worker asked first produces the next position. The stream after a
-resume is therefore exactly the stream an uninterrupted run would have seen (for data without corrupt
-samples: a skipped sample shifts the batches that follow it).
+The data order is a function of (seed, step) and the shards alone. A run reads its shards in P
+*partitions* (`data.partitions`, fixed when the run starts and kept in its checkpoints' config): each an
+independent seeded stream of samples with its own shuffle buffer, and every step each partition gives
+global_batch / P images, so the global batch of step k is the same multiset of images on any number of
+ranks. Rank r serves partitions [r P/W, (r+1) P/W) and reads only their shards; its DataLoader workers
+split those partitions among them (each partition is read by exactly one worker), and the training
+process puts each step's chunks back in partition order. Per epoch e, partition p:
+- resampled mode (default): draws shards with replacement, seeded by (seed, e, p): an endless stream, so
+  every step takes a full chunk from every partition (uneven batches would hang DDP and cross-rank BN);
+- exact mode (data.resampled=false): the shard list is shuffled by (seed, e) and dealt to partitions;
+  every sample is seen at most once per epoch.
+Samples pass through the partition's shuffle buffer before they are decoded. A resume at step k of an
+epoch makes every partition skip k chunks of its stream, on whatever number of ranks and workers, and so
+continues the stream an uninterrupted run would have seen (for data without corrupt per-sample images:
+a skipped sample is counted when decoded, not while skipping).
 
 Images stay uint8 on the host (pinned when training on CUDA) and are normalized on the device.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import logging
 import os
 import random
@@ -38,6 +44,7 @@ from dcgan.data.base import EpochStream, check_batch_fits
 from dcgan.data.formats import MANIFEST, CorruptSample, Manifest, decode_block, decode_image, verify_checksum
 from dcgan.distributed import DistInfo
 from dcgan.errors import ShardError
+from dcgan.seeds import mix
 
 log = logging.getLogger(__name__)
 
@@ -95,40 +102,57 @@ def resolve_shards(spec: str) -> ShardSet:
 
 @dataclass(frozen=True)
 class StreamPlan:
-    """Everything a worker needs to produce its lane of an epoch (picklable, no open handles)."""
+    """Everything a worker needs to produce its partitions' chunks of an epoch (picklable, no open handles)."""
 
     urls: list[str]
     counts: list[int] | None
     seed: int
-    rank: int
-    world_size: int
+    partitions: int
+    mine: tuple[int, ...]
+    """The partitions this rank serves, in order."""
     workers: int
-    batch_size: int
-    batches_per_epoch: int
+    """Processes sharing `mine` (1 when data.workers=0: the training process reads them all)."""
+    chunk: int
+    """Images each partition gives per step: global_batch / partitions."""
+    steps_per_epoch: int
     shuffle_buffer: int
     resampled: bool
     channels: int
     resolution: int
 
-    def lane_positions(self, lane: int, start: int) -> int:
-        """How many of positions start.. in an epoch belong to lane `lane` (every W-th from lane)."""
-        first = lane if lane >= start else lane + -(-(start - lane) // self.workers) * self.workers
-        return max(0, -(-(self.batches_per_epoch - first) // self.workers))
+    def of_worker(self, worker: int) -> tuple[int, ...]:
+        """The partitions worker `worker` reads (each partition by exactly one worker)."""
+        return self.mine[worker :: self.workers]
 
-    def exact_shards(self, epoch: int) -> list[list[list[int]]]:
-        """Exact mode: shard indices per [rank][lane] for an epoch (same shuffle on every rank)."""
+    def exact_shards(self, epoch: int, partition: int) -> list[int]:
+        """Exact mode: the shard indices partition `partition` reads in `epoch` (one deal per epoch)."""
         order = list(range(len(self.urls)))
-        random.Random(_mix(self.seed, epoch, 0x5EED)).shuffle(order)
-        per_rank = [order[r :: self.world_size] for r in range(self.world_size)]
-        return [[mine[lane :: self.workers] for lane in range(self.workers)] for mine in per_rank]
+        random.Random(mix(self.seed, epoch, 0x5EED)).shuffle(order)
+        return order[partition :: self.partitions]
 
 
-def _mix(*values: int) -> int:
-    """A deterministic 63-bit seed from integers (Python's hash of ints is not salted)."""
-    seed = 0x9E3779B97F4A7C15
-    for value in values:
-        seed = (seed * 1_000_003 + value + 0x632BE5AB) & 0x7FFF_FFFF_FFFF_FFFF
-    return seed
+def resolve_partitions(config: Config, world_size: int, workers: int) -> int:
+    """data.partitions, or (0) the number chosen at a run's start: ranks x workers, fewer where that does
+    not divide the global batch. Refused in one line where the ranks cannot share them or a partition's
+    share of the global batch is not whole."""
+    global_batch = config.global_batch(world_size)
+    partitions = config.data.partitions
+    if not partitions:
+        per_rank = max(k for k in range(1, max(workers, 1) + 1) if global_batch % (world_size * k) == 0)
+        return world_size * per_rank
+    if partitions % world_size:
+        fitting = [str(n) for n in range(1, partitions + 1) if partitions % n == 0]
+        raise ConfigError(
+            f"data.partitions: the run reads its shards in {partitions} partitions (kept in its checkpoints), which "
+            f"{world_size} ranks cannot share: run on {', '.join(fitting)} rank(s), or start a new run with "
+            "data.partitions a multiple of every rank count it may run on"
+        )
+    if global_batch % partitions:
+        raise ConfigError(
+            f"data.partitions: {partitions} partitions cannot share a global batch of {global_batch} images "
+            "evenly: use a divisor of the global batch"
+        )
+    return partitions
 
 
 def _raise_naming_shard(exc: Exception) -> bool:
@@ -146,35 +170,51 @@ def _raise_naming_shard(exc: Exception) -> bool:
     ) from exc
 
 
-class LaneDataset(IterableDataset):
-    """One worker's lane of one epoch. The main process sets (epoch, start, rotation) in shared memory
-    before each epoch; persistent workers read it when their iterator is re-created."""
+Chunks = tuple[torch.Tensor, torch.Tensor, int]
+"""What a worker yields per step: its partitions' ids (k,), their chunks (k, chunk, C, H, W) uint8, and
+the samples skipped as undecodable since its previous step."""
+
+
+class PartitionDataset(IterableDataset):
+    """One worker's partitions for one epoch, a step at a time. The main process sets (epoch, start) in
+    shared memory before each epoch; persistent workers read it when their iterator is re-created."""
 
     def __init__(self, plan: StreamPlan) -> None:
         super().__init__()
         self.plan = plan
-        self.control = torch.zeros(3, dtype=torch.int64).share_memory_()  # epoch, start position, rotation
+        self.control = torch.zeros(2, dtype=torch.int64).share_memory_()  # epoch, start step
 
     def set_epoch(self, epoch: int, start: int) -> None:
-        self.control[0], self.control[1], self.control[2] = epoch, start, start % max(self.plan.workers, 1)
+        self.control[0], self.control[1] = epoch, start
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[Chunks]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        epoch, start, rotation = (int(v) for v in self.control)
-        lane = (worker + rotation) % self.plan.workers
-        count = self.plan.lane_positions(lane, start)
-        skip = self.plan.lane_positions(lane, 0) - count
-        yield from lane_batches(self.plan, epoch, lane, skip, count)
+        epoch, start = (int(v) for v in self.control)
+        partitions = self.plan.of_worker(worker) if info is not None else self.plan.mine
+        yield from worker_steps(self.plan, epoch, partitions, start)
 
 
-def _shard_stream(plan: StreamPlan, epoch: int, lane: int) -> Iterator[dict[str, str]]:
+def worker_steps(plan: StreamPlan, epoch: int, partitions: tuple[int, ...], start: int) -> Iterator[Chunks]:
+    """Steps start.. of an epoch from `partitions`: each step one chunk of every partition."""
+    bad = BadSamples()
+    streams = [partition_chunks(plan, epoch, p, start, bad) for p in partitions]
+    ids = torch.tensor(partitions, dtype=torch.int64)
+    for _ in range(start, plan.steps_per_epoch):
+        chunks = [chunk for stream in streams if (chunk := next(stream, None)) is not None]
+        if len(chunks) < len(streams):
+            return
+        yield ids, torch.from_numpy(np.stack(chunks)), bad.since_batch
+        bad.since_batch = 0
+
+
+def _shard_stream(plan: StreamPlan, epoch: int, partition: int) -> Iterator[dict[str, str]]:
     if plan.resampled:
-        rng = random.Random(_mix(plan.seed, epoch, plan.rank, lane, 1))
+        rng = random.Random(mix(plan.seed, epoch, partition, 1))
         while True:
             yield {"url": rng.choice(plan.urls)}
     else:
-        for index in plan.exact_shards(epoch)[plan.rank][lane]:
+        for index in plan.exact_shards(epoch, partition):
             yield {"url": plan.urls[index]}
 
 
@@ -277,22 +317,18 @@ def _expand(samples: Iterator[dict[str, Any]], plan: StreamPlan, bad: BadSamples
         yield (sample[ext], url)
 
 
-def lane_batches(plan: StreamPlan, epoch: int, lane: int, skip: int, count: int) -> Iterator[tuple[torch.Tensor, int]]:
-    """`count` batches of this lane after skipping `skip`, each with the number of samples skipped as
-    corrupt since the previous batch (so the main process can count them across worker processes)."""
-    bad = BadSamples()
-    items = _expand(_shard_passes(_shard_stream(plan, epoch, lane)), plan, bad)
+def partition_chunks(plan: StreamPlan, epoch: int, partition: int, skip: int, bad: BadSamples) -> Iterator[np.ndarray]:
+    """A partition's chunks of an epoch (plan.chunk images each) after skipping `skip` of them; the
+    samples it cannot decode are counted in `bad`."""
+    items = _expand(_shard_passes(_shard_stream(plan, epoch, partition)), plan, bad)
     shuffled = wds.shuffle(
-        plan.shuffle_buffer, initial=plan.shuffle_buffer, rng=random.Random(_mix(plan.seed, epoch, plan.rank, lane, 2))
+        plan.shuffle_buffer, initial=plan.shuffle_buffer, rng=random.Random(mix(plan.seed, epoch, partition, 2))
     )(items)
-    for _ in range(skip * plan.batch_size):
+    for _ in range(skip * plan.chunk):
         if next(shuffled, None) is None:
             return
-    produced = 0
-    batch: list[np.ndarray] = []
+    chunk: list[np.ndarray] = []
     for item in shuffled:
-        if produced == count:
-            return
         if isinstance(item, tuple):  # (encoded bytes, shard url): decoded after the shuffle
             try:
                 item = decode_image(item[0], plan.channels, plan.resolution)
@@ -300,12 +336,10 @@ def lane_batches(plan: StreamPlan, epoch: int, lane: int, skip: int, count: int)
                 bad.skip(str(exc), item[1])
                 continue
             bad.good()
-        batch.append(item)
-        if len(batch) == plan.batch_size:
-            yield torch.from_numpy(np.stack(batch)), bad.since_batch
-            bad.since_batch = 0
-            batch = []
-            produced += 1
+        chunk.append(item)
+        if len(chunk) == plan.chunk:
+            yield np.stack(chunk)
+            chunk = []
 
 
 class ShardSource(EpochStream):
@@ -315,52 +349,64 @@ class ShardSource(EpochStream):
         shards = resolve_shards(config.data.shards)
         self.shards = shards
         check_shape(shards, config)
-        d, batch = config.data, config.train.batch_size
-        workers = max(d.workers, 1)
-        if not d.resampled and len(shards.urls) < info.world_size * workers:
+        d = config.data
+        global_batch = config.global_batch(info.world_size)
+        partitions = resolve_partitions(config, info.world_size, d.workers)
+        per_rank = partitions // info.world_size
+        if not d.resampled and len(shards.urls) < partitions:
             raise ConfigError(
-                f"data.shards: {len(shards.urls)} shards cannot feed {info.world_size} rank(s) x {workers} worker(s) "
-                "in exact mode (data.resampled=false): write more, smaller shards (dcgan shards --shard-size), "
-                "use fewer data.workers, or set data.resampled=true"
+                f"data.shards: {len(shards.urls)} shards cannot feed {partitions} partitions in exact mode "
+                "(data.resampled=false): write more, smaller shards (dcgan shards --shard-size), use fewer "
+                "data.partitions, or set data.resampled=true"
             )
         plan = StreamPlan(
             urls=shards.urls,
             counts=shards.counts,
             seed=config.seed,
-            rank=info.rank,
-            world_size=info.world_size,
-            workers=workers,
-            batch_size=batch,
-            batches_per_epoch=0,
+            partitions=partitions,
+            mine=tuple(range(info.rank * per_rank, (info.rank + 1) * per_rank)),
+            workers=min(max(d.workers, 1), per_rank),
+            chunk=global_batch // partitions,
+            steps_per_epoch=0,
             shuffle_buffer=d.shuffle_buffer,
             resampled=d.resampled,
             channels=config.model.channels,
             resolution=config.model.resolution,
         )
-        plan = dataclasses.replace(plan, batches_per_epoch=epoch_batches(plan, d.epoch_samples))
+        plan = dataclasses.replace(plan, steps_per_epoch=epoch_steps(plan, d.epoch_samples))
         self.plan = plan
-        self.dataset = LaneDataset(plan)
-        pin = info.device.type == "cuda" if pin_memory is None else pin_memory
+        self.dataset = PartitionDataset(plan)
+        self.pin = info.device.type == "cuda" if pin_memory is None else pin_memory
+        workers = plan.workers if d.workers > 0 else 0
         self.loader = DataLoader(
             self.dataset,
             batch_size=None,
-            num_workers=d.workers,
-            pin_memory=pin,
-            persistent_workers=d.workers > 0,
-            prefetch_factor=d.prefetch if d.workers > 0 else None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            prefetch_factor=d.prefetch if workers > 0 else None,
             # forkserver: workers start from a clean process, not a fork of one that holds CUDA/NCCL
             # threads or other loaders (a forked child that garbage-collects an inherited loader
             # iterator shuts down the parent's workers).
-            multiprocessing_context="forkserver" if d.workers > 0 else None,
+            multiprocessing_context="forkserver" if workers > 0 else None,
         )
         self._skipped = 0
-        super().__init__(self._epoch, plan.batches_per_epoch)
+        super().__init__(self._epoch, plan.steps_per_epoch)
 
     def _epoch(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
+        """The rank's batches: each step one item from every worker (the DataLoader takes them in turn),
+        put back in partition order, so that neither the worker count nor the rank count reorders them."""
         self.dataset.set_epoch(epoch, start)
-        for images, bad in self.loader:
-            self._skipped += bad
-            yield images
+        items = iter(self.loader)
+        parts_per_step = max(self.loader.num_workers, 1)
+        while True:
+            parts = [item for item in itertools.islice(items, parts_per_step)]
+            if len(parts) < parts_per_step:
+                return
+            self._skipped += sum(bad for _, _, bad in parts)
+            ids = torch.cat([part_ids for part_ids, _, _ in parts])
+            chunks = torch.cat([part_chunks for _, part_chunks, _ in parts])[ids.argsort()]
+            batch = chunks.flatten(0, 1)
+            yield batch.pin_memory() if self.pin else batch
 
     @property
     def skipped_samples(self) -> int:
@@ -389,39 +435,31 @@ def check_shape(shards: ShardSet, config: Config) -> None:
         )
 
 
-def epoch_batches(plan: StreamPlan, epoch_samples: int) -> int:
-    """Batches per rank per epoch; identical on every rank, so DDP never waits on a missing batch."""
+def epoch_steps(plan: StreamPlan, epoch_samples: int) -> int:
+    """Steps per epoch: a function of the data and the global batch only, the same on every rank and
+    for any number of ranks, so DDP never waits on a missing batch and a resize keeps the epochs."""
+    global_batch = plan.chunk * plan.partitions
     if not plan.resampled:
         if plan.counts is None:
             raise ConfigError(
                 "data.resampled=false needs per-shard sample counts: point data.shards at a directory with manifest.json"
             )
-        shares = plan_exact_counts(plan)
-        return plan.workers * min(shares)
+        # the deal changes every epoch: bound each partition's share by the smallest shards it could get
+        smallest = sum(sorted(plan.counts)[: len(plan.urls) // plan.partitions])
+        check_batch_fits(
+            global_batch,
+            smallest * plan.partitions,
+            f"what the partitions surely hold in exact mode ({plan.partitions} x {smallest}, data.resampled=false)",
+        )
+        return smallest // plan.chunk
     if epoch_samples:
-        samples = epoch_samples
+        samples, holds = epoch_samples, f"data.epoch_samples ({epoch_samples})"
     elif plan.counts is not None:
-        samples = sum(plan.counts) // plan.world_size
+        samples, holds = sum(plan.counts), f"the shards ({sum(plan.counts)} images)"
     else:
         raise ConfigError("data.epoch_samples: must be > 0 when the shards have no manifest (URLs or patterns)")
-    holds = "data.epoch_samples gives" if epoch_samples else "the shards hold"
-    check_batch_fits(plan.batch_size, samples, f"{holds} {samples} per rank per epoch")
-    return samples // plan.batch_size
-
-
-def plan_exact_counts(plan: StreamPlan) -> list[int]:
-    """Exact mode: full batches each (rank, lane) can make; the smallest bounds every lane's share.
-
-    The shard deal changes every epoch, so the bound is taken over the worst case: the lanes' shard
-    counts are fixed, the shards themselves vary, so the smallest shards are assumed."""
-    assert plan.counts is not None
-    lanes = plan.world_size * plan.workers
-    per_lane = len(plan.urls) // lanes
-    smallest = sorted(plan.counts)[:per_lane]
-    check_batch_fits(
-        plan.batch_size, sum(smallest), f"one worker's share of the shards holds {sum(smallest)} (data.resampled=false)"
-    )
-    return [sum(smallest) // plan.batch_size]
+    check_batch_fits(global_batch, samples, holds)
+    return samples // global_batch
 
 
 def read_images(spec: str, resolution: int, channels: int, positions: set[int] | None = None) -> dict[int, np.ndarray]:
@@ -433,11 +471,11 @@ def read_images(spec: str, resolution: int, channels: int, positions: set[int] |
         urls=shards.urls,
         counts=shards.counts,
         seed=0,
-        rank=0,
-        world_size=1,
+        partitions=1,
+        mine=(0,),
         workers=1,
-        batch_size=1,
-        batches_per_epoch=0,
+        chunk=1,
+        steps_per_epoch=0,
         shuffle_buffer=1,
         resampled=False,
         channels=channels,
