@@ -217,7 +217,9 @@ def bench_end_to_end(
         data.close()
 
 
-def measure_loader(shards: str, workers: int, batch_size: int, batches: int, seed: int = 0) -> float:
+def measure_loader(
+    shards: str, workers: int, batch_size: int, batches: int, partitions: int = 0, seed: int = 0
+) -> float:
     """Images per second the shard loader delivers to the training device: pinned and copied to the GPU
     when there is one, as in training. A first batch is taken before timing (worker start-up)."""
     from dcgan.data.stream import ShardSource, resolve_shards
@@ -230,6 +232,7 @@ def measure_loader(shards: str, workers: int, batch_size: int, batches: int, see
         [
             f"data.shards={shards}",
             f"data.workers={workers}",
+            f"data.partitions={partitions}",
             f"train.batch_size={batch_size}",
             f"seed={seed}",
             f"model.resolution={manifest.resolution}",
@@ -247,11 +250,23 @@ def measure_loader(shards: str, workers: int, batch_size: int, batches: int, see
         source.close()
 
 
-def run_bench_data(shards: str, worker_counts: list[int], batch_size: int, batches: int) -> list[float]:
-    """Print one row per worker count: the images per second delivered to the device."""
-    print(f"{'workers':>8} {'img/s':>10}   (delivered to {pick_device('auto', 0)})")
-    rates = []
+def run_bench_data(
+    shards: str, worker_counts: list[int], batch_size: int, batches: int, per_worker: list[int]
+) -> dict[tuple[int, int], float]:
+    """Print one row per (worker count, partitions per worker): the images per second delivered to the
+    device, and the rate against one partition per worker (each worker one stream) in the same run."""
+    print(
+        f"{'workers':>8} {'partitions':>10} {'img/s':>10} {'vs 1/worker':>12}   (delivered to {pick_device('auto', 0)})"
+    )
+    rates: dict[tuple[int, int], float] = {}
     for workers in worker_counts:
-        rates.append(measure_loader(shards, workers, batch_size, batches))
-        print(f"{workers:>8} {rates[-1]:>10.0f}", flush=True)
+        for each in per_worker:
+            partitions = max(workers, 1) * each
+            if batch_size % partitions:
+                print(f"{workers:>8} {partitions:>10} {'-':>10}   (batch {batch_size} is not a multiple)", flush=True)
+                continue
+            rate = rates[workers, each] = measure_loader(shards, workers, batch_size, batches, partitions)
+            base = rates.get((workers, per_worker[0]))
+            ratio = f"{rate / base:.2f}x" if base else "-"
+            print(f"{workers:>8} {partitions:>10} {rate:>10.0f} {ratio:>12}", flush=True)
     return rates

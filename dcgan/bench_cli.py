@@ -8,7 +8,13 @@ import argparse
 def _bench_data(args: argparse.Namespace) -> int:
     from dcgan.bench import run_bench_data
 
-    run_bench_data(args.data, [int(w) for w in args.workers.split(",")], args.batch_size, args.batches)
+    run_bench_data(
+        args.data,
+        [int(w) for w in args.workers.split(",")],
+        args.batch_size,
+        args.batches,
+        [int(p) for p in args.partitions_per_worker.split(",")],
+    )
     return 0
 
 
@@ -29,6 +35,11 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     data.add_argument("--workers", default="0,1,2,4", help="comma-separated worker counts")
     data.add_argument("--batch-size", type=int, default=128, help="images per batch")
     data.add_argument("--batches", type=int, default=50, help="timed batches per worker count")
+    data.add_argument(
+        "--partitions-per-worker",
+        default="1,4",
+        help="comma-separated data.partitions per worker to time (the first is the baseline of the ratio column)",
+    )
     data.set_defaults(func=_bench_data)
 
     step = bench.add_parser(

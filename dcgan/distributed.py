@@ -76,6 +76,12 @@ def _env_int(name: str, default: int) -> int:
     return default if value in (None, "") else int(value)
 
 
+def launched_world_size() -> int:
+    """The number of ranks the launcher started (torchrun, srun via submitit), known before any rendezvous:
+    what a config is checked against before the process group exists."""
+    return _env_int("WORLD_SIZE", 1)
+
+
 def pick_device(preference: str, local_rank: int) -> torch.device:
     """CUDA device for this local rank; cuda:0 when CUDA_VISIBLE_DEVICES already narrows us to one GPU."""
     use_cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
@@ -129,7 +135,7 @@ def init_distributed(
             f"RANK={os.environ['RANK']} is set but WORLD_SIZE is not: start the ranks with torchrun or srun"
         )
     check_elastic_restarts()
-    world_size = _env_int("WORLD_SIZE", 1)
+    world_size = launched_world_size()
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     device = pick_device(device_preference, local_rank)

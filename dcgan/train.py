@@ -37,6 +37,7 @@ from dcgan.distributed import (
     destroy_distributed,
     explain_failure,
     init_distributed,
+    launched_world_size,
     log_batchnorm_mode,
     replicas_agree,
     sync_buffers,
@@ -428,6 +429,7 @@ def log_start(trainer: Trainer) -> None:
 
 def train(config: Config) -> int:
     """Entry point of `dcgan train`: returns the process exit status."""
+    config.batch_per_rank(launched_world_size())  # a global batch the ranks cannot share: before any work
     info = init_distributed(
         config.train.device, config.dist.timeout_s, force=config.dist.force, liveness_s=config.dist.liveness_s
     )

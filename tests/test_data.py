@@ -332,14 +332,18 @@ def test_training_from_shards_through_the_cli(digits_shards: Path, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_bench_data_prints_a_table(digits_shards: Path) -> None:
+def test_bench_data_prints_a_table_with_several_partitions_per_worker_against_one(digits_shards: Path) -> None:
     out = run_in_process(
         "bench", "data", str(digits_shards), "--workers", "0,1", "--batches", "5", "--batch-size", "16"
     ).stdout
     header, *lines = out.splitlines()
-    assert header.split()[:2] == ["workers", "img/s"] and "delivered to cpu" in header
+    assert header.split()[:4] == ["workers", "partitions", "img/s", "vs"] and "delivered to cpu" in header
     rows = [line.split() for line in lines]
-    assert [r[0] for r in rows] == ["0", "1"] and all(float(r[1]) > 0 for r in rows)
+    assert [(r[0], r[1]) for r in rows] == [("0", "1"), ("0", "4"), ("1", "1"), ("1", "4")]
+    assert all(float(r[2]) > 0 for r in rows)
+    assert [r[3] for r in rows[::2]] == ["1.00x", "1.00x"]
+    for baseline, several in (rows[0:2], rows[2:4]):
+        assert float(several[3].rstrip("x")) == pytest.approx(float(several[2]) / float(baseline[2]), abs=0.011)
 
 
 def damage_tar_header(shard: Path, member_index: int) -> int:
