@@ -4,7 +4,7 @@ Layout: RUN_DIR/checkpoints/step_000001000/ holds DCP's files; the checkpoint is
 DCP's `.metadata` file exists (written last, by the coordinator, after every rank's data is on disk).
 Incomplete directories are never loaded and are removed at the next start. Replicated state (DDP
 models, optimizers) is deduplicated by DCP, so each rank writes a share and any number of ranks can
-load it back; per-rank values (noise RNG) are keyed by rank.
+load it back; nothing in it is per rank (the data order and the noise are functions of the step).
 """
 
 from __future__ import annotations

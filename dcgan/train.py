@@ -3,7 +3,7 @@
 One code path for one CPU process, one GPU, `torchrun --nproc_per_node=8` and SLURM/submitit: the
 process group (if any) comes from the environment. Everything a resume needs lives in one state dict
 saved through DCP (its parts are named in dcgan.schema): models, optimizers, GradScaler, step, data
-position, per-rank noise RNG, fixed noise, the tracker's run id and the config. The pieces live with
+position, the run's world size and global batch, fixed noise, the tracker's run id and the config. The pieces live with
 their owners: the step in `step`, metric windows in `tracking`, evaluation in `evaluate`, the run
 directory in `rundir`, stop signals in `preemption`; this module says when each one runs.
 """

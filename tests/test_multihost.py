@@ -214,7 +214,7 @@ def test_a_lost_host_ends_the_survivor_in_one_line_and_elastic_torchrun_resumes_
     assert "Traceback" not in log  # the worker's one line, and torchrun recovered without a summary
     resumed = int(re.search(rf"resumed from {run / 'checkpoints'}/step_(\d+)", log).group(1))
     assert resumed >= kept[-1]  # the newest complete checkpoint at the fault, or one completed just after
-    assert "the global batch changed on resume: 32 (2 rank(s) x 16) when checkpointed, 16 (1 x 16) now" in log
+    assert "the global batch changed on resume: 32 on 2 rank(s) when checkpointed, 16 on 1 now" in log
     assert completed_steps(run)[-1] == 60
     assert two_hosts.pids("hostb") == []
     print(f"lost host: survivor's line {ended_s:.1f} s after the fault")

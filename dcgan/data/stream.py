@@ -196,15 +196,21 @@ class PartitionDataset(IterableDataset):
 
 
 def worker_steps(plan: StreamPlan, epoch: int, partitions: tuple[int, ...], start: int) -> Iterator[Chunks]:
-    """Steps start.. of an epoch from `partitions`: each step one chunk of every partition."""
+    """Steps start.. of an epoch from `partitions`: each step one chunk of every partition, written
+    straight into the step's array (the images are copied once)."""
     bad = BadSamples()
     streams = [partition_chunks(plan, epoch, p, start, bad) for p in partitions]
     ids = torch.tensor(partitions, dtype=torch.int64)
+    shape = (len(partitions), plan.chunk, plan.channels, plan.resolution, plan.resolution)
     for _ in range(start, plan.steps_per_epoch):
-        chunks = [chunk for stream in streams if (chunk := next(stream, None)) is not None]
-        if len(chunks) < len(streams):
-            return
-        yield ids, torch.from_numpy(np.stack(chunks)), bad.since_batch
+        step = np.empty(shape, dtype=np.uint8)
+        for slot, stream in enumerate(streams):
+            chunk = next(stream, None)
+            if chunk is None:
+                return
+            for index, image in enumerate(chunk):
+                step[slot, index] = image
+        yield ids, torch.from_numpy(step), bad.since_batch
         bad.since_batch = 0
 
 
@@ -219,23 +225,23 @@ def _shard_stream(plan: StreamPlan, epoch: int, partition: int) -> Iterator[dict
 
 
 CONSECUTIVE_BAD_LIMIT = 200
-"""Undecodable samples (or blocks) in a row after which a lane stops the run: shards of another shape
+"""Undecodable samples (or blocks) in a row after which a partition stops the run: shards of another shape
 or wholly damaged ones would otherwise be skipped forever without a step ever completing."""
 
 WARNED_BAD_BLOCKS = 5
-"""Corrupt blocks a lane names in the log; the rest are only counted (skipped_samples)."""
+"""Corrupt blocks a worker names in the log; the rest are only counted (skipped_samples)."""
 
 
 @dataclass
 class BadSamples:
-    """A lane's undecodable samples: counted for stats.jsonl, bounded when they come in a row."""
+    """A worker's undecodable samples: counted for stats.jsonl, bounded when they come in a row."""
 
     since_batch: int = 0
     in_a_row: int = 0
     warned: int = 0
 
     def warn(self, message: str, *args: object) -> None:
-        """Log the first WARNED_BAD_BLOCKS problems of a lane; the rest are only counted."""
+        """Log the first WARNED_BAD_BLOCKS problems of a worker; the rest are only counted."""
         if self.warned < WARNED_BAD_BLOCKS:
             self.warned += 1
             log.warning(message, *args)
@@ -317,7 +323,9 @@ def _expand(samples: Iterator[dict[str, Any]], plan: StreamPlan, bad: BadSamples
         yield (sample[ext], url)
 
 
-def partition_chunks(plan: StreamPlan, epoch: int, partition: int, skip: int, bad: BadSamples) -> Iterator[np.ndarray]:
+def partition_chunks(
+    plan: StreamPlan, epoch: int, partition: int, skip: int, bad: BadSamples
+) -> Iterator[list[np.ndarray]]:
     """A partition's chunks of an epoch (plan.chunk images each) after skipping `skip` of them; the
     samples it cannot decode are counted in `bad`."""
     items = _expand(_shard_passes(_shard_stream(plan, epoch, partition)), plan, bad)
@@ -338,7 +346,7 @@ def partition_chunks(plan: StreamPlan, epoch: int, partition: int, skip: int, ba
             bad.good()
         chunk.append(item)
         if len(chunk) == plan.chunk:
-            yield np.stack(chunk)
+            yield chunk
             chunk = []
 
 
@@ -394,19 +402,27 @@ class ShardSource(EpochStream):
 
     def _epoch(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
         """The rank's batches: each step one item from every worker (the DataLoader takes them in turn),
-        put back in partition order, so that neither the worker count nor the rank count reorders them."""
+        put in partition order, so that neither the worker count nor the rank count reorders them."""
         self.dataset.set_epoch(epoch, start)
         items = iter(self.loader)
         parts_per_step = max(self.loader.num_workers, 1)
         while True:
-            parts = [item for item in itertools.islice(items, parts_per_step)]
+            parts = list(itertools.islice(items, parts_per_step))
             if len(parts) < parts_per_step:
                 return
             self._skipped += sum(bad for _, _, bad in parts)
-            ids = torch.cat([part_ids for part_ids, _, _ in parts])
-            chunks = torch.cat([part_chunks for _, part_chunks, _ in parts])[ids.argsort()]
-            batch = chunks.flatten(0, 1)
-            yield batch.pin_memory() if self.pin else batch
+            yield self._in_partition_order(parts)
+
+    def _in_partition_order(self, parts: list[Chunks]) -> torch.Tensor:
+        """One worker's step is already a batch (a view, no copy); several are copied once into place."""
+        if len(parts) == 1:
+            batch = parts[0][1].flatten(0, 1)
+            return batch.pin_memory() if self.pin else batch
+        first = self.plan.mine[0]
+        chunks = torch.empty((len(self.plan.mine), *parts[0][1].shape[1:]), dtype=torch.uint8, pin_memory=self.pin)
+        for ids, part_chunks, _ in parts:
+            chunks[ids - first] = part_chunks
+        return chunks.flatten(0, 1)
 
     @property
     def skipped_samples(self) -> int:
