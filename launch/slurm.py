@@ -222,13 +222,25 @@ def executor_parameters(res: Resources, name: str) -> dict[str, Any]:
     if not res.local:
         params["slurm_signal_delay_s"] = res.signal_delay_s
         if res.most_nodes != res.nodes:
-            # submitit types `nodes` as an int (it multiplies it into its task count), so the range goes into
-            # the script's own line; `nodes` stays MIN for submitit's bookkeeping, the job reads SLURM's variables
-            params["slurm_additional_parameters"] = {"nodes": res.node_spec}
+            params.update(node_range_parameters(res))
         for key in ("partition", "account", "qos", "constraint"):
             if getattr(res, key):
                 params[f"slurm_{key}"] = getattr(res, key)
     return params
+
+
+def node_range_parameters(res: Resources) -> dict[str, Any]:
+    """A --nodes MIN-MAX job, in submitit's terms. submitit types `nodes` as an int (it multiplies it into
+    its task count), so the range goes into the script's own line, `nodes` staying MIN for submitit's
+    bookkeeping. And sbatch must not see --ntasks-per-node: SLURM then counts MIN x tasks tasks and gives
+    the job MIN nodes however many are idle. So sbatch asks one task of all the node's CPUs per node (which
+    lets SLURM give as many nodes of the range as it has), and srun splits each node into the tasks."""
+    return {
+        "slurm_additional_parameters": {"nodes": res.node_spec},
+        "tasks_per_node": None,
+        "cpus_per_task": res.cpus_per_task * res.tasks,
+        "slurm_srun_args": [f"--ntasks-per-node={res.tasks}", f"--cpus-per-task={res.cpus_per_task}"],
+    }
 
 
 def make_executor(res: Resources, folder: Path, name: str, max_requeues: int = 20) -> submitit.AutoExecutor:
