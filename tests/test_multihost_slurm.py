@@ -346,3 +346,29 @@ def test_submitit_job_of_two_nodes_runs_one_task_on_each_host(cluster: Cluster, 
     assert "2 rank(s) on cpu" in (logs / f"{job}_0_log.err").read_text()
     assert completed_steps(run) == [10, 20] and checkpoint_complete(run, 20)
     assert [row["global_batch"] for row in read_stats(run)] == [32] * 4
+
+
+def test_submitit_job_of_one_to_two_nodes_gets_both_idle_hosts(cluster: Cluster, tmp_path: Path) -> None:
+    """`launch.slurm --nodes 1-2` on two idle hosts runs on both (SLURM sizes a job with --ntasks-per-node
+    on its sbatch line for MIN nodes: the script must not carry it), each rank on half the global batch."""
+    run = tmp_path / "run"
+    argv = ["configs/tiny.yaml", f"run.dir={run}", "train.steps=10", "train.global_batch=16", "log.wandb=disabled"]
+    argv += ["--nodes", "1-2", "--cpus-per-task", "1", "--mem-gb", "2", "--time", "5"]
+    submitted = subprocess.run(
+        [sys.executable, "-m", "launch.slurm", *argv],
+        cwd=ROOT,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    assert "warning" not in submitted.stderr, submitted.stderr  # a fixed global batch: nothing to warn about
+    job = re.search(r"^job (\d+)$", submitted.stdout, re.M).group(1)
+    cluster.wait_until_gone(job, timeout=120)
+
+    fields = cluster.job_fields(job)
+    assert (fields["JobState"], fields["ExitCode"], fields["NodeList"]) == ("COMPLETED", "0:0", "node[1-2]"), fields
+    logs = run / "slurm_logs" / job
+    assert "2 rank(s) on cpu, batch 8 per rank (global 16)" in (logs / f"{job}_0_log.err").read_text()
+    assert (logs / f"{job}_1_log.out").exists() and completed_steps(run) == [10]
