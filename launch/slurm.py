@@ -2,6 +2,7 @@
 
     python -m launch.slurm configs/celeba64.yaml data.shards=shards/celeba64 --nodes 2 --gpus-per-node 8 --time 1440
     python -m launch.slurm configs/digits.yaml --tasks-per-node 2 --cpus-per-task 1   # a CPU cluster
+    python -m launch.slurm configs/celeba64.yaml train.global_batch=1024 --nodes 2-4 --gpus-per-node 8  # any 2 to 4 nodes
     python -m launch.slurm configs/tiny.yaml --local            # submitit's local executor, no SLURM
     python -m launch.slurm configs/digits.yaml --sweep optim.lr=1e-4,2e-4 seed=0,1,2   # one job array
 
@@ -11,6 +12,11 @@ SLURM sends the tasks USR2 (and at preemption where the cluster sets PreemptPara
 the training loop notices at the next step agreement, every rank agrees, a checkpoint is written
 collectively, and rank 0 hands over to submitit's own USR2 handler, which requeues the job. The requeued job resumes from that checkpoint (same run directory). SIGTERM alone
 (`scancel JOB`) checkpoints and ends the job for good, as submitit itself treats it.
+
+`--nodes MIN-MAX` lets SLURM start (and start again after a requeue) the job on any number of nodes in the
+range; each attempt learns its world size from SLURM's variables. With train.global_batch set, every
+attempt trains on the same images per step, so a requeue onto fewer nodes continues the same trajectory;
+with train.global_batch=0 the global batch is train.batch_size x ranks and changes with the node count.
 """
 
 from __future__ import annotations
@@ -129,6 +135,9 @@ def hand_over_to_submitit(rank: int) -> None:
 @dataclass(frozen=True)
 class Resources:
     nodes: int = 1
+    """The fewest nodes the job may run on; the most, too, unless max_nodes is set."""
+    max_nodes: int = 0
+    """With --nodes MIN-MAX: MAX (SLURM starts each attempt on what it has between the two); 0 = nodes."""
     gpus_per_node: int = 0
     tasks_per_node: int | None = None
     cpus_per_task: int = 4
@@ -145,11 +154,45 @@ class Resources:
     def tasks(self) -> int:
         return self.tasks_per_node or max(self.gpus_per_node, 1)
 
+    @property
+    def most_nodes(self) -> int:
+        return self.max_nodes or self.nodes
+
+    @property
+    def node_spec(self) -> str:
+        """SLURM's --nodes value: `N`, or `MIN-MAX` for a range."""
+        return str(self.nodes) if self.most_nodes == self.nodes else f"{self.nodes}-{self.most_nodes}"
+
+    def world_sizes(self) -> range:
+        """Every world size an attempt of the job may get: tasks per node x each node count of the range."""
+        return range(self.nodes * self.tasks, self.most_nodes * self.tasks + 1, self.tasks)
+
+
+def parse_nodes(text: str) -> tuple[int, int]:
+    """`--nodes N` or SLURM's `MIN-MAX` -> (MIN, MAX); MAX is 0 for a plain N. Bad values are refused
+    in one line (exit 2) before anything else is checked."""
+    low, sep, high = text.partition("-")
+    try:
+        first, last = int(low), int(high) if sep else 0
+    except ValueError:
+        raise ConfigError(f"--nodes {text}: write N or MIN-MAX, e.g. 2 or 1-4") from None
+    if first < 1 or (sep and last < first):
+        raise ConfigError(f"--nodes {text}: needs N >= 1, or 1 <= MIN <= MAX, e.g. 2 or 1-4")
+    return first, last
+
 
 def validate(res: Resources) -> None:
     """Options that cannot work together fail here, with one line, before anything is submitted."""
-    if res.nodes < 1 or res.gpus_per_node < 0 or res.cpus_per_task < 1 or res.time_min < 1:
-        raise ConfigError("--nodes, --cpus-per-task and --time must be >= 1, --gpus-per-node >= 0")
+    if (
+        res.nodes < 1
+        or res.most_nodes < res.nodes
+        or res.gpus_per_node < 0
+        or res.cpus_per_task < 1
+        or res.time_min < 1
+    ):
+        raise ConfigError(
+            "--nodes (MIN-MAX: 1 <= MIN <= MAX), --cpus-per-task and --time must be >= 1, --gpus-per-node >= 0"
+        )
     if res.gpus_per_node and res.tasks_per_node not in (None, res.gpus_per_node):
         raise ConfigError(
             f"--tasks-per-node {res.tasks_per_node} with --gpus-per-node {res.gpus_per_node}: "
@@ -157,7 +200,7 @@ def validate(res: Resources) -> None:
         )
     if res.signal_delay_s >= res.time_min * 60:
         raise ConfigError(f"--signal-delay {res.signal_delay_s}s is not shorter than --time {res.time_min} min")
-    if res.local and res.nodes > 1:
+    if res.local and res.most_nodes > 1:
         raise ConfigError("--local runs on this machine only: it cannot use --nodes > 1")
     if res.local and (res.partition or res.account or res.qos or res.constraint):
         raise ConfigError("--local takes no --partition/--account/--qos/--constraint (those are SLURM's)")
@@ -178,10 +221,26 @@ def executor_parameters(res: Resources, name: str) -> dict[str, Any]:
         params["mem_gb"] = res.mem_gb
     if not res.local:
         params["slurm_signal_delay_s"] = res.signal_delay_s
+        if res.most_nodes != res.nodes:
+            params.update(node_range_parameters(res))
         for key in ("partition", "account", "qos", "constraint"):
             if getattr(res, key):
                 params[f"slurm_{key}"] = getattr(res, key)
     return params
+
+
+def node_range_parameters(res: Resources) -> dict[str, Any]:
+    """A --nodes MIN-MAX job, in submitit's terms. submitit types `nodes` as an int (it multiplies it into
+    its task count), so the range goes into the script's own line, `nodes` staying MIN for submitit's
+    bookkeeping. And sbatch must not see --ntasks-per-node: SLURM then counts MIN x tasks tasks and gives
+    the job MIN nodes however many are idle. So sbatch asks one task of all the node's CPUs per node (which
+    lets SLURM give as many nodes of the range as it has), and srun splits each node into the tasks."""
+    return {
+        "slurm_additional_parameters": {"nodes": res.node_spec},
+        "tasks_per_node": None,
+        "cpus_per_task": res.cpus_per_task * res.tasks,
+        "slurm_srun_args": [f"--ntasks-per-node={res.tasks}", f"--cpus-per-task={res.cpus_per_task}"],
+    }
 
 
 def make_executor(res: Resources, folder: Path, name: str, max_requeues: int = 20) -> submitit.AutoExecutor:
@@ -228,7 +287,7 @@ def check_with_slurm(res: Resources, folder: Path, name: str) -> None:
     answer = ask_slurm(res, folder, name)
     if answer is not None and not answer[0]:
         raise ConfigError(
-            f"SLURM refuses this request ({res.nodes} node(s) x {res.tasks} task(s) x {res.cpus_per_task} CPU(s), "
+            f"SLURM refuses this request ({res.node_spec} node(s) x {res.tasks} task(s) x {res.cpus_per_task} CPU(s), "
             f"{res.gpus_per_node} GPU(s) a node): {answer[1]}"
         )
 
@@ -239,8 +298,37 @@ def checked_config(config: str, overrides: list[str], res: Resources) -> Config:
     run_config = load_config(config, overrides)
     if res.gpus_per_node == 0 and run_config.train.device == "cuda":
         raise ConfigError("train.device=cuda needs --gpus-per-node >= 1")
+    for world_size in res.world_sizes():  # a fixed global batch must split over every node count SLURM may give
+        try:
+            run_config.batch_per_rank(world_size)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"--nodes {res.node_spec} x {res.tasks} task(s) may give world size {world_size}: {exc}"
+            ) from None
     check_shards_visible(run_config.data.shards)
+    warn_about_node_range(run_config, res)
     return run_config
+
+
+def node_range_warning(run_config: Config, res: Resources) -> str | None:
+    """With a node range and train.global_batch=0, the global batch is train.batch_size x ranks: an
+    attempt requeued onto fewer nodes trains on fewer images a step, with an lr chosen for more, and does
+    not continue the same trajectory. Said, not refused: a user may want exactly that."""
+    if res.most_nodes == res.nodes or run_config.train.global_batch:
+        return None
+    low, high = res.world_sizes()[0], res.world_sizes()[-1]
+    b = run_config.train.batch_size
+    return (
+        f"--nodes {res.node_spec} with train.global_batch=0: the global batch will be {b} x ranks, "
+        f"{b * low} to {b * high} depending on the nodes SLURM gives each attempt; for the same trajectory on any "
+        f"of them set train.global_batch (e.g. train.global_batch={b * high})"
+    )
+
+
+def warn_about_node_range(run_config: Config, res: Resources) -> None:
+    """node_range_warning on stderr, where a submitting user sees it beside the job id."""
+    if warning := node_range_warning(run_config, res):
+        print(f"launch.slurm: warning: {warning}", file=sys.stderr)
 
 
 def log_folder(folder: Path | None, run_config: Config) -> Path:
@@ -341,7 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m launch.slurm", description=__doc__)
     parser.add_argument("config", help="YAML config, e.g. configs/celeba64.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.dir=runs/x")
-    parser.add_argument("--nodes", type=int, default=1, help="nodes of the allocation")
+    parser.add_argument(
+        "--nodes",
+        default="1",
+        metavar="N|MIN-MAX",
+        help="nodes of the allocation, or a range (SLURM's MIN-MAX): each attempt, a requeued one too, runs on the "
+        "nodes SLURM gives it; with a range set train.global_batch, else the global batch depends on the node count",
+    )
     parser.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU (0 = CPU job)")
     parser.add_argument(
         "--tasks-per-node", type=int, default=None, help="CPU jobs: processes per node (default: 1, or one per GPU)"
@@ -412,6 +506,17 @@ def dry_run(config: str, overrides: list[str], res: Resources, folder: Path | No
     folder = log_folder(folder, run_config)
     answer = ask_slurm(res, folder, f"dcgan-{Path(run_config.run.dir).name}")
     report = describe(run_config, res.nodes * res.tasks)
+    if res.most_nodes != res.nodes:
+        sizes = ", ".join(str(w) for w in res.world_sizes())
+        report += (
+            f"\n--nodes {res.node_spec}: the plan above is for the fewest ({res.nodes} node(s), world size "
+            f"{res.nodes * res.tasks}); an attempt may get any of world sizes {sizes}, global batch "
+            + (
+                f"{run_config.train.global_batch} on each"
+                if run_config.train.global_batch
+                else ", ".join(str(run_config.global_batch(w)) for w in res.world_sizes())
+            )
+        )
     if answer is not None:
         report += f"\nSLURM (sbatch --test-only): {'accepts' if answer[0] else 'REFUSES'}: {answer[1]}"
     if res.local:
@@ -421,8 +526,14 @@ def dry_run(config: str, overrides: list[str], res: Resources, folder: Path | No
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # overrides may follow an option
+    try:
+        nodes, max_nodes = parse_nodes(args.nodes)
+    except ConfigError as exc:
+        print(f"launch.slurm: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     res = Resources(
-        nodes=args.nodes,
+        nodes=nodes,
+        max_nodes=max_nodes,
         gpus_per_node=args.gpus_per_node,
         tasks_per_node=args.tasks_per_node,
         cpus_per_task=args.cpus_per_task,

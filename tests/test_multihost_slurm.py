@@ -1,7 +1,8 @@
 """SLURM across hosts: a real 2-node cluster on emulated hosts (network namespaces, tests/hosts.py), one
 slurmd per host and slurmctld on the bridge (slurm/local-cluster/start-multinode.sh), running the
 project's 2-node jobs as users submit them: `sbatch --nodes=2 slurm/train.sbatch` (srun + torchrun, c10d
-rendezvous on the first node, gloo between the hosts), its requeue after USR1, and
+rendezvous on the first node, gloo between the hosts), its requeue after USR1, a job of `--nodes=1-2`
+requeued onto the one node left after the other is drained (the same trajectory as a 1-rank run), and
 `python -m launch.slurm --nodes 2` (submitit: srun starts one training process per node)."""
 
 from __future__ import annotations
@@ -14,12 +15,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, checkpoint_complete, completed_steps, read_stats, subprocess_env
+import torch
+from helpers import (
+    ROOT,
+    checkpoint_complete,
+    completed_steps,
+    flatten,
+    load_checkpoint_tensors,
+    read_stats,
+    subprocess_env,
+)
 from hosts import EmulatedHosts, missing_requirements
 
 LOCAL_CLUSTER = ROOT / "slurm" / "local-cluster"
@@ -140,13 +150,13 @@ def cluster() -> Iterator[Cluster]:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def sbatch(cluster: Cluster, out: Path, *args: str) -> str:
-    """slurm/train.sbatch on 2 nodes x 1 process, as a user submits it on a CPU cluster."""
+def sbatch(cluster: Cluster, out: Path, *args: str, nodes: str = "2") -> str:
+    """slurm/train.sbatch on `nodes` nodes (N or MIN-MAX) x 1 process, as a user submits it on a CPU cluster."""
     return cluster.slurm(
         "sbatch",
         "--parsable",
         f"--chdir={ROOT}",
-        "--nodes=2",
+        f"--nodes={nodes}",
         "--gres=none",
         "--cpus-per-task=1",
         "--mem=2G",
@@ -208,6 +218,92 @@ def test_sbatch_job_trains_across_two_hosts_and_resumes_on_both_after_a_requeue(
     assert any(row["step"] > stopped for row in stats) and not cluster.ranks_by_host()
 
 
+@pytest.fixture
+def drain(cluster: Cluster) -> Iterator[Callable[[str], None]]:
+    """Drain a node of the cluster (as an admin does with a failing one: its jobs run on, nothing new
+    starts there); every node drained here is returned to service afterwards, whatever happened."""
+    drained: list[str] = []
+
+    def drain_node(name: str) -> None:
+        drained.append(name)
+        cluster.slurm("scontrol", "update", f"nodename={name}", "state=drain", "reason=test")
+
+    yield drain_node
+    for name in drained:
+        cluster.slurm("scontrol", "update", f"nodename={name}", "state=resume", check=False)
+
+
+def wait_for_checkpoint_on_both_hosts(cluster: Cluster, job: str, run: Path, step: int, out: Path) -> None:
+    """Until the checkpoint of `step` is complete with a training rank seen on each host (ranks 0 and 1)."""
+    ranks: dict[str, set[int]] = {}
+    deadline = time.monotonic() + 120
+    while not (checkpoint_complete(run, step) and len(ranks) == 2):
+        for host, seen in cluster.ranks_by_host().items():
+            ranks.setdefault(host, set()).update(seen)
+        log = out.read_text() if out.exists() else ""
+        assert cluster.in_queue(job), f"job {job} ended before its checkpoint of step {step}:\n{log}"
+        assert time.monotonic() < deadline, f"no checkpoint of step {step} with ranks on both hosts ({ranks}):\n{log}"
+        time.sleep(0.2)
+    assert sorted(ranks) == list(NAMES) and sorted(r for seen in ranks.values() for r in seen) == [0, 1], ranks
+
+
+def max_relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| over one tensor: the error in units of the tensor's own scale."""
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
+
+
+def test_job_of_one_to_two_nodes_requeued_onto_one_node_continues_the_same_trajectory(
+    cluster: Cluster, drain: Callable[[str], None], tmp_path: Path
+) -> None:
+    """`sbatch --nodes=1-2` starts on both hosts; node2 is drained and the job requeued (USR1, as before a
+    time limit): the next attempt gets node1 alone, resumes the 2-rank checkpoint on 1 rank and ends with
+    the weights of a 1-rank run of the same config (train.global_batch fixes the images per step; the
+    data order and noise are functions of the step)."""
+    steps, every = 40, 10
+    common = ["configs/tiny.yaml", f"train.steps={steps}", f"checkpoint.every={every}", "train.global_batch=16"]
+    run, out = tmp_path / "run", tmp_path / "out.txt"
+    job = sbatch(cluster, out, *common[1:], f"run.dir={run}", nodes="1-2")
+    wait_for_checkpoint_on_both_hosts(cluster, job, run, every, out)
+
+    drain("node2")
+    cluster.slurm("scancel", "--signal=USR1", "--batch", job)
+    cluster.wait_until_gone(job, timeout=180, log=out)
+
+    text = out.read_text()
+    fields = cluster.job_fields(job)
+    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "1"), (
+        f"{fields}\n{text}"
+    )
+    assert fields["NodeList"] == "node1", fields
+    assert f"job {job} restart 0: 2 node(s) x 1 process(es), rendezvous node1:" in text, text
+    assert f"job {job} restart 1: 1 node(s) x 1 process(es), rendezvous node1:" in text, text
+    assert "2 rank(s) on cpu, batch 8 per rank (global 16)" in text, text
+    assert "1 rank(s) on cpu, batch 16 per rank (global 16)" in text, text
+    stopped = int(re.search(r"stop signal received: checkpointing step (\d+)", text).group(1))
+    assert every <= stopped < steps, text
+    assert f"resumed from {run / 'checkpoints'}/step_{stopped:09d} at step {stopped}" in text, text
+    assert "resized from 2 to 1 ranks: same global batch (16), same data order and noise, the same trajectory" in text
+    assert completed_steps(run)[-1] == steps
+    stats = read_stats(run)
+    assert all(row["global_batch"] == 16 and row["images_seen"] == row["step"] * 16 for row in stats)
+
+    from dcgan.config import load_config
+    from dcgan.train import train
+
+    reference = tmp_path / "reference"
+    assert train(load_config(str(ROOT / common[0]), [*common[1:], f"run.dir={reference}"])) == 0
+    final = f"checkpoints/step_{steps:09d}"
+    resized = flatten(load_checkpoint_tensors(run / final)["model"])
+    straight = flatten(load_checkpoint_tensors(reference / final)["model"])
+    assert sorted(resized) == sorted(straight)
+    worst = max(max_relative_difference(resized[k], straight[k]) for k in straight if straight[k].is_floating_point())
+    print(f"resized vs 1-rank run at step {steps}: max relative difference {worst:.3g}")
+    for key, weights in straight.items():
+        assert torch.allclose(resized[key], weights, rtol=1e-4, atol=1e-5), (
+            f"{key}: max relative difference {max_relative_difference(resized[key], weights):.3g}"
+        )
+
+
 def test_submitit_job_of_two_nodes_runs_one_task_on_each_host(cluster: Cluster, tmp_path: Path) -> None:
     run = tmp_path / "run"
     submitted = subprocess.run(
@@ -250,3 +346,29 @@ def test_submitit_job_of_two_nodes_runs_one_task_on_each_host(cluster: Cluster, 
     assert "2 rank(s) on cpu" in (logs / f"{job}_0_log.err").read_text()
     assert completed_steps(run) == [10, 20] and checkpoint_complete(run, 20)
     assert [row["global_batch"] for row in read_stats(run)] == [32] * 4
+
+
+def test_submitit_job_of_one_to_two_nodes_gets_both_idle_hosts(cluster: Cluster, tmp_path: Path) -> None:
+    """`launch.slurm --nodes 1-2` on two idle hosts runs on both (SLURM sizes a job with --ntasks-per-node
+    on its sbatch line for MIN nodes: the script must not carry it), each rank on half the global batch."""
+    run = tmp_path / "run"
+    argv = ["configs/tiny.yaml", f"run.dir={run}", "train.steps=10", "train.global_batch=16", "log.wandb=disabled"]
+    argv += ["--nodes", "1-2", "--cpus-per-task", "1", "--mem-gb", "2", "--time", "5"]
+    submitted = subprocess.run(
+        [sys.executable, "-m", "launch.slurm", *argv],
+        cwd=ROOT,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    assert "warning" not in submitted.stderr, submitted.stderr  # a fixed global batch: nothing to warn about
+    job = re.search(r"^job (\d+)$", submitted.stdout, re.M).group(1)
+    cluster.wait_until_gone(job, timeout=120)
+
+    fields = cluster.job_fields(job)
+    assert (fields["JobState"], fields["ExitCode"], fields["NodeList"]) == ("COMPLETED", "0:0", "node[1-2]"), fields
+    logs = run / "slurm_logs" / job
+    assert "2 rank(s) on cpu, batch 8 per rank (global 16)" in (logs / f"{job}_0_log.err").read_text()
+    assert (logs / f"{job}_1_log.out").exists() and completed_steps(run) == [10]
