@@ -217,6 +217,13 @@ def bench_end_to_end(
         data.close()
 
 
+def delivered(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch as training receives it: on the device, every byte read once. On a GPU the copy reads it;
+    on the CPU `.to` is a no-op, so the batch is copied, as the step's normalization reads it (a batch
+    left unread in a worker's shared memory costs its page faults to whoever reads it first)."""
+    return batch.to(device, non_blocking=True) if device.type == "cuda" else batch.clone()
+
+
 def measure_loader(
     shards: str, workers: int, batch_size: int, batches: int, partitions: int = 0, seed: int = 0
 ) -> float:
@@ -244,7 +251,7 @@ def measure_loader(
     source = ShardSource(config, DistInfo.single(device))
     try:
         stream = iter(source)
-        elapsed = timed_seconds(lambda: next(stream).to(device, non_blocking=True), 1, batches, device)
+        elapsed = timed_seconds(lambda: delivered(next(stream), device), 1, batches, device)
         return batches * batch_size / elapsed
     finally:
         source.close()

@@ -248,3 +248,24 @@ def test_both_launchers_rendezvous_on_a_new_port_per_requeue_below_the_ephemeral
         assert int(shell.stdout) == port
         assert 20000 <= port < 32768
         assert rendezvous_port(job_id, restart + 1) != port
+
+
+def test_a_node_range_is_one_line_when_malformed_or_when_a_node_count_cannot_share_the_global_batch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = f"run.dir={tmp_path / 'run'}"
+    assert slurm_main([str(TINY), run, "--nodes", "2-1", "--dry-run"]) == 2
+    assert (
+        capsys.readouterr().err == "launch.slurm: error: --nodes 2-1: needs N >= 1, or 1 <= MIN <= MAX, e.g. 2 or 1-4\n"
+    )
+    assert slurm_main([str(TINY), run, "train.global_batch=16", "--nodes", "1-3", "--dry-run"]) == 2
+    assert capsys.readouterr().err == (
+        "launch.slurm: error: --nodes 1-3 x 1 task(s) may give world size 3: train.global_batch: 16 images cannot "
+        "be split over 3 ranks: run on a number of ranks that divides it (1, 2, 4, 8, 16) or change "
+        "train.global_batch\n"
+    )
+    assert slurm_main([str(TINY), run, "train.global_batch=16", "--nodes", "1-2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "--nodes 1-2: the plan above is for the fewest (1 node(s), world size 1); an attempt may get any of " in out
+    assert "world sizes 1, 2, global batch 16 on each" in out
+    assert not (tmp_path / "run").exists()

@@ -170,47 +170,64 @@ def _raise_naming_shard(exc: Exception) -> bool:
     ) from exc
 
 
-Chunks = tuple[torch.Tensor, torch.Tensor, int]
-"""What a worker yields per step: its partitions' ids (k,), their chunks (k, chunk, C, H, W) uint8, and
-the samples skipped as undecodable since its previous step."""
+StepDone = tuple[int, int]
+"""What a worker hands over per step: the step (in its epoch) whose chunks it has written into the ring,
+and the samples skipped as undecodable since its previous step. No tensor crosses: a tensor per step
+would cost the hand-over a new shared-memory segment, its page faults and a file descriptor."""
+
+RING_SLACK = 3
+"""Ring slots beyond data.prefetch: a worker is never asked for more than `prefetch` steps beyond the
+newest one the training process has received (the DataLoader hands it one new request per item
+received), and that step is copied out of its slot before another is asked for, so prefetch + 2
+slots are never overwritten while in use; one more for margin."""
 
 
 class PartitionDataset(IterableDataset):
-    """One worker's partitions for one epoch, a step at a time. The main process sets (epoch, start) in
-    shared memory before each epoch; persistent workers read it when their iterator is re-created."""
+    """The rank's partitions for one epoch, a step at a time, each worker writing its partitions' chunks
+    into the step's slot of a ring of batches in shared memory (allocated once: no segment per step).
+    The main process sets (epoch, start) in shared memory before each epoch; persistent workers read it
+    when their iterator is re-created."""
 
-    def __init__(self, plan: StreamPlan) -> None:
+    def __init__(self, plan: StreamPlan, slots: int) -> None:
         super().__init__()
         self.plan = plan
         self.control = torch.zeros(2, dtype=torch.int64).share_memory_()  # epoch, start step
+        shape = (slots, len(plan.mine), plan.chunk, plan.channels, plan.resolution, plan.resolution)
+        self.ring = torch.empty(shape, dtype=torch.uint8).share_memory_()
 
     def set_epoch(self, epoch: int, start: int) -> None:
         self.control[0], self.control[1] = epoch, start
 
-    def __iter__(self) -> Iterator[Chunks]:
+    def batch(self, step: int) -> torch.Tensor:
+        """The rank's batch of `step` as the workers wrote it: a view, valid until the ring comes round."""
+        return self.ring[step % len(self.ring)].flatten(0, 1)
+
+    def __iter__(self) -> Iterator[StepDone]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         epoch, start = (int(v) for v in self.control)
         partitions = self.plan.of_worker(worker) if info is not None else self.plan.mine
-        yield from worker_steps(self.plan, epoch, partitions, start)
+        yield from worker_steps(self.plan, epoch, partitions, start, self.ring)
 
 
-def worker_steps(plan: StreamPlan, epoch: int, partitions: tuple[int, ...], start: int) -> Iterator[Chunks]:
+def worker_steps(
+    plan: StreamPlan, epoch: int, partitions: tuple[int, ...], start: int, ring: torch.Tensor
+) -> Iterator[StepDone]:
     """Steps start.. of an epoch from `partitions`: each step one chunk of every partition, written
-    straight into the step's array (the images are copied once)."""
+    into the step's slot of `ring` at the partitions' places (the images are copied once)."""
     bad = BadSamples()
     streams = [partition_chunks(plan, epoch, p, start, bad) for p in partitions]
-    ids = torch.tensor(partitions, dtype=torch.int64)
-    shape = (len(partitions), plan.chunk, plan.channels, plan.resolution, plan.resolution)
-    for _ in range(start, plan.steps_per_epoch):
-        step = np.empty(shape, dtype=np.uint8)
-        for slot, stream in enumerate(streams):
+    places = [p - plan.mine[0] for p in partitions]
+    slots = ring.numpy()
+    for step in range(start, plan.steps_per_epoch):
+        slot = slots[step % len(slots)]
+        for place, stream in zip(places, streams, strict=True):
             chunk = next(stream, None)
             if chunk is None:
                 return
             for index, image in enumerate(chunk):
-                step[slot, index] = image
-        yield ids, torch.from_numpy(step), bad.since_batch
+                slot[place, index] = image
+        yield step, bad.since_batch
         bad.since_batch = 0
 
 
@@ -383,7 +400,7 @@ class ShardSource(EpochStream):
         )
         plan = dataclasses.replace(plan, steps_per_epoch=epoch_steps(plan, d.epoch_samples))
         self.plan = plan
-        self.dataset = PartitionDataset(plan)
+        self.dataset = PartitionDataset(plan, slots=d.prefetch + RING_SLACK)
         self.pin = info.device.type == "cuda" if pin_memory is None else pin_memory
         workers = plan.workers if d.workers > 0 else 0
         self.loader = DataLoader(
@@ -401,28 +418,22 @@ class ShardSource(EpochStream):
         super().__init__(self._epoch, plan.steps_per_epoch)
 
     def _epoch(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
-        """The rank's batches: each step one item from every worker (the DataLoader takes them in turn),
-        put in partition order, so that neither the worker count nor the rank count reorders them."""
+        """The rank's batches: a step is done once every worker has handed over its word for it (the
+        DataLoader takes them in turn); the batch is then copied out of the ring (into pinned memory
+        for a GPU), so that the caller owns it while the workers go on."""
         self.dataset.set_epoch(epoch, start)
         items = iter(self.loader)
         parts_per_step = max(self.loader.num_workers, 1)
         while True:
-            parts = list(itertools.islice(items, parts_per_step))
-            if len(parts) < parts_per_step:
+            done = list(itertools.islice(items, parts_per_step))
+            if len(done) < parts_per_step:
                 return
-            self._skipped += sum(bad for _, _, bad in parts)
-            yield self._in_partition_order(parts)
-
-    def _in_partition_order(self, parts: list[Chunks]) -> torch.Tensor:
-        """One worker's step is already a batch (a view, no copy); several are copied once into place."""
-        if len(parts) == 1:
-            batch = parts[0][1].flatten(0, 1)
-            return batch.pin_memory() if self.pin else batch
-        first = self.plan.mine[0]
-        chunks = torch.empty((len(self.plan.mine), *parts[0][1].shape[1:]), dtype=torch.uint8, pin_memory=self.pin)
-        for ids, part_chunks, _ in parts:
-            chunks[ids - first] = part_chunks
-        return chunks.flatten(0, 1)
+            steps = {step for step, _ in done}
+            if len(steps) != 1:
+                raise RuntimeError(f"loader workers out of step: they handed over steps {sorted(steps)} together")
+            self._skipped += sum(bad for _, bad in done)
+            batch = self.dataset.batch(steps.pop())
+            yield batch.pin_memory() if self.pin else batch.clone()
 
     @property
     def skipped_samples(self) -> int:
