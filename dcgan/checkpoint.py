@@ -120,7 +120,7 @@ def read_newest(root: Path, read: Callable[[Path], T], *, set_aside: Callable[[P
 
 
 def stored_shapes(path: Path) -> dict[str, tuple[int, ...] | None]:
-    """Flattened keys ('rng.rank0.noise', ...) of a complete checkpoint, each with its tensor's shape
+    """Flattened keys ('progress.step', ...) of a complete checkpoint, each with its tensor's shape
     (None for non-tensor values), from one read of its metadata."""
     stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     return {key: tuple(meta.size) if hasattr(meta, "size") else None for key, meta in stored.items()}

@@ -55,10 +55,10 @@ class DataConfig:
         0,
         "independent seeded streams the shards are read in, fixed when a run starts and kept in its checkpoints: "
         "each gives global_batch / partitions images a step, a rank reads only its partitions, so the data order "
-        "does not depend on the number of ranks or workers; 0 = ranks x workers at the start (as many as divide "
-        "the global batch)",
+        "does not depend on the number of ranks or workers; 0 = ranks x workers at the run's start (as many as "
+        "divide the global batch); set it to give fresh runs on other hardware the same data order",
     )
-    prefetch: int = _field(4, "batches prefetched per worker")
+    prefetch: int = _field(4, "steps each worker prepares ahead (the rank's ring holds prefetch + 3 batches)")
 
 
 @dataclass(frozen=True)

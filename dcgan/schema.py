@@ -56,11 +56,11 @@ Loader = Callable[[Path, dict[str, Any]], None]
 """Fills a state tree in place from the checkpoint at a path (Checkpointer.load, or checkpoint.load_in_process)."""
 
 Stored = dict[str, "tuple[int, ...] | None"]
-"""A checkpoint's flattened keys ('rng.rank0.noise', ...) with their tensors' shapes (checkpoint.stored_shapes)."""
+"""A checkpoint's flattened keys ('progress.step', ...) with their tensors' shapes (checkpoint.stored_shapes)."""
 
 
 def flat_key(*parts: str) -> str:
-    """A key as DCP's metadata lists it: `rng.rank0.noise`."""
+    """A key as DCP's metadata lists it: `progress.world_size`."""
     return ".".join(parts)
 
 
@@ -221,6 +221,10 @@ def describe_resize(
     else:
         writers = sum(1 for key in stored if key.startswith(flat_key(RNG, "rank")) and key.endswith(".noise"))
         before = int(saved.get("train", {}).get("batch_size", 0)) * writers
+        log.warning(
+            "the checkpoint was written by an older version, whose data order and noise depended on the rank: "
+            "from here both are functions of the step, so the run does not continue bit-identically to its past"
+        )
     if not writers or (writers == world_size and before == global_batch):
         return
     if before == global_batch:

@@ -2,7 +2,7 @@
 
     python -m launch.slurm configs/celeba64.yaml data.shards=shards/celeba64 --nodes 2 --gpus-per-node 8 --time 1440
     python -m launch.slurm configs/digits.yaml --tasks-per-node 2 --cpus-per-task 1   # a CPU cluster
-    python -m launch.slurm configs/celeba64.yaml train.global_batch=1024 --nodes 2-4 --gpus-per-node 8  # any 2 to 4 nodes
+    python -m launch.slurm configs/celeba64.yaml train.global_batch=1536 --nodes 2-4 --gpus-per-node 8  # any 2 to 4 nodes
     python -m launch.slurm configs/tiny.yaml --local            # submitit's local executor, no SLURM
     python -m launch.slurm configs/digits.yaml --sweep optim.lr=1e-4,2e-4 seed=0,1,2   # one job array
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import math
 import os
 import re
 import shutil
@@ -60,7 +61,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         from dcgan.train import train
 
         env = submitit.helpers.TorchDistributedEnvironment()
-        env.master_port = rendezvous_port(submitit.JobEnvironment().job_id, restart_count())
+        env.master_port = rendezvous_port(
+            os.environ.get("SLURM_JOB_ID") or submitit.JobEnvironment().job_id, restart_count()
+        )
         env.export(set_cuda_visible_devices=False)
         limit_threads_to_allocation()
         status = train(load_config(self.config, self.overrides))
@@ -87,11 +90,13 @@ def restart_count() -> int:
 
 
 def rendezvous_port(job_id: str, restart: int) -> int:
-    """One port per job and per requeue, the rule slurm/train.sbatch spells in shell: every task computes
-    it alone and agrees. submitit's own choice depends on the job id only, so a requeued job met the port
-    its previous attempt's rank 0 was still releasing (EADDRINUSE in CI)."""
+    """One port per job and per requeue (32 requeues before a job meets another's ports; submitit allows
+    20), the rule slurm/train.sbatch spells in shell: every task computes it alone and agrees. SLURM_JOB_ID
+    is unique per array task too (submitit's job id is ARRAY_TASK there). submitit's own choice depends on
+    the job id only, so a requeued job met the port its previous attempt's rank 0 was still releasing
+    (EADDRINUSE in CI)."""
     job_number = int(re.sub(r"\D", "", job_id) or 0)
-    return FIRST_PORT + (job_number * 8 + restart) % PORTS
+    return FIRST_PORT + (job_number * 32 + restart) % PORTS
 
 
 def limit_threads_to_allocation() -> None:
@@ -292,6 +297,35 @@ def check_with_slurm(res: Resources, folder: Path, name: str) -> None:
         )
 
 
+def with_range_partitions(config: str, overrides: list[str], res: Resources) -> list[str]:
+    """The overrides, plus data.partitions where a node range needs it chosen now. Partitions chosen at a
+    run's start (ranks x workers of the first attempt) would refuse an attempt requeued onto a node count
+    that cannot share them; with train.global_batch set, the run gets the fewest partitions every world
+    size of the range can share (their least common multiple), times the workers that still divide the
+    global batch. An explicit data.partitions must suit every world size of the range (one line if not)."""
+    from dcgan.data.stream import partitions_fit
+
+    run_config = load_config(config, overrides)
+    if res.most_nodes == res.nodes or run_config.uses_builtin_digits:
+        return overrides
+    sizes = list(res.world_sizes())
+    if run_config.data.partitions:
+        for world_size in sizes:
+            if not partitions_fit(run_config.data.partitions, run_config.global_batch(world_size), world_size):
+                raise ConfigError(
+                    f"--nodes {res.node_spec} x {res.tasks} task(s) may give world size {world_size}, which "
+                    f"data.partitions={run_config.data.partitions} does not suit: use a multiple of "
+                    f"{math.lcm(*sizes)} that divides the global batch"
+                )
+        return overrides
+    global_batch = run_config.train.global_batch
+    if not global_batch or global_batch % math.lcm(*sizes):
+        return overrides  # the global batch follows the nodes (warned), or a size is refused by checked_config
+    base = math.lcm(*sizes)
+    per_base = max(k for k in range(1, max(run_config.data.workers, 1) + 1) if global_batch % (base * k) == 0)
+    return [*overrides, f"data.partitions={base * per_base}"]
+
+
 def checked_config(config: str, overrides: list[str], res: Resources) -> Config:
     """The run's config, after every check that can be made before anything is queued."""
     validate(res)
@@ -341,6 +375,7 @@ def submit(
 ) -> tuple[submitit.Job, Config]:
     """Check the config and resources (with SLURM itself where it is installed), submit; return the job
     and the run's config."""
+    overrides = with_range_partitions(config, overrides, res)
     run_config = checked_config(config, overrides, res)
     name = f"dcgan-{Path(run_config.run.dir).name}"
     folder = log_folder(folder, run_config)
@@ -402,6 +437,7 @@ def submit_sweep(
 ) -> list[tuple[SweepPoint, submitit.Job, str]]:
     """Submit every point as ONE job array (on SLURM; --local runs them as local jobs); return
     (point, job, run dir) per point, in grid order."""
+    overrides = with_range_partitions(config, overrides, res)
     run_config = checked_config(config, overrides, res)
     per_point = [point_overrides(config, overrides, point) for point in points]
     name = f"dcgan-{Path(run_config.run.dir).name}"
@@ -502,6 +538,7 @@ def dry_run(config: str, overrides: list[str], res: Resources, folder: Path | No
     """What `submit` would do: the same checks, then the plan and the script instead of a job."""
     from dcgan.plan import describe
 
+    overrides = with_range_partitions(config, overrides, res)
     run_config = checked_config(config, overrides, res)
     folder = log_folder(folder, run_config)
     answer = ask_slurm(res, folder, f"dcgan-{Path(run_config.run.dir).name}")

@@ -269,3 +269,16 @@ def test_a_node_range_is_one_line_when_malformed_or_when_a_node_count_cannot_sha
     assert "--nodes 1-2: the plan above is for the fewest (1 node(s), world size 1); an attempt may get any of " in out
     assert "world sizes 1, 2, global batch 16 on each" in out
     assert not (tmp_path / "run").exists()
+
+
+def test_a_node_range_on_shards_gets_partitions_every_node_count_can_share(
+    digits_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = [str(TINY), f"run.dir={tmp_path / 'run'}", f"data.shards={digits_shards}", "train.global_batch=24"]
+    assert slurm_main([*common, "--nodes", "2-3", "--dry-run"]) == 0  # world sizes 2 and 3: lcm 6
+    assert "\n    partitions: 6\n" in capsys.readouterr().out
+    assert slurm_main([*common, "data.partitions=4", "--nodes", "2-3", "--dry-run"]) == 2
+    assert capsys.readouterr().err == (
+        "launch.slurm: error: --nodes 2-3 x 1 task(s) may give world size 3, which data.partitions=4 does not "
+        "suit: use a multiple of 6 that divides the global batch\n"
+    )

@@ -5,6 +5,7 @@ that never was."""
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -196,3 +197,35 @@ def test_a_run_resized_from_2_to_1_to_4_ranks_ends_where_a_straight_1_rank_run_e
         difference = max_relative_difference(weights(resized, step), weights(straight, step))
         print(f"step {step}: max relative difference {difference:.2e}")
         assert difference < 1e-3, f"step {step}: {difference:.2e}"
+
+
+def test_a_resume_keeps_the_runs_partitions_and_chooses_anew_only_where_no_trajectory_is_promised(
+    digits_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Partitions chosen at the start (1 rank x 2 workers = 2) are kept by a resume on 2 ranks; 4 ranks
+    cannot share them: with train.global_batch=0 (the global batch changes anyway) they are chosen anew
+    with a warning, with train.global_batch set the resume is refused in one line."""
+    from dcgan.config import ConfigError
+    from dcgan.data import with_run_partitions
+
+    for global_batch in (0, GLOBAL_BATCH):
+        run = tmp_path / f"run{global_batch}"
+        args = (
+            f"data.shards={digits_shards}",
+            "data.workers=2",
+            f"train.global_batch={global_batch}",
+            "train.steps=2",
+            "checkpoint.every=2",
+        )
+        assert train(tiny_config(run, *args)) == EXIT_OK
+        logging.getLogger().addHandler(caplog.handler)  # train() set up logging afresh, without pytest's handler
+        assert with_run_partitions(tiny_config(run, *args), rank(0, 2)).data.partitions == 2
+        if global_batch:
+            with pytest.raises(ConfigError, match=r"^data.partitions: the run reads its shards in 2 partitions"):
+                with_run_partitions(tiny_config(run, *args), rank(0, 4))
+        else:
+            caplog.clear()
+            assert with_run_partitions(tiny_config(run, *args), rank(0, 4)).data.partitions == 8
+            assert (
+                "the run's 2 data partitions cannot serve 4 ranks at a global batch of 64: chosen anew" in caplog.text
+            )

@@ -6,8 +6,10 @@ The data order is a function of (seed, step) and the shards alone. A run reads i
 independent seeded stream of samples with its own shuffle buffer, and every step each partition gives
 global_batch / P images, so the global batch of step k is the same multiset of images on any number of
 ranks. Rank r serves partitions [r P/W, (r+1) P/W) and reads only their shards; its DataLoader workers
-split those partitions among them (each partition is read by exactly one worker), and the training
-process puts each step's chunks back in partition order. Per epoch e, partition p:
+split those partitions among them (each partition is read by exactly one worker) and write each step's
+chunks straight into their places, in partition order, in a ring of batches in shared memory; the
+training process copies a step's batch out once every worker has written its part. Per epoch e,
+partition p:
 - resampled mode (default): draws shards with replacement, seeded by (seed, e, p): an endless stream, so
   every step takes a full chunk from every partition (uneven batches would hang DDP and cross-rank BN);
 - exact mode (data.resampled=false): the shard list is shuffled by (seed, e) and dealt to partitions;
@@ -131,6 +133,11 @@ class StreamPlan:
         return order[partition :: self.partitions]
 
 
+def partitions_fit(partitions: int, global_batch: int, world_size: int) -> bool:
+    """Whether `world_size` ranks can share `partitions` evenly, each giving a whole share of the batch."""
+    return partitions % world_size == 0 and global_batch % partitions == 0
+
+
 def resolve_partitions(config: Config, world_size: int, workers: int) -> int:
     """data.partitions, or (0) the number chosen at a run's start: ranks x workers, fewer where that does
     not divide the global batch. Refused in one line where the ranks cannot share them or a partition's
@@ -138,14 +145,16 @@ def resolve_partitions(config: Config, world_size: int, workers: int) -> int:
     global_batch = config.global_batch(world_size)
     partitions = config.data.partitions
     if not partitions:
-        per_rank = max(k for k in range(1, max(workers, 1) + 1) if global_batch % (world_size * k) == 0)
+        per_rank = max(
+            k for k in range(1, max(workers, 1) + 1) if partitions_fit(world_size * k, global_batch, world_size)
+        )
         return world_size * per_rank
     if partitions % world_size:
         fitting = [str(n) for n in range(1, partitions + 1) if partitions % n == 0]
         raise ConfigError(
             f"data.partitions: the run reads its shards in {partitions} partitions (kept in its checkpoints), which "
-            f"{world_size} ranks cannot share: run on {', '.join(fitting)} rank(s), or start a new run with "
-            "data.partitions a multiple of every rank count it may run on"
+            f"{world_size} ranks cannot share: run on {', '.join(fitting)} rank(s), or set data.partitions to a "
+            f"multiple of {world_size} that divides the global batch of {global_batch} (the data order then changes)"
         )
     if global_batch % partitions:
         raise ConfigError(
@@ -429,8 +438,8 @@ class ShardSource(EpochStream):
             if len(done) < parts_per_step:
                 return
             steps = {step for step, _ in done}
-            if len(steps) != 1:
-                raise RuntimeError(f"loader workers out of step: they handed over steps {sorted(steps)} together")
+            if len(steps) != 1:  # a worker ran out of data early (exact mode): EpochStream says so in one line
+                return
             self._skipped += sum(bad for _, bad in done)
             batch = self.dataset.batch(steps.pop())
             yield batch.pin_memory() if self.pin else batch.clone()
