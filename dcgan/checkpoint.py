@@ -132,6 +132,21 @@ def load_in_process(path: Path, state: dict[str, Any]) -> None:
     dcp.load(state, checkpoint_id=str(path), no_dist=True)
 
 
+FULL_BELOW_BYTES = 1 << 20
+"""Free space under which a failed save is put down to a full disk."""
+
+
+def disk_full(exc: BaseException, root: Path) -> bool:
+    """Whether a failed save ran out of space: by its error, or, where torch's zip writer hides ENOSPC
+    behind "unexpected pos" (the file is short of what it wrote), by the space left where it wrote."""
+    if "No space left on device" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(root).free < FULL_BELOW_BYTES
+    except OSError:
+        return False
+
+
 class Checkpointer:
     """Saves (optionally in the background) and loads DCP checkpoints, and prunes old ones.
 
@@ -233,7 +248,7 @@ class Checkpointer:
                 f"checkpoint {path} is complete, but a rank failed while the save finished "
                 f"({type(exc).__name__}: {one_line(exc)[:300]})"
             )
-        if "No space left on device" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
+        if disk_full(exc, self.root):
             reason = f"no space left on device at {path}"
         else:
             reason = f"cannot write checkpoint {path} ({type(exc).__name__}: {one_line(exc)[:300]})"
