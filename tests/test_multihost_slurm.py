@@ -150,6 +150,20 @@ def cluster() -> Iterator[Cluster]:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def requeued_until_completed(cluster: Cluster, job: str, out: Path) -> tuple[dict[str, str], str]:
+    """USR1 to the batch shell, as SLURM sends it before a time limit (--signal=B:USR1@120): every rank
+    checkpoints, the script requeues the job, and the next attempt completes it. Returns the job's
+    fields and its output."""
+    cluster.slurm("scancel", "--signal=USR1", "--batch", job)
+    cluster.wait_until_gone(job, timeout=180, log=out)
+    text = out.read_text()
+    fields = cluster.job_fields(job)
+    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "1"), (
+        f"{fields}\n{text}"
+    )
+    return fields, text
+
+
 def sbatch(cluster: Cluster, out: Path, *args: str, nodes: str = "2") -> str:
     """slurm/train.sbatch on `nodes` nodes (N or MIN-MAX) x 1 process, as a user submits it on a CPU cluster."""
     return cluster.slurm(
@@ -191,14 +205,7 @@ def test_sbatch_job_trains_across_two_hosts_and_resumes_on_both_after_a_requeue(
 
     # what SLURM does before a time limit (--signal=B:USR1@120): the batch shell gets USR1, forwards SIGTERM
     # to the step, every rank checkpoints on both hosts, and the script requeues the job
-    cluster.slurm("scancel", "--signal=USR1", "--batch", job)
-    cluster.wait_until_gone(job, timeout=180, log=out)
-
-    text = out.read_text()
-    fields = cluster.job_fields(job)
-    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "1"), (
-        f"{fields}\n{text}"
-    )
+    fields, text = requeued_until_completed(cluster, job, out)
     assert fields["NodeList"] == "node[1-2]"
     for restart in (0, 1):
         assert f"job {job} restart {restart}: 2 node(s) x 1 process(es), rendezvous node1:" in text, text
@@ -266,14 +273,7 @@ def test_job_of_one_to_two_nodes_requeued_onto_one_node_continues_the_same_traje
     wait_for_checkpoint_on_both_hosts(cluster, job, run, every, out)
 
     drain("node2")
-    cluster.slurm("scancel", "--signal=USR1", "--batch", job)
-    cluster.wait_until_gone(job, timeout=180, log=out)
-
-    text = out.read_text()
-    fields = cluster.job_fields(job)
-    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "1"), (
-        f"{fields}\n{text}"
-    )
+    fields, text = requeued_until_completed(cluster, job, out)
     assert fields["NodeList"] == "node1", fields
     assert f"job {job} restart 0: 2 node(s) x 1 process(es), rendezvous node1:" in text, text
     assert f"job {job} restart 1: 1 node(s) x 1 process(es), rendezvous node1:" in text, text
@@ -304,28 +304,10 @@ def test_job_of_one_to_two_nodes_requeued_onto_one_node_continues_the_same_traje
         )
 
 
-def test_submitit_job_of_two_nodes_runs_one_task_on_each_host(cluster: Cluster, tmp_path: Path) -> None:
-    run = tmp_path / "run"
+def launch_slurm(cluster: Cluster, *argv: str) -> tuple[str, str]:
+    """`python -m launch.slurm ARGV` as a user of the cluster runs it: the job id and what it said on stderr."""
     submitted = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "launch.slurm",
-            "configs/tiny.yaml",
-            f"run.dir={run}",
-            "train.steps=20",
-            "log.wandb=disabled",
-            "--nodes",
-            "2",
-            "--gpus-per-node",
-            "0",
-            "--cpus-per-task",
-            "1",
-            "--mem-gb",
-            "2",
-            "--time",
-            "5",
-        ],
+        [sys.executable, "-m", "launch.slurm", *argv],
         cwd=ROOT,
         env=cluster.env,
         capture_output=True,
@@ -333,7 +315,19 @@ def test_submitit_job_of_two_nodes_runs_one_task_on_each_host(cluster: Cluster, 
         timeout=60,
     )
     assert submitted.returncode == 0, submitted.stderr
-    job = re.search(r"^job (\d+)$", submitted.stdout, re.M).group(1)
+    return re.search(r"^job (\d+)$", submitted.stdout, re.M).group(1), submitted.stderr
+
+
+def test_submitit_job_of_two_nodes_runs_one_task_on_each_host(cluster: Cluster, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    job, _ = launch_slurm(
+        cluster,
+        "configs/tiny.yaml",
+        f"run.dir={run}",
+        "train.steps=20",
+        "log.wandb=disabled",
+        *("--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", "--mem-gb", "2", "--time", "5"),
+    )
     logs = run / "slurm_logs" / job
     cluster.wait_until_gone(job, timeout=120)
 
@@ -354,17 +348,8 @@ def test_submitit_job_of_one_to_two_nodes_gets_both_idle_hosts(cluster: Cluster,
     run = tmp_path / "run"
     argv = ["configs/tiny.yaml", f"run.dir={run}", "train.steps=10", "train.global_batch=16", "log.wandb=disabled"]
     argv += ["--nodes", "1-2", "--cpus-per-task", "1", "--mem-gb", "2", "--time", "5"]
-    submitted = subprocess.run(
-        [sys.executable, "-m", "launch.slurm", *argv],
-        cwd=ROOT,
-        env=cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert submitted.returncode == 0, submitted.stderr
-    assert "warning" not in submitted.stderr, submitted.stderr  # a fixed global batch: nothing to warn about
-    job = re.search(r"^job (\d+)$", submitted.stdout, re.M).group(1)
+    job, said = launch_slurm(cluster, *argv)
+    assert "warning" not in said, said  # a fixed global batch: nothing to warn about
     cluster.wait_until_gone(job, timeout=120)
 
     fields = cluster.job_fields(job)
