@@ -234,3 +234,22 @@ def test_a_missing_shard_on_the_server_is_one_line_naming_it(served: Server, tmp
     with pytest.raises(ShardError, match=rf"shard not found: {served.url}shard-000009.tar \(HTTP 404"):
         batches(source, 1)
     assert source.shard_retries == 0
+
+
+def test_bench_data_times_the_loader_on_a_directory_url(served: Server) -> None:
+    result = run_in_process(
+        "bench",
+        "data",
+        served.url,
+        "--workers",
+        "0",
+        "--batch-size",
+        "16",
+        "--batches",
+        "10",
+        "--partitions-per-worker",
+        "1",
+    )
+    header, row = result.stdout.strip().splitlines()
+    assert header.split()[:3] == ["workers", "partitions", "img/s"]
+    assert row.split()[:2] == ["0", "1"] and float(row.split()[2]) > 0
