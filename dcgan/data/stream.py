@@ -183,8 +183,9 @@ def _raise_naming_shard(exc: Exception) -> bool:
 
 StepDone = tuple[int, int, int]
 """What a worker hands over per step: the step (in its epoch) whose chunks it has written into the ring,
-the samples skipped as undecodable and its reconnections to shard servers since its previous step. No tensor crosses: a tensor per step
-would cost the hand-over a new shared-memory segment, its page faults and a file descriptor."""
+and since its previous step the samples skipped as undecodable and its reconnections to shard servers.
+No tensor crosses: a tensor per step would cost the hand-over a new shared-memory segment, its page
+faults and a file descriptor."""
 
 RING_SLACK = 3
 """Ring slots beyond data.prefetch: a worker is never asked for more than `prefetch` steps beyond the
