@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.error import HTTPError, URLError
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 from urllib.request import Request, urlopen
 
 import webdataset as wds
@@ -55,6 +55,11 @@ RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 def is_http(url: str) -> bool:
     return url.startswith(SCHEMES)
+
+
+def shard_name(url: str) -> str:
+    """The file name a shard URL ends in, as the manifest lists it (percent-escapes undone)."""
+    return unquote(posixpath.basename(urlsplit(url).path))
 
 
 def server_of(url: str) -> str:

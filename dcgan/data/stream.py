@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dcgan.config import Config, ConfigError
 from dcgan.data.base import EpochStream, check_batch_fits
 from dcgan.data.formats import MANIFEST, CorruptSample, Manifest, decode_block, decode_image, verify_checksum
-from dcgan.data.remote import DEFAULT_RETRY, RetryPolicy, http_shard_urls, is_http, shard_samples, uncounted
+from dcgan.data.remote import DEFAULT_RETRY, RetryPolicy, http_shard_urls, is_http, shard_name, shard_samples, uncounted
 from dcgan.distributed import DistInfo
 from dcgan.errors import ShardError
 from dcgan.seeds import mix
@@ -79,7 +79,7 @@ def resolve_shards(spec: str, timeout_s: float = RetryPolicy.timeout_s) -> Shard
     if is_http(spec):
         urls, manifest = http_shard_urls(spec, timeout_s)
         by_name = {s.name: s.samples for s in manifest.shards} if manifest is not None else {}
-        names = [Path(u).name for u in urls]
+        names = [shard_name(u) for u in urls]
         counts = [by_name[n] for n in names] if by_name and all(n in by_name for n in names) else None
     elif path.is_dir():
         manifest_path = path / MANIFEST
