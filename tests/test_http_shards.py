@@ -193,7 +193,7 @@ def test_a_server_killed_for_good_ends_the_run_in_one_line_within_the_retry_budg
     last = stderr.strip().splitlines()[-1]
     assert last.startswith(f"dcgan: error: cannot read shard {served.url}shard-0000"), stderr
     assert "2 reconnections over 2 s failed" in last and f"is {served.url.rstrip('/')} up?" in last
-    assert took < 1.5 + 15  # the backoff, then the run's own teardown (a loaded 2-core machine)
+    assert took < 1.5 + 20  # the backoff, then the run's own teardown (a loaded 2-core machine); not 31.5 s of defaults
     assert processes  # its loader worker, and the forkserver that started it
     gone = time.monotonic() + 5  # they notice their parent's end on their own, within moments
     while [pid for pid in processes if alive(pid)] and time.monotonic() < gone:
