@@ -233,7 +233,9 @@ def measure_loader(
 
     manifest = resolve_shards(shards).manifest
     if manifest is None:
-        raise ConfigError("dcgan bench data: point DATA at a shard directory with manifest.json")
+        raise ConfigError(
+            "dcgan bench data: point DATA at a shard directory (or http(s) directory URL) with manifest.json"
+        )
     config = load_config(
         None,
         [

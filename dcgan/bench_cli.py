@@ -30,8 +30,10 @@ def _bench_step(args: argparse.Namespace) -> int:
 
 def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    data = bench.add_parser("data", help="images/s the loader delivers from shards on disk, per worker count")
-    data.add_argument("data", help="shard directory with manifest.json")
+    data = bench.add_parser(
+        "data", help="images/s the loader delivers from shards (on disk or over HTTP), per worker count"
+    )
+    data.add_argument("data", help="shard directory with manifest.json, or its http(s) URL")
     data.add_argument("--workers", default="0,1,2,4", help="comma-separated worker counts")
     data.add_argument("--batch-size", type=int, default=128, help="images per batch")
     data.add_argument("--batches", type=int, default=50, help="timed batches per worker count")

@@ -46,7 +46,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    shards: str = _field("", "shard directory with manifest.json, brace pattern or URL; empty = built-in digits")
+    shards: str = _field(
+        "", "shard directory with manifest.json (or its http(s) URL), brace pattern or URL; empty = built-in digits"
+    )
     workers: int = _field(2, "DataLoader worker processes per rank (0 = load in the training process)")
     shuffle_buffer: int = _field(1000, "samples held in each partition's shuffle buffer")
     resampled: bool = _field(True, "draw shards with replacement (equal batches on every rank, any shard count)")
@@ -59,6 +61,16 @@ class DataConfig:
         "divide the global batch); set it to give fresh runs on other hardware the same data order",
     )
     prefetch: int = _field(4, "steps each worker prepares ahead (the rank's ring holds prefetch + 3 batches)")
+    retries: int = _field(
+        6,
+        "http(s) shards: reconnections after a dropped connection, a silent or restarting server, before the run "
+        "stops; 0.5 s apart, doubling (6 = about 30 s of outage); the shard resumes at the byte where it broke",
+    )
+    timeout_s: float = _field(
+        30.0,
+        "http(s) shards: seconds a server may stay silent (connecting, or mid-shard) before the read counts as "
+        "dropped; an unreachable server at the start is refused after this long",
+    )
 
 
 @dataclass(frozen=True)
@@ -450,6 +462,8 @@ def validate(config: Config) -> None:
     _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1", d.shuffle_buffer)
     _require(d.epoch_samples >= 0, "data.epoch_samples", ">= 0 (0 = derive from the data set)", d.epoch_samples)
     _require(d.prefetch >= 1, "data.prefetch", ">= 1", d.prefetch)
+    _require(d.retries >= 0, "data.retries", ">= 0", d.retries)
+    _require(d.timeout_s > 0, "data.timeout_s", "> 0", d.timeout_s)
     if config.uses_builtin_digits:
         _require(m.channels == 1, "model.channels", "1 for the built-in digits (data.shards is empty)", m.channels)
     for section, key in (("log", "every"), ("sample", "every"), ("checkpoint", "every"), ("sample", "num")):

@@ -389,14 +389,19 @@ class Window:
         """Seconds of this window spent training (steps and waiting for their data)."""
         return max(self.clock() - self.started - self.excluded_s, 1e-9)
 
-    def metrics(self, info: DistInfo, *, global_batch: int, images_seen: int, skipped_samples: int) -> dict[str, float]:
+    def metrics(
+        self, info: DistInfo, *, global_batch: int, images_seen: int, skipped_samples: int, shard_retries: int = 0
+    ) -> dict[str, float]:
         """The window's metric line: means over its steps and over ranks, rates from wall time. One
-        device->host read (and one all-reduce with several ranks)."""
+        device->host read (and one all-reduce with several ranks). skipped_samples and shard_retries are
+        the loaders' running counts, summed over ranks."""
         elapsed = self.training_s()
         local = torch.cat(
             [
                 self.sums / max(self.steps, 1),
-                torch.tensor([self.data_wait_s / elapsed, float(skipped_samples)], device=self.sums.device),
+                torch.tensor(
+                    [self.data_wait_s / elapsed, float(skipped_samples), float(shard_retries)], device=self.sums.device
+                ),
             ]
         )
         values = all_mean(local, info).tolist()
@@ -410,6 +415,7 @@ class Window:
             step_time_ms=1000 * elapsed / max(self.steps, 1),
             data_wait_share=values[len(STAT_NAMES)],
             skipped_samples=values[len(STAT_NAMES) + 1] * info.world_size,
+            shard_retries=values[len(STAT_NAMES) + 2] * info.world_size,
             global_batch=global_batch,
         )
         if info.device.type == "cuda":

@@ -351,6 +351,7 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
                 global_batch=trainer.global_batch,
                 images_seen=trainer.images_seen,
                 skipped_samples=trainer.data.skipped_samples,
+                shard_retries=trainer.data.shard_retries,
             )
             if diversity is not None:
                 metrics["sample_diversity"] = diversity

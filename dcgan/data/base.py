@@ -19,7 +19,8 @@ from dcgan.errors import ShardError
 
 
 class BatchSource(Protocol):
-    """What the training loop needs from data: batches, a resumable position, and a count of bad samples."""
+    """What the training loop needs from data: batches, a resumable position, and counts of bad samples
+    and of reconnections to shard servers."""
 
     batches_per_epoch: int
 
@@ -31,6 +32,9 @@ class BatchSource(Protocol):
 
     @property
     def skipped_samples(self) -> int: ...
+
+    @property
+    def shard_retries(self) -> int: ...
 
     def close(self) -> None: ...
 

@@ -62,3 +62,7 @@ class DigitsSource(EpochStream):
     @property
     def skipped_samples(self) -> int:
         return 0
+
+    @property
+    def shard_retries(self) -> int:
+        return 0

@@ -61,7 +61,12 @@ class Manifest:
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
-        data = json.loads(path.read_text())
+        return cls.parse(path.read_text())
+
+    @classmethod
+    def parse(cls, text: str | bytes) -> Manifest:
+        """A manifest from its JSON text (read from a file, or fetched from a shard server)."""
+        data = json.loads(text)
         data.pop("total_samples", None)
         data["shards"] = [ShardInfo(**s) for s in data["shards"]]
         return cls(**data)

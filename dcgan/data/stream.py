@@ -31,7 +31,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dcgan.config import Config, ConfigError
 from dcgan.data.base import EpochStream, check_batch_fits
 from dcgan.data.formats import MANIFEST, CorruptSample, Manifest, decode_block, decode_image, verify_checksum
+from dcgan.data.remote import DEFAULT_RETRY, RetryPolicy, http_shard_urls, is_http, shard_name, shard_samples, uncounted
 from dcgan.distributed import DistInfo
 from dcgan.errors import ShardError
 from dcgan.seeds import mix
@@ -71,14 +72,22 @@ class ShardSet:
         return sum(self.counts) if self.counts is not None else None
 
 
-def resolve_shards(spec: str) -> ShardSet:
-    """A directory with manifest.json, a brace pattern of local files, or pipe:/http(s) URLs."""
+def resolve_shards(spec: str, timeout_s: float = RetryPolicy.timeout_s) -> ShardSet:
+    """A directory with manifest.json, a brace pattern of local files, pipe: URLs, or http(s) URLs: a
+    directory URL with manifest.json, or a pattern (dcgan.data.remote; timeout_s bounds the wait for
+    the server's manifest)."""
     path = Path(spec)
-    if path.is_dir():
+    manifest: Manifest | None
+    if is_http(spec):
+        urls, manifest = http_shard_urls(spec, timeout_s)
+        by_name = {s.name: s.samples for s in manifest.shards} if manifest is not None else {}
+        names = [shard_name(u) for u in urls]
+        counts = [by_name[n] for n in names] if by_name and all(n in by_name for n in names) else None
+    elif path.is_dir():
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise ConfigError(f"data.shards: {path} has no {MANIFEST} (write shards with `dcgan shards`)")
-        manifest: Manifest | None = Manifest.read(manifest_path)
+        manifest = Manifest.read(manifest_path)
         assert manifest is not None
         urls = [str(path / s.name) for s in manifest.shards]
         counts = [s.samples for s in manifest.shards]
@@ -121,6 +130,8 @@ class StreamPlan:
     resampled: bool
     channels: int
     resolution: int
+    retry: RetryPolicy = DEFAULT_RETRY
+    """How long a read of an http(s) shard waits out a lost server (data.retries, data.timeout_s)."""
 
     def of_worker(self, worker: int) -> tuple[int, ...]:
         """The partitions worker `worker` reads (each partition by exactly one worker)."""
@@ -179,10 +190,11 @@ def _raise_naming_shard(exc: Exception) -> bool:
     ) from exc
 
 
-StepDone = tuple[int, int]
+StepDone = tuple[int, int, int]
 """What a worker hands over per step: the step (in its epoch) whose chunks it has written into the ring,
-and the samples skipped as undecodable since its previous step. No tensor crosses: a tensor per step
-would cost the hand-over a new shared-memory segment, its page faults and a file descriptor."""
+and since its previous step the samples skipped as undecodable and its reconnections to shard servers.
+No tensor crosses: a tensor per step would cost the hand-over a new shared-memory segment, its page
+faults and a file descriptor."""
 
 RING_SLACK = 3
 """Ring slots beyond data.prefetch: a worker is never asked for more than `prefetch` steps beyond the
@@ -236,8 +248,8 @@ def worker_steps(
                 return
             for index, image in enumerate(chunk):
                 slot[place, index] = image
-        yield step, bad.since_batch
-        bad.since_batch = 0
+        yield step, bad.since_batch, bad.retries
+        bad.since_batch = bad.retries = 0
 
 
 def _shard_stream(plan: StreamPlan, epoch: int, partition: int) -> Iterator[dict[str, str]]:
@@ -265,6 +277,11 @@ class BadSamples:
     since_batch: int = 0
     in_a_row: int = 0
     warned: int = 0
+    retries: int = 0
+    """Reconnections to a shard server since the previous step (http shards): counted like the skips."""
+
+    def retried(self) -> None:
+        self.retries += 1
 
     def warn(self, message: str, *args: object) -> None:
         """Log the first WARNED_BAD_BLOCKS problems of a worker; the rest are only counted."""
@@ -289,13 +306,20 @@ class BadSamples:
 END_OF_SHARD = "__end_of_shard__"
 
 
-def _shard_passes(shards: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+def _shard_passes(
+    shards: Iterator[dict[str, str]], retry: RetryPolicy = DEFAULT_RETRY, on_retry: Callable[[], None] = uncounted
+) -> Iterator[dict[str, Any]]:
     """Samples of each shard in turn, each pass followed by an END_OF_SHARD marker (the same shard may
     be drawn twice in a row, so a change of URL cannot mark the end of a pass). Set here, in the process
-    that reads (a loader worker, or training itself): the read buffer, unless the user chose one."""
+    that reads (a loader worker, or training itself): the read buffer, unless the user chose one.
+    http(s) shards are read by dcgan.data.remote (resumed after a dropped connection, `on_retry` called
+    per reconnection), everything else by webdataset's gopen."""
     os.environ.setdefault("GOPEN_BUFFER", str(READ_BUFFER))
     for shard in shards:
-        yield from wds.tarfile_to_samples(handler=_raise_naming_shard)(iter([shard]))
+        if is_http(shard["url"]):
+            yield from shard_samples(shard["url"], retry, on_retry, _raise_naming_shard)
+        else:
+            yield from wds.tarfile_to_samples(handler=_raise_naming_shard)(iter([shard]))
         yield {END_OF_SHARD: shard["url"]}
 
 
@@ -354,7 +378,7 @@ def partition_chunks(
 ) -> Iterator[list[np.ndarray]]:
     """A partition's chunks of an epoch (plan.chunk images each) after skipping `skip` of them; the
     samples it cannot decode are counted in `bad`."""
-    items = _expand(_shard_passes(_shard_stream(plan, epoch, partition)), plan, bad)
+    items = _expand(_shard_passes(_shard_stream(plan, epoch, partition), plan.retry, bad.retried), plan, bad)
     shuffled = wds.shuffle(
         plan.shuffle_buffer, initial=plan.shuffle_buffer, rng=random.Random(mix(plan.seed, epoch, partition, 2))
     )(items)
@@ -380,7 +404,7 @@ class ShardSource(EpochStream):
     """The shard loader behind the training loop's BatchSource interface."""
 
     def __init__(self, config: Config, info: DistInfo, *, pin_memory: bool | None = None) -> None:
-        shards = resolve_shards(config.data.shards)
+        shards = resolve_shards(config.data.shards, config.data.timeout_s)
         self.shards = shards
         check_shape(shards, config)
         d = config.data
@@ -406,6 +430,7 @@ class ShardSource(EpochStream):
             resampled=d.resampled,
             channels=config.model.channels,
             resolution=config.model.resolution,
+            retry=RetryPolicy(retries=d.retries, timeout_s=d.timeout_s),
         )
         plan = dataclasses.replace(plan, steps_per_epoch=epoch_steps(plan, d.epoch_samples))
         self.plan = plan
@@ -423,7 +448,7 @@ class ShardSource(EpochStream):
             # iterator shuts down the parent's workers).
             multiprocessing_context="forkserver" if workers > 0 else None,
         )
-        self._skipped = 0
+        self._skipped = self._retries = 0
         super().__init__(self._epoch, plan.steps_per_epoch)
 
     def _epoch(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
@@ -437,16 +462,22 @@ class ShardSource(EpochStream):
             done = list(itertools.islice(items, parts_per_step))
             if len(done) < parts_per_step:
                 return
-            steps = {step for step, _ in done}
+            steps = {step for step, _, _ in done}
             if len(steps) != 1:  # a worker ran out of data early (exact mode): EpochStream says so in one line
                 return
-            self._skipped += sum(bad for _, bad in done)
+            self._skipped += sum(bad for _, bad, _ in done)
+            self._retries += sum(retries for _, _, retries in done)
             batch = self.dataset.batch(steps.pop())
             yield batch.pin_memory() if self.pin else batch.clone()
 
     @property
     def skipped_samples(self) -> int:
         return self._skipped
+
+    @property
+    def shard_retries(self) -> int:
+        """Reconnections to shard servers so far (http shards), summed over this rank's workers."""
+        return self._retries
 
     def close(self) -> None:
         """Stop the worker processes now rather than whenever the garbage collector gets to them."""
