@@ -224,7 +224,7 @@ class Config:
         if not total:
             return self.train.batch_size
         if total % world_size:
-            fitting = [str(n) for n in range(1, total + 1) if total % n == 0]
+            fitting = [str(n) for n in divisors(total)]
             raise ConfigError(
                 f"train.global_batch: {total} images cannot be split over {world_size} ranks: run on a number of "
                 f"ranks that divides it ({', '.join(fitting[:12])}{', ...' if len(fitting) > 12 else ''}) or change "
@@ -427,6 +427,11 @@ def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
 
 def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
+
+
+def divisors(n: int) -> list[int]:
+    """The numbers that divide n, ascending: the rank counts a global batch or a partition count allows."""
+    return [k for k in range(1, n + 1) if n % k == 0]
 
 
 def validate(config: Config) -> None:

@@ -61,7 +61,7 @@ class LatentNoise:
     """The latent batch of each step, as a function of (seed, step) alone: drawn for the whole global
     batch, of which this rank takes its slice. A run on any number of ranks therefore trains on the same
     noise, and a resume needs only the step (`at`), not a generator's state per rank. Drawing the global
-    batch on every rank costs global_batch x nz numbers per step (51,200 at the paper's 512 x 100)."""
+    batch on every rank costs global_batch x nz numbers per step (51,200 at a global batch of 512, z of 100)."""
 
     seed: int
     nz: int

@@ -303,7 +303,7 @@ def with_range_partitions(config: str, overrides: list[str], res: Resources) -> 
     that cannot share them; with train.global_batch set, the run gets the fewest partitions every world
     size of the range can share (their least common multiple), times the workers that still divide the
     global batch. An explicit data.partitions must suit every world size of the range (one line if not)."""
-    from dcgan.data.stream import partitions_fit
+    from dcgan.data.stream import most_partitions, partitions_fit
 
     run_config = load_config(config, overrides)
     if res.most_nodes == res.nodes or run_config.uses_builtin_digits:
@@ -321,9 +321,8 @@ def with_range_partitions(config: str, overrides: list[str], res: Resources) -> 
     global_batch = run_config.train.global_batch
     if not global_batch or global_batch % math.lcm(*sizes):
         return overrides  # the global batch follows the nodes (warned), or a size is refused by checked_config
-    base = math.lcm(*sizes)
-    per_base = max(k for k in range(1, max(run_config.data.workers, 1) + 1) if global_batch % (base * k) == 0)
-    return [*overrides, f"data.partitions={base * per_base}"]
+    partitions = most_partitions(math.lcm(*sizes), run_config.data.workers, global_batch)
+    return [*overrides, f"data.partitions={partitions}"]
 
 
 def checked_config(config: str, overrides: list[str], res: Resources) -> Config:

@@ -41,7 +41,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dcgan.config import Config, ConfigError
+from dcgan.config import Config, ConfigError, divisors
 from dcgan.data.base import EpochStream, check_batch_fits
 from dcgan.data.formats import MANIFEST, CorruptSample, Manifest, decode_block, decode_image, verify_checksum
 from dcgan.data.remote import DEFAULT_RETRY, RetryPolicy, http_shard_urls, is_http, shard_name, shard_samples, uncounted
@@ -149,6 +149,13 @@ def partitions_fit(partitions: int, global_batch: int, world_size: int) -> bool:
     return partitions % world_size == 0 and global_batch % partitions == 0
 
 
+def most_partitions(base: int, workers: int, global_batch: int) -> int:
+    """The largest multiple of `base` (the rank counts to be served: their least common multiple) by at
+    most `workers` that divides the global batch: as many streams as the loader has workers, where they
+    fit. `base` itself always fits where each rank count divides the global batch."""
+    return base * max(k for k in range(1, max(workers, 1) + 1) if global_batch % (base * k) == 0)
+
+
 def resolve_partitions(config: Config, world_size: int, workers: int) -> int:
     """data.partitions, or (0) the number chosen at a run's start: ranks x workers, fewer where that does
     not divide the global batch. Refused in one line where the ranks cannot share them or a partition's
@@ -156,12 +163,9 @@ def resolve_partitions(config: Config, world_size: int, workers: int) -> int:
     global_batch = config.global_batch(world_size)
     partitions = config.data.partitions
     if not partitions:
-        per_rank = max(
-            k for k in range(1, max(workers, 1) + 1) if partitions_fit(world_size * k, global_batch, world_size)
-        )
-        return world_size * per_rank
+        return most_partitions(world_size, workers, global_batch)
     if partitions % world_size:
-        fitting = [str(n) for n in range(1, partitions + 1) if partitions % n == 0]
+        fitting = [str(n) for n in divisors(partitions)]
         raise ConfigError(
             f"data.partitions: the run reads its shards in {partitions} partitions (kept in its checkpoints), which "
             f"{world_size} ranks cannot share: run on {', '.join(fitting)} rank(s), or set data.partitions to a "
