@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dcgan.stragglers import all_reduce_timed
+
 
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks, differentiable: forward and backward are each one all-reduce.
@@ -43,13 +45,13 @@ class _AllReduceSum(torch.autograd.Function):
     def forward(ctx: Any, tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         ctx.group = group
         total = tensor.clone()
-        dist.all_reduce(total, group=group)
+        all_reduce_timed(total, group)
         return total
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         total = grad.contiguous().clone()
-        dist.all_reduce(total, group=ctx.group)
+        all_reduce_timed(total, ctx.group)
         return total, None
 
 

@@ -124,6 +124,12 @@ class LogConfig:
     group: str = _field("", "wandb group")
     tags: tuple[str, ...] = _field((), "wandb tags (YAML list or comma-separated)")
     histogram_every: int = _field(0, "steps between histograms of D's outputs (0 = with every sample grid)")
+    straggler: float = _field(
+        0.5,
+        "warn when one rank's own time per step (step time less its wait in collectives) stays this much "
+        "above the other ranks' median (0.5 = 50% slower) for log.straggler_windows metric lines; 0 = off",
+    )
+    straggler_windows: int = _field(3, "metric lines in a row a rank must lag before the straggler warning")
 
 
 BnStats = Literal["running", "batch"]
@@ -190,6 +196,13 @@ class DistConfig:
         "seconds without a heartbeat before a rank or host counts as lost and every rank stops in one line "
         "(5 s more for a rank that never starts); 0 turns the check off",
     )
+    hang_after: float = _field(
+        10.0,
+        "when no step completes for this many times the median step time (and at least dist.hang_min_s), every "
+        "rank writes its stacks to run.dir/hang-<rank>.txt and rank 0 names the ranks that did not reach the "
+        "step; 0 = off",
+    )
+    hang_min_s: float = _field(60.0, "seconds without a step that never count as a hang, however fast the steps")
     force: bool = _field(
         False, "run the multi-rank code path (process group, DDP, cross-rank BatchNorm) even as one process"
     )
@@ -484,6 +497,10 @@ def validate(config: Config) -> None:
         "0 (off) or between 3 (three heartbeats) and dist.timeout_s",
         config.dist.liveness_s,
     )
+    _require(config.dist.hang_after >= 0, "dist.hang_after", ">= 0 (0 = off)", config.dist.hang_after)
+    _require(config.dist.hang_min_s > 0, "dist.hang_min_s", "> 0", config.dist.hang_min_s)
+    _require(config.log.straggler >= 0, "log.straggler", ">= 0 (0 = off)", config.log.straggler)
+    _require(config.log.straggler_windows >= 1, "log.straggler_windows", ">= 1", config.log.straggler_windows)
     _require(config.run.dir != "", "run.dir", "a directory path", config.run.dir)
     e = config.eval
     _require(e.every >= 0, "eval.every", ">= 0 (0 = never)", e.every)

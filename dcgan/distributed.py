@@ -32,6 +32,7 @@ from dcgan.batchnorm import convert_to_cross_rank
 from dcgan.config import Config
 from dcgan.errors import DcganError, LaunchError
 from dcgan.liveness import Liveness, StoreAddress
+from dcgan.stragglers import all_reduce_timed, timed_allreduce_hook
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,8 @@ def init_distributed(
         raise LaunchError(f"WORLD_SIZE={world_size} but MASTER_ADDR is not set: start the ranks with torchrun or srun")
     if world_size > 1:
         check_gloo_address(os.environ["MASTER_ADDR"])
-        if liveness_s > 0:
-            address = StoreAddress(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 29500))
+        address = rendezvous_store()
+        if liveness_s > 0 and address is not None:
             _LIVENESS = Liveness(address, rank, world_size, liveness_s).start()
     try:
         dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
@@ -173,6 +174,14 @@ def init_distributed(
 
 _LIVENESS: Liveness | None = None
 """This process's heartbeat, like the process group a piece of global state: `destroy_distributed` ends it."""
+
+
+def rendezvous_store() -> StoreAddress | None:
+    """The rendezvous store of a launched job (MASTER_ADDR, MASTER_PORT), where the heartbeat and the
+    hang report talk; None for a process that was not launched as a rank."""
+    if "MASTER_ADDR" not in os.environ:
+        return None
+    return StoreAddress(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 29500))
 
 
 def spans_hosts() -> bool:
@@ -331,7 +340,10 @@ def prepare_module(
         return module, module
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     buffer_sync: dict[str, Any] = {_DDP_BUFFER_SYNC_ARG: not sync_bn}
-    return DDP(module, device_ids=device_ids, **buffer_sync), module
+    wrapped = DDP(module, device_ids=device_ids, **buffer_sync)
+    if info.device.type == "cpu":
+        wrapped.register_comm_hook(None, timed_allreduce_hook)  # its wait, timed (dcgan.stragglers)
+    return wrapped, module
 
 
 _DDP_BUFFER_SYNC_ARG = (
@@ -368,7 +380,7 @@ def average_gradients(module: nn.Module, info: DistInfo) -> None:
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
+    all_reduce_timed(flat)
     flat /= info.world_size
     for grad, mean in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
         grad.copy_(mean.view(grad.shape))

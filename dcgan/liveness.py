@@ -65,7 +65,7 @@ class StoreAddress:
         return f"{self.host}:{self.port}"
 
 
-def _key_prefix(address: StoreAddress) -> str:
+def round_key_prefix(address: StoreAddress) -> str:
     """Keys of this round only, so that a new round never reads an old one's beats or verdict: torchrun's
     restart count (a restarted round may keep the agent's store), and the store's port (a round whose
     membership changed keeps the restart count, and torchrun picks a free port for each round's store)."""
@@ -138,7 +138,7 @@ class Liveness:
         self.address, self.rank, self.world_size = address, rank, world_size
         self.liveness_s = liveness_s
         self.on_verdict = on_verdict
-        self.prefix = _key_prefix(address)
+        self.prefix = round_key_prefix(address)
         self.verdict: str | None = None
         self._stopped = threading.Event()
         self._decided = threading.Event()

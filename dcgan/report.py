@@ -24,7 +24,8 @@ CHARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Losses", ("loss_D", "loss_G")),
     ("D(x) and D(G(z))", ("D_x", "D_G_z_before", "D_G_z_after")),
     ("Training rate (img/s, eval time excluded)", ("img_per_s",)),
-    ("Share of step time waiting for data", ("data_wait_share",)),
+    ("Share of step time waiting for data and for other ranks", ("data_wait_share", "collective_wait_share")),
+    ("Slowest rank's own time over the others' median (0.5 = 50% slower)", ("slowest_rank_excess",)),
     ("Gradient norms", ("grad_norm_G", "grad_norm_D")),
 )
 """The training charts: title and the stats.jsonl keys drawn in it. Eval metrics (`eval/*`) get one chart each."""
@@ -137,6 +138,26 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     return f"<table>{cells}</table>"
 
 
+def rank_table(rows: list[dict[str, Any]]) -> str:
+    """Which ranks were the slowest, and how often: one row per rank that ever was (dcgan.stragglers)."""
+    windows = [row for row in rows if isinstance(row.get("slowest_rank"), int)]
+    if not windows:
+        return "<p>One rank (or no metric line yet): nothing to compare.</p>"
+    by_rank: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for row in windows:
+        by_rank.setdefault((row["slowest_rank"], str(row.get("slowest_host", "?"))), []).append(row)
+    cells = []
+    for (rank, host), slow in sorted(by_rank.items(), key=lambda item: -len(item[1])):
+        excess = sorted(float(row["slowest_rank_excess"]) for row in slow)
+        data_bound = sum(int(row.get("slowest_rank_data_bound", 0)) for row in slow)
+        cells.append(
+            f"<tr><td>rank {rank} on {html.escape(host)}</td><td>slowest in {len(slow)} of {len(windows)} windows</td>"
+            f"<td>median excess {100 * excess[len(excess) // 2]:.0f}%</td>"
+            f"<td>{'data-bound' if 2 * data_bound > len(slow) else 'compute-bound'} ({data_bound} data-bound)</td></tr>"
+        )
+    return f"<table>{''.join(cells)}</table>"
+
+
 STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#222}h2{margin-top:28px}
 .charts{display:flex;flex-wrap:wrap;gap:18px}.chart h3{font-size:14px;margin:4px 0}
 .strip{display:flex;flex-wrap:wrap;gap:10px}.strip figure{margin:0;text-align:center;font-size:12px}
@@ -168,6 +189,8 @@ def render(run_dir: Path) -> str:
             for step, png in strip
         ),
         "</div>",
+        "<h2>Ranks: the slowest of each metric window</h2>",
+        rank_table(rows),
         "<h2>Latest values</h2>",
         summary_table(rows),
     ]

@@ -26,6 +26,7 @@ from dcgan.config import Config, ConfigError, LogConfig, config_to_dict, load_co
 from dcgan.distributed import DistInfo, all_mean
 from dcgan.rundir import RunDir
 from dcgan.step import STAT_NAMES
+from dcgan.stragglers import COLLECTIVE_CLOCK, RankTimes
 from dcgan.wandb_files import uploadable_segments
 
 log = logging.getLogger(__name__)
@@ -363,12 +364,15 @@ class Window:
     steps: int = 0
     data_wait_s: float = 0.0
     excluded_s: float = 0.0
+    excluded_collective_s: float = 0.0
     clock: Callable[[], float] = time.perf_counter
     started: float = field(init=False)
+    collective_at_start: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.sums = torch.zeros(len(STAT_NAMES), device=self.device)
         self.started = self.clock()
+        self.collective_at_start = COLLECTIVE_CLOCK.seconds
 
     def add(self, stats: torch.Tensor, data_wait_s: float) -> None:
         self.sums += stats
@@ -378,16 +382,23 @@ class Window:
     @contextmanager
     def outside_training(self) -> Iterator[Elapsed]:
         """Time spent in this block is not training time; the block's seconds are in what it yields."""
-        elapsed, began = Elapsed(), self.clock()
+        elapsed, began, collective_began = Elapsed(), self.clock(), COLLECTIVE_CLOCK.seconds
         try:
             yield elapsed
         finally:
             elapsed.seconds = self.clock() - began
             self.excluded_s += elapsed.seconds
+            self.excluded_collective_s += COLLECTIVE_CLOCK.seconds - collective_began
 
     def training_s(self) -> float:
         """Seconds of this window spent training (steps and waiting for their data)."""
         return max(self.clock() - self.started - self.excluded_s, 1e-9)
+
+    def rank_times(self) -> RankTimes:
+        """This rank's mean seconds per step in the window: wall, data wait, blocked in collectives."""
+        steps = max(self.steps, 1)
+        collective_s = COLLECTIVE_CLOCK.seconds - self.collective_at_start - self.excluded_collective_s
+        return RankTimes(self.training_s() / steps, self.data_wait_s / steps, max(collective_s, 0.0) / steps)
 
     def metrics(
         self, info: DistInfo, *, global_batch: int, images_seen: int, skipped_samples: int, shard_retries: int = 0

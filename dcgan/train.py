@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,19 +41,23 @@ from dcgan.distributed import (
     init_distributed,
     launched_world_size,
     log_batchnorm_mode,
+    rendezvous_store,
     replicas_agree,
     sync_buffers,
 )
 from dcgan.ema import GeneratorEMA
 from dcgan.errors import EXIT_NONFINITE, EXIT_OK
 from dcgan.graphs import StepRunner, make_runner
+from dcgan.hang import HangWatch
 from dcgan.models import Discriminator, Generator
 from dcgan.plan import lr_advice
 from dcgan.preemption import StoppedWhileWaiting, StopSignal, stop_agreed
 from dcgan.rundir import RunDir, RunDirLock, check_progress, own_run_dir, save_run_config
 from dcgan.sample import LoadedGenerator, generate, plain_copy, save_grid, to_uint8_grid
 from dcgan.step import NONFINITE, GANStep, build_step
+from dcgan.stragglers import RankWatch
 from dcgan.tracking import (
+    Elapsed,
     GanHealth,
     Progress,
     Tracker,
@@ -311,22 +317,58 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
     diversity), the metric line, evaluation (which may save this step as the best), a stop signal
     (which saves and ends the run), the regular checkpoint (unless this step is saved already).
     """
+    hang = start_hang_watch(trainer)
+    try:
+        return _loop(trainer, tracker, stop, hang)
+    finally:
+        hang.stop()
+
+
+def start_hang_watch(trainer: Trainer) -> HangWatch:
+    """This rank's hang report (dist.hang_after), started."""
+    cfg, info = trainer.config, trainer.info
+    return HangWatch(
+        trainer.run_dir,
+        info.rank,
+        info.world_size,
+        cfg.dist.hang_after,
+        cfg.dist.hang_min_s,
+        cfg.data.workers,
+        rendezvous_store() if info.world_size > 1 else None,
+    ).start()
+
+
+def _loop(trainer: Trainer, tracker: Tracker, stop: StopSignal, hang: HangWatch) -> int:
+    """run_loop's body; every wait that is not a step is inside `hang.not_training()`."""
     cfg, info = trainer.config, trainer.info
     batches = iter(trainer.data)
     window = Window(info.device)
+    ranks = RankWatch(info.rank, info.world_size, info.flag_group, cfg.log.straggler, cfg.log.straggler_windows)
     progress = Progress(cfg.train.steps, trainer.step, enabled=info.is_main)
     health = GanHealth()
     diversity: float | None = None  # of the newest grid (rank 0), reported with the next metric line
     previous_best = read_best(trainer.checkpointer.root)
     best = previous_best["value"] if previous_best else math.inf
+
+    @contextmanager
+    def outside_training() -> Iterator[Elapsed]:
+        """Work between steps that is not training: kept out of the window's rates and the hang watch."""
+        with window.outside_training() as took, hang.not_training():
+            yield took
+
     while trainer.step < cfg.train.steps:
         waited = time.perf_counter()
+        hang.waiting_for_data(trainer.step + 1)
         try:
             with stop.waiting(interruptible=not info.distributed):
                 images = next(batches).to(info.device, non_blocking=True)
         except StoppedWhileWaiting:
-            return stop_while_waiting(trainer, stop)
-        window.add(trainer.train_step(images), time.perf_counter() - waited)
+            with hang.not_training():
+                return stop_while_waiting(trainer, stop)
+        waited = time.perf_counter() - waited  # before the step: its time is not the loader's
+        hang.in_step(trainer.step + 1)
+        window.add(trainer.train_step(images), waited)
+        hang.step_done(trainer.step)
         progress.update(trainer.step)
         step, final = trainer.step, trainer.step == cfg.train.steps
         log_due = step % cfg.log.every == 0 or final
@@ -335,13 +377,14 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
         # Non-finite loss: reading the device flag is a host sync, so it is checked only where a metric
         # line or a checkpoint would record the step; a NaN in between is caught there.
         if (log_due or checkpoint_due) and cfg.train.nonfinite == "stop" and nonfinite_seen(trainer):
-            return stop_nonfinite(trainer)
+            with hang.not_training():
+                return stop_nonfinite(trainer)
 
         # Fixed-noise grid, made on rank 0 with everyone's BatchNorm buffers in agreement.
         if step % cfg.sample.every == 0 or final:
             sync_buffers(trainer.g_bare, info)
             if info.is_main:
-                with window.outside_training():
+                with outside_training():
                     diversity = write_samples(trainer, tracker, health)
 
         # Metric line of the window that ends here; a new window starts.
@@ -353,6 +396,7 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
                 skipped_samples=trainer.data.skipped_samples,
                 shard_retries=trainer.data.shard_retries,
             )
+            metrics.update(ranks.window_metrics(step, window.rank_times()))
             if diversity is not None:
                 metrics["sample_diversity"] = diversity
             tracker.log_metrics(step, metrics)
@@ -362,7 +406,7 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
 
         # Evaluation, its time kept out of the training rate; a new best is checkpointed here.
         if cfg.eval.every > 0 and step % cfg.eval.every == 0:
-            with window.outside_training() as took:
+            with outside_training() as took:
                 results = evaluate_now(trainer)
             tracker.log_metrics(
                 step,
@@ -379,14 +423,16 @@ def run_loop(trainer: Trainer, tracker: Tracker, stop: StopSignal) -> int:
 
         # A stop signal every rank agreed on: this step's checkpoint, then the exit.
         if stop_agreed(stop, step, info):
-            return stop_now(trainer, stop)
+            with hang.not_training():
+                return stop_now(trainer, stop)
 
         # The regular checkpoint (unless saved as the best); the final one blocks, so the run ends with it complete.
         if checkpoint_due and trainer.checkpointer.saved_step != step:
-            with window.outside_training():
+            with outside_training():
                 trainer.save(blocking=final)
         elif final:
-            trainer.checkpointer.wait()
+            with hang.not_training():
+                trainer.checkpointer.wait()
     progress.close()
     if info.is_main:
         log.info("%s", RunDir(trainer.run_dir).finished_message(trainer.step, trainer.images_seen))

@@ -1,0 +1,137 @@
+"""Which rank is slow (dcgan.stragglers): the rules on given times, then a real run on two emulated hosts
+whose second host runs under a CPU quota, as a rank on a throttled or oversubscribed node does."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import pytest
+from helpers import read_stats, run_in_process
+from hosts import emulated_hosts, missing_requirements
+from test_multihost import torchrun_on, worker_pids
+
+from dcgan.stragglers import RankTimes, StragglerWatch, slowest_rank
+
+HOSTS = ["hosta", "hostb", "hostc"]
+
+
+def test_the_slowest_rank_is_the_one_that_waits_least_in_collectives_not_the_one_with_the_longest_step() -> None:
+    """Every rank's step takes 100 ms (synchronous); rank 2 waits 10 ms for the others, they wait 60 ms."""
+    times = [RankTimes(0.100, 0.002, 0.060), RankTimes(0.100, 0.002, 0.058), RankTimes(0.100, 0.002, 0.010)]
+    slowest = slowest_rank(times, HOSTS)
+    assert slowest is not None
+    assert (slowest.rank, slowest.host, slowest.kind) == (2, "hostc", "compute-bound")
+    assert slowest.own_s == pytest.approx(0.090)
+    assert slowest.others_median_s == pytest.approx(0.041)  # the median of the OTHER ranks: 40 and 42 ms
+    assert slowest.excess == pytest.approx(0.090 / 0.041 - 1)
+
+
+def test_a_rank_whose_excess_is_its_data_wait_is_data_bound() -> None:
+    times = [RankTimes(0.100, 0.001, 0.070), RankTimes(0.100, 0.045, 0.005)]
+    slowest = slowest_rank(times, HOSTS[:2])
+    assert slowest is not None and (slowest.rank, slowest.kind) == (1, "data-bound")
+    assert slowest_rank([RankTimes(0.1, 0.0, 0.0)], HOSTS[:1]) is None  # one rank: nobody to compare with
+
+
+def test_the_warning_needs_the_same_rank_over_the_threshold_for_the_given_windows_and_comes_once() -> None:
+    watch = StragglerWatch(threshold=0.5, windows=3)
+    slow = [RankTimes(0.1, 0.0, 0.06), RankTimes(0.1, 0.0, 0.0)]  # rank 1: 100 ms own vs 40 ms: +150%
+    other = [RankTimes(0.1, 0.0, 0.0), RankTimes(0.1, 0.0, 0.06)]  # now rank 0
+    even = [RankTimes(0.1, 0.0, 0.03), RankTimes(0.1, 0.0, 0.03)]
+
+    def observe(step: int, times: list[RankTimes]) -> str | None:
+        return watch.observe(step, slowest_rank(times, HOSTS[:2]))
+
+    assert [observe(1, slow), observe(2, other), observe(3, slow), observe(4, slow)] == [None] * 4
+    line = observe(5, slow)  # the third window in a row of rank 1
+    assert line is not None and line.startswith(
+        "step 5: rank 1 on hostb is a straggler: 150% slower than the other ranks' median (100.0 vs 40.0 ms"
+    )
+    assert "for 3 metric windows, compute-bound" in line
+    assert observe(6, slow) is None  # once per episode
+    assert observe(7, even) is None
+    assert [observe(8, slow), observe(9, slow)] == [None, None]
+    assert observe(10, slow) is not None  # fell behind anew: warned anew
+    assert StragglerWatch(threshold=0, windows=1).observe(1, slowest_rank(slow, HOSTS[:2])) is None  # off
+
+
+# --- a real straggler --------------------------------------------------------------------------------
+
+CPU_QUOTA = 0.3
+"""hostb's share of one CPU: its rank computes about 3x slower than hosta's."""
+
+
+def cpu_quota_group(name: str) -> Path | None:
+    """A cgroup whose processes get CPU_QUOTA of a CPU (cgroup v2, or v1's cpu controller), or None
+    where this machine has neither writable."""
+    period_us = 10_000
+    quota_us = int(CPU_QUOTA * period_us)
+    for root, files in (
+        (Path("/sys/fs/cgroup"), {"cpu.max": f"{quota_us} {period_us}"}),
+        (Path("/sys/fs/cgroup/cpu"), {"cpu.cfs_period_us": str(period_us), "cpu.cfs_quota_us": str(quota_us)}),
+    ):
+        if not (root / next(iter(files))).exists() and not (root / "cgroup.procs").exists():
+            continue
+        group = root / name
+        try:
+            group.mkdir(exist_ok=True)
+            for file, value in files.items():
+                (group / file).write_text(value)
+            return group
+        except OSError:
+            with suppress(OSError):
+                group.rmdir()
+    return None
+
+
+@contextmanager
+def throttled(name: str) -> Iterator[Path]:
+    group = cpu_quota_group(name)
+    if group is None:
+        pytest.skip("no writable cgroup cpu controller (cpu.max or cpu.cfs_quota_us) to throttle a host with")
+    try:
+        yield group
+    finally:
+        for pid in (group / "cgroup.procs").read_text().split():  # into the root group, then remove it
+            with suppress(OSError):
+                (group.parent / "cgroup.procs").write_text(pid)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(missing_requirements() is not None, reason=str(missing_requirements()))
+def test_a_rank_on_a_throttled_host_is_named_with_its_host_in_the_warning_stats_and_report(tmp_path: Path) -> None:
+    """hostb's processes get 30% of a CPU (a cgroup quota): rank 1 on hostb is named as the straggler,
+    compute-bound, in rank 0's warning, in stats.jsonl and in `dcgan report`."""
+    run = tmp_path / "run"
+    settings = ("train.steps=120", "log.every=10", "checkpoint.every=1000", "sample.every=1000")
+    with emulated_hosts(["hosta", "hostb"], tmp_path / "net") as hosts, throttled(f"dcgan-test-{os.getpid()}") as group:
+        launch = torchrun_on(hosts, ["hosta", "hostb"], 1, run, *settings, "log.straggler=0.3", tag="slow")
+        (group / "cgroup.procs").write_text(str(launch.procs["hostb"].pid))  # before it starts a worker
+        assert {name: status for name, (status, _) in launch.wait(180).items()} == {"hosta": 0, "hostb": 0}, launch.log(
+            "hosta"
+        )[-3000:]
+        assert not worker_pids(hosts, "hostb")
+    train_log = (run / "train.log").read_text()
+    warnings = [line for line in train_log.splitlines() if "is a straggler" in line]
+    assert warnings, train_log[-3000:]
+    assert "rank 1 on hostb is a straggler" in warnings[0] and "compute-bound" in warnings[0]
+    rows = [row for row in read_stats(run) if row["step"] > 20]  # past the first windows (start-up)
+    named = [row for row in rows if (row["slowest_rank"], row["slowest_host"]) == (1, "hostb")]
+    assert len(named) >= len(rows) - 1, [(r["slowest_rank"], round(r["slowest_rank_excess"], 2)) for r in rows]
+    excess = sorted(row["slowest_rank_excess"] for row in named)
+    assert excess[len(excess) // 2] > 0.3, excess  # the median window: hostb at least 30% slower
+    page = run_in_process("report", str(run)).stdout
+    report = (run / "report.html").read_text()
+    assert "report.html" in page
+    assert "rank 1 on hostb" in report and "slowest in" in report
