@@ -226,7 +226,8 @@ def write_stacks(run_dir: Path, rank: int, position: Position, why: str) -> Path
     path = run_dir / f"hang-{rank}.txt"
     with open(path, "w") as out:
         out.write(f"rank {rank} on {position.host}, pid {os.getpid()}, at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        out.write(f"{why}\nthe loop is {position.doing}\n\n")
+        out.write(f"{why}\nthe loop is {position.doing}\n")
+        out.write(f"the loop runs in the main thread, Thread 0x{threading.main_thread().ident or 0:016x} below\n\n")
         out.flush()
         faulthandler.dump_traceback(out, all_threads=True)
     return path

@@ -1,0 +1,96 @@
+"""The hang report (dcgan.hang): a rank whose loader stalls mid-run, as a stuck mount or a shard server
+that keeps the connection open makes it, on torchrun's two ranks. Every rank writes its stacks and
+position to run.dir/hang-<rank>.txt, rank 0 names the rank the others wait for, long before the
+collective timeout, and the run finishes once the data comes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from distributed_helpers import signal_tree, torchrun_cmd, wait_for
+from helpers import ROOT, TINY, read_stats, subprocess_env
+
+from dcgan.tracking import read_stats as stats_rows
+
+STALL_S = 15
+"""How long rank 1's shard pipe sleeps once: past the hang limit (3 s here), far below dist.timeout_s."""
+
+
+def stalling_shards(shards: Path, tmp_path: Path) -> tuple[str, Path]:
+    """`pipe:` shards that read normally until the returned file exists; then the next shard rank 1
+    opens sleeps STALL_S seconds before it sends a byte (once)."""
+    mark, once = tmp_path / "stall-now", tmp_path / "stalled"
+    script = tmp_path / "shard.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$RANK" = 1 ] && [ -e {mark} ] && mkdir {once} 2>/dev/null; then sleep {STALL_S}; fi\n'
+        'exec cat "$1"\n'
+    )
+    count = len(list(shards.glob("shard-*.tar")))
+    return f"pipe:sh {script} {shards}/shard-{{000000..{count - 1:06d}}}.tar", mark
+
+
+@pytest.mark.slow  # two ranks through torchrun, with a 15 s stall
+def test_a_stalled_loader_is_named_by_rank_0_and_every_rank_writes_its_stacks(
+    digits_shards: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    spec, mark = stalling_shards(digits_shards, tmp_path)
+    proc = subprocess.Popen(
+        torchrun_cmd(
+            2,
+            "train",
+            str(TINY),
+            f"run.dir={run}",
+            f"data.shards={spec}",
+            "data.workers=0",
+            "data.epoch_samples=512",
+            "train.steps=160",
+            "log.every=10",
+            "checkpoint.every=1000",
+            "sample.every=1000",
+            "dist.hang_min_s=3",
+        ),
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: any(row["step"] >= 40 for row in stats_rows(run / "stats.jsonl")), proc, timeout=120)
+        mark.touch()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            signal_tree(proc.pid, 9)
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+
+    train_log = (run / "train.log").read_text()
+    stalls = [line for line in train_log.splitlines() if "no step completed for" in line]
+    assert len(stalls) == 1, train_log[-3000:]
+    found = re.search(
+        r"no step completed for (\d+) s \(10x the median step time of [0-9.e-]+ s, at least dist.hang_min_s=3\); "
+        r"rank 1 on (\S+) did not reach the point the others wait at: waiting for its batch of step (\d+) from the "
+        r"loader in the training process; rank 0 on \S+: inside step (\d+), whose collectives wait for every rank; "
+        rf"stacks in {re.escape(str(run))}/hang-<rank>.txt",
+        stalls[0],
+    )
+    assert found, stalls[0]
+    waited_s, step = int(found[1]), int(found[3])
+    assert 3 <= waited_s < STALL_S and int(found[4]) == step
+    assert f"step {step} completed: the stall reported in hang-*.txt is over" in train_log
+
+    rank1 = (run / "hang-1.txt").read_text()
+    assert rank1.startswith("rank 1 on ")
+    assert f"the loop is waiting for its batch of step {step} from the loader in the training process" in rank1
+    assert re.search(r'File ".*dcgan/data/\w+\.py", line \d+ in ', rank1), rank1  # its main thread, reading
+    rank0 = (run / "hang-0.txt").read_text()
+    assert f"the loop is inside step {step}, whose collectives wait for every rank" in rank0
+    assert re.search(r'File ".*dcgan/batchnorm\.py", line \d+ in forward', rank0), rank0  # waiting for rank 1
+    assert max(row["step"] for row in read_stats(run)) == 160
