@@ -225,10 +225,18 @@ def delivered(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def measure_loader(
-    shards: str, workers: int, batch_size: int, batches: int, partitions: int = 0, seed: int = 0
+    shards: str,
+    workers: int,
+    batch_size: int,
+    batches: int,
+    partitions: int = 0,
+    seed: int = 0,
+    device: torch.device | None = None,
 ) -> float:
-    """Images per second the shard loader delivers to the training device: pinned and copied to the GPU
-    when there is one, as in training. A first batch is taken before timing (worker start-up)."""
+    """Images per second the shard loader delivers to the training device (`device`, default the first
+    GPU or the CPU): pinned and copied to the GPU when there is one, as in training. A first batch is
+    taken before timing (worker start-up). A rank of a multi-GPU job passes its own device: choosing one
+    here would make the first GPU the process's current device."""
     from dcgan.data.stream import ShardSource, resolve_shards
 
     manifest = resolve_shards(shards).manifest
@@ -249,7 +257,7 @@ def measure_loader(
             f"data.epoch_samples={batch_size * (batches + 1)}",
         ],
     )
-    device = pick_device("auto", 0)
+    device = device or pick_device("auto", 0)
     source = ShardSource(config, DistInfo.single(device))
     try:
         stream = iter(source)

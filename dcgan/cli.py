@@ -18,6 +18,7 @@ from dcgan.generator_cli import add_generator_commands, positive_int
 DESCRIPTION = """Train DCGANs (Radford et al. 2015) on a laptop CPU or on many GPUs and nodes, and use the result.
 
   dcgan train CONFIG [key=value ...]        train (torchrun/SLURM: the same command in every process)
+  dcgan doctor CONFIG [key=value ...]       preflight of an allocation, launched as training is: one table
   dcgan sample SOURCE --num N --out PNG     a grid from a run directory or an exported generator
   dcgan export RUN_DIR --out generator.pt   the newest checkpoint's generator as one file
   dcgan shards KIND SOURCE OUT_DIR          convert images into WebDataset shards
@@ -102,6 +103,36 @@ def _train(args: argparse.Namespace) -> int:
     return train(config)
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from dcgan.config import load_config
+    from dcgan.doctor import DoctorOptions, doctor
+
+    options = DoctorOptions(
+        seconds=args.seconds,
+        outlier=args.outlier,
+        write_mib=args.write_mib,
+        pair_mib=args.pair_mib,
+        json_path=args.json,
+    )
+    return doctor(load_config(args.config, args.overrides), options)
+
+
+def positive_float(text: str) -> float:
+    """argparse type for durations and sizes: > 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def ratio_above_one(text: str) -> float:
+    """argparse type for --outlier: a ratio of 1 or less would flag every rank slower than the median."""
+    value = float(text)
+    if not value > 1:
+        raise argparse.ArgumentTypeError(f"must be > 1, got {text}")
+    return value
+
+
 def _probe(args: argparse.Namespace) -> int:
     import json
 
@@ -177,6 +208,41 @@ def build_parser() -> argparse.ArgumentParser:
         "the cadences (in wall-clock terms when run.dir has measured step times), then exit without training",
     )
     train.set_defaults(func=_train)
+
+    doc = commands.add_parser(
+        "doctor",
+        intermixed=True,
+        help="preflight of an allocation: every rank's host, device, step rate, data and disk; the network; one table",
+        description="Run it the way training runs (python -m dcgan doctor CONFIG, torchrun ... -m dcgan doctor CONFIG, "
+        "srun/submitit), with the config and overrides training will use. Every rank reports its host, device, "
+        "threads and CPUs; times the configured model's step alone on its device (no collectives, so a slow rank "
+        "cannot hide); checks that data.shards is readable (manifest, one image) and times the loader; times "
+        "writing and fsyncing a temporary file in run.dir's file system (removed; run.dir is not created). All "
+        "ranks then time an all-reduce of G and D's gradient size (bus bandwidth) and of 8 floats (latency), and "
+        "one rank per host exchanges --pair-mib with every other host, naming the slowest pair. Rank 0 prints one "
+        "table, a rank slower than the median by more than --outlier times flagged (a pair of hosts: than the "
+        "fastest pair), and a verdict.\n\nExit status: 0 nothing found; 7 a check failed on some rank (its line "
+        "says which and why); 8 a rank or a pair of hosts is far off. `dcgan train --help` lists the config keys.",
+    )
+    doc.add_argument("config", help="YAML config file, e.g. configs/celeba64.yaml")
+    doc.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, as for dcgan train")
+    doc.add_argument(
+        "--seconds", type=positive_float, default=3.0, help="time budget of each measurement (warm-up comes on top)"
+    )
+    doc.add_argument(
+        "--outlier",
+        type=ratio_above_one,
+        default=1.5,
+        help="a rank this many times slower than the median rank (a pair of hosts: than the fastest pair) is far off",
+    )
+    doc.add_argument(
+        "--write-mib", type=positive_int, default=64, help="most MiB each rank writes to time run.dir's file system"
+    )
+    doc.add_argument(
+        "--pair-mib", type=positive_float, default=8.0, help="MiB sent each way between two hosts, per timed exchange"
+    )
+    doc.add_argument("--json", default="", help="rank 0 also writes the results as JSON to this file")
+    doc.set_defaults(func=_doctor)
 
     add_generator_commands(commands)
 

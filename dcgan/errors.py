@@ -22,6 +22,10 @@ EXIT_NONFINITE = 3
 EXIT_RUN_DIR_IN_USE = 4
 EXIT_NO_PROGRESS = 5
 EXIT_PEER_LOST = 6
+EXIT_PREFLIGHT_BROKEN = 7
+"""`dcgan doctor`: a check failed on some rank (its line says which and why): a job would fail there."""
+EXIT_PREFLIGHT_FAR_OFF = 8
+"""`dcgan doctor`: every check ran, but a rank or a pair of hosts is far slower than the others."""
 EXIT_REQUEUE = 75
 """Checkpointed after SIGUSR1/SIGUSR2 (SLURM's warning before the time limit, or preemption): requeue me.
 75 is EX_TEMPFAIL."""

@@ -87,9 +87,11 @@ def torchrun_on(
     loopback_name: bool = False,
     tag: str = "run",
     nnodes: str = "",
+    command: str = "train",
 ) -> Launch:
     """`torchrun --nnodes=len(names) --nproc_per_node=nproc -m dcgan train tiny.yaml` on each host, with the
-    c10d rendezvous on the first host's name (as slurm/train.sbatch does)."""
+    c10d rendezvous on the first host's name (as slurm/train.sbatch does); `command` runs another dcgan
+    command that takes a config and overrides (e.g. doctor) instead of train."""
     head = names[0]
     full_env = subprocess_env(PYTHONUNBUFFERED="1", **(env or {}))
     logs, procs = {}, {}
@@ -108,7 +110,7 @@ def torchrun_on(
             *flags,
             "-m",
             "dcgan",
-            "train",
+            command,
             str(TINY),
             f"run.dir={run_dir}",
             "log.wandb=disabled",
