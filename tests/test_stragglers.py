@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from helpers import read_stats, run_in_process
 from hosts import emulated_hosts, missing_requirements
-from test_multihost import torchrun_on, worker_pids
+from test_multihost import torchrun_on, wait_for, worker_pids
 
 from dcgan.stragglers import RankTimes, StragglerWatch, slowest_rank
+from dcgan.tracking import read_stats as stats_rows
 
 HOSTS = ["hosta", "hostb", "hostc"]
 
@@ -114,10 +115,16 @@ def test_a_rank_on_a_throttled_host_is_named_with_its_host_in_the_warning_stats_
     """hostb's processes get 30% of a CPU (a cgroup quota): rank 1 on hostb is named as the straggler,
     compute-bound, in rank 0's warning, in stats.jsonl and in `dcgan report`."""
     run = tmp_path / "run"
-    settings = ("train.steps=120", "log.every=10", "checkpoint.every=1000", "sample.every=1000")
+    settings = ("train.steps=150", "log.every=10", "checkpoint.every=1000", "sample.every=1000")
     with emulated_hosts(["hosta", "hostb"], tmp_path / "net") as hosts, throttled(f"dcgan-test-{os.getpid()}") as group:
         launch = torchrun_on(hosts, ["hosta", "hostb"], 1, run, *settings, "log.straggler=0.3", tag="slow")
-        (group / "cgroup.procs").write_text(str(launch.procs["hostb"].pid))  # before it starts a worker
+        # throttled once it trains (throttled from its start, its imports alone would outlast the heartbeat's
+        # arrival rule): the host gets busy, as a node does when another job lands on it
+        wait_for(lambda: bool(stats_rows(run / "stats.jsonl")), 120, "the first metric line")
+        workers = worker_pids(hosts, "hostb")
+        assert len(workers) == 1
+        (group / "cgroup.procs").write_text(str(workers[0]))
+        throttled_from = max(row["step"] for row in stats_rows(run / "stats.jsonl"))
         assert {name: status for name, (status, _) in launch.wait(180).items()} == {"hosta": 0, "hostb": 0}, launch.log(
             "hosta"
         )[-3000:]
@@ -126,7 +133,7 @@ def test_a_rank_on_a_throttled_host_is_named_with_its_host_in_the_warning_stats_
     warnings = [line for line in train_log.splitlines() if "is a straggler" in line]
     assert warnings, train_log[-3000:]
     assert "rank 1 on hostb is a straggler" in warnings[0] and "compute-bound" in warnings[0]
-    rows = [row for row in read_stats(run) if row["step"] > 20]  # past the first windows (start-up)
+    rows = [row for row in read_stats(run) if row["step"] > throttled_from + 10]  # a whole window throttled
     named = [row for row in rows if (row["slowest_rank"], row["slowest_host"]) == (1, "hostb")]
     assert len(named) >= len(rows) - 1, [(r["slowest_rank"], round(r["slowest_rank_excess"], 2)) for r in rows]
     excess = sorted(row["slowest_rank_excess"] for row in named)
