@@ -246,6 +246,8 @@ def stall_line(why: str, positions: dict[int, Position], world_size: int, run_di
         parts.append(f"{who} did not reach the point the others wait at: {first.doing}")
         others = ", ".join(f"rank {rank} on {positions[rank].host}" for rank in ahead)
         parts.append(f"{others}: {positions[ahead[0]].doing}")
+    elif len(behind) == 1:
+        parts.append(f"{who} is {first.doing}")
     else:
         parts.append(f"{who}: all {first.doing}")
     if silent:

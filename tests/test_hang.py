@@ -13,6 +13,7 @@ import pytest
 from distributed_helpers import signal_tree, torchrun_cmd, wait_for
 from helpers import ROOT, TINY, read_stats, subprocess_env
 
+from dcgan.hang import IN_STEP, WAITING_FOR_DATA, Position, stall_line
 from dcgan.tracking import read_stats as stats_rows
 
 STALL_S = 15
@@ -94,3 +95,19 @@ def test_a_stalled_loader_is_named_by_rank_0_and_every_rank_writes_its_stacks(
     assert f"the loop is inside step {step}, whose collectives wait for every rank" in rank0
     assert re.search(r'File ".*dcgan/batchnorm\.py", line \d+ in forward', rank0), rank0  # waiting for rank 1
     assert max(row["step"] for row in read_stats(run)) == 160
+
+
+def test_the_stall_line_names_the_ranks_behind_and_those_that_sent_no_position(tmp_path: Path) -> None:
+    data = Position(7, WAITING_FOR_DATA, "waiting for its batch of step 7 from 2 loader worker process(es)", "b")
+    inside = Position(7, IN_STEP, "inside step 7, whose collectives wait for every rank", "a")
+    why = "no step completed for 70 s (...)"
+    line = stall_line(why, {0: inside, 1: inside, 3: data}, 4, tmp_path)
+    assert line == (
+        f"{why}; rank 3 on b did not reach the point the others wait at: {data.doing}; rank 0 on a, rank 1 on a: "
+        f"{inside.doing}; no position from rank 2 (stuck outside Python, or cut off); stacks in {tmp_path}/hang-<rank>.txt"
+    )
+    assert (
+        stall_line(why, {0: data}, 1, tmp_path)
+        == f"{why}; rank 0 on b is {data.doing}; stacks in {tmp_path}/hang-<rank>.txt"
+    )
+    assert f"rank 0 on a, rank 1 on a: all {inside.doing}" in stall_line(why, {0: inside, 1: inside}, 2, tmp_path)
