@@ -132,7 +132,7 @@ class LogConfig:
     straggler_windows: int = _field(3, "metric lines in a row a rank must lag before the straggler warning")
 
 
-BnStats = Literal["running", "batch"]
+BnStats = Literal["running", "batch", "standing"]
 """BatchNorm statistics a generator can make images with (dcgan.sample.generate implements them)."""
 BN_STATS: tuple[str, ...] = get_args(BnStats)
 
@@ -144,7 +144,8 @@ class SampleConfig:
     bn: BnStats = _field(
         "running",
         "G's BatchNorm statistics when making images (grids, sample, eval): running = the averages kept "
-        "in training (eval mode), batch = each generated batch's own (train mode)",
+        "in training (eval mode), batch = each generated batch's own (train mode), standing = re-estimated "
+        "from G's own outputs on fixed latents (1,024 images) just before, as the average of G always is",
     )
     ema: bool = _field(True, "with train.ema > 0, images come from the averaged G (false: from the raw G)")
 

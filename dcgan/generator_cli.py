@@ -152,7 +152,7 @@ def add_generator_options(parser: argparse.ArgumentParser) -> None:
         "--bn",
         choices=BN_STATS,
         default=None,
-        help="BatchNorm statistics: running (eval mode) or batch (each batch's own); default: the run's sample.bn",
+        help="BatchNorm statistics: running (eval mode), batch (each batch's own) or standing (re-estimated from G's own outputs on fixed latents first); default: the run's sample.bn",
     )
 
 

@@ -27,6 +27,10 @@ WEIGHTS = ("raw", "ema")
 """Which of a run's generators: the trained G, or the average of its weights (train.ema)."""
 
 
+Buffers = dict[str, torch.Tensor]
+"""A module's buffers by name (BatchNorm running statistics and counts)."""
+
+
 @dataclasses.dataclass
 class LoadedGenerator:
     generator: Generator
@@ -38,9 +42,15 @@ class LoadedGenerator:
     weights: str = "raw"
     """'raw' (the trained G) or 'ema' (the averaged weights, train.ema)."""
 
+    standing: Buffers | None = None
+    """Standing statistics of these weights, measured at the first image (bn='standing')."""
+
     def images(self, noise: torch.Tensor) -> torch.Tensor:
-        """G(noise) in [-1, 1] with this generator's BatchNorm choice."""
-        return generate(self.generator, noise, self.bn)
+        """G(noise) in [-1, 1] with this generator's BatchNorm choice; standing statistics are measured
+        once per LoadedGenerator, whose weights do not change while it makes images."""
+        if self.bn == "standing" and self.standing is None:
+            self.standing = standing_statistics(self.generator)
+        return generate(self.generator, noise, self.bn, self.standing)
 
 
 def to_uint8_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
@@ -61,15 +71,16 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None
 def batchnorm_statistics(generator: torch.nn.Module, bn: str) -> Iterator[None]:
     """G set to make images with `bn` statistics: 'running' = eval mode; 'batch' = each batch's own
     statistics (train mode) without touching the stored running averages. Restored afterwards.
-    A G with cross-rank BatchNorm (training on several ranks) gives its batch statistics through a
-    collective: make images in 'batch' mode from a plain copy (`plain_copy`)."""
+    ('standing' is running statistics measured first: see `generate`.) A G with cross-rank BatchNorm
+    (training on several ranks) gives batch statistics through a collective: make images in 'batch'
+    or 'standing' mode from a plain copy (`plain_copy`)."""
     if bn not in BN_STATS:
         raise ConfigError(f"BatchNorm statistics: {bn!r} is not one of {', '.join(BN_STATS)}")
     norms = [m for m in generator.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     was_training, tracked = generator.training, [m.track_running_stats for m in norms]
     generator.train(bn == "batch")
     for m in norms:
-        m.track_running_stats = bn == "running"
+        m.track_running_stats = bn != "batch"
     try:
         yield
     finally:
@@ -79,10 +90,42 @@ def batchnorm_statistics(generator: torch.nn.Module, bn: str) -> Iterator[None]:
 
 
 @torch.no_grad()
-def generate(generator: torch.nn.Module, noise: torch.Tensor, bn: str = "running") -> torch.Tensor:
-    """G(noise) in [-1, 1], its BatchNorm using `bn` statistics (see batchnorm_statistics)."""
-    with batchnorm_statistics(generator, bn):
-        return generator(noise)
+def standing_statistics(generator: Generator) -> Buffers:
+    """G's BatchNorm statistics re-estimated from its own outputs on fixed latents (the average's
+    `refresh_batchnorm_statistics`), returned; G's own buffers are left as they were.
+
+    Why: running averages of the statistics trail a generator that moves fast (momentum 0.1: the last
+    ~10 steps, of a G that differed at each), and images made with them can be far worse than the same
+    weights deserve; statistics measured on the current weights cannot lag them."""
+    stored = {name: buffer.clone() for name, buffer in generator.named_buffers()}
+    refresh_batchnorm_statistics(generator, generator.nz)
+    standing = {name: buffer.clone() for name, buffer in generator.named_buffers()}
+    _copy_buffers(generator, stored)
+    return standing
+
+
+def _copy_buffers(module: torch.nn.Module, buffers: Buffers) -> None:
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            buffer.copy_(buffers[name])
+
+
+@torch.no_grad()
+def generate(
+    generator: torch.nn.Module, noise: torch.Tensor, bn: str = "running", standing: Buffers | None = None
+) -> torch.Tensor:
+    """G(noise) in [-1, 1], its BatchNorm using `bn` statistics (see batchnorm_statistics); for
+    'standing', `standing` (from `standing_statistics`) or, when None, statistics measured now."""
+    if bn != "standing":
+        with batchnorm_statistics(generator, bn):
+            return generator(noise)
+    assert isinstance(generator, Generator), "standing statistics are measured on a Generator (its nz)"
+    stored = {name: buffer.clone() for name, buffer in generator.named_buffers()}
+    _copy_buffers(generator, standing if standing is not None else standing_statistics(generator))
+    try:
+        return generate(generator, noise, "running")
+    finally:
+        _copy_buffers(generator, stored)
 
 
 def plain_copy(generator: torch.nn.Module, model: ModelConfig) -> Generator:

@@ -123,8 +123,9 @@ class Trainer:
 
     def raw_image_generator(self) -> Generator:
         """The trained G for images with sample.bn statistics: a plain copy when its BatchNorm would
-        need a collective for batch statistics (cross-rank BatchNorm, images made on rank 0 alone)."""
-        if self.config.sample.bn == "batch" and self.info.distributed:
+        need a collective for batch or standing statistics (cross-rank BatchNorm, images made on rank 0
+        alone)."""
+        if self.config.sample.bn in ("batch", "standing") and self.info.distributed:
             return plain_copy(self.g_bare, self.config.model)
         return self.g_bare
 

@@ -13,7 +13,7 @@ from helpers import TINY, load_checkpoint_tensors, read_stats, run_in_process, t
 from PIL import Image
 
 from dcgan.config import load_config
-from dcgan.ema import WARMUP_UPDATES, GeneratorEMA, decay_at
+from dcgan.ema import WARMUP_UPDATES, GeneratorEMA, decay_at, refresh_batchnorm_statistics
 from dcgan.models import Generator
 from dcgan.sample import generate, load_export, load_generator, save_grid
 from dcgan.train import EXIT_OK, train
@@ -143,6 +143,40 @@ def test_batch_statistics_leave_the_running_averages_alone_and_depend_on_the_bat
     assert not torch.allclose(batch, running, atol=1e-3)
     torch.testing.assert_close(generate(g, noise[:4], "running"), running[:4])  # per image
     assert not torch.allclose(generate(g, noise[:4], "batch"), batch[:4], atol=1e-4)  # per batch
+
+
+def test_standing_statistics_are_those_of_the_current_weights_however_stale_the_running_ones(
+    ema_run: Path, tmp_path: Path
+) -> None:
+    """Running statistics made stale on purpose (as a fast-moving G leaves them): standing statistics are
+    measured on the weights, equal what the average's re-estimation gives, and leave G's buffers alone."""
+    loaded = load_generator(ema_run, weights="raw")
+    g = loaded.generator
+    with torch.no_grad():
+        for name, buffer in g.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.add_(3.0)
+            elif name.endswith("running_var"):
+                buffer.mul_(25.0)
+    stale = {k: v.clone() for k, v in g.state_dict().items()}
+    noise = torch.randn(512, 16, generator=torch.Generator().manual_seed(0))
+    standing = generate(g, noise, "standing")
+    for key, value in g.state_dict().items():
+        assert torch.equal(value, stale[key]), key  # put back
+    reference = Generator(loaded.model)
+    reference.load_state_dict(stale)
+    refresh_batchnorm_statistics(reference, loaded.model.nz)
+    torch.testing.assert_close(standing, generate(reference, noise, "running"), rtol=0, atol=0)
+    batch, running = generate(g, noise, "batch"), generate(g, noise, "running")
+    # 512 images' own statistics are close to those of the 1,024 fixed latents; the stale ones are not
+    assert (standing - batch).abs().mean() < 0.1 * (running - batch).abs().mean()
+    loaded.bn = "standing"
+    assert torch.equal(loaded.images(noise[:8]), standing[:8]) and loaded.standing is not None
+    out = tmp_path / "e.json"
+    run_in_process(
+        "eval", str(ema_run), "--raw", "--bn", "standing", "--data", "digits", "-n", "300", "--out", str(out)
+    )
+    assert json.loads(out.read_text())["protocol"]["generator"]["bn"] == "standing"
 
 
 def test_a_run_with_batch_statistics_records_them_and_sample_can_override(tmp_path: Path) -> None:
