@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dcgan.stragglers import all_reduce_timed
+from dcgan.collective_clock import all_reduce_timed
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -126,7 +126,7 @@ def positive_float(text: str) -> float:
 
 
 def ratio_above_one(text: str) -> float:
-    """argparse type for --outlier: a ratio of 1 or less would flag every rank slower than the median."""
+    """argparse type for --outlier: a ratio of 1 or less would flag every rank slower than the others' median."""
     value = float(text)
     if not value > 1:
         raise argparse.ArgumentTypeError(f"must be > 1, got {text}")
@@ -214,13 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
         intermixed=True,
         help="preflight of an allocation: every rank's host, device, step rate, data and disk; the network; one table",
         description="Run it the way training runs (python -m dcgan doctor CONFIG, torchrun ... -m dcgan doctor CONFIG, "
-        "srun/submitit), with the config and overrides training will use. Every rank reports its host, device, "
+        "srun + torchrun), with the config and overrides training will use. Every rank reports its host, device, "
         "threads and CPUs; times the configured model's step alone on its device (no collectives, so a slow rank "
         "cannot hide); checks that data.shards is readable (manifest, one image) and times the loader; times "
         "writing and fsyncing a temporary file in run.dir's file system (removed; run.dir is not created). All "
         "ranks then time an all-reduce of G and D's gradient size (bus bandwidth) and of 8 floats (latency), and "
         "one rank per host exchanges --pair-mib with every other host, naming the slowest pair. Rank 0 prints one "
-        "table, a rank slower than the median by more than --outlier times flagged (a pair of hosts: than the "
+        "table, a rank slower than the other ranks' median by more than --outlier times flagged (a pair of hosts: than the "
         "fastest pair), and a verdict.\n\nExit status: 0 nothing found; 7 a check failed on some rank (its line "
         "says which and why); 8 a rank or a pair of hosts is far off. `dcgan train --help` lists the config keys.",
     )

@@ -127,7 +127,8 @@ class LogConfig:
     straggler: float = _field(
         0.5,
         "warn when one rank's own time per step (step time less its wait in collectives) stays this much "
-        "above the other ranks' median (0.5 = 50% slower) for log.straggler_windows metric lines; 0 = off",
+        "above the other ranks' median (0.5 = 50% slower) for log.straggler_windows metric lines; 0 = no "
+        "warning (the slowest rank is still logged with every metric line)",
     )
     straggler_windows: int = _field(3, "metric lines in a row a rank must lag before the straggler warning")
 

@@ -29,10 +29,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dcgan.batchnorm import convert_to_cross_rank
+from dcgan.collective_clock import all_reduce_timed, timed_allreduce_hook
 from dcgan.config import Config
 from dcgan.errors import DcganError, LaunchError
 from dcgan.liveness import Liveness, StoreAddress
-from dcgan.stragglers import all_reduce_timed, timed_allreduce_hook
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,18 @@ def check_elastic_restarts() -> None:
         )
 
 
+def check_srun_tasks() -> None:
+    """Refuse tasks that srun started without telling them their rank: each would run alone (N separate
+    runs racing for run.dir, or N one-rank doctors each saying "ok")."""
+    tasks = _env_int("SLURM_STEP_NUM_TASKS", 1)
+    if tasks > 1 and not os.environ.get("WORLD_SIZE"):
+        raise LaunchError(
+            f"srun started {tasks} tasks, but none knows its rank (WORLD_SIZE is not set), so each would run "
+            "alone: start one torchrun per node (srun --ntasks-per-node=1 torchrun --nnodes=... -m dcgan ...), "
+            "as slurm/train.sbatch does, or submit training with python -m launch.slurm"
+        )
+
+
 def init_distributed(
     device_preference: str = "auto",
     timeout_s: int = 600,
@@ -136,6 +148,7 @@ def init_distributed(
             f"RANK={os.environ['RANK']} is set but WORLD_SIZE is not: start the ranks with torchrun or srun"
         )
     check_elastic_restarts()
+    check_srun_tasks()
     world_size = launched_world_size()
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -305,6 +318,7 @@ def gradient_sync(config: Config, info: DistInfo) -> GradientSync:
 
 
 Bare = TypeVar("Bare", bound=nn.Module)
+T = TypeVar("T")
 
 
 def prepare_module(
@@ -411,6 +425,16 @@ def all_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         values /= info.world_size
+    return values
+
+
+def gather_objects(value: T, group: dist.ProcessGroup | None, world_size: int) -> list[T]:
+    """Every rank's `value` (picklable), in rank order, on every rank: one all_gather_object on `group`
+    (the host-side gloo group: pickles travel through CPU tensors)."""
+    if world_size == 1:
+        return [value]
+    values: list[Any] = [None] * world_size
+    dist.all_gather_object(values, value, group=group)
     return values
 
 

@@ -1,5 +1,5 @@
 """`dcgan doctor`: a preflight of an allocation, run the way training runs (one process, torchrun,
-srun/submitit), that says in one table whether every rank can train and whether one will hold the
+srun + torchrun), that says in one table whether every rank can train and whether one will hold the
 others back.
 
 Why: a job of N ranks runs at the pace of its slowest rank and its slowest link, and fails wherever one
@@ -11,7 +11,7 @@ Every rank measures, at the same time as the others (as training loads the machi
 - who it is: host, device, torch threads, the CPUs it may run on;
 - the configured model's step rate on a synthetic batch of its per-rank size, built for ONE process on
   the rank's device (`bench.time_step`): no collectives, so a slow rank cannot hide behind the others
-  waiting for it at every all-reduce; compared with the median of the ranks;
+  waiting for it at every all-reduce; compared with the median of the other ranks;
 - the shards: the manifest and the first image of one shard (rank r reads shard r mod n, so the ranks
   together touch many), then the loader's rate (`bench.measure_loader`, the rank's data.workers);
 - the write rate of run.dir's file system: a temporary file of up to --write-mib written and fsynced,
@@ -27,7 +27,7 @@ every rank still reaches every collective and rank 0 prints the whole table. An 
 itself ends the job as in training: dcgan.liveness names the lost peer in one line.
 
 Exit status (the same on every rank): 0 nothing found; EXIT_PREFLIGHT_BROKEN (7) a check failed on some
-rank; EXIT_PREFLIGHT_FAR_OFF (8) a rank's step, loader or write rate is below the ranks' median by more
+rank; EXIT_PREFLIGHT_FAR_OFF (8) a rank's step, loader or write rate is below the other ranks' median by more
 than --outlier times, or a pair of hosts is that far below the fastest pair.
 """
 
@@ -58,7 +58,14 @@ from dcgan.bench import (
     untimed_steps,
 )
 from dcgan.config import Config
-from dcgan.distributed import DistInfo, destroy_distributed, explain_failure, init_distributed, launched_world_size
+from dcgan.distributed import (
+    DistInfo,
+    destroy_distributed,
+    explain_failure,
+    gather_objects,
+    init_distributed,
+    launched_world_size,
+)
 from dcgan.errors import EXIT_OK, EXIT_PREFLIGHT_BROKEN, EXIT_PREFLIGHT_FAR_OFF, DcganError, one_line, tell_launcher
 from dcgan.graphs import make_runner
 from dcgan.models import Discriminator, Generator
@@ -75,7 +82,7 @@ class DoctorOptions:
     seconds: float = 3.0
     """Time budget of each measurement (warm-up and start-up come on top)."""
     outlier: float = 1.5
-    """A rank (or pair of hosts) this many times slower than the median rank (the fastest pair) is far off."""
+    """A rank (or pair of hosts) this many times slower than the other ranks' median (the fastest pair) is far off."""
     write_mib: int = 64
     """Most MiB each rank writes into run.dir's file system (less where --seconds runs out first)."""
     pair_mib: float = 8.0
@@ -201,7 +208,9 @@ def check_data(config: Config, info: DistInfo, seconds: float) -> DataCheck:
 
     def loader(batches: int) -> float:
         d = config.data
-        return measure_loader(spec, d.workers, batch, batches, seed=config.seed, device=info.device)
+        # a seed per rank: ranks of one host reading the same shards in the same order would find them in
+        # the page cache (or the server's) and look faster than they will be
+        return measure_loader(spec, d.workers, batch, batches, seed=config.seed + info.rank, device=info.device)
 
     probe = loader(2)
     rate = loader(int(min(1000, max(3, seconds * probe / batch))))
@@ -386,31 +395,32 @@ def measure_network(report: RankReport, config: Config, info: DistInfo, options:
 
 def gather(value: T, info: DistInfo) -> list[T]:
     """Every rank's `value`, in rank order, on every rank (pickled over the host-side gloo group)."""
-    if not info.distributed:
-        return [value]
-    values: list[T | None] = [None] * info.world_size
-    dist.all_gather_object(values, value, group=info.flag_group)
-    return [v for v in values if v is not None]
+    return gather_objects(value, info.flag_group, info.world_size if info.distributed else 1)
 
 
 # --- the judgement and the table ---------------------------------------------------------------------
 
 
 def ratios_to_median(values: list[float | None]) -> list[float | None]:
-    """Each value over the median of the measured ones (None where not measured)."""
-    measured = [v for v in values if v is not None]
-    if not measured:
-        return [None] * len(values)
-    median = statistics.median(measured)
-    return [v / median if v is not None and median > 0 else None for v in values]
+    """Each value over the median of the OTHER measured ones (None where not measured, or alone): a rank
+    is not part of what it is compared with, so that with two ranks a rank half as fast reads 0.5x, not
+    0.67x (the rule dcgan.stragglers follows in training)."""
+
+    def ratio(index: int, value: float | None) -> float | None:
+        others = [v for i, v in enumerate(values) if v is not None and i != index]
+        if value is None or not others or statistics.median(others) <= 0:
+            return None
+        return value / statistics.median(others)
+
+    return [ratio(index, value) for index, value in enumerate(values)]
 
 
 RATES = (("step", "step_img_s"), ("loader", "loader_img_s"), ("write", "write_mb_s"))
-"""The per-rank rates compared with the median rank: (name in a flag, RankReport field)."""
+"""The per-rank rates compared with the other ranks' median: (name in a flag, RankReport field)."""
 
 
 def judge(reports: list[RankReport], outlier: float) -> Verdict:
-    """Flag each rank whose rate is below the median by more than `outlier` times, each pair of hosts
+    """Flag each rank whose rate is below the other ranks' median by more than `outlier` times, each pair of hosts
     that far below the fastest pair (the median pair would not do: with one slow host of three, two of
     the three pairs are slow), and the hosts found in every slow pair; then the exit status."""
     flags: dict[int, list[str]] = {r.rank: [] for r in reports}
@@ -447,7 +457,7 @@ def table(reports: list[RankReport], verdict: Verdict) -> str:
     """One row per rank: who it is, its rates, its status (ok, BROKEN, or its flags)."""
     ratios = ratios_to_median([r.step_img_s for r in reports])
     rows = [
-        ("rank", "host", "device", "threads", "cpus", "step img/s", "vs median", "loader img/s", "write MB/s", "status")
+        ("rank", "host", "device", "threads", "cpus", "step img/s", "vs others", "loader img/s", "write MB/s", "status")
     ]
     for report, ratio in zip(reports, ratios, strict=True):
         status = "BROKEN" if report.errors else ", ".join(verdict.flags[report.rank]) or "ok"
@@ -581,6 +591,9 @@ def doctor(config: Config, options: DoctorOptions) -> int:
             if options.json_path:
                 write_json(Path(options.json_path), reports, verdict, elements, options)
                 print(f"written to {options.json_path}", flush=True)
+        # no rank ends before rank 0 has printed: torchrun stops a host's other workers as soon as one of
+        # them exits with a non-zero status, and rank 0 may be one of them
+        together(info)
         if verdict.exit_status != EXIT_OK:
             tell_launcher_verdict(verdict.line)
         return verdict.exit_status

@@ -11,8 +11,8 @@ point the others wait at: in synchronous training they all stall together, and o
 (waiting for data vs inside the step) tell the cause from the victims.
 
 Only training is timed: sample grids, evaluation and checkpoint saves suspend the watch (their length
-has nothing to do with a step's); the collective timeout still bounds them. Cost to the step: three
-attribute writes; the thread wakes once a second.
+has nothing to do with a step's); the collective timeout still bounds them. Cost to the step: a few
+attribute writes and a clock read; the thread wakes once a second.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import datetime
 import faulthandler
 import json
 import logging
+import math
 import os
 import socket
 import statistics
@@ -46,6 +47,8 @@ GATHER_S = 10.0
 """How long rank 0 waits for the other ranks' positions once it has seen the stall: the others see it
 within a second or two, their medians being nearly equal."""
 STORE_TIMEOUT_S = 5.0
+"""A store request of the watch gives up after this long: a store out of reach must not keep the report
+(or the end of the run, which joins the thread) waiting; a reachable one answers in milliseconds."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,8 @@ class Position:
     step: int
     """The step this rank is working towards (its last completed step + 1)."""
     phase: int
-    """0 waiting for its data, 1 inside the step (whose collectives wait for every rank), 2 after it."""
+    """AFTER_STEP (the previous step's metric line, agreement, checkpoint), WAITING_FOR_DATA, IN_STEP:
+    in the order a step's loop passes them, so that a rank behind another sorts first."""
     doing: str
     host: str
 
@@ -63,7 +67,7 @@ class Position:
         return (self.step, self.phase)
 
 
-WAITING_FOR_DATA, IN_STEP, AFTER_STEP = 0, 1, 2
+AFTER_STEP, WAITING_FOR_DATA, IN_STEP = 0, 1, 2
 
 
 def _doing(phase: int, step: int, workers: int) -> str:
@@ -87,9 +91,12 @@ class HangWatch:
         min_s: float,
         workers: int,
         store: StoreAddress | None,
+        timeout_s: float = math.inf,
     ) -> None:
         self.run_dir, self.rank, self.world_size = run_dir, rank, world_size
         self.factor, self.min_s, self.workers = factor, min_s, workers
+        self.timeout_s = timeout_s
+        """dist.timeout_s: the report must come before the collective timeout ends the job."""
         self.store_address = store
         self.host = socket.gethostname()
         self.intervals: deque[float] = deque(maxlen=RECENT_STEPS)
@@ -100,6 +107,7 @@ class HangWatch:
         self.skip_interval = True  # the first step's time includes start-up
         self.reported: int | None = None
         """The step whose stall was reported (once per stall)."""
+        self._published = False
         self._store: dist.TCPStore | None = None
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dcgan-hang-watch", daemon=True)
@@ -126,13 +134,14 @@ class HangWatch:
     @contextmanager
     def not_training(self) -> Iterator[None]:
         """Work that is not a step (a sample grid, an evaluation, a checkpoint save): not timed, and the
-        next step's time does not include it."""
+        next step's time does not include it. The clock restarts before the suspension ends (the thread
+        reads them in the other order), so the block's length is never taken for a stall."""
         self.suspended += 1
         try:
             yield
         finally:
-            self.suspended -= 1
             self.last_progress, self.skip_interval = time.monotonic(), True
+            self.suspended -= 1
 
     # --- the thread ---------------------------------------------------------------------------------
 
@@ -142,21 +151,26 @@ class HangWatch:
         return self
 
     def stop(self) -> None:
+        """End the thread (a gather in progress gives up at once); drop the store connection."""
         self._stopped.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=2.0)
+            self._thread.join(timeout=2.0 + STORE_TIMEOUT_S)
+        self._store = None
 
     def limit_s(self) -> float | None:
         """Seconds without a step that count as a hang now (None until enough steps were timed)."""
         if len(self.intervals) < MIN_STEPS:
             return None
-        return max(self.factor * statistics.median(self.intervals), self.min_s)
+        return min(max(self.factor * statistics.median(self.intervals), self.min_s), self.timeout_s / 2)
 
     def _run(self) -> None:
         while not self._stopped.wait(1.0):
-            limit = self.limit_s()
+            if self._published and self.reported is None:
+                self._withdraw()  # the stall is over: a later one must not read this position
+            suspended = self.suspended  # before the clock: see not_training
             stalled_s = time.monotonic() - self.last_progress
-            if self.suspended or limit is None or stalled_s <= limit or self.reported == self.step:
+            limit = self.limit_s()
+            if suspended or limit is None or stalled_s <= limit or self.reported == self.step:
                 continue
             self.reported = self.step
             try:
@@ -168,18 +182,26 @@ class HangWatch:
         return Position(self.step, self.phase, _doing(self.phase, self.step, self.workers), self.host)
 
     def _report(self, stalled_s: float, limit_s: float) -> None:
+        """Position to the store and the log first, the stacks file last: run.dir may sit on the very
+        mount that hangs, and a blocked write must not silence the rest."""
         position = self.position()
         median_s = statistics.median(self.intervals)
         why = (
             f"no step completed for {stalled_s:.0f} s ({self.factor:g}x the median step time of "
-            f"{median_s:.3g} s, at least dist.hang_min_s={self.min_s:g})"
+            f"{median_s:.3g} s, at least dist.hang_min_s={self.min_s:g}, at most half dist.timeout_s)"
         )
-        path = write_stacks(self.run_dir, self.rank, position, why)
-        if self.rank != 0:
-            log.warning("%s; rank %d is %s; its stacks are in %s", why, self.rank, position.doing, path)
         self._publish(position)
         if self.rank == 0:
             log.warning("%s", stall_line(why, self._gather(position), self.world_size, self.run_dir))
+        else:
+            log.warning(
+                "%s; rank %d is %s; its stacks go to %s",
+                why,
+                self.rank,
+                position.doing,
+                stacks_path(self.run_dir, self.rank),
+            )
+        write_stacks(self.run_dir, self.rank, position, why)
 
     # --- the store ----------------------------------------------------------------------------------
 
@@ -205,6 +227,14 @@ class HangWatch:
             store = self._connect()
             if store is not None:
                 store.set(self._key(self.rank), json.dumps(position.__dict__))
+                self._published = True
+
+    def _withdraw(self) -> None:
+        self._published = False
+        with suppress(Exception):
+            store = self._connect()
+            if store is not None:
+                store.delete_key(self._key(self.rank))
 
     def _gather(self, mine: Position) -> dict[int, Position]:
         """Rank 0: every rank's position, waiting up to GATHER_S for those that have not written it."""
@@ -216,14 +246,19 @@ class HangWatch:
                 for rank in range(1, self.world_size):
                     if rank not in found and store.check([self._key(rank)]):
                         found[rank] = Position(**json.loads(store.get(self._key(rank))))
-                        store.delete_key(self._key(rank))  # a later stall reads fresh positions
-                time.sleep(0.2)
+                if self._stopped.wait(0.2):
+                    break
         return found
 
 
+def stacks_path(run_dir: Path, rank: int) -> Path:
+    return run_dir / f"hang-{rank}.txt"
+
+
 def write_stacks(run_dir: Path, rank: int, position: Position, why: str) -> Path:
-    """run.dir/hang-<rank>.txt: why, where the loop stands, then every thread's Python stack."""
-    path = run_dir / f"hang-{rank}.txt"
+    """run.dir/hang-<rank>.txt: why, where the loop stands, then every thread's Python stack. (Worker
+    processes of the loader are not in it: their stacks are theirs; `py-spy dump --pid` reads them.)"""
+    path = stacks_path(run_dir, rank)
     with open(path, "w") as out:
         out.write(f"rank {rank} on {position.host}, pid {os.getpid()}, at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         out.write(f"{why}\nthe loop is {position.doing}\n")

@@ -22,64 +22,18 @@ data-bound straggler but not a compute-bound one.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from dcgan.distributed import gather_objects
 
 log = logging.getLogger(__name__)
-
-
-class CollectiveClock:
-    """Host seconds this process spent blocked in the step's collectives, summed since it started.
-    One per process (collectives are a per-process resource); read as a difference over a window."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-
-COLLECTIVE_CLOCK = CollectiveClock()
-"""The clock of this process: the cross-rank BatchNorm exchanges, the explicit gradient all-reduce and
-DDP's gradient all-reduce on CPU (`timed_allreduce_hook`) add to it."""
-
-
-def _blocks_host(tensor: torch.Tensor) -> bool:
-    """Whether a collective on `tensor` blocks the host, so that a host clock sees its wait: a CPU
-    tensor, outside a compiled graph (where a clock would be traced into a constant)."""
-    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-def all_reduce_timed(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
-    """`dist.all_reduce(tensor)` (a sum), its host wait added to COLLECTIVE_CLOCK where it blocks."""
-    if not _blocks_host(tensor):
-        dist.all_reduce(tensor, group=group)
-        return
-    began = time.perf_counter()
-    dist.all_reduce(tensor, group=group)
-    COLLECTIVE_CLOCK.seconds += time.perf_counter() - began
-
-
-def timed_allreduce_hook(
-    process_group: dist.ProcessGroup | None, bucket: dist.GradBucket
-) -> torch.futures.Future[torch.Tensor]:
-    """DDP's own averaging all-reduce (`default_hooks.allreduce_hook`), waited for here so that the wait
-    is timed. For CPU (gloo) models only: it gives up overlapping a bucket's all-reduce with the rest
-    of the backward, which a DCGAN's one or two buckets per model hardly use on a CPU."""
-    began = time.perf_counter()
-    future = default_hooks.allreduce_hook(process_group, bucket)  # type: ignore[arg-type]
-    future.wait()
-    COLLECTIVE_CLOCK.seconds += time.perf_counter() - began
-    return future
-
-
-# DDP checks a hook's annotations as objects; this module's are strings (postponed evaluation)
-timed_allreduce_hook.__annotations__["bucket"] = dist.GradBucket
-timed_allreduce_hook.__annotations__["return"] = torch.futures.Future[torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -89,11 +43,27 @@ class RankTimes:
     step_s: float
     data_wait_s: float
     collective_s: float
+    """NaN where the host clock cannot see it (collectives queued on a GPU): see `estimate_waits`."""
 
     @property
     def own_s(self) -> float:
         """Time per step this rank did not spend waiting for its peers: its data wait and compute."""
         return max(self.step_s - self.collective_s, 0.0)
+
+    @property
+    def measured(self) -> bool:
+        return not math.isnan(self.collective_s)
+
+
+def estimate_waits(times: list[RankTimes]) -> list[RankTimes]:
+    """Where the collective wait was not measured (NCCL), estimate it from the data waits alone,
+    assuming equal compute on every rank: each rank waits in the collectives for as long as the rank
+    with the longest data wait makes it, max(data wait) - its own. That names a data-bound straggler
+    (and only that kind) with the same rule; measured times are returned as they are."""
+    if all(t.measured for t in times):
+        return times
+    longest = max(t.data_wait_s for t in times)
+    return [RankTimes(t.step_s, t.data_wait_s, longest - t.data_wait_s) for t in times]
 
 
 def gather_rank_times(times: RankTimes, group: dist.ProcessGroup | None, world_size: int) -> list[RankTimes]:
@@ -104,15 +74,6 @@ def gather_rank_times(times: RankTimes, group: dist.ProcessGroup | None, world_s
     everyone = [torch.zeros_like(mine) for _ in range(world_size)]
     dist.all_gather(everyone, mine, group=group)
     return [RankTimes(*map(float, row.tolist())) for row in everyone]
-
-
-def gather_hosts(group: dist.ProcessGroup | None, world_size: int, host: str) -> list[str]:
-    """Every rank's host name, in rank order (once per run)."""
-    if world_size == 1:
-        return [host]
-    hosts: list[Any] = [None] * world_size
-    dist.all_gather_object(hosts, host, group=group)
-    return [str(name) for name in hosts]
 
 
 @dataclass(frozen=True)
@@ -141,6 +102,7 @@ def slowest_rank(times: list[RankTimes], hosts: list[str]) -> Slowest | None:
     two ranks the median of the others is the other rank: the comparison is never diluted by itself."""
     if len(times) < 2:
         return None
+    times = estimate_waits(times)
     rank = max(range(len(times)), key=lambda r: times[r].own_s)
     others = [t for r, t in enumerate(times) if r != rank]
     median_own = statistics.median(t.own_s for t in others)
@@ -151,20 +113,21 @@ def slowest_rank(times: list[RankTimes], hosts: list[str]) -> Slowest | None:
 
 
 def straggler_metrics(slowest: Slowest | None, times: list[RankTimes]) -> dict[str, Any]:
-    """What the metric line carries about ranks: the slowest, its host, its excess, and the mean share
-    of step time every rank spent waiting in collectives."""
+    """What the metric line carries about ranks: the slowest, its host, its excess, and (where measured)
+    the mean share of step time every rank spent waiting in collectives."""
     if slowest is None:
         return {}
-    steps = sum(t.step_s for t in times) or 1e-9
-    return {
+    metrics: dict[str, Any] = {
         "slowest_rank": slowest.rank,
         "slowest_host": slowest.host,
         "slowest_rank_excess": slowest.excess,
         "slowest_rank_own_ms": 1000 * slowest.own_s,
         "others_median_own_ms": 1000 * slowest.others_median_s,
         "slowest_rank_data_bound": int(slowest.data_bound),
-        "collective_wait_share": sum(t.collective_s for t in times) / steps,
     }
+    if all(t.measured for t in times):
+        metrics["collective_wait_share"] = sum(t.collective_s for t in times) / (sum(t.step_s for t in times) or 1e-9)
+    return metrics
 
 
 class StragglerWatch:
@@ -213,7 +176,7 @@ class RankWatch:
         self, rank: int, world_size: int, group: dist.ProcessGroup | None, threshold: float, windows: int
     ) -> None:
         self.rank, self.world_size, self.group = rank, world_size, group
-        self.hosts = gather_hosts(group, world_size, socket.gethostname())
+        self.hosts = [str(host) for host in gather_objects(socket.gethostname(), group, world_size)]
         self.watch = StragglerWatch(threshold, windows)
 
     def window_metrics(self, step: int, mine: RankTimes) -> dict[str, Any]:

@@ -22,11 +22,12 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
+from dcgan.collective_clock import COLLECTIVE_CLOCK
 from dcgan.config import Config, ConfigError, LogConfig, config_to_dict, load_config
 from dcgan.distributed import DistInfo, all_mean
 from dcgan.rundir import RunDir
 from dcgan.step import STAT_NAMES
-from dcgan.stragglers import COLLECTIVE_CLOCK, RankTimes
+from dcgan.stragglers import RankTimes
 from dcgan.wandb_files import uploadable_segments
 
 log = logging.getLogger(__name__)
@@ -395,10 +396,12 @@ class Window:
         return max(self.clock() - self.started - self.excluded_s, 1e-9)
 
     def rank_times(self) -> RankTimes:
-        """This rank's mean seconds per step in the window: wall, data wait, blocked in collectives."""
+        """This rank's mean seconds per step in the window: wall, data wait, blocked in collectives (NaN
+        on a GPU, whose collectives the host clock cannot see: dcgan.stragglers estimates it there)."""
         steps = max(self.steps, 1)
-        collective_s = COLLECTIVE_CLOCK.seconds - self.collective_at_start - self.excluded_collective_s
-        return RankTimes(self.training_s() / steps, self.data_wait_s / steps, max(collective_s, 0.0) / steps)
+        blocked_s = COLLECTIVE_CLOCK.seconds - self.collective_at_start - self.excluded_collective_s
+        collective_s = max(blocked_s, 0.0) / steps if self.device.type == "cpu" else math.nan
+        return RankTimes(self.training_s() / steps, self.data_wait_s / steps, collective_s)
 
     def metrics(
         self, info: DistInfo, *, global_batch: int, images_seen: int, skipped_samples: int, shard_retries: int = 0

@@ -336,6 +336,7 @@ def start_hang_watch(trainer: Trainer) -> HangWatch:
         cfg.dist.hang_min_s,
         cfg.data.workers,
         rendezvous_store() if info.world_size > 1 else None,
+        timeout_s=cfg.dist.timeout_s,
     ).start()
 
 
@@ -381,12 +382,14 @@ def _loop(trainer: Trainer, tracker: Tracker, stop: StopSignal, hang: HangWatch)
             with hang.not_training():
                 return stop_nonfinite(trainer)
 
-        # Fixed-noise grid, made on rank 0 with everyone's BatchNorm buffers in agreement.
+        # Fixed-noise grid, made on rank 0 with everyone's BatchNorm buffers in agreement; the other
+        # ranks wait for it here, outside training, not inside the next step's collectives.
         if step % cfg.sample.every == 0 or final:
-            sync_buffers(trainer.g_bare, info)
-            if info.is_main:
-                with outside_training():
+            with outside_training():
+                sync_buffers(trainer.g_bare, info)
+                if info.is_main:
                     diversity = write_samples(trainer, tracker, health)
+                any_rank(False, info)
 
         # Metric line of the window that ends here; a new window starts.
         if log_due:
@@ -420,7 +423,8 @@ def _loop(trainer: Trainer, tracker: Tracker, stop: StopSignal, hang: HangWatch)
             log.info(
                 "step %d eval (%.1f s): %s", step, took.seconds, " ".join(f"{k}={v:.5f}" for k, v in results.items())
             )
-            best = keep_if_best(trainer, results, best)
+            with outside_training():
+                best = keep_if_best(trainer, results, best)
 
         # A stop signal every rank agreed on: this step's checkpoint, then the exit.
         if stop_agreed(stop, step, info):

@@ -49,7 +49,7 @@ def test_one_process_reports_its_rates_in_the_table_and_the_json(digits_shards: 
     )
     print(result.stdout)
     [row] = rows(result.stdout).values()
-    assert row["status"] == "ok" and row["ratio"] == "1.00x"
+    assert row["status"] == "ok" and row["ratio"] == "-"  # alone: no other rank to compare with
     assert int(row["step"]) > 0 and int(row["loader"]) > 0 and int(row["write"]) > 0
     assert int(row["threads"]) >= 1 and int(row["cpus"]) >= 1
     assert "collectives: one rank, none to time" in result.stdout

@@ -112,6 +112,10 @@ def test_shards_whose_samples_cannot_be_decoded_stop_the_run_in_one_line(digits_
             {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
             "WORLD_SIZE=2 but MASTER_ADDR is not set: start the ranks with torchrun or srun",
         ),
+        (  # `srun --ntasks=2 python -m dcgan ...`: two tasks that would each run alone
+            {"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "0"},
+            "srun started 2 tasks, but none knows its rank (WORLD_SIZE is not set), so each would run alone",
+        ),
         (  # what torchrun --max-restarts=3 exports without the fix for its shared store
             {"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"},
             "torchrun --max-restarts=3 needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment",
@@ -123,11 +127,12 @@ def test_an_incomplete_launch_environment_is_refused_in_one_line(
 ) -> None:
     for name, value in env.items():  # read when the process group is joined, not at import
         monkeypatch.setenv(name, value)
-    result = run_in_process("train", "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", check=False)
-    assert result.returncode == 1
-    [line] = result.stderr.strip().splitlines()
-    assert line.startswith(f"dcgan: error: {message}")
-    assert not (tmp_path / "run").exists()
+    for command in ("train", "doctor"):  # the doctor starts as training does, and refuses the same
+        result = run_in_process(command, "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", check=False)
+        assert result.returncode == 1
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith(f"dcgan: error: {message}")
+        assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow  # a training in a process of its own

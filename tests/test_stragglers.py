@@ -14,7 +14,7 @@ from helpers import read_stats, run_in_process
 from hosts import emulated_hosts, missing_requirements
 from test_multihost import torchrun_on, wait_for, worker_pids
 
-from dcgan.stragglers import RankTimes, StragglerWatch, slowest_rank
+from dcgan.stragglers import RankTimes, StragglerWatch, slowest_rank, straggler_metrics
 from dcgan.tracking import read_stats as stats_rows
 
 HOSTS = ["hosta", "hostb", "hostc"]
@@ -36,6 +36,20 @@ def test_a_rank_whose_excess_is_its_data_wait_is_data_bound() -> None:
     slowest = slowest_rank(times, HOSTS[:2])
     assert slowest is not None and (slowest.rank, slowest.kind) == (1, "data-bound")
     assert slowest_rank([RankTimes(0.1, 0.0, 0.0)], HOSTS[:1]) is None  # one rank: nobody to compare with
+
+
+def test_where_the_collective_wait_is_not_measured_the_rank_with_the_longest_data_wait_is_named() -> None:
+    """NCCL: the host clock cannot see the collectives (NaN); every rank's step is 100 ms, rank 1 waits
+    30 ms for its data, the others 2 ms: rank 1 is the data-bound straggler; no collective share."""
+    nan = float("nan")
+    times = [RankTimes(0.100, 0.002, nan), RankTimes(0.100, 0.030, nan), RankTimes(0.100, 0.002, nan)]
+    slowest = slowest_rank(times, HOSTS)
+    assert slowest is not None and (slowest.rank, slowest.kind) == (1, "data-bound")
+    assert slowest.own_s == pytest.approx(0.100) and slowest.others_median_s == pytest.approx(0.072)
+    metrics = straggler_metrics(slowest, times)
+    assert metrics["slowest_host"] == "hostb" and "collective_wait_share" not in metrics
+    even = [RankTimes(0.100, 0.002, nan)] * 3
+    assert slowest_rank(even, HOSTS).excess == pytest.approx(0.0)  # type: ignore[union-attr]
 
 
 def test_the_warning_needs_the_same_rank_over_the_threshold_for_the_given_windows_and_comes_once() -> None:
@@ -71,11 +85,15 @@ def cpu_quota_group(name: str) -> Path | None:
     where this machine has neither writable."""
     period_us = 10_000
     quota_us = int(CPU_QUOTA * period_us)
-    for root, files in (
-        (Path("/sys/fs/cgroup"), {"cpu.max": f"{quota_us} {period_us}"}),
-        (Path("/sys/fs/cgroup/cpu"), {"cpu.cfs_period_us": str(period_us), "cpu.cfs_quota_us": str(quota_us)}),
+    for root, marker, files in (
+        (Path("/sys/fs/cgroup"), "cgroup.controllers", {"cpu.max": f"{quota_us} {period_us}"}),
+        (
+            Path("/sys/fs/cgroup/cpu"),
+            "cpu.cfs_quota_us",
+            {"cpu.cfs_period_us": str(period_us), "cpu.cfs_quota_us": str(quota_us)},
+        ),
     ):
-        if not (root / next(iter(files))).exists() and not (root / "cgroup.procs").exists():
+        if not (root / marker).exists():  # not a cgroup v2 root, or no v1 cpu controller there
             continue
         group = root / name
         try:
@@ -91,13 +109,18 @@ def cpu_quota_group(name: str) -> Path | None:
 
 @contextmanager
 def throttled(name: str) -> Iterator[Path]:
+    """A cgroup of CPU_QUOTA, removed afterwards (with those of earlier test runs that a kill left)."""
+    for parent in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/cpu")):
+        for stale in parent.glob("dcgan-test-*") if parent.is_dir() else []:
+            with suppress(OSError):
+                stale.rmdir()  # only empty ones go: their processes are gone
     group = cpu_quota_group(name)
     if group is None:
         pytest.skip("no writable cgroup cpu controller (cpu.max or cpu.cfs_quota_us) to throttle a host with")
     try:
         yield group
     finally:
-        for pid in (group / "cgroup.procs").read_text().split():  # into the root group, then remove it
+        for pid in (group / "cgroup.procs").read_text().split():  # any process left: back to the top group
             with suppress(OSError):
                 (group.parent / "cgroup.procs").write_text(pid)
         deadline = time.monotonic() + 10
@@ -116,7 +139,7 @@ def test_a_rank_on_a_throttled_host_is_named_with_its_host_in_the_warning_stats_
     compute-bound, in rank 0's warning, in stats.jsonl and in `dcgan report`."""
     run = tmp_path / "run"
     settings = ("train.steps=150", "log.every=10", "checkpoint.every=1000", "sample.every=1000")
-    with emulated_hosts(["hosta", "hostb"], tmp_path / "net") as hosts, throttled(f"dcgan-test-{os.getpid()}") as group:
+    with throttled(f"dcgan-test-{os.getpid()}") as group, emulated_hosts(["hosta", "hostb"], tmp_path / "net") as hosts:
         launch = torchrun_on(hosts, ["hosta", "hostb"], 1, run, *settings, "log.straggler=0.3", tag="slow")
         # throttled once it trains (throttled from its start, its imports alone would outlast the heartbeat's
         # arrival rule): the host gets busy, as a node does when another job lands on it
