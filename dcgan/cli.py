@@ -12,6 +12,7 @@ from typing import Any
 from dcgan.bench_cli import add_bench_commands
 from dcgan.config import ConfigError, keys_help
 from dcgan.data.cli import add_shards_command
+from dcgan.doctor import DoctorOptions
 from dcgan.errors import EXIT_CONFIG, DcganError, one_line, tell_launcher
 from dcgan.generator_cli import add_generator_commands, positive_int
 
@@ -105,7 +106,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _doctor(args: argparse.Namespace) -> int:
     from dcgan.config import load_config
-    from dcgan.doctor import DoctorOptions, doctor
+    from dcgan.doctor import doctor
 
     options = DoctorOptions(
         seconds=args.seconds,
@@ -227,19 +228,29 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("config", help="YAML config file, e.g. configs/celeba64.yaml")
     doc.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, as for dcgan train")
     doc.add_argument(
-        "--seconds", type=positive_float, default=3.0, help="time budget of each measurement (warm-up comes on top)"
+        "--seconds",
+        type=positive_float,
+        default=DoctorOptions.seconds,
+        help="time budget of each measurement (warm-up comes on top)",
     )
     doc.add_argument(
         "--outlier",
         type=ratio_above_one,
-        default=1.5,
-        help="a rank this many times slower than the median rank (a pair of hosts: than the fastest pair) is far off",
+        default=DoctorOptions.outlier,
+        help="a rank this many times slower than the other ranks' median (a pair of hosts: than the fastest pair) "
+        "is far off",
     )
     doc.add_argument(
-        "--write-mib", type=positive_int, default=64, help="most MiB each rank writes to time run.dir's file system"
+        "--write-mib",
+        type=positive_int,
+        default=DoctorOptions.write_mib,
+        help="most MiB each rank writes to time run.dir's file system",
     )
     doc.add_argument(
-        "--pair-mib", type=positive_float, default=8.0, help="MiB sent each way between two hosts, per timed exchange"
+        "--pair-mib",
+        type=positive_float,
+        default=DoctorOptions.pair_mib,
+        help="MiB sent each way between two hosts, per timed exchange",
     )
     doc.add_argument("--json", default="", help="rank 0 also writes the results as JSON to this file")
     doc.set_defaults(func=_doctor)
