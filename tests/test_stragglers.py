@@ -3,6 +3,7 @@ whose second host runs under a CPU quota, as a rank on a throttled or oversubscr
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -10,6 +11,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
+import torch
+from distributed_helpers import spawn_ranks
 from helpers import read_stats, run_in_process
 from hosts import emulated_hosts, missing_requirements
 from test_multihost import torchrun_on, wait_for, worker_pids
@@ -165,3 +168,74 @@ def test_a_rank_on_a_throttled_host_is_named_with_its_host_in_the_warning_stats_
     report = (run / "report.html").read_text()
     assert "report.html" in page
     assert "rank 1 on hostb" in report and "slowest in" in report
+
+
+def _gradients_with_and_without_the_timed_hook(rank: int, world: int, out: Path) -> None:
+    """D's gradients on this rank's slice of one batch: through prepare_module's DDP (the timed hook on
+    CPU), and through a DDP of the same weights with DDP's own all-reduce; the collective clock's reading."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from dcgan.collective_clock import COLLECTIVE_CLOCK
+    from dcgan.config import ModelConfig
+    from dcgan.distributed import destroy_distributed, init_distributed, prepare_module
+    from dcgan.models import Discriminator
+
+    info = init_distributed("cpu", 60, liveness_s=0)
+    try:
+        model = ModelConfig(resolution=16, channels=1, nz=8, ngf=8, ndf=8)
+        torch.manual_seed(0)
+        images = torch.randn(4 * world, 1, 16, 16)[rank * 4 : (rank + 1) * 4]
+        hooked, bare = prepare_module(Discriminator(model), info, compile=False, channels_last=False, sync_bn=False)
+        plain_module = Discriminator(model)
+        plain_module.load_state_dict(bare.state_dict())
+        plain = DDP(plain_module, broadcast_buffers=False)
+        waited = COLLECTIVE_CLOCK.seconds
+        hooked(images).sum().backward()
+        waited = COLLECTIVE_CLOCK.seconds - waited
+        plain(images).sum().backward()
+        torch.save(
+            {
+                "hooked": [p.grad for p in bare.parameters()],
+                "plain": [p.grad for p in plain_module.parameters()],
+                "waited": waited,
+            },
+            out / f"rank{rank}.pt",
+        )
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.slow  # gloo processes
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_timed_gradient_all_reduce_gives_ddps_gradients_and_counts_its_wait(world: int, tmp_path: Path) -> None:
+    """The hook that times DDP's all-reduce on CPU changes no gradient: equal to DDP's own to float32
+    rounding (bit for bit at 2 ranks; at 3 the hook divides before summing, DDP after), on every rank."""
+    spawn_ranks(_gradients_with_and_without_the_timed_hook, world, world, tmp_path)
+    for rank in range(world):
+        found = torch.load(tmp_path / f"rank{rank}.pt")
+        for hooked, plain in zip(found["hooked"], found["plain"], strict=True):
+            if world == 2:
+                assert torch.equal(hooked, plain)
+            else:
+                torch.testing.assert_close(hooked, plain, rtol=1e-6, atol=1e-7)
+        assert found["waited"] > 0
+
+
+def test_a_window_counts_collective_waits_of_training_only() -> None:
+    """The collective clock's time inside `outside_training` (an evaluation's exchanges) is not a step's."""
+    from dcgan.collective_clock import COLLECTIVE_CLOCK
+    from dcgan.tracking import Window
+
+    now = [100.0]
+    window = Window(torch.device("cpu"), clock=lambda: now[0])
+    for _ in range(4):  # four steps of 0.1 s, 0.03 s of each blocked in collectives
+        now[0] += 0.1
+        COLLECTIVE_CLOCK.seconds += 0.03
+        window.add(torch.zeros(8), data_wait_s=0.01)
+    with window.outside_training():  # 2 s of evaluation, 1 s of it in collectives
+        now[0] += 2.0
+        COLLECTIVE_CLOCK.seconds += 1.0
+    times = window.rank_times()
+    assert times.step_s == pytest.approx(0.1) and times.data_wait_s == pytest.approx(0.01)
+    assert times.collective_s == pytest.approx(0.03) and times.own_s == pytest.approx(0.07)
+    assert math.isnan(Window(torch.device("meta")).rank_times().collective_s)  # not a host-blocking device
