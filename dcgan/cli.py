@@ -290,7 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--a", default="", help="overrides of setting A, space-separated in one argument (empty: the config as is)"
     )
-    comp.add_argument("--b", required=True, help="overrides of setting B, e.g. 'train.ema=0.999'")
+    comp.add_argument(
+        "--b",
+        required=True,
+        help="overrides of setting B, e.g. 'train.ema=0.999'; 'recipe' (for --a or --b) trains the pytorch/examples "
+        "recipe instead: its G and D, BCE with Sigmoid, Adam, a permutation of all images per epoch, images with "
+        "batch statistics, on the same images, seeds, steps and batch size",
+    )
     comp.add_argument("--seeds", type=positive_int, default=3, help="seeds per setting (3 or more give an interval)")
     comp.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed + 1, ...")
     comp.add_argument("--metric", default="", help="result to compare (default: digits_frechet on digits, else swd)")

@@ -26,8 +26,13 @@ from typing import Any
 from dcgan.config import LOWER_IS_BETTER, Config, ConfigError, config_to_dict, load_config, metric_keys, replace
 from dcgan.distributed import DistInfo
 from dcgan.errors import DcganError
+from dcgan.recipe import EXPORT as RECIPE_EXPORT
+from dcgan.recipe import RECIPE, recipe_generator, train_recipe
 from dcgan.rundir import RunDir
 from dcgan.spread import Spread
+
+RECIPE_OVERRIDES = [RECIPE]
+"""--a / --b as split_overrides gives the keyword that selects the recipe arm."""
 
 GENERATION_ONLY = (("sample", "bn"), ("sample", "ema"))
 """Config keys that change how a trained run makes images, not the training: runs are shared across them."""
@@ -51,15 +56,27 @@ class Setting:
     overrides: list[str]
 
 
+def is_recipe(setting: Setting) -> bool:
+    """Whether the setting is the pytorch/examples recipe (dcgan.recipe) rather than config overrides."""
+    return setting.overrides == [RECIPE]
+
+
 def point_config(config_path: str, common: list[str], setting: Setting, seed: int, root: Path) -> Config:
-    """The config of one (setting, seed), its run directory named by its training identity."""
-    config = load_config(config_path, [*common, *setting.overrides, f"seed={seed}"])
-    return replace(config, run={"dir": str(root / f"seed{seed}-{training_identity(config)}")})
+    """The config of one (setting, seed), its run directory named by its training identity (the recipe
+    trains from the common config: its directory says so)."""
+    overrides = [] if is_recipe(setting) else setting.overrides
+    config = load_config(config_path, [*common, *overrides, f"seed={seed}"])
+    kind = f"{RECIPE}-" if is_recipe(setting) else ""
+    return replace(config, run={"dir": str(root / f"seed{seed}-{kind}{training_identity(config)}")})
 
 
 def finished(config: Config) -> bool:
-    """Whether the run already holds a complete checkpoint of its last step (nothing to train)."""
+    """Whether the run already holds a complete checkpoint of its last step, or the recipe's trained G
+    (nothing to train)."""
     from dcgan.checkpoint import list_checkpoints
+
+    if (Path(config.run.dir) / RECIPE_EXPORT).is_file():
+        return True
 
     done = list_checkpoints(RunDir(Path(config.run.dir)).checkpoints)
     return bool(done) and done[-1][0] >= config.train.steps
@@ -114,14 +131,20 @@ def default_metric(config: Config) -> str:
     return "digits_frechet" if "digits" in config.eval.metrics or config.uses_builtin_digits else "swd"
 
 
-def score_point(config: Config, metric: str, num: int, info: DistInfo) -> tuple[float, dict[str, Any]]:
-    """`metric` of the generator the point's settings make images with (sample.ema, sample.bn)."""
+def score_point(
+    config: Config, metric: str, num: int, info: DistInfo, recipe: bool = False
+) -> tuple[float, dict[str, Any]]:
+    """`metric` of the generator the point's settings make images with (sample.ema, sample.bn; the
+    recipe's: its G with batch statistics)."""
     from dcgan.evaluate import evaluate
     from dcgan.sample import load_generator
 
     metrics = sorted({m for m in ("fid", "kid", "swd", "digits") if metric in metric_keys([m])})
     weights = "ema" if config.images_from_average else "raw"
-    loaded = load_generator(Path(config.run.dir), weights=weights, bn=config.sample.bn)
+    if recipe:
+        loaded = recipe_generator(Path(config.run.dir))
+    else:
+        loaded = load_generator(Path(config.run.dir), weights=weights, bn=config.sample.bn)
     loaded.generator.to(info.device)
     data = config.eval.data or config.data.shards or "digits"
     evaluation = evaluate(loaded, data, num, metrics, info, config.eval.inception)
@@ -196,8 +219,11 @@ def compare(
                     f"seed {seed} {setting.name}: training {config.run.dir} (log: {config.run.dir}/train.log)",
                     flush=True,
                 )
-            train_point(config_path, common, setting, config)
-            value, _ = score_point(config, metric, num or config.eval.num, info)
+            if is_recipe(setting):
+                train_recipe(config, Path(config.run.dir))
+            else:
+                train_point(config_path, common, setting, config)
+            value, _ = score_point(config, metric, num or config.eval.num, info, recipe=is_recipe(setting))
             values[setting.name].append(value)
             runs[setting.name].append(config.run.dir)
             print(f"seed {seed} {setting.name}: {metric} = {value:.4f}  ({config.run.dir})", flush=True)
@@ -227,6 +253,17 @@ def split_overrides(text: str) -> list[str]:
 
 def describe_settings(config_path: str, common: list[str], a: list[str], b: list[str]) -> str:
     """What differs between the two settings' configs (checked before any training)."""
+    if RECIPE_OVERRIDES in (a, b):
+        project = "B" if a == RECIPE_OVERRIDES else "A"
+        if a == b:
+            raise ConfigError("--a and --b are both the recipe: nothing to compare")
+        described = " ".join(b if project == "B" else a) or "the config as is"
+        load_config(config_path, [*common, *(b if project == "B" else a)])  # checked before any training
+        return (
+            f"the pytorch/examples recipe (its G and D, BCE with Sigmoid, Adam, a permutation of all images "
+            f"per epoch, batch statistics) vs the project ({project}: {described}), on the same images, seeds, "
+            "steps and batch size"
+        )
     left = config_to_dict(load_config(config_path, [*common, *a]))
     right = config_to_dict(load_config(config_path, [*common, *b]))
     differing = [

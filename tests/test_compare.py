@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import CPU, TINY, run_in_process
 from scipy import stats
 
@@ -73,3 +74,32 @@ def test_a_comparison_trains_each_run_once_scores_it_and_resumes(tmp_path: Path)
     record = json.loads(write_comparison(first, root).read_text())
     assert record["metric"] == "digits_frechet" and record["lower_is_better"] and "verdict" in record
     assert record["values"]["A"] == first.values["A"]
+
+
+@pytest.mark.slow
+def test_the_recipe_is_an_arm_trained_on_the_same_images_and_scored_by_the_same_metric(tmp_path: Path) -> None:
+    """`dcgan compare tiny.yaml --b recipe`: the pytorch/examples recipe against the project, two seeds;
+    the recipe's run holds its G (batch statistics) and is reused, not retrained, by a second comparison."""
+    from dcgan.recipe import EXPORT, permuted_batches
+    from dcgan.sample import load_export
+
+    root = tmp_path / "compare"
+    common = ["train.steps=30"]
+    found = compare(str(TINY), common, [], ["recipe"], [0, 1], root, num=300, info=CPU)
+    assert all(0 < value < 100 for value in found.values["A"] + found.values["B"])
+    recipe_runs = [Path(run) for run in found.runs["B"]]
+    assert [run.name.split("-")[1] for run in recipe_runs] == ["recipe", "recipe"]
+    for seed, run in enumerate(recipe_runs):
+        loaded = load_export(run / EXPORT)
+        assert (loaded.bn, loaded.step) == ("batch", 30)
+        assert not (run / "checkpoints").exists()  # not a project run
+    assert found.values["B"][0] != found.values["B"][1]  # seeds differ
+    stamp = (recipe_runs[0] / EXPORT).stat().st_mtime_ns
+    again = compare(str(TINY), common, ["sample.bn=batch"], ["recipe"], [0], root, num=300, info=CPU)
+    assert (recipe_runs[0] / EXPORT).stat().st_mtime_ns == stamp and again.values["B"] == found.values["B"][:1]
+    assert describe_settings(str(TINY), common, [], ["recipe"]).startswith("the pytorch/examples recipe")
+    # its data order: a permutation of every image each epoch, the last batch smaller
+    images = torch.arange(10).view(10, 1, 1, 1)
+    batches = permuted_batches(images, 4, torch.Generator().manual_seed(0))
+    epoch = [next(batches) for _ in range(3)]
+    assert [len(b) for b in epoch] == [4, 4, 2] and sorted(torch.cat(epoch).flatten().tolist()) == list(range(10))
