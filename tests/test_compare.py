@@ -89,7 +89,7 @@ def test_the_recipe_is_an_arm_trained_on_the_same_images_and_scored_by_the_same_
     assert all(0 < value < 100 for value in found.values["A"] + found.values["B"])
     recipe_runs = [Path(run) for run in found.runs["B"]]
     assert [run.name.split("-")[1] for run in recipe_runs] == ["recipe", "recipe"]
-    for seed, run in enumerate(recipe_runs):
+    for run in recipe_runs:
         loaded = load_export(run / EXPORT)
         assert (loaded.bn, loaded.step) == ("batch", 30)
         assert not (run / "checkpoints").exists()  # not a project run
