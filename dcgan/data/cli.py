@@ -24,13 +24,15 @@ def _shards(args: argparse.Namespace) -> int:
             block_size=args.block_size,
             workers=args.workers,
             overwrite=args.overwrite,
+            permutation_seed=None if args.order == "stored" else args.seed,
         )
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     print(
         f"{args.out_dir}: {manifest.total_samples} images in {len(manifest.shards)} shards "
         f"({manifest.format}, {manifest.resolution}x{manifest.resolution}, {manifest.channels} channel(s)); "
-        f"{manifest.skipped_inputs} unreadable inputs skipped"
+        f"{manifest.skipped_inputs} unreadable inputs skipped; "
+        + ("in the source's order" if manifest.permutation_seed is None else f"shuffled (seed {manifest.permutation_seed})")
     )
     return 0
 
@@ -56,6 +58,14 @@ def add_shards_command(commands: argparse._SubParsersAction) -> None:
     shards.add_argument("--format", choices=FORMATS, default="blocks", help="blocks (fast, lossless), png, jpeg")
     shards.add_argument("--shard-size", type=int, default=10000, help="images per shard")
     shards.add_argument("--block-size", type=int, default=256, help="images per tar member in the blocks format")
+    shards.add_argument(
+        "--order",
+        choices=("shuffled", "stored"),
+        default="shuffled",
+        help="shuffled: write the images in a seeded random order, so that every block, shard and shuffle window "
+        "is a random sample (a folder lists its classes one after another); stored: the source's order",
+    )
+    shards.add_argument("--seed", type=int, default=0, help="seed of the shuffled order")
     shards.add_argument("--workers", type=int, default=0, help="writer processes (default: one per core)")
     shards.add_argument("--overwrite", action="store_true", help="replace the shards in a non-empty OUT_DIR")
     shards.set_defaults(func=_shards)

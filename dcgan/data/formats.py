@@ -49,6 +49,9 @@ class Manifest:
     block_size: int = 0
     shards: list[ShardInfo] = field(default_factory=list)
     skipped_inputs: int = 0
+    permutation_seed: int | None = None
+    """The seed of the permutation the images were written in; None: the source's order (and every
+    manifest written before the permutation existed)."""
 
     @property
     def total_samples(self) -> int:

@@ -1,5 +1,10 @@
 """`dcgan shards`: convert a data set once into WebDataset tar shards plus a manifest.
 
+Images are written in a seeded random order by default: an image folder lists its classes (or its
+sources) one after another, and the loader reads blocks in stored order through a bounded shuffle
+window, so a folder written as listed would give each window, and so each batch, a few classes at a
+time. Permuted once here, every block, shard and window is a random sample of the data set.
+
 Shards are written in parallel by worker processes, each under a temporary name that is renamed only
 when the shard is complete; the manifest is written last. A directory with a manifest is therefore
 always a complete, consistent data set, and an interrupted conversion leaves no file a loader would use.
@@ -92,6 +97,14 @@ def write_shard(task: ShardTask) -> tuple[int, int, int]:
     return task.index, len(images), skipped
 
 
+def written_order(count: int, permutation_seed: int | None) -> np.ndarray:
+    """The source's image indices in the order they are written: a permutation seeded by
+    `permutation_seed`, or the source's own order (None)."""
+    if permutation_seed is None:
+        return np.arange(count)
+    return np.random.default_rng(permutation_seed).permutation(count)
+
+
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
@@ -107,13 +120,16 @@ def plan_tasks(
     crop: int,
     shard_size: int,
     block_size: int,
+    permutation_seed: int | None = 0,
 ) -> tuple[list[ShardTask], int]:
-    """Split the input into shard tasks; returns (tasks, channels actually written)."""
+    """Split the input, in the order written (`written_order`), into shard tasks; returns (tasks,
+    channels actually written)."""
     common: dict[str, Any] = dict(out_dir=out_dir, fmt=fmt, resolution=resolution, crop=crop, block_size=block_size)
     if kind == "folder":
         files = list_images(source)
         if not files:
             raise FileNotFoundError(f"no image files under {source}")
+        files = [files[i] for i in written_order(len(files), permutation_seed)]
         return [
             ShardTask(index=i, first_key=a, channels=channels, files=files[a:b], **common)
             for i, (a, b) in enumerate(_chunks(len(files), shard_size))
@@ -129,6 +145,8 @@ def plan_tasks(
         images, labels = digits_images(resolution).numpy(), load_digits_arrays()[1]
     else:
         raise ValueError(f"unknown kind {kind!r} (allowed: {', '.join(KINDS)})")
+    order = written_order(len(images), permutation_seed)
+    images, labels = images[order], labels[order]
     return [
         ShardTask(index=i, first_key=a, channels=1, images=images[a:b], labels=labels[a:b], **common)
         for i, (a, b) in enumerate(_chunks(len(images), shard_size))
@@ -160,8 +178,10 @@ def write_shards(
     workers: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    permutation_seed: int | None = 0,
 ) -> Manifest:
-    """Convert `source` into shards under `out_dir` and return the manifest written there."""
+    """Convert `source` into shards under `out_dir`, its images in a permutation seeded by
+    `permutation_seed` (None: the source's order), and return the manifest written there."""
     prepare_out_dir(out_dir, overwrite)
     tasks, channels = plan_tasks(
         kind,
@@ -173,6 +193,7 @@ def write_shards(
         crop=crop,
         shard_size=shard_size,
         block_size=block_size,
+        permutation_seed=permutation_seed,
     )
     workers = workers or min(len(tasks), os.cpu_count() or 1)
     counts: dict[int, int] = {}
@@ -195,6 +216,7 @@ def write_shards(
         block_size=block_size if fmt == "blocks" else 0,
         shards=[ShardInfo(t.name, counts[t.index]) for t in tasks],
         skipped_inputs=skipped,
+        permutation_seed=permutation_seed,
     )
     manifest.write(out_dir)
     return manifest
