@@ -215,10 +215,8 @@ def compare(
         for setting in settings:
             config = point_config(config_path, common, setting, seed, root)
             if not finished(config):
-                print(
-                    f"seed {seed} {setting.name}: training {config.run.dir} (log: {config.run.dir}/train.log)",
-                    flush=True,
-                )
+                where = "in this process" if is_recipe(setting) else f"log: {config.run.dir}/train.log"
+                print(f"seed {seed} {setting.name}: training {config.run.dir} ({where})", flush=True)
             if is_recipe(setting):
                 train_recipe(config, Path(config.run.dir))
             else:

@@ -48,9 +48,17 @@ class LoadedGenerator:
     def images(self, noise: torch.Tensor) -> torch.Tensor:
         """G(noise) in [-1, 1] with this generator's BatchNorm choice; standing statistics are measured
         once per LoadedGenerator, whose weights do not change while it makes images."""
-        if self.bn == "standing" and self.standing is None:
+        bn = statistics_to_use(self.bn, self.weights)
+        if bn == "standing" and self.standing is None:
             self.standing = standing_statistics(self.generator)
-        return generate(self.generator, noise, self.bn, self.standing)
+        return generate(self.generator, noise, bn, self.standing)
+
+
+def statistics_to_use(bn: str, weights: str) -> str:
+    """The statistics that make `bn`'s images for `weights`. The average of G always holds standing
+    statistics as its running ones (re-estimated from its weights on the same fixed latents, see
+    dcgan.ema), so 'standing' reads them instead of measuring the same numbers again."""
+    return "running" if bn == "standing" and weights == "ema" else bn
 
 
 def to_uint8_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:

@@ -53,7 +53,7 @@ from dcgan.models import Discriminator, Generator
 from dcgan.plan import lr_advice
 from dcgan.preemption import StoppedWhileWaiting, StopSignal, stop_agreed
 from dcgan.rundir import RunDir, RunDirLock, check_progress, own_run_dir, save_run_config
-from dcgan.sample import LoadedGenerator, generate, plain_copy, save_grid, to_uint8_grid
+from dcgan.sample import LoadedGenerator, plain_copy, save_grid, to_uint8_grid
 from dcgan.step import NONFINITE, GANStep, build_step
 from dcgan.stragglers import RankWatch
 from dcgan.tracking import (
@@ -229,12 +229,17 @@ def nonfinite_seen(trainer: Trainer) -> bool:
 def write_samples(trainer: Trainer, tracker: Tracker, health: GanHealth) -> float:
     """Fixed-noise grid (the image generator, sample.bn statistics) to samples/ and wandb, plus
     histograms of D's last outputs; return the grid's diversity."""
-    images = generate(trainer.image_generator(), trainer.fixed_noise, trainer.config.sample.bn)
+    cfg = trainer.config
+    weights = "ema" if cfg.images_from_average else "raw"
+    shown = LoadedGenerator(
+        trainer.image_generator(), cfg.model, trainer.step, trainer.fixed_noise, cfg.sample.bn, weights
+    )
+    images = shown.images(trainer.fixed_noise)
     save_grid(images, RunDir(trainer.run_dir).sample_grid(trainer.step))
     tracker.log_image(trainer.step, trainer.images_seen, "samples", to_uint8_grid(images))
     diversity = sample_diversity(images)
     health.observe_samples(trainer.step, diversity)
-    every = trainer.config.log.histogram_every or trainer.config.sample.every
+    every = cfg.log.histogram_every or cfg.sample.every
     if trainer.step % every == 0 and trainer.step_fn.last_logits is not None:
         real, fake = trainer.step_fn.last_logits
         for key, logits in (("D_real", real), ("D_fake", fake)):

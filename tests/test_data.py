@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import shutil
 import struct
 import subprocess
@@ -31,8 +32,8 @@ from dcgan.config import ConfigError
 from dcgan.data.digits import digits_images
 from dcgan.data.formats import Manifest
 from dcgan.data.inputs import center_crop_resize, read_idx
-from dcgan.data.stream import ShardError, ShardSource
-from dcgan.data.writer import write_shards
+from dcgan.data.stream import ShardError, ShardSource, read_images
+from dcgan.data.writer import write_shards, written_order
 from dcgan.distributed import DistInfo
 
 
@@ -80,9 +81,17 @@ def test_lossless_formats_round_trip_pixel_exact(fmt: str, image_folder: Path, t
 def test_jpeg_shards_decode_close_to_the_originals(image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "jpg"
     manifest = write_shards(
-        "folder", image_folder, out, fmt="jpeg", resolution=16, shard_size=40, workers=1, progress=False
+        "folder",
+        image_folder,
+        out,
+        fmt="jpeg",
+        resolution=16,
+        shard_size=40,
+        workers=1,
+        progress=False,
+        permutation_seed=None,
     )
-    assert manifest.format == "jpeg"
+    assert manifest.format == "jpeg" and manifest.permutation_seed is None
     source = source_for(out, tmp_path, 0, 1, "data.resampled=false", "train.batch_size=10", "data.workers=0")
     order = [int(p.stem) for p in sorted(image_folder.rglob("*.png"))]  # keys follow the sorted file list
     originals = [indexed_image(i, 16).transpose(2, 0, 1).astype(float) for i in order]
@@ -262,11 +271,12 @@ def test_mnist_idx_files_parse_to_the_right_images_and_labels(tmp_path: Path) ->
     assert np.array_equal(read_idx(tmp_path / "train-labels-idx1-ubyte"), labels)
     out = tmp_path / "shards"
     manifest = write_shards("mnist", tmp_path, out, fmt="png", resolution=28, shard_size=30, workers=1, progress=False)
-    assert (manifest.channels, manifest.total_samples) == (1, 30)
+    assert (manifest.channels, manifest.total_samples, manifest.permutation_seed) == (1, 30, 0)
+    order = written_order(30, 0)
     with tarfile.open(out / "shard-000000.tar") as tar:
         first = np.asarray(Image.open(tar.extractfile("000000000.png")))
         label = tar.extractfile("000000007.cls").read()
-    assert np.array_equal(first, images[0]) and int(label) == labels[7]
+    assert np.array_equal(first, images[order[0]]) and int(label) == labels[order[7]]
     bad = tmp_path / "bad-idx"
     bad.write_bytes(b"\x01\x02\x03\x04")
     with pytest.raises(ValueError, match="bad magic number"):
@@ -307,6 +317,40 @@ def test_shards_cli_refuses_non_empty_out_dir_and_overwrites_when_asked(image_fo
     )
     assert Manifest.read(out / "manifest.json").shards[0].samples == 80
     assert not (out / "shard-000001.tar").exists()
+
+
+def shard_members(out: Path) -> list[list[int]]:
+    """The image indices (indexed_image) each shard of `out` holds, in stored order."""
+    counts = [s.samples for s in Manifest.read(out / "manifest.json").shards]
+    images = read_images(str(out), 16, 3)
+    indices = [image_index(images[p]) for p in sorted(images)]
+    bounds = list(itertools.accumulate(counts, initial=0))
+    return [indices[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def test_shards_are_written_in_a_seeded_permutation_so_every_shard_samples_the_whole_folder(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    """The folder lists part0 (even indices) before part1 (odd), as a folder of class subfolders lists
+    its classes: in that order half the shards would hold one "class" only."""
+    listing = [int(p.stem) for p in sorted(image_folder.rglob("*.png"))]
+    common = [str(image_folder), "--resolution", "16", "--shard-size", "20", "--workers", "1"]
+    stored = tmp_path / "stored"
+    result = run_in_process("shards", "folder", *common, str(stored), "--order", "stored")
+    assert "in the source's order" in result.stdout
+    assert [len({i % 2 for i in shard}) for shard in shard_members(stored)] == [1, 1, 1, 1]
+
+    shuffled = tmp_path / "shuffled"
+    result = run_in_process("shards", "folder", *common, str(shuffled))
+    assert "shuffled (seed 0)" in result.stdout and Manifest.read(shuffled / "manifest.json").permutation_seed == 0
+    members = shard_members(shuffled)
+    assert [i for shard in members for i in shard] == [listing[k] for k in written_order(80, 0)]
+    assert all(5 <= sum(i % 2 for i in shard) <= 15 for shard in members)  # both halves in every shard
+
+    other = tmp_path / "seed1"
+    run_in_process("shards", "folder", *common, str(other), "--seed", "1")
+    assert sorted(i for shard in shard_members(other) for i in shard) == sorted(listing)
+    assert shard_members(other) != members
 
 
 def test_digits_shards_match_the_builtin_digits(digits_shards: Path, tmp_path: Path) -> None:

@@ -177,6 +177,10 @@ def test_standing_statistics_are_those_of_the_current_weights_however_stale_the_
         "eval", str(ema_run), "--raw", "--bn", "standing", "--data", "digits", "-n", "300", "--out", str(out)
     )
     assert json.loads(out.read_text())["protocol"]["generator"]["bn"] == "standing"
+    # the average holds standing statistics already: 'standing' reads them, measures nothing again
+    average = load_generator(ema_run, weights="ema", bn="standing")
+    assert torch.equal(average.images(noise[:8]), generate(average.generator, noise[:8], "standing"))
+    assert average.standing is None
 
 
 def test_a_run_with_batch_statistics_records_them_and_sample_can_override(tmp_path: Path) -> None:

@@ -32,7 +32,11 @@ def _shards(args: argparse.Namespace) -> int:
         f"{args.out_dir}: {manifest.total_samples} images in {len(manifest.shards)} shards "
         f"({manifest.format}, {manifest.resolution}x{manifest.resolution}, {manifest.channels} channel(s)); "
         f"{manifest.skipped_inputs} unreadable inputs skipped; "
-        + ("in the source's order" if manifest.permutation_seed is None else f"shuffled (seed {manifest.permutation_seed})")
+        + (
+            "in the source's order"
+            if manifest.permutation_seed is None
+            else f"shuffled (seed {manifest.permutation_seed})"
+        )
     )
     return 0
 
