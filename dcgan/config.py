@@ -51,7 +51,11 @@ class DataConfig:
     )
     workers: int = _field(2, "DataLoader worker processes per rank (0 = load in the training process)")
     shuffle_buffer: int = _field(1000, "samples held in each partition's shuffle buffer")
-    resampled: bool = _field(True, "draw shards with replacement (equal batches on every rank, any shard count)")
+    resampled: bool = _field(
+        True,
+        "an endless stream: after each epoch's deal of the shuffled shards, deal them again (equal batches on "
+        "every rank, any shard count); false = one deal per epoch, every image at most once",
+    )
     epoch_samples: int = _field(0, "images per epoch, all ranks together; 0 = the data set size")
     partitions: int = _field(
         0,

@@ -48,7 +48,8 @@ def data_lines(config: Config, world_size: int) -> tuple[list[str], int]:
         shards, plan = source.shards, source.plan
         total = f"{shards.total} images" if shards.total is not None else "image count unknown (no manifest)"
         draw = (
-            f"drawing shards from all {len(shards.urls)} with replacement (data.resampled=true)"
+            f"reading its share of a new deal of all {len(shards.urls)} shards every epoch, then further deals "
+            "(data.resampled=true)"
             if config.data.resampled
             else "reading its share of a new deal of the shards every epoch (data.resampled=false)"
         )

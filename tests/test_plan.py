@@ -38,8 +38,8 @@ def test_train_dry_run_prints_the_plan_and_trains_nothing(
     assert field(report, "world size") == "world size: 2 rank(s); batch 16 per rank, global batch 32"
     assert field(report, "data:") == f"data: {digits_shards}: 8 shard(s), 1797 images"
     assert (
-        "  2 partitions (data.partitions) of 16 images a step, each drawing shards from all 8 with replacement "
-        "(data.resampled=true); each rank reads 1; 1792 images per epoch\n" in report
+        "  2 partitions (data.partitions) of 16 images a step, each reading its share of a new deal of all 8 shards "
+        "every epoch, then further deals (data.resampled=true); each rank reads 1; 1792 images per epoch\n" in report
     )
     assert field(report, "steps per epoch") == "steps per epoch: 56; train.steps 300 = 5.4 epochs, 9600 images"
     assert field(report, "run.dir") == f"run.dir: {run} (starts fresh)"

@@ -10,10 +10,11 @@ split those partitions among them (each partition is read by exactly one worker)
 chunks straight into their places, in partition order, in a ring of batches in shared memory; the
 training process copies a step's batch out once every worker has written its part. Per epoch e,
 partition p:
-- resampled mode (default): draws shards with replacement, seeded by (seed, e, p): an endless stream, so
-  every step takes a full chunk from every partition (uneven batches would hang DDP and cross-rank BN);
-- exact mode (data.resampled=false): the shard list is shuffled by (seed, e) and dealt to partitions;
-  every sample is seen at most once per epoch.
+- exact mode (data.resampled=false): the shard list is shuffled by (seed, e) and dealt to the partitions;
+  every sample is seen at most once per epoch, and an epoch ends with its shortest partition;
+- resampled mode (default): the same deal, followed by further deals (seeded by (seed, e, deal)) for as
+  long as the epoch lasts: an endless stream, so every step takes a full chunk from every partition
+  (uneven batches would hang DDP and cross-rank BN), that still reads every shard about once an epoch.
 Samples pass through the partition's shuffle buffer before they are decoded. A resume at step k of an
 epoch makes every partition skip k chunks of its stream, on whatever number of ranks and workers, and so
 continues the stream an uninterrupted run would have seen (for data without corrupt per-sample images:
@@ -137,10 +138,20 @@ class StreamPlan:
         """The partitions worker `worker` reads (each partition by exactly one worker)."""
         return self.mine[worker :: self.workers]
 
-    def exact_shards(self, epoch: int, partition: int) -> list[int]:
-        """Exact mode: the shard indices partition `partition` reads in `epoch` (one deal per epoch)."""
-        order = list(range(len(self.urls)))
-        random.Random(mix(self.seed, epoch, 0x5EED)).shuffle(order)
+    def dealt_shards(self, epoch: int, partition: int, deal: int = 0) -> list[int]:
+        """The shard indices partition `partition` reads in deal `deal` of `epoch`: all shards shuffled
+        (repeated, each copy shuffled anew, until every partition gets one) and dealt round the partitions.
+
+        Exact mode reads deal 0 of each epoch and stops; resampled mode reads deal after deal, endlessly.
+        An epoch thus reads every shard about once, where drawing shards with replacement would leave
+        about 37% of them (1/e) unread each epoch and read about 26% twice."""
+        copies = -(-self.partitions // len(self.urls))
+        rng = random.Random(mix(self.seed, epoch, 0x5EED) if deal == 0 else mix(self.seed, epoch, 0x5EED, deal))
+        order: list[int] = []
+        for _ in range(copies):
+            shuffled = list(range(len(self.urls)))
+            rng.shuffle(shuffled)
+            order += shuffled
         return order[partition :: self.partitions]
 
 
@@ -257,12 +268,9 @@ def worker_steps(
 
 
 def _shard_stream(plan: StreamPlan, epoch: int, partition: int) -> Iterator[dict[str, str]]:
-    if plan.resampled:
-        rng = random.Random(mix(plan.seed, epoch, partition, 1))
-        while True:
-            yield {"url": rng.choice(plan.urls)}
-    else:
-        for index in plan.exact_shards(epoch, partition):
+    """The shards a partition reads in an epoch: one deal (exact mode), or deal after deal (resampled)."""
+    for deal in itertools.count() if plan.resampled else range(1):
+        for index in plan.dealt_shards(epoch, partition, deal):
             yield {"url": plan.urls[index]}
 
 
