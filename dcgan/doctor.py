@@ -57,14 +57,7 @@ from dcgan.bench import (
     timed_seconds,
 )
 from dcgan.config import Config
-from dcgan.distributed import (
-    DistInfo,
-    destroy_distributed,
-    explain_failure,
-    gather_objects,
-    init_distributed,
-    launched_world_size,
-)
+from dcgan.distributed import DistInfo, distributed_session, gather_objects, launched_world_size
 from dcgan.errors import EXIT_OK, EXIT_PREFLIGHT_BROKEN, EXIT_PREFLIGHT_FAR_OFF, DcganError, one_line, tell_launcher
 from dcgan.models import Discriminator, Generator
 from dcgan.tracking import setup_logging
@@ -569,9 +562,7 @@ def doctor(config: Config, options: DoctorOptions) -> int:
     """Entry point of `dcgan doctor`: every rank examines itself, all time the network together, rank 0
     prints the table (and writes the JSON); returns the verdict's exit status, the same on every rank."""
     config.batch_per_rank(launched_world_size())  # as training: a global batch the ranks cannot share, at once
-    info = init_distributed(config.train.device, config.dist.timeout_s, liveness_s=config.dist.liveness_s)
-    failure: BaseException | None = None
-    try:
+    with distributed_session(config.train.device, config.dist.timeout_s, liveness_s=config.dist.liveness_s) as info:
         setup_logging(None, info.rank)
         report = examine_rank(config, info, options)
         measure_network(report, config, info, options)
@@ -589,9 +580,3 @@ def doctor(config: Config, options: DoctorOptions) -> int:
         if verdict.exit_status != EXIT_OK:
             tell_launcher_verdict(verdict.line)
         return verdict.exit_status
-    except BaseException as exc:
-        failure = exc
-        explain_failure(exc)
-        raise
-    finally:
-        destroy_distributed(failure)
