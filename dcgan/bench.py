@@ -95,6 +95,21 @@ def time_step(step: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor
     return Timing(iters * images.shape[0] / elapsed, peak)
 
 
+def time_configured_step(
+    config: Config, info: DistInfo, images: torch.Tensor, warmup: int, iters: int, seconds: float = 0.0
+) -> Timing:
+    """The project's step as training builds and runs it (precision, compile, CUDA graph) for `info`'s
+    ranks, timed on `images` after `untimed_steps(config, warmup)`: `iters` steps; or, given `seconds`,
+    one timed step first and then as many as it says fit in `seconds` (at least `iters`), on the same
+    built step, so that a slow device is not timed for minutes nor a fast one for a few milliseconds.
+    The one place that times the configured step: `dcgan bench step` and `dcgan doctor` both call it."""
+    runner = make_runner(build_step(config, info)[2], config, info)
+    if seconds <= 0:
+        return time_step(runner, images, untimed_steps(config, warmup), iters)
+    probe = time_step(runner, images, untimed_steps(config, warmup), 1)
+    return time_step(runner, images, 0, max(iters, round(seconds * probe.img_per_s / images.shape[0])))
+
+
 def bench_config(base: Config, batch_size: int, precision: str | None) -> Config:
     sections: dict[str, dict[str, object]] = {"train": {"batch_size": batch_size, "global_batch": 0}}
     if precision:
@@ -143,10 +158,7 @@ def bench_step(
             show_progress(
                 f"batch {batch_size}: the {name} step (compile={config.train.compile}, precision={config.train.precision}), {iters} timed steps"
             )
-            step_fn = build_step(config, step_info)[2]
-            timings[name] = time_step(
-                make_runner(step_fn, config, step_info), images, untimed_steps(config, warmup), iters
-            )
+            timings[name] = time_configured_step(config, step_info, images, warmup, iters)
     return timings
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,13 +109,7 @@ def _doctor(args: argparse.Namespace) -> int:
     from dcgan.config import load_config
     from dcgan.doctor import doctor
 
-    options = DoctorOptions(
-        seconds=args.seconds,
-        outlier=args.outlier,
-        write_mib=args.write_mib,
-        pair_mib=args.pair_mib,
-        json_path=args.json,
-    )
+    options = DoctorOptions(**{name: getattr(args, name) for name, _, _ in DOCTOR_MEASURES}, json_path=args.json)
     return doctor(load_config(args.config, args.overrides), options)
 
 
@@ -132,6 +127,28 @@ def ratio_above_one(text: str) -> float:
     if not value > 1:
         raise argparse.ArgumentTypeError(f"must be > 1, got {text}")
     return value
+
+
+DOCTOR_MEASURES: tuple[tuple[str, Callable[[str], float], str], ...] = (
+    ("seconds", positive_float, "time budget of each measurement (warm-up comes on top)"),
+    (
+        "outlier",
+        ratio_above_one,
+        "a rank this many times slower than the other ranks' median (a pair of hosts: than the fastest pair) "
+        "is far off",
+    ),
+    ("write_mib", positive_int, "most MiB each rank writes to time run.dir's file system"),
+    ("pair_mib", positive_float, "MiB sent each way between two hosts, per timed exchange"),
+)
+"""`dcgan doctor`'s options of how long and how hard it measures: (DoctorOptions field, argparse type, help).
+Each is the flag of its field's name with dashes, defaulting to the field's default: one table, so that the
+command line and DoctorOptions cannot drift apart."""
+
+
+def add_doctor_measures(doc: argparse.ArgumentParser) -> None:
+    """One option per row of DOCTOR_MEASURES."""
+    for name, kind, text in DOCTOR_MEASURES:
+        doc.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(DoctorOptions, name), help=text)
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -227,31 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doc.add_argument("config", help="YAML config file, e.g. configs/celeba64.yaml")
     doc.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, as for dcgan train")
-    doc.add_argument(
-        "--seconds",
-        type=positive_float,
-        default=DoctorOptions.seconds,
-        help="time budget of each measurement (warm-up comes on top)",
-    )
-    doc.add_argument(
-        "--outlier",
-        type=ratio_above_one,
-        default=DoctorOptions.outlier,
-        help="a rank this many times slower than the other ranks' median (a pair of hosts: than the fastest pair) "
-        "is far off",
-    )
-    doc.add_argument(
-        "--write-mib",
-        type=positive_int,
-        default=DoctorOptions.write_mib,
-        help="most MiB each rank writes to time run.dir's file system",
-    )
-    doc.add_argument(
-        "--pair-mib",
-        type=positive_float,
-        default=DoctorOptions.pair_mib,
-        help="MiB sent each way between two hosts, per timed exchange",
-    )
+    add_doctor_measures(doc)
     doc.add_argument("--json", default="", help="rank 0 also writes the results as JSON to this file")
     doc.set_defaults(func=_doctor)
 

@@ -20,6 +20,8 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -268,6 +270,34 @@ def _ipv4_of(interface: str) -> str | None:
         except OSError:
             return None
     return socket.inet_ntoa(packed[20:24])
+
+
+@contextmanager
+def distributed_session(
+    device_preference: str = "auto",
+    timeout_s: int = 600,
+    force: bool = False,
+    liveness_s: float = 15.0,
+    *,
+    release: Callable[[], None] | None = None,
+) -> Iterator[DistInfo]:
+    """A command's time in the process group (`init_distributed`'s arguments), yielding this rank's
+    DistInfo. An exception that ends the block, KeyboardInterrupt and SystemExit included, is explained
+    first (`explain_failure`: a lost peer is named in one line before a cleanup can hang on it) and passed
+    on. On every exit `release` then frees what the command holds (before the group goes: a checkpoint
+    still being saved needs it), and the group is left, with the failure's line (`destroy_distributed`)."""
+    info = init_distributed(device_preference, timeout_s, force=force, liveness_s=liveness_s)
+    failure: BaseException | None = None
+    try:
+        yield info
+    except BaseException as exc:
+        failure = exc
+        explain_failure(exc)
+        raise
+    finally:
+        if release is not None:
+            release()
+        destroy_distributed(failure)
 
 
 def explain_failure(error: BaseException) -> None:

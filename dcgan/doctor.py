@@ -10,8 +10,8 @@ expected with nobody named, or a crash.
 Every rank measures, at the same time as the others (as training loads the machine):
 - who it is: host, device, torch threads, the CPUs it may run on;
 - the configured model's step rate on a synthetic batch of its per-rank size, built for ONE process on
-  the rank's device (`bench.time_step`): no collectives, so a slow rank cannot hide behind the others
-  waiting for it at every all-reduce; compared with the median of the other ranks;
+  the rank's device (`bench.time_configured_step`): no collectives, so a slow rank cannot hide behind the
+  others waiting for it at every all-reduce; compared with the median of the other ranks;
 - the shards: the manifest and the first image of one shard (rank r reads shard r mod n, so the ranks
   together touch many), then the loader's rate (`bench.measure_loader`, the rank's data.workers);
 - the write rate of run.dir's file system: a temporary file of up to --write-mib written and fsynced,
@@ -53,23 +53,13 @@ from dcgan.bench import (
     measure_loader,
     show_progress,
     synthetic_batch,
-    time_step,
+    time_configured_step,
     timed_seconds,
-    untimed_steps,
 )
 from dcgan.config import Config
-from dcgan.distributed import (
-    DistInfo,
-    destroy_distributed,
-    explain_failure,
-    gather_objects,
-    init_distributed,
-    launched_world_size,
-)
+from dcgan.distributed import DistInfo, distributed_session, gather_objects, launched_world_size
 from dcgan.errors import EXIT_OK, EXIT_PREFLIGHT_BROKEN, EXIT_PREFLIGHT_FAR_OFF, DcganError, one_line, tell_launcher
-from dcgan.graphs import make_runner
 from dcgan.models import Discriminator, Generator
-from dcgan.step import build_step
 from dcgan.tracking import setup_logging
 
 T = TypeVar("T")
@@ -170,14 +160,9 @@ def device_name(device: torch.device) -> str:
 def step_rate(config: Config, info: DistInfo, seconds: float) -> float:
     """Images per second of the configured step at this rank's batch, built for one process on this
     rank's device: the rank's own speed, which the collectives of a multi-rank step would hide."""
-    batch = config.batch_per_rank(info.world_size)
-    local = bench_config(config, batch, None)
-    alone = DistInfo.single(info.device)
-    runner = make_runner(build_step(local, alone)[2], local, alone)
+    local = bench_config(config, config.batch_per_rank(info.world_size), None)
     images = synthetic_batch(local, info.device)
-    probe = time_step(runner, images, untimed_steps(local, 2), 1)
-    iters = max(3, round(seconds * probe.img_per_s / batch))
-    return time_step(runner, images, 0, iters).img_per_s
+    return time_configured_step(local, DistInfo.single(info.device), images, 2, 3, seconds).img_per_s
 
 
 @dataclass
@@ -577,9 +562,7 @@ def doctor(config: Config, options: DoctorOptions) -> int:
     """Entry point of `dcgan doctor`: every rank examines itself, all time the network together, rank 0
     prints the table (and writes the JSON); returns the verdict's exit status, the same on every rank."""
     config.batch_per_rank(launched_world_size())  # as training: a global batch the ranks cannot share, at once
-    info = init_distributed(config.train.device, config.dist.timeout_s, liveness_s=config.dist.liveness_s)
-    failure: BaseException | None = None
-    try:
+    with distributed_session(config.train.device, config.dist.timeout_s, liveness_s=config.dist.liveness_s) as info:
         setup_logging(None, info.rank)
         report = examine_rank(config, info, options)
         measure_network(report, config, info, options)
@@ -597,9 +580,3 @@ def doctor(config: Config, options: DoctorOptions) -> int:
         if verdict.exit_status != EXIT_OK:
             tell_launcher_verdict(verdict.line)
         return verdict.exit_status
-    except BaseException as exc:
-        failure = exc
-        explain_failure(exc)
-        raise
-    finally:
-        destroy_distributed(failure)

@@ -68,21 +68,13 @@ def _score(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from dcgan.distributed import destroy_distributed, explain_failure, init_distributed
+    from dcgan.distributed import distributed_session
     from dcgan.evaluate import evaluate
 
-    info = init_distributed(args.device, 600)
-    failure: BaseException | None = None
-    try:
+    with distributed_session(args.device, 600) as info:
         loaded = loaded_generator(args)
         loaded.generator.to(info.device)
         evaluation = evaluate(loaded, args.data, args.num, args.metrics.split(","), info, args.inception)
-    except BaseException as exc:
-        failure = exc
-        explain_failure(exc)
-        raise
-    finally:
-        destroy_distributed(failure)
     if info.is_main:
         print(f"{described(loaded)}; reference: {evaluation.protocol['reference']['selection']} of {args.data}")
         print(f"{'metric':<22} {'value':>12}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dcgan.rundir import RunDir
+from dcgan.stragglers import bound_kind
 from dcgan.tracking import read_stats
 
 CHARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -153,7 +154,7 @@ def rank_table(rows: list[dict[str, Any]]) -> str:
         cells.append(
             f"<tr><td>rank {rank} on {html.escape(host)}</td><td>slowest in {len(slow)} of {len(windows)} windows</td>"
             f"<td>median excess {100 * excess[len(excess) // 2]:.0f}%</td>"
-            f"<td>{'data-bound' if 2 * data_bound > len(slow) else 'compute-bound'} ({data_bound} data-bound)</td></tr>"
+            f"<td>{bound_kind(2 * data_bound > len(slow))} ({data_bound} {bound_kind(True)})</td></tr>"
         )
     return f"<table>{''.join(cells)}</table>"
 

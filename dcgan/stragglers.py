@@ -76,6 +76,12 @@ def gather_rank_times(times: RankTimes, group: dist.ProcessGroup | None, world_s
     return [RankTimes(*map(float, row.tolist())) for row in everyone]
 
 
+def bound_kind(data_bound: bool) -> str:
+    """What holds a slow rank back, in the words of the warning and of `dcgan report`: its loader or its
+    compute (see `slowest_rank` for the rule that tells them apart)."""
+    return "data-bound" if data_bound else "compute-bound"
+
+
 @dataclass(frozen=True)
 class Slowest:
     """The slowest rank of one window and how far it lags its peers."""
@@ -94,7 +100,7 @@ class Slowest:
 
     @property
     def kind(self) -> str:
-        return "data-bound" if self.data_bound else "compute-bound"
+        return bound_kind(self.data_bound)
 
 
 def slowest_rank(times: list[RankTimes], hosts: list[str]) -> Slowest | None:

@@ -36,9 +36,7 @@ from dcgan.data.base import BatchSource
 from dcgan.distributed import (
     DistInfo,
     any_rank,
-    destroy_distributed,
-    explain_failure,
-    init_distributed,
+    distributed_session,
     launched_world_size,
     log_batchnorm_mode,
     rendezvous_store,
@@ -487,17 +485,34 @@ def log_start(trainer: Trainer) -> None:
 def train(config: Config) -> int:
     """Entry point of `dcgan train`: returns the process exit status."""
     config.batch_per_rank(launched_world_size())  # a global batch the ranks cannot share: before any work
-    info = init_distributed(
-        config.train.device, config.dist.timeout_s, force=config.dist.force, liveness_s=config.dist.liveness_s
-    )
     run_dir = Path(config.run.dir)
     tracker: Tracker = Tracker()
-    stop = StopSignal().install()
+    stop: StopSignal | None = None
     data: BatchSource | None = None
     trainer: Trainer | None = None
     lock: RunDirLock | None = None
-    failure: BaseException | None = None
-    try:
+
+    def release() -> None:
+        """What this rank holds, freed after a failure is explained and before the group goes: the
+        checkpointer's background save still needs the group."""
+        if trainer is not None:
+            trainer.checkpointer.close()
+        if data is not None:
+            data.close()
+        tracker.close()
+        if stop is not None:
+            stop.uninstall()
+        if lock is not None:
+            lock.release()
+
+    with distributed_session(
+        config.train.device,
+        config.dist.timeout_s,
+        force=config.dist.force,
+        liveness_s=config.dist.liveness_s,
+        release=release,
+    ) as info:
+        stop = StopSignal().install()
         setup_logging(None, info.rank)
         # what the data refuses (a batch too large, missing shards, ranks that cannot share the global
         # batch or the partitions): before run.dir exists
@@ -516,17 +531,3 @@ def train(config: Config) -> int:
             log.info("nothing to do: the run already reached step %d", trainer.step)
             return EXIT_OK
         return run_loop(trainer, tracker, stop)
-    except BaseException as exc:
-        failure = exc
-        explain_failure(exc)
-        raise
-    finally:
-        if trainer is not None:
-            trainer.checkpointer.close()
-        if data is not None:
-            data.close()
-        tracker.close()
-        stop.uninstall()
-        if lock is not None:
-            lock.release()
-        destroy_distributed(failure)

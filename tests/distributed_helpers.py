@@ -64,20 +64,27 @@ def torchrun(nproc: int, *dcgan_args: str, timeout: float = 300) -> subprocess.C
     )
 
 
+def start_torchrun(nproc: int, *dcgan_args: str, stderr: int = subprocess.PIPE) -> subprocess.Popen[str]:
+    """`torchrun --nproc_per_node=N -m dcgan ...` in the background, in a session of its own, outside
+    pytest's process group (a Ctrl-C of the tests does not reach it: the test ends it with `signal_tree`
+    if it is still running); stdout piped, and `stderr` piped too or subprocess.STDOUT for one stream."""
+    return subprocess.Popen(
+        torchrun_cmd(nproc, *dcgan_args),
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def torchrun_until(
     nproc: int, ready: Callable[[], bool], sig: int, *dcgan_args: str, timeout: float = 300
 ) -> tuple[int, str]:
     """Start torchrun in its own process group, wait until `ready()`, send `sig` to the whole group
     (as a cluster's kill or preemption does), and return (exit status, stderr)."""
-    proc = subprocess.Popen(
-        torchrun_cmd(nproc, *dcgan_args),
-        cwd=ROOT,
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_torchrun(nproc, *dcgan_args)
     deadline = time.monotonic() + timeout
     try:
         while not ready():

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from distributed_helpers import signal_tree, torchrun_cmd, wait_for
-from helpers import ROOT, TINY, read_stats, subprocess_env
+from distributed_helpers import signal_tree, start_torchrun, wait_for
+from helpers import TINY, read_stats
 
 from dcgan.hang import AFTER_STEP, IN_STEP, MIN_STEPS, WAITING_FOR_DATA, HangWatch, Position, stall_line
 from dcgan.tracking import read_stats as stats_rows
@@ -41,27 +41,20 @@ def test_a_stalled_loader_is_named_by_rank_0_and_every_rank_writes_its_stacks(
 ) -> None:
     run = tmp_path / "run"
     spec, mark = stalling_shards(digits_shards, tmp_path)
-    proc = subprocess.Popen(
-        torchrun_cmd(
-            2,
-            "train",
-            str(TINY),
-            f"run.dir={run}",
-            f"data.shards={spec}",
-            "data.workers=0",
-            "data.epoch_samples=512",
-            "train.steps=160",
-            "log.every=10",
-            "checkpoint.every=1000",
-            "sample.every=1000",
-            "dist.hang_min_s=5",
-        ),
-        cwd=ROOT,
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
+    proc = start_torchrun(
+        2,
+        "train",
+        str(TINY),
+        f"run.dir={run}",
+        f"data.shards={spec}",
+        "data.workers=0",
+        "data.epoch_samples=512",
+        "train.steps=160",
+        "log.every=10",
+        "checkpoint.every=1000",
+        "sample.every=1000",
+        "dist.hang_min_s=5",
         stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
     )
     try:
         wait_for(lambda: any(row["step"] >= 40 for row in stats_rows(run / "stats.jsonl")), proc, timeout=120)
