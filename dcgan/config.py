@@ -147,10 +147,11 @@ class SampleConfig:
     every: int = _field(500, "steps between fixed-noise sample grids")
     num: int = _field(64, "images in each sample grid")
     bn: BnStats = _field(
-        "running",
-        "G's BatchNorm statistics when making images (grids, sample, eval): running = the averages kept "
-        "in training (eval mode), batch = each generated batch's own (train mode), standing = re-estimated "
-        "from G's own outputs on fixed latents (1,024 images) just before, as the average of G always is",
+        "standing",
+        "G's BatchNorm statistics when making images (grids, sample, eval): standing = re-estimated from G's "
+        "own outputs on fixed latents (1,024 images) just before, as the average of G always is, so they "
+        "cannot lag the weights; running = the averages kept in training (eval mode); batch = each "
+        "generated batch's own (train mode)",
     )
     ema: bool = _field(True, "with train.ema > 0, images come from the averaged G (false: from the raw G)")
 
