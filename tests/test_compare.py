@@ -38,7 +38,7 @@ def test_runs_are_shared_exactly_when_training_does_not_differ() -> None:
         assert training_identity(load_config(TINY, other)) != base, other
     assert describe_settings(str(TINY), [], ["train.ema=0"], ["train.ema=0.99"]) == "train.ema: 0.0 -> 0.99"
     with pytest.raises(ConfigError, match="describe the same config"):
-        describe_settings(str(TINY), [], ["sample.bn=running"], [])
+        describe_settings(str(TINY), [], ["sample.bn=standing"], [])
 
 
 @pytest.mark.slow
