@@ -81,7 +81,8 @@ def test_eval_of_a_run_defaults_to_its_average_and_repeats_the_numbers_logged_in
         )
         record = json.loads(out.read_text())
         assert (
-            record["protocol"]["generator"]["weights"] == weights and record["protocol"]["generator"]["bn"] == "standing"
+            record["protocol"]["generator"]["weights"] == weights
+            and record["protocol"]["generator"]["bn"] == "standing"
         )
         for key in ("swd", "digits_frechet", "digits_confident"):
             assert record[key] == pytest.approx(logged[f"eval/{prefix}{key}"], rel=1e-12), (weights, key)
