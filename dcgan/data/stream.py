@@ -144,7 +144,8 @@ class StreamPlan:
 
         Exact mode reads deal 0 of each epoch and stops; resampled mode reads deal after deal, endlessly.
         An epoch thus reads every shard about once, where drawing shards with replacement would leave
-        about 37% of them (1/e) unread each epoch and read about 26% twice."""
+        about 37% of them (1/e) unread each epoch and read about 26% twice. Deal 0 is seeded as exact
+        mode's one deal always was, so exact-mode runs keep their data order."""
         copies = -(-self.partitions // len(self.urls))
         rng = random.Random(mix(self.seed, epoch, 0x5EED) if deal == 0 else mix(self.seed, epoch, 0x5EED, deal))
         order: list[int] = []
