@@ -254,7 +254,7 @@ def test_missing_shard_names_itself(digits_shards: Path, tmp_path: Path) -> None
         source_for(copy, tmp_path)
     pattern = f"pipe:cat {tmp_path}/absent-{{0..1}}.tar"
     config = tiny_config(tmp_path, f"data.shards={pattern}", "data.epoch_samples=32", "data.workers=0")
-    with pytest.raises(ShardError, match=r"absent-[01]\.tar: ReadError: empty file"):
+    with pytest.raises(ShardError, match=r"cannot read shard \S*absent-[01]\.tar"):
         take(ShardSource(config, rank_info(0, 1)), 1)
 
 
