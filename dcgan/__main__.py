@@ -1,3 +1,3 @@
-from dcgan.cli import main
+from dcgan.cli.main import main
 
 raise SystemExit(main())

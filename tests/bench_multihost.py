@@ -51,10 +51,10 @@ def worker(batch: int, steps: int, grad_repeats: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from dcgan.bench import synthetic_batch
+    from dcgan.cluster.bench import synthetic_batch
     from dcgan.config import load_config
-    from dcgan.distributed import destroy_distributed, init_distributed
-    from dcgan.step import build_step
+    from dcgan.distributed.session import destroy_distributed, init_distributed
+    from dcgan.gan.step import build_step
 
     torch.set_num_threads(1)
     config = load_config(

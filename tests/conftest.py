@@ -31,7 +31,8 @@ def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained_digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 32x32 digits generator trained for 300 steps (about 40 s), shared by the quality tests."""
-    from dcgan.train import EXIT_OK, train
+    from dcgan.errors import EXIT_OK
+    from dcgan.train.loop import train
 
     run = tmp_path_factory.mktemp("digits_run")
     config = tiny_config(

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dcgan.checkpoint import checkpoint_dir, is_complete, list_checkpoints
 from dcgan.config import Config, load_config
-from dcgan.distributed import DistInfo
-from dcgan.rundir import RunDir
+from dcgan.distributed.env import DistInfo
+from dcgan.run.checkpoint import checkpoint_dir, is_complete, list_checkpoints
+from dcgan.run.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -85,7 +85,7 @@ class CliResult:
 
 
 def run_in_process(*args: str, check: bool = True, program: str = "dcgan") -> CliResult:
-    """`dcgan ARGS` (or `python -m launch.slurm ARGS` with program="launch.slurm") through the command's
+    """`dcgan ARGS` (or `dcgan submit ARGS` with program="dcgan submit") through the command's
     own entry point in this process, from the repository root as run_cli: the same parsing, errors, exit
     status and output as the command, without a new interpreter's start-up (seconds each), for commands
     that need no process of their own.
@@ -93,11 +93,11 @@ def run_in_process(*args: str, check: bool = True, program: str = "dcgan") -> Cl
     As in a fresh interpreter, logging has no handlers of its own: warnings and errors reach stderr as
     bare messages (Python's last-resort handler), info does not; whatever the command sets up (train's
     log handlers) is removed afterwards. argparse's exits (usage errors, --help) become the status."""
-    if program == "dcgan":
-        from dcgan.cli import main
-    elif program == "launch.slurm":
-        from launch.slurm import main
-    else:
+    from dcgan.cli.main import main
+
+    if program == "dcgan submit":
+        args = ("submit", *args)
+    elif program != "dcgan":
         raise ValueError(f"unknown program {program!r}")
     out, err = io.StringIO(), io.StringIO()
     root = logging.getLogger()
@@ -165,7 +165,7 @@ def checkpoint_complete(run: Path, step: int) -> bool:
 
 def read_stats(run: Path) -> list[dict[str, Any]]:
     """stats.jsonl as dicts, one per line; strict (a line that does not parse fails the test), unlike
-    dcgan.tracking.read_stats, which skips a line a running job is writing."""
+    dcgan.run.stats.read_stats, which skips a line a running job is writing."""
     return [json.loads(line) for line in RunDir(run).stats.read_text().splitlines()]
 
 

@@ -21,9 +21,11 @@ from helpers import (
     tiny_config,
 )
 
-from dcgan.checkpoint import list_checkpoints
-from dcgan.preemption import EXIT_TERMINATED, STOP_CHECK_EVERY
-from dcgan.train import EXIT_OK, build_trainer, train
+from dcgan.errors import EXIT_OK, EXIT_TERMINATED
+from dcgan.run.checkpoint import list_checkpoints
+from dcgan.train.loop import train
+from dcgan.train.preemption import STOP_CHECK_EVERY
+from dcgan.train.trainer import build_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -178,8 +180,8 @@ def test_two_rank_checkpoint_loads_into_one_and_three_ranks(two_rank_run: Torchr
 def test_the_best_marker_names_only_a_complete_checkpoint_and_survives_pruning(tmp_path: Path) -> None:
     """Background saves: best.json appears once its checkpoint is complete, never before, and pruning
     keeps the best one while it removes the others beyond `keep`."""
-    from dcgan.checkpoint import Best, Checkpointer, is_complete, read_best
     from dcgan.config import CheckpointConfig
+    from dcgan.run.checkpoint import Best, Checkpointer, is_complete, read_best
 
     checkpointer = Checkpointer(tmp_path, CheckpointConfig(keep=1, async_save=True), CPU)
     state = {"w": torch.arange(200_000, dtype=torch.float32)}
@@ -196,8 +198,8 @@ def test_the_best_marker_names_only_a_complete_checkpoint_and_survives_pruning(t
 
 
 def test_a_training_checkpoint_holds_the_schemas_parts_and_nothing_else(trained_digits_run: Path) -> None:
-    from dcgan import schema
-    from dcgan.checkpoint import stored_shapes
+    from dcgan.run import schema
+    from dcgan.run.checkpoint import stored_shapes
 
     [(_, path)] = list_checkpoints(trained_digits_run / "checkpoints")[-1:]
     parts = {key.split(".")[0] for key in stored_shapes(path)}

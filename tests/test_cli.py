@@ -17,11 +17,11 @@ import pytest
 from helpers import ROOT, TINY, read_stats, run_in_process
 from PIL import Image
 
-from dcgan.cli import build_parser
+from dcgan.cli.main import build_parser
+from dcgan.cli.main import main as dcgan_main
+from dcgan.cli.submit import build_parser as slurm_parser
+from dcgan.cluster.slurm_job import rendezvous_port
 from dcgan.config import load_config
-from launch.slurm import build_parser as slurm_parser
-from launch.slurm import main as slurm_main
-from launch.slurm import rendezvous_port
 
 
 def every_parser(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
@@ -34,7 +34,7 @@ def every_parser(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParse
     return found
 
 
-@pytest.mark.parametrize("top", [build_parser, slurm_parser], ids=["dcgan", "launch.slurm"])
+@pytest.mark.parametrize("top", [build_parser, slurm_parser], ids=["dcgan", "launch.slurm alias"])
 def test_every_option_has_help_and_shows_its_default(top: object) -> None:
     parsers = every_parser(top())  # type: ignore[operator]
     assert len(parsers) > 1 or top is slurm_parser
@@ -118,10 +118,10 @@ def test_a_second_eval_of_the_same_step_adds_a_file_instead_of_overwriting(
     assert json.loads((run / "eval-step300.json").read_text())["num"] == 64
 
 
-def readme_commands() -> list[list[str]]:
-    """Every `dcgan ...` and `python -m launch.slurm ...` command of the README's bash blocks, as argv
-    after the program name (continuation lines joined, comments and environment assignments dropped)."""
-    text = (ROOT / "README.md").read_text()
+def documented_commands() -> list[list[str]]:
+    """Every `dcgan ...` command of the bash blocks of README.md and docs/*.md, as argv after the program
+    name (continuation lines joined, comments and environment assignments dropped)."""
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -131,28 +131,26 @@ def readme_commands() -> list[list[str]]:
                     words = words[1:]
                 if words[:1] in (["dcgan"], [".venv/bin/dcgan"]):
                     commands.append(["dcgan", *words[1:]])
-                elif "-m" in words and words[words.index("-m") + 1 : words.index("-m") + 2] in (
-                    ["dcgan"],
-                    ["launch.slurm"],
-                ):
+                elif "-m" in words and words[words.index("-m") + 1 : words.index("-m") + 2] == ["dcgan"]:
                     at = words.index("-m")
                     commands.append([words[at + 1], *words[at + 2 :]])
     return commands
 
 
-def test_every_readme_command_parses_and_its_config_loads() -> None:
-    """The README's commands, as written: options that exist, config keys that exist, values that are valid."""
-    commands = readme_commands()
-    assert sum(c[0] == "dcgan" for c in commands) >= 12 and sum(c[0] == "launch.slurm" for c in commands) >= 4
+def test_every_documented_command_parses_and_its_config_loads() -> None:
+    """The commands of the README and docs, as written: options that exist, config keys that exist, values
+    that are valid."""
+    commands = documented_commands()
+    assert len(commands) >= 12 and sum(c[1:2] == ["submit"] for c in commands) >= 4
     for program, *argv in commands:
-        parser = build_parser() if program == "dcgan" else slurm_parser()
+        parser = build_parser()
         try:
             args = parser.parse_args(argv)
         except SystemExit:
             pytest.fail(f"README: `{program} {shlex.join(argv)}` does not parse")
         if (
             getattr(args, "config", None)
-            and getattr(args, "command", "train") == "train"
+            and getattr(args, "command", "train") in ("train", "submit")
             and hasattr(args, "overrides")
         ):
             load_config(args.config, args.overrides)
@@ -206,8 +204,8 @@ def test_overrides_may_follow_an_option(tmp_path: Path) -> None:
         ["compare", str(TINY), "--b", "train.ema=0.9", "train.steps=5", "--seeds", "1", "seed=3"]
     )
     assert (args.b, args.seeds, args.overrides) == ("train.ema=0.9", 1, ["train.steps=5", "seed=3"])
-    with contextlib.redirect_stdout(io.StringIO()) as slurm_out:  # launch.slurm parses the same way
-        assert slurm_main([str(TINY), "--nodes", "2", "--dry-run", "train.steps=5", f"run.dir={run}"]) == 0
+    with contextlib.redirect_stdout(io.StringIO()) as slurm_out:  # dcgan submit parses the same way
+        assert dcgan_main(["submit", str(TINY), "--nodes", "2", "--dry-run", "train.steps=5", f"run.dir={run}"]) == 0
     assert "  steps: 5\n" in slurm_out.getvalue() and not run.exists()
 
 
@@ -238,7 +236,7 @@ def test_compare_reports_a_failed_training_as_that_arm_and_seeds_failure(tmp_pat
 
 
 def test_both_launchers_rendezvous_on_a_new_port_per_requeue_below_the_ephemeral_range() -> None:
-    """launch.slurm and slurm/train.sbatch spell one rule in two languages: they must agree, move a
+    """dcgan submit and slurm/train.sbatch spell one rule in two languages: they must agree, move a
     requeued job off its previous attempt's port, and stay out of 32768-60999."""
     line = next(x for x in (ROOT / "slurm/train.sbatch").read_text().splitlines() if x.startswith("RDZV_PORT="))
     for job_id, restart in [("7", 0), ("7", 1), ("123456", 0), ("123456", 3), ("99999999", 2)]:
@@ -254,17 +252,17 @@ def test_a_node_range_is_one_line_when_malformed_or_when_a_node_count_cannot_sha
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = f"run.dir={tmp_path / 'run'}"
-    assert slurm_main([str(TINY), run, "--nodes", "2-1", "--dry-run"]) == 2
+    assert dcgan_main(["submit", str(TINY), run, "--nodes", "2-1", "--dry-run"]) == 2
     assert (
-        capsys.readouterr().err == "launch.slurm: error: --nodes 2-1: needs N >= 1, or 1 <= MIN <= MAX, e.g. 2 or 1-4\n"
+        capsys.readouterr().err == "dcgan submit: error: --nodes 2-1: needs N >= 1, or 1 <= MIN <= MAX, e.g. 2 or 1-4\n"
     )
-    assert slurm_main([str(TINY), run, "train.global_batch=16", "--nodes", "1-3", "--dry-run"]) == 2
+    assert dcgan_main(["submit", str(TINY), run, "train.global_batch=16", "--nodes", "1-3", "--dry-run"]) == 2
     assert capsys.readouterr().err == (
-        "launch.slurm: error: --nodes 1-3 x 1 task(s) may give world size 3: train.global_batch: 16 images cannot "
+        "dcgan submit: error: --nodes 1-3 x 1 task(s) may give world size 3: train.global_batch: 16 images cannot "
         "be split over 3 ranks: run on a number of ranks that divides it (1, 2, 4, 8, 16) or change "
         "train.global_batch\n"
     )
-    assert slurm_main([str(TINY), run, "train.global_batch=16", "--nodes", "1-2", "--dry-run"]) == 0
+    assert dcgan_main(["submit", str(TINY), run, "train.global_batch=16", "--nodes", "1-2", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "--nodes 1-2: the plan above is for the fewest (1 node(s), world size 1); an attempt may get any of " in out
     assert "world sizes 1, 2, global batch 16 on each" in out
@@ -275,10 +273,24 @@ def test_a_node_range_on_shards_gets_partitions_every_node_count_can_share(
     digits_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     common = [str(TINY), f"run.dir={tmp_path / 'run'}", f"data.shards={digits_shards}", "train.global_batch=24"]
-    assert slurm_main([*common, "--nodes", "2-3", "--dry-run"]) == 0  # world sizes 2 and 3: lcm 6
+    assert dcgan_main(["submit", *common, "--nodes", "2-3", "--dry-run"]) == 0  # world sizes 2 and 3: lcm 6
     assert "\n    partitions: 6\n" in capsys.readouterr().out
-    assert slurm_main([*common, "data.partitions=4", "--nodes", "2-3", "--dry-run"]) == 2
+    assert dcgan_main(["submit", *common, "data.partitions=4", "--nodes", "2-3", "--dry-run"]) == 2
     assert capsys.readouterr().err == (
-        "launch.slurm: error: --nodes 2-3 x 1 task(s) may give world size 3, which data.partitions=4 does not "
+        "dcgan submit: error: --nodes 2-3 x 1 task(s) may give world size 3, which data.partitions=4 does not "
         "suit: use a multiple of 6 that divides the global batch\n"
     )
+
+
+def test_the_old_launch_slurm_name_still_finds_what_queued_jobs_pickled() -> None:
+    """A job queued before `dcgan submit` holds a pickled `launch.slurm.TrainJob`: unpickling looks the class
+    up by that name, and `python -m launch.slurm` is `dcgan submit` under its old name."""
+    import pickle
+
+    import launch.slurm
+    from dcgan.cli.submit import main as submit_main
+    from dcgan.cluster.slurm_job import TrainJob
+
+    unpickler = pickle.Unpickler(io.BytesIO(b""))
+    assert unpickler.find_class("launch.slurm", "TrainJob") is TrainJob
+    assert launch.slurm.main is submit_main

@@ -12,9 +12,9 @@ import torch
 from helpers import CPU, TINY, run_in_process
 from scipy import stats
 
-from dcgan.compare import compare, describe_settings, training_identity, write_comparison
 from dcgan.config import ConfigError, load_config
-from dcgan.spread import Spread
+from dcgan.evaluation.compare import compare, describe_settings, training_identity, write_comparison
+from dcgan.evaluation.spread import Spread
 
 
 def test_spread_is_the_mean_std_and_t_interval() -> None:
@@ -80,8 +80,8 @@ def test_a_comparison_trains_each_run_once_scores_it_and_resumes(tmp_path: Path)
 def test_the_recipe_is_an_arm_trained_on_the_same_images_and_scored_by_the_same_metric(tmp_path: Path) -> None:
     """`dcgan compare tiny.yaml --b recipe`: the pytorch/examples recipe against the project, two seeds;
     the recipe's run holds its G (batch statistics) and is reused, not retrained, by a second comparison."""
-    from dcgan.recipe import EXPORT, permuted_batches
-    from dcgan.sample import load_export
+    from dcgan.evaluation.generators import load_export
+    from dcgan.evaluation.recipe import EXPORT, permuted_batches
 
     root = tmp_path / "compare"
     common = ["train.steps=30"]

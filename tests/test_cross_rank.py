@@ -11,9 +11,10 @@ from distributed_helpers import spawn_ranks
 from helpers import CPU, flatten, load_checkpoint_tensors, run_in_process, tiny_config
 from torch import nn
 
-from dcgan.batchnorm import CrossRankBatchNorm2d, convert_to_cross_rank
-from dcgan.distributed import DistInfo, destroy_distributed, init_distributed
-from dcgan.step import build_step
+from dcgan.distributed.batchnorm import CrossRankBatchNorm2d, convert_to_cross_rank
+from dcgan.distributed.env import DistInfo
+from dcgan.distributed.session import destroy_distributed, init_distributed
+from dcgan.gan.step import build_step
 
 pytestmark = pytest.mark.slow
 

@@ -32,9 +32,11 @@ from dcgan.config import ConfigError
 from dcgan.data.digits import digits_images
 from dcgan.data.formats import Manifest
 from dcgan.data.inputs import center_crop_resize, read_idx
-from dcgan.data.stream import ShardError, ShardSource, read_images
+from dcgan.data.offline import read_images
+from dcgan.data.stream import ShardSource
 from dcgan.data.writer import write_shards, written_order
-from dcgan.distributed import DistInfo
+from dcgan.distributed.env import DistInfo
+from dcgan.errors import ShardError
 
 
 def rank_info(rank: int, world: int) -> DistInfo:
@@ -470,7 +472,8 @@ def test_the_read_buffer_is_set_by_reading_shards_not_by_importing(digits_shards
     (unless the user set one), in the process that reads."""
     program = (
         "import os, sys\n"
-        "from dcgan.data.stream import READ_BUFFER, read_images\n"
+        "from dcgan.data.formats import READ_BUFFER\n"
+        "from dcgan.data.offline import read_images\n"
         "print(os.environ.get('GOPEN_BUFFER'))\n"
         "images = read_images(sys.argv[1], 16, 1, set(range(8)))\n"
         "print(os.environ.get('GOPEN_BUFFER') == str(READ_BUFFER), sorted(images), images[0].shape)\n"

@@ -12,10 +12,12 @@ from distributed_helpers import _rank_main, free_port, spawn_ranks
 from helpers import TorchrunRun, tiny_config
 
 from dcgan.config import ModelConfig
-from dcgan.distributed import destroy_distributed, init_distributed, prepare_module, replicas_agree, sync_buffers
-from dcgan.losses import discriminator_loss
-from dcgan.models import Discriminator
-from dcgan.train import build_trainer
+from dcgan.distributed.collectives import replicas_agree
+from dcgan.distributed.parallelize import prepare_module, sync_buffers
+from dcgan.distributed.session import destroy_distributed, init_distributed
+from dcgan.gan.losses import discriminator_loss
+from dcgan.gan.models import Discriminator
+from dcgan.train.trainer import build_trainer
 
 pytestmark = pytest.mark.slow
 

@@ -202,7 +202,7 @@ def test_shards_only_one_host_can_read_make_the_other_rank_broken_without_a_hang
 def test_host_pairs_come_in_rounds_of_disjoint_pairs_covering_every_pair_once(hosts: int) -> None:
     """The schedule of the host-pair transfers: no host in two pairs of a round (they run at once), and
     every pair exactly once, in hosts - 1 rounds (hosts if odd)."""
-    from dcgan.doctor import pair_rounds
+    from dcgan.cluster.doctor_links import pair_rounds
 
     rounds = pair_rounds(hosts)
     assert len(rounds) == hosts - 1 + hosts % 2

@@ -16,9 +16,9 @@ from helpers import DIGITS_MODEL, TINY, completed_steps, read_stats, run_in_proc
 from scipy import linalg
 
 from dcgan.config import ConfigError, load_config, metric_keys
-from dcgan.evaluate import fid, kid, load_inception, swd
-from dcgan.models import Generator
-from dcgan.sample import LoadedGenerator, export_generator
+from dcgan.evaluation.generators import LoadedGenerator, export_generator
+from dcgan.evaluation.metrics import fid, kid, load_inception, swd
+from dcgan.gan.models import Generator
 
 
 def gaussian_features(n: int, dim: int, seed: int) -> np.ndarray:
@@ -163,8 +163,8 @@ def test_eval_json_records_the_protocol(
 
 
 def test_the_reference_is_a_seeded_random_subset_of_the_shards_not_their_first_images(digits_shards: Path) -> None:
-    from dcgan.data.stream import read_images
-    from dcgan.evaluate import reference_images
+    from dcgan.data.offline import read_images
+    from dcgan.evaluation.evaluate import reference_images
 
     everything = read_images(str(digits_shards), 16, 1)
     assert sorted(everything) == list(range(1797))
@@ -203,8 +203,9 @@ def test_trained_generator_beats_untrained_on_every_metric_and_ranks_agree(
 
 
 def test_periodic_evaluation_logs_metrics_and_keeps_the_best_checkpoint(tmp_path: Path) -> None:
-    from dcgan.checkpoint import read_best
-    from dcgan.train import EXIT_OK, train
+    from dcgan.errors import EXIT_OK
+    from dcgan.run.checkpoint import read_best
+    from dcgan.train.loop import train
 
     run = tmp_path / "run"
     config = tiny_config(

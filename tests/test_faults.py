@@ -18,8 +18,8 @@ import pytest
 from distributed_helpers import descendants, signal_tree, start_training, torchrun_cmd, wait_for
 from helpers import ROOT, completed_steps, read_stats, run_cli, run_in_process, subprocess_env, tiny_config
 
-from dcgan.preemption import EXIT_INTERRUPTED, EXIT_TERMINATED
-from dcgan.train import EXIT_OK, train
+from dcgan.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED
+from dcgan.train.loop import train
 
 
 @pytest.mark.slow  # a training in a process of its own

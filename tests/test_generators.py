@@ -13,10 +13,11 @@ from helpers import TINY, load_checkpoint_tensors, read_stats, run_in_process, t
 from PIL import Image
 
 from dcgan.config import load_config
-from dcgan.ema import WARMUP_UPDATES, GeneratorEMA, decay_at, refresh_batchnorm_statistics
-from dcgan.models import Generator
-from dcgan.sample import generate, load_export, load_generator, save_grid
-from dcgan.train import EXIT_OK, train
+from dcgan.errors import EXIT_OK
+from dcgan.evaluation.generators import generate, load_export, load_generator, save_grid
+from dcgan.gan.ema import WARMUP_UPDATES, GeneratorEMA, decay_at, refresh_batchnorm_statistics
+from dcgan.gan.models import Generator
+from dcgan.train.loop import train
 
 
 def test_the_average_follows_its_formula_with_a_warmup() -> None:
@@ -58,7 +59,7 @@ def ema_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_evaluation_logs_both_generators_and_the_best_checkpoint_ranks_by_the_average(ema_run: Path) -> None:
-    from dcgan.checkpoint import read_best
+    from dcgan.run.checkpoint import read_best
 
     evals = {line["step"]: line for line in read_stats(ema_run) if "eval/swd" in line}
     assert sorted(evals) == [20, 40]
@@ -201,7 +202,7 @@ def test_a_run_with_batch_statistics_records_them_and_sample_can_override(tmp_pa
 
 @pytest.mark.slow
 def test_turning_the_average_on_at_a_resume_starts_it_from_the_resumed_generator(tmp_path: Path) -> None:
-    from dcgan.checkpoint import checkpoint_dir
+    from dcgan.run.checkpoint import checkpoint_dir
 
     run = tmp_path / "run"
     assert train(tiny_config(run, "train.steps=10")) == EXIT_OK

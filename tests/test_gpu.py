@@ -15,10 +15,12 @@ from distributed_helpers import spawn_ranks
 from helpers import TINY, run_cli
 
 from dcgan.config import load_config
-from dcgan.distributed import DistInfo, destroy_distributed, init_distributed, prepare_module
-from dcgan.graphs import GraphedStep, make_runner
-from dcgan.models import Discriminator
-from dcgan.step import STAT_NAMES, build_step
+from dcgan.distributed.env import DistInfo
+from dcgan.distributed.parallelize import prepare_module
+from dcgan.distributed.session import destroy_distributed, init_distributed
+from dcgan.gan.cuda_graph import GraphedStep, make_runner
+from dcgan.gan.models import Discriminator
+from dcgan.gan.step import STAT_NAMES, build_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -117,9 +119,9 @@ def test_cli_trains_and_resumes_on_the_gpu(tmp_path: Path) -> None:
 
 
 def test_the_weight_average_updates_without_a_host_sync_and_follows_a_graphed_run(tmp_path: Path) -> None:
-    from dcgan.ema import GeneratorEMA
-    from dcgan.models import Generator
-    from dcgan.sample import load_generator
+    from dcgan.evaluation.generators import load_generator
+    from dcgan.gan.ema import GeneratorEMA
+    from dcgan.gan.models import Generator
 
     model = load_config(TINY).model
     g = Generator(model).cuda()

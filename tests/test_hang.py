@@ -1,4 +1,4 @@
-"""The hang report (dcgan.hang): a rank whose loader stalls mid-run, as a stuck mount or a shard server
+"""The hang report (dcgan.distributed.hang): a rank whose loader stalls mid-run, as a stuck mount or a shard server
 that keeps the connection open makes it, on torchrun's two ranks. Every rank writes its stacks and
 position to run.dir/hang-<rank>.txt, rank 0 names the rank the others wait for, long before the
 collective timeout, and the run finishes once the data comes."""
@@ -14,8 +14,8 @@ import pytest
 from distributed_helpers import signal_tree, start_torchrun, wait_for
 from helpers import TINY, read_stats
 
-from dcgan.hang import AFTER_STEP, IN_STEP, MIN_STEPS, WAITING_FOR_DATA, HangWatch, Position, stall_line
-from dcgan.tracking import read_stats as stats_rows
+from dcgan.distributed.hang import AFTER_STEP, IN_STEP, MIN_STEPS, WAITING_FOR_DATA, HangWatch, Position, stall_line
+from dcgan.run.stats import read_stats as stats_rows
 
 STALL_S = 20
 """How long rank 1's shard pipe sleeps once: past the hang limit (5 s here), far below dist.timeout_s."""

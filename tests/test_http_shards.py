@@ -21,8 +21,8 @@ from helpers import CPU, ROOT, TINY, read_stats, run_in_process, tiny_config
 
 from dcgan.config import ConfigError
 from dcgan.data.stream import ShardSource
-from dcgan.errors import ShardError
-from dcgan.train import EXIT_OK, train
+from dcgan.errors import EXIT_OK, ShardError
+from dcgan.train.loop import train
 
 READY_S = 20.0
 """Longest wait for a server to answer after its start (a loaded 2-core machine starts Python slowly)."""

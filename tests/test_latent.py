@@ -10,9 +10,9 @@ from helpers import TINY, run_in_process
 from PIL import Image
 
 from dcgan.config import ConfigError, load_config
-from dcgan.latent import arithmetic, interpolate, parse_indices, slerp, walk_latents
-from dcgan.models import Generator
-from dcgan.sample import LoadedGenerator, export_generator, generate, seeded_latents
+from dcgan.evaluation.generators import LoadedGenerator, export_generator, generate, seeded_latents
+from dcgan.evaluation.latent import arithmetic, interpolate, parse_indices, slerp, walk_latents
+from dcgan.gan.models import Generator
 
 
 @pytest.fixture(scope="module")

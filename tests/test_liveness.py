@@ -12,8 +12,9 @@ from contextlib import contextmanager
 import torch.distributed as dist
 from distributed_helpers import free_port
 
+from dcgan.distributed.liveness import Liveness
+from dcgan.distributed.store import StoreAddress
 from dcgan.errors import ShardError
-from dcgan.liveness import Liveness, StoreAddress
 
 LIVENESS_S = 3.0
 """The smallest `dist.liveness_s` the config accepts."""

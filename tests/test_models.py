@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from dcgan.config import ModelConfig
-from dcgan.models import Discriminator, Generator, count_parameters
+from dcgan.gan.models import Discriminator, Generator, count_parameters
 
 
 def test_parameter_counts_match_pytorch_examples_dcgan() -> None:

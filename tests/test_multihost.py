@@ -5,7 +5,7 @@ behind, and keep every completed checkpoint.
 
 Timing bounds below follow from the defaults (dist.liveness_s=15): a lost peer whose connection closes
 is judged after ~4 s of silence, a silent one after 15 s, one that never starts 20 s after rank 0 starts; torchrun's
-agent on a cut-off host is ended 5 s after its worker (dcgan.liveness). The tests allow 30 s, the bound
+agent on a cut-off host is ended 5 s after its worker (dcgan.distributed.liveness). The tests allow 30 s, the bound
 README promises."""
 
 from __future__ import annotations

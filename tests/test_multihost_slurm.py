@@ -3,7 +3,7 @@ slurmd per host and slurmctld on the bridge (slurm/local-cluster/start-multinode
 project's 2-node jobs as users submit them: `sbatch --nodes=2 slurm/train.sbatch` (srun + torchrun, c10d
 rendezvous on the first node, gloo between the hosts), its requeue after USR1, a job of `--nodes=1-2`
 requeued onto the one node left after the other is drained (the same trajectory as a 1-rank run), and
-`python -m launch.slurm --nodes 2` (submitit: srun starts one training process per node)."""
+`dcgan submit --nodes 2` (submitit: srun starts one training process per node)."""
 
 from __future__ import annotations
 
@@ -288,7 +288,7 @@ def test_job_of_one_to_two_nodes_requeued_onto_one_node_continues_the_same_traje
     assert all(row["global_batch"] == 16 and row["images_seen"] == row["step"] * 16 for row in stats)
 
     from dcgan.config import load_config
-    from dcgan.train import train
+    from dcgan.train.loop import train
 
     reference = tmp_path / "reference"
     assert train(load_config(str(ROOT / common[0]), [*common[1:], f"run.dir={reference}"])) == 0
@@ -305,9 +305,9 @@ def test_job_of_one_to_two_nodes_requeued_onto_one_node_continues_the_same_traje
 
 
 def launch_slurm(cluster: Cluster, *argv: str) -> tuple[str, str]:
-    """`python -m launch.slurm ARGV` as a user of the cluster runs it: the job id and what it said on stderr."""
+    """`dcgan submit ARGV` as a user of the cluster runs it: the job id and what it said on stderr."""
     submitted = subprocess.run(
-        [sys.executable, "-m", "launch.slurm", *argv],
+        [sys.executable, "-m", "dcgan", "submit", *argv],
         cwd=ROOT,
         env=cluster.env,
         capture_output=True,
@@ -343,7 +343,7 @@ def test_submitit_job_of_two_nodes_runs_one_task_on_each_host(cluster: Cluster, 
 
 
 def test_submitit_job_of_one_to_two_nodes_gets_both_idle_hosts(cluster: Cluster, tmp_path: Path) -> None:
-    """`launch.slurm --nodes 1-2` on two idle hosts runs on both (SLURM sizes a job with --ntasks-per-node
+    """`dcgan submit --nodes 1-2` on two idle hosts runs on both (SLURM sizes a job with --ntasks-per-node
     on its sbatch line for MIN nodes: the script must not carry it), each rank on half the global batch."""
     run = tmp_path / "run"
     argv = ["configs/tiny.yaml", f"run.dir={run}", "train.steps=10", "train.global_batch=16", "log.wandb=disabled"]

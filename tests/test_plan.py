@@ -1,4 +1,4 @@
-"""`--dry-run` of `dcgan train` and `python -m launch.slurm`: the plan, field by field, and nothing run."""
+"""`--dry-run` of `dcgan train` and `dcgan submit`: the plan, field by field, and nothing run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from helpers import run_in_process, tiny_config
 
-from dcgan.train import EXIT_OK, train
+from dcgan.errors import EXIT_OK
+from dcgan.train.loop import train
 
 
 def field(report: str, prefix: str) -> str:
@@ -72,7 +73,7 @@ def test_slurm_dry_run_prints_the_plan_and_the_sbatch_script_and_submits_nothing
         "--folder",
         str(folder),
         "--dry-run",
-        program="launch.slurm",
+        program="dcgan submit",
     ).stdout
     assert field(report, "world size") == "world size: 4 rank(s); batch 16 per rank, global batch 64"
     script = report.split("sbatch script:\n", 1)[1]
@@ -102,8 +103,8 @@ def test_slurm_dry_run_fails_like_a_submission_would(tmp_path: Path) -> None:
         "--dry-run",
         "--folder",
         str(tmp_path / "f"),
-        program="launch.slurm",
+        program="dcgan submit",
         check=False,
     )
-    assert result.returncode == 2 and result.stderr.startswith("launch.slurm: error: ")
+    assert result.returncode == 2 and result.stderr.startswith("dcgan submit: error: ")
     assert not (tmp_path / "f").exists()

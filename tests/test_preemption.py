@@ -9,7 +9,8 @@ import signal
 
 import pytest
 
-from dcgan.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, EXIT_TERMINATED, StopSignal
+from dcgan.errors import EXIT_INTERRUPTED, EXIT_REQUEUE, EXIT_TERMINATED
+from dcgan.train.preemption import StopSignal
 
 
 def test_a_second_ctrl_c_interrupts_at_once() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import run_in_process
 
-from dcgan.probe import features, labelled_images, load_discriminator, split, untrained_like
+from dcgan.evaluation.probe import features, labelled_images, load_discriminator, split, untrained_like
 
 
 def test_the_labelled_split_takes_n_per_class_and_tests_on_the_rest() -> None:

@@ -13,15 +13,15 @@ import pytest
 import torch
 from helpers import TINY, completed_steps, flatten, load_checkpoint_tensors, run_in_process, tiny_config
 
-from dcgan.checkpoint import list_checkpoints
 from dcgan.config import Config
-from dcgan.data import build_source
+from dcgan.data.build import build_source
 from dcgan.data.formats import Manifest
-from dcgan.distributed import DistInfo
+from dcgan.distributed.env import DistInfo
 from dcgan.errors import EXIT_OK
-from dcgan.rundir import RunDir
-from dcgan.step import LatentNoise
-from dcgan.train import train
+from dcgan.gan.step import LatentNoise
+from dcgan.run.checkpoint import list_checkpoints
+from dcgan.run.rundir import RunDir
+from dcgan.train.loop import train
 
 GLOBAL_BATCH = 16
 PARTITIONS = 4
@@ -133,7 +133,7 @@ def test_a_world_size_that_does_not_divide_the_global_batch_is_one_line_and_crea
 
 def test_partitions_the_ranks_cannot_share_are_one_line_naming_the_rank_counts_that_can(tmp_path: Path) -> None:
     from dcgan.config import ConfigError
-    from dcgan.data.stream import resolve_partitions
+    from dcgan.data.partitions import resolve_partitions
 
     config = tiny_config(tmp_path, "train.global_batch=24", "data.partitions=6")
     with pytest.raises(ConfigError, match=r"which 4 ranks cannot share: run on 1, 2, 3, 6 rank\(s\)"):
@@ -206,7 +206,7 @@ def test_a_resume_keeps_the_runs_partitions_and_chooses_anew_only_where_no_traje
     cannot share them: with train.global_batch=0 (the global batch changes anyway) they are chosen anew
     with a warning, with train.global_batch set the resume is refused in one line."""
     from dcgan.config import ConfigError
-    from dcgan.data import with_run_partitions
+    from dcgan.train.run_partitions import with_run_partitions
 
     for global_batch in (0, GLOBAL_BATCH):
         run = tmp_path / f"run{global_batch}"

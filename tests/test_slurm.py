@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, checkpoint_complete, completed_steps, run_in_process, subprocess_env
 
+from dcgan.cluster.slurm import Resources, executor_parameters, make_executor, submit, validate
 from dcgan.config import ConfigError
-from launch.slurm import Resources, executor_parameters, make_executor, submit, validate
 
 REFERENCE = ROOT / "tests" / "data" / "sbatch_4x8gpu.txt"
 
@@ -218,11 +218,11 @@ def test_cli_rejects_a_bad_config_before_submitting(tmp_path: Path, dry_run: lis
         "--folder",
         str(tmp_path),
         *dry_run,
-        program="launch.slurm",
+        program="dcgan submit",
         check=False,
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == "launch.slurm: error: model.resolution: must be a power of two >= 16, got 48"
+    assert result.stderr.strip() == "dcgan submit: error: model.resolution: must be a power of two >= 16, got 48"
     assert not any(tmp_path.iterdir())
 
 
@@ -235,8 +235,8 @@ def test_local_executor_parameters_carry_no_slurm_keys() -> None:
 def test_a_sweep_is_one_job_array_and_a_preempted_task_resumes_without_touching_its_siblings(
     cluster: None, tmp_path: Path
 ) -> None:
+    from dcgan.cluster.sweep import parse_sweep, point_name, submit_sweep
     from dcgan.config import load_config
-    from launch.slurm import parse_sweep, point_name, submit_sweep
 
     base = tmp_path / "sweep"
     points = parse_sweep(["optim.lr=1e-4,2e-4", "seed=0,1"])
@@ -286,7 +286,7 @@ def test_sbatch_job_array_runs_one_point_per_task_from_a_points_file(cluster: No
         "seed=0,1",
         "--write-points",
         str(points),
-        program="launch.slurm",
+        program="dcgan submit",
     ).stdout
     assert f"POINTS={points} sbatch --array=0-1%64 slurm/train.sbatch configs/tiny.yaml" in written
     assert points.read_text().splitlines() == [
@@ -324,13 +324,13 @@ def test_a_request_the_partition_can_never_satisfy_is_refused_before_submission(
         "2",
         "--cpus-per-task",
         "4",
-        program="launch.slurm",
+        program="dcgan submit",
         check=False,
     )
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(
-        "launch.slurm: error: SLURM refuses this request (1 node(s) x 2 task(s) x 4 CPU(s), 0 GPU(s) a node): "
+        "dcgan submit: error: SLURM refuses this request (1 node(s) x 2 task(s) x 4 CPU(s), 0 GPU(s) a node): "
     )
     assert line.endswith("Requested node configuration is not available")
     assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split() == before
@@ -343,13 +343,13 @@ def test_shards_that_do_not_exist_here_are_refused_before_submission(tmp_path: P
         "--local",
         "--folder",
         str(tmp_path / "logs"),
-        program="launch.slurm",
+        program="dcgan submit",
         check=False,
     )
     assert result.returncode == 2
     assert (
         result.stderr.strip()
-        == f"launch.slurm: error: data.shards: {tmp_path / 'nowhere'} does not exist on this machine (give a path the cluster's nodes share)"
+        == f"dcgan submit: error: data.shards: {tmp_path / 'nowhere'} does not exist on this machine (give a path the cluster's nodes share)"
     )
     assert not (tmp_path / "logs").exists()
 
@@ -363,7 +363,7 @@ def test_a_local_job_logs_beside_its_run_and_leaves_nothing_else(tmp_path: Path)
         [
             sys.executable,
             "-m",
-            "launch.slurm",
+            "dcgan.cluster.slurm",
             str(ROOT / "configs" / "tiny.yaml"),
             f"run.dir={run}",
             "train.steps=2",

@@ -9,13 +9,14 @@ import pytest
 import torch
 from helpers import CPU, TINY, run_cli, run_in_process
 
-from dcgan.bench import end_to_end_share, synthetic_batch
+from dcgan.cluster.bench import end_to_end_share, synthetic_batch
 from dcgan.config import ConfigError, load_config
-from dcgan.distributed import DistInfo, gradient_sync
+from dcgan.distributed.env import DistInfo
+from dcgan.distributed.parallelize import gradient_sync
 from dcgan.errors import LaunchError
-from dcgan.graphs import make_runner, unsupported_reason
-from dcgan.step import STAT_NAMES, build_step
-from dcgan.train import build_trainer
+from dcgan.gan.cuda_graph import make_runner, unsupported_reason
+from dcgan.gan.step import STAT_NAMES, build_step
+from dcgan.train.trainer import build_trainer
 
 
 def run_steps(n: int, *overrides: str) -> tuple[torch.Tensor, torch.nn.Module]:

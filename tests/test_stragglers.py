@@ -1,4 +1,4 @@
-"""Which rank is slow (dcgan.stragglers): the rules on given times, then a real run on two emulated hosts
+"""Which rank is slow (dcgan.distributed.stragglers): the rules on given times, then a real run on two emulated hosts
 whose second host runs under a CPU quota, as a rank on a throttled or oversubscribed node does."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from helpers import read_stats, run_in_process
 from hosts import emulated_hosts, missing_requirements
 from test_multihost import torchrun_on, wait_for, worker_pids
 
-from dcgan.stragglers import RankTimes, StragglerWatch, slowest_rank, straggler_metrics
-from dcgan.tracking import read_stats as stats_rows
+from dcgan.distributed.stragglers import RankTimes, StragglerWatch, slowest_rank, straggler_metrics
+from dcgan.run.stats import read_stats as stats_rows
 
 HOSTS = ["hosta", "hostb", "hostc"]
 
@@ -175,10 +175,11 @@ def _gradients_with_and_without_the_timed_hook(rank: int, world: int, out: Path)
     CPU), and through a DDP of the same weights with DDP's own all-reduce; the collective clock's reading."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from dcgan.collective_clock import COLLECTIVE_CLOCK
     from dcgan.config import ModelConfig
-    from dcgan.distributed import destroy_distributed, init_distributed, prepare_module
-    from dcgan.models import Discriminator
+    from dcgan.distributed.collectives import COLLECTIVE_CLOCK
+    from dcgan.distributed.parallelize import prepare_module
+    from dcgan.distributed.session import destroy_distributed, init_distributed
+    from dcgan.gan.models import Discriminator
 
     info = init_distributed("cpu", 60, liveness_s=0)
     try:
@@ -223,8 +224,8 @@ def test_the_timed_gradient_all_reduce_gives_ddps_gradients_and_counts_its_wait(
 
 def test_a_window_counts_collective_waits_of_training_only() -> None:
     """The collective clock's time inside `outside_training` (an evaluation's exchanges) is not a step's."""
-    from dcgan.collective_clock import COLLECTIVE_CLOCK
-    from dcgan.tracking import Window
+    from dcgan.distributed.collectives import COLLECTIVE_CLOCK
+    from dcgan.train.window import Window
 
     now = [100.0]
     window = Window(torch.device("cpu"), clock=lambda: now[0])

@@ -22,10 +22,13 @@ from helpers import (
 )
 from PIL import Image
 
-from dcgan.preemption import StopSignal
-from dcgan.tracking import GanHealth, Tracker, sample_diversity
-from dcgan.train import EXIT_NONFINITE, build_trainer, run_loop
-from dcgan.wandb_files import history, records, run_id, uploadable_segments
+from dcgan.errors import EXIT_NONFINITE
+from dcgan.run.wandb_files import history, records, run_id, uploadable_segments
+from dcgan.train.loop import run_loop
+from dcgan.train.preemption import StopSignal
+from dcgan.train.tracking import Tracker
+from dcgan.train.trainer import build_trainer
+from dcgan.train.window import GanHealth, sample_diversity
 
 
 def offline_runs(run: Path) -> list[Path]:
@@ -85,7 +88,8 @@ def test_offline_wandb_run_holds_metrics_images_histograms_and_config(tmp_path: 
 def test_resume_after_a_kill_between_checkpoints_keeps_one_stats_line_per_step(tmp_path: Path) -> None:
     import shutil
 
-    from dcgan.train import EXIT_OK, train
+    from dcgan.errors import EXIT_OK
+    from dcgan.train.loop import train
 
     run = tmp_path / "run"
     settings = ("log.every=10", "checkpoint.every=20", "checkpoint.keep=5", "sample.every=100")

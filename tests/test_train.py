@@ -10,12 +10,14 @@ import torch
 from helpers import CPU, DIGITS_MODEL, read_stats, run_cli, run_in_process, tiny_config
 from PIL import Image
 
-from dcgan.quality import DigitsScorer
-from dcgan.sample import generate
-from dcgan.schema import describe_resize
-from dcgan.step import STAT_NAMES
-from dcgan.tracking import Window
-from dcgan.train import EXIT_OK, build_trainer, train
+from dcgan.errors import EXIT_OK
+from dcgan.evaluation.digits_score import DigitsScorer
+from dcgan.evaluation.generators import generate
+from dcgan.gan.step import STAT_NAMES
+from dcgan.run.schema import describe_resize
+from dcgan.train.loop import train
+from dcgan.train.trainer import build_trainer
+from dcgan.train.window import Window
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -142,7 +144,7 @@ def test_a_window_counts_training_time_only() -> None:
 def test_a_resume_on_another_number_of_ranks_says_whether_the_trajectory_continues(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level("INFO", logger="dcgan.schema")
+    caplog.set_level("INFO", logger="dcgan.run.schema")
     progress = {"world_size": 2, "global_batch": 256}
     describe_resize({}, {}, progress, global_batch=256, world_size=2)
     assert not caplog.records
@@ -161,7 +163,7 @@ def test_a_resume_on_another_number_of_ranks_says_whether_the_trajectory_continu
 
 
 def test_lr_advice_follows_the_readmes_one_rule() -> None:
-    from dcgan.plan import lr_advice
+    from dcgan.train.trainer import lr_advice
 
     assert lr_advice(2e-4, 128) is None
     assert "suggests 0.00057" in lr_advice(2e-4, 1024) and "optim.lr 0.0002" in lr_advice(2e-4, 1024)

@@ -139,3 +139,13 @@ def decode_block(data: bytes, channels: int, resolution: int) -> np.ndarray:
             f"block of shape {block.shape} {block.dtype}, expected (N, {channels}, {resolution}, {resolution}) uint8"
         )
     return block
+
+
+READ_BUFFER = 1 << 20
+"""Bytes buffered between a shard's file or socket and tarfile. webdataset opens local shards with
+open(path, buffering=$GOPEN_BUFFER), read when each shard is opened;
+with the default 8 KiB buffer, tarfile's 10 KiB stream reads turn every 3 MB block into hundreds of system
+calls. 1 MiB raised the raw tar rate from ~50k to ~90k img/s (64x64 RGB blocks, docs/performance.md)."""
+
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")

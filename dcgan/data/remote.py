@@ -31,15 +31,13 @@ from urllib.request import Request, urlopen
 import webdataset as wds
 
 from dcgan.config import ConfigError
-from dcgan.data.formats import MANIFEST, Manifest
+from dcgan.data.formats import MANIFEST, READ_BUFFER, Manifest
 from dcgan.errors import ShardError
 
 log = logging.getLogger(__name__)
 
 SCHEMES = ("http://", "https://")
 
-READ_BUFFER = 1 << 20
-"""Bytes buffered between the socket and tarfile (tarfile reads 10 KiB at a time: see stream.READ_BUFFER)."""
 
 MAX_DELAY_S = 30.0
 """Longest wait between two reconnections, however many data.retries allow."""

@@ -1,0 +1,364 @@
+"""Typed run configuration: one frozen dataclass per concern, loaded from YAML plus dotted overrides.
+
+Every key is declared here with its type, default and a one-line help text (shown by
+`dcgan train --help`). Loading fails before any work starts, with a single line that names the key and
+what is allowed, so that a typo in a 500-GPU job costs seconds rather than a queue wait.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, mistyped or impossible; the message is one line naming the key."""
+
+
+def _field(default: Any, help: str) -> Any:
+    """A dataclass field whose help text is kept in its metadata (for --help and docs)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = _field("runs/dcgan", "run directory: config, log, stats.jsonl, samples/, checkpoints/")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    resolution: int = _field(64, "image side in pixels, a power of two >= 16")
+    nz: int = _field(100, "length of the latent vector z")
+    ngf: int = _field(64, "generator width (channels of its last hidden layer)")
+    ndf: int = _field(64, "discriminator width (channels of its first layer)")
+    channels: int = _field(3, "image channels: 1 (grey) or 3 (RGB)")
+    sync_bn: bool = _field(
+        True, "with several ranks, BatchNorm statistics over the global batch (false: each rank's own batch)"
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str = _field(
+        "", "shard directory with manifest.json (or its http(s) URL), brace pattern or URL; empty = built-in digits"
+    )
+    workers: int = _field(2, "DataLoader worker processes per rank (0 = load in the training process)")
+    shuffle_buffer: int = _field(1000, "samples held in each partition's shuffle buffer")
+    resampled: bool = _field(
+        True,
+        "an endless stream: after each epoch's deal of the shuffled shards, deal them again (equal batches on "
+        "every rank, any shard count); false = one deal per epoch, every image at most once",
+    )
+    epoch_samples: int = _field(0, "images per epoch, all ranks together; 0 = the data set size")
+    partitions: int = _field(
+        0,
+        "independent seeded streams the shards are read in, fixed when a run starts and kept in its checkpoints: "
+        "each gives global_batch / partitions images a step, a rank reads only its partitions, so the data order "
+        "does not depend on the number of ranks or workers; 0 = ranks x workers at the run's start (as many as "
+        "divide the global batch); set it to give fresh runs on other hardware the same data order",
+    )
+    prefetch: int = _field(4, "steps each worker prepares ahead (the rank's ring holds prefetch + 3 batches)")
+    retries: int = _field(
+        6,
+        "http(s) shards: reconnections after a dropped connection, a silent or restarting server, before the run "
+        "stops; 0.5 s apart, doubling (6 = about 30 s of outage); the shard resumes at the byte where it broke",
+    )
+    timeout_s: float = _field(
+        30.0,
+        "http(s) shards: seconds a server may stay silent (connecting, or mid-shard) before the read counts as "
+        "dropped; an unreachable server at the start is refused after this long",
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = _field(10000, "training iterations (one D and one G update each)")
+    batch_size: int = _field(
+        128, "images per process per step when train.global_batch=0 (the global batch is this x ranks)"
+    )
+    global_batch: int = _field(
+        0,
+        "images per step over all ranks, whatever their number: each rank trains on global_batch / ranks, and a "
+        "rank count that does not divide it is refused; 0 = train.batch_size per process",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _field(
+        "auto", "autocast precision; auto = bf16 on GPUs that support it, fp32 on CPU"
+    )
+    compile: bool = _field(False, "torch.compile the bare G and D before DDP wraps them")
+    channels_last: bool = _field(True, "channels-last memory format on CUDA (ignored on CPU)")
+    cuda_graph: bool = _field(
+        False,
+        "replay the whole step as a CUDA graph after 3 eager steps (CUDA; bf16/fp32, nonfinite=stop; with several "
+        "ranks the step all-reduces its gradients itself, one flat all-reduce per model, instead of DDP)",
+    )
+    device: Literal["auto", "cpu", "cuda"] = _field("auto", "auto = cuda when available, else cpu")
+    nonfinite: Literal["stop", "skip"] = _field(
+        "stop", "on a non-finite loss: stop the run (last good checkpoint kept) or skip the update"
+    )
+    ema: float = _field(
+        0.0,
+        "decay of an exponential moving average of G's weights, kept in checkpoints (0 = off; e.g. 0.999): "
+        "grids, sample, export and eval use it (sample.ema=false: the raw G); eval logs both",
+    )
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = _field(2e-4, "Adam learning rate of G and D (paper: 2e-4 at batch 128)")
+    beta1: float = _field(0.5, "Adam beta1 (paper: 0.5)")
+    beta2: float = _field(0.999, "Adam beta2")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every: int = _field(50, "steps between metric lines in stats.jsonl / wandb")
+    wandb: Literal["offline", "online", "disabled"] = _field(
+        "offline", "wandb mode; offline writes run_dir/wandb (upload later with `wandb sync`)"
+    )
+    project: str = _field("dcgan", "wandb project")
+    entity: str = _field("", "wandb entity (team or user); empty = your default")
+    name: str = _field("", "wandb run name; empty = the run directory's name")
+    group: str = _field("", "wandb group")
+    tags: tuple[str, ...] = _field((), "wandb tags (YAML list or comma-separated)")
+    histogram_every: int = _field(0, "steps between histograms of D's outputs (0 = with every sample grid)")
+    straggler: float = _field(
+        0.5,
+        "warn when one rank's own time per step (step time less its wait in collectives) stays this much "
+        "above the other ranks' median (0.5 = 50% slower) for log.straggler_windows metric lines; 0 = no "
+        "warning (the slowest rank is still logged with every metric line)",
+    )
+    straggler_windows: int = _field(3, "metric lines in a row a rank must lag before the straggler warning")
+
+
+BnStats = Literal["running", "batch", "standing"]
+"""BatchNorm statistics a generator can make images with (dcgan.evaluation.generators.generate implements them)."""
+BN_STATS: tuple[str, ...] = get_args(BnStats)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    every: int = _field(500, "steps between fixed-noise sample grids")
+    num: int = _field(64, "images in each sample grid")
+    bn: BnStats = _field(
+        "standing",
+        "G's BatchNorm statistics when making images (grids, sample, eval): standing = re-estimated from G's "
+        "own outputs on fixed latents (1,024 images) just before, as the average of G always is, so they "
+        "cannot lag the weights; running = the averages kept in training (eval mode); batch = each "
+        "generated batch's own (train mode)",
+    )
+    ema: bool = _field(True, "with train.ema > 0, images come from the averaged G (false: from the raw G)")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = _field(1000, "steps between checkpoints (a final one is always written)")
+    keep: int = _field(3, "complete checkpoints kept (oldest removed first)")
+    keep_every: int = _field(0, "also keep every checkpoint whose step is a multiple of this (0 = none)")
+    async_save: bool = _field(True, "write checkpoints in the background while training continues")
+
+
+EVAL_METRICS = ("fid", "kid", "swd", "digits")
+"""What `dcgan eval` and eval.metrics can compute (dcgan.evaluation.evaluate implements them)."""
+
+DIGITS_KEYS = ("digits_frechet", "digits_confident", "digits_class_balance")
+"""The three results of the digits metric (dcgan.evaluation.digits_score.DigitsScore, prefixed)."""
+
+LOWER_IS_BETTER = ("fid", "kid", "swd", "digits_frechet")
+"""Result keys for which a smaller value is a better generator: what eval.best may name."""
+
+
+def metric_keys(metrics: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The result keys `dcgan.evaluation.evaluate.evaluate` returns for these metrics, in order: the one source of
+    metric names for config validation, evaluation and eval.best."""
+    return tuple(key for metric in metrics for key in (DIGITS_KEYS if metric == "digits" else (metric,)))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = _field(0, "steps between evaluations during training (0 = never); see `dcgan eval`")
+    metrics: tuple[str, ...] = _field(("swd",), "metrics computed during training: fid, kid, swd, digits")
+    num: int = _field(2000, "generated (and real) images per evaluation")
+    data: str = _field("", "real images to compare with (shard directory or 'digits'); empty = data.shards, or digits")
+    inception: str = _field("", "TorchScript Inception for fid/kid (empty = env DCGAN_INCEPTION)")
+    best: str = _field(
+        "",
+        "keep the checkpoint with the lowest value of this result of eval.metrics (fid, kid, swd or digits_frechet) until a better one",
+    )
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    timeout_s: int = _field(
+        600, "seconds a collective may wait for a slow rank (a long save, a first compile) before the job fails"
+    )
+    liveness_s: float = _field(
+        15.0,
+        "seconds without a heartbeat before a rank or host counts as lost and every rank stops in one line "
+        "(5 s more for a rank that never starts); 0 turns the check off",
+    )
+    hang_after: float = _field(
+        10.0,
+        "when no step completes for this many times the median step time (and at least dist.hang_min_s), every "
+        "rank writes its stacks to run.dir/hang-<rank>.txt and rank 0 names the ranks that did not reach the "
+        "step; 0 = off",
+    )
+    hang_min_s: float = _field(60.0, "seconds without a step that never count as a hang, however fast the steps")
+    force: bool = _field(
+        False, "run the multi-rank code path (process group, DDP, cross-rank BatchNorm) even as one process"
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = _field(0, "seed of weights, noise and data order")
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    @property
+    def uses_builtin_digits(self) -> bool:
+        return self.data.shards == ""
+
+    def global_batch(self, world_size: int) -> int:
+        """Images one step trains on over `world_size` ranks."""
+        return self.train.global_batch or self.train.batch_size * world_size
+
+    def batch_per_rank(self, world_size: int) -> int:
+        """Images each of `world_size` ranks trains on per step; refused in one line (before any work)
+        where a fixed train.global_batch cannot be split evenly."""
+        total = self.train.global_batch
+        if not total:
+            return self.train.batch_size
+        if total % world_size:
+            fitting = [str(n) for n in divisors(total)]
+            raise ConfigError(
+                f"train.global_batch: {total} images cannot be split over {world_size} ranks: run on a number of "
+                f"ranks that divides it ({', '.join(fitting[:12])}{', ...' if len(fitting) > 12 else ''}) or change "
+                "train.global_batch"
+            )
+        return total // world_size
+
+    @property
+    def images_from_average(self) -> bool:
+        """Whether grids, samples, exports and eval.best use the averaged G (train.ema > 0 and
+        sample.ema) rather than the trained one."""
+        return self.train.ema > 0 and self.sample.ema
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building a Config from plain data, with one-line errors
+
+
+SHAPE_FREE_MODEL_KEYS = ("sync_bn",)
+"""Model settings that change how statistics are computed, not the parameters a checkpoint holds."""
+
+
+def architecture(model: ModelConfig) -> dict[str, Any]:
+    """The model settings that decide parameter shapes: what a checkpoint must match to be resumed."""
+    return {k: v for k, v in dataclasses.asdict(model).items() if k not in SHAPE_FREE_MODEL_KEYS}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation of values that type-check but cannot work
+
+
+def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: must be {allowed}, got {value!r}")
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def divisors(n: int) -> list[int]:
+    """The numbers that divide n, ascending: the rank counts a global batch or a partition count allows."""
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def validate(config: Config) -> None:
+    """Reject impossible values with one line naming the key; called by every loader of configs."""
+    m, t, d = config.model, config.train, config.data
+    _require(
+        _is_power_of_two(m.resolution) and m.resolution >= 16, "model.resolution", "a power of two >= 16", m.resolution
+    )
+    _require(m.channels in (1, 3), "model.channels", "1 or 3", m.channels)
+    for key in ("nz", "ngf", "ndf"):
+        _require(getattr(m, key) >= 1, f"model.{key}", ">= 1", getattr(m, key))
+    _require(0 <= config.seed < 2**32, "seed", "an integer in [0, 2^32)", config.seed)
+    _require(t.steps >= 1, "train.steps", ">= 1", t.steps)
+    _require(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
+    _require(t.global_batch >= 0, "train.global_batch", ">= 0 (0 = train.batch_size per process)", t.global_batch)
+    _require(d.partitions >= 0, "data.partitions", ">= 0 (0 = chosen when the run starts)", d.partitions)
+    if t.cuda_graph:
+        _require(
+            t.device != "cpu", "train.cuda_graph", "false with train.device=cpu (CUDA graphs need CUDA)", t.cuda_graph
+        )
+        _require(
+            t.precision != "fp16" and t.nonfinite == "stop",
+            "train.cuda_graph",
+            "false with train.precision=fp16 or train.nonfinite=skip (their GradScaler is not captured)",
+            t.cuda_graph,
+        )
+    _require(math.isfinite(config.optim.lr) and config.optim.lr > 0, "optim.lr", "a finite number > 0", config.optim.lr)
+    for key in ("beta1", "beta2"):
+        beta = getattr(config.optim, key)
+        _require(0 <= beta < 1, f"optim.{key}", "in [0, 1)", beta)
+    _require(0 <= t.ema < 1, "train.ema", "in [0, 1) (0 = off)", t.ema)
+    _require(d.workers >= 0, "data.workers", ">= 0", d.workers)
+    _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1", d.shuffle_buffer)
+    _require(d.epoch_samples >= 0, "data.epoch_samples", ">= 0 (0 = derive from the data set)", d.epoch_samples)
+    _require(d.prefetch >= 1, "data.prefetch", ">= 1", d.prefetch)
+    _require(d.retries >= 0, "data.retries", ">= 0", d.retries)
+    _require(d.timeout_s > 0, "data.timeout_s", "> 0", d.timeout_s)
+    if config.uses_builtin_digits:
+        _require(m.channels == 1, "model.channels", "1 for the built-in digits (data.shards is empty)", m.channels)
+    for section, key in (("log", "every"), ("sample", "every"), ("checkpoint", "every"), ("sample", "num")):
+        value = getattr(getattr(config, section), key)
+        _require(value >= 1, f"{section}.{key}", ">= 1", value)
+    _require(config.log.histogram_every >= 0, "log.histogram_every", ">= 0", config.log.histogram_every)
+    _require(config.checkpoint.keep >= 1, "checkpoint.keep", ">= 1", config.checkpoint.keep)
+    _require(config.checkpoint.keep_every >= 0, "checkpoint.keep_every", ">= 0", config.checkpoint.keep_every)
+    _require(config.dist.timeout_s >= 1, "dist.timeout_s", ">= 1", config.dist.timeout_s)
+    _require(
+        config.dist.liveness_s == 0 or 3 <= config.dist.liveness_s <= config.dist.timeout_s,
+        "dist.liveness_s",
+        "0 (off) or between 3 (three heartbeats) and dist.timeout_s",
+        config.dist.liveness_s,
+    )
+    _require(config.dist.hang_after >= 0, "dist.hang_after", ">= 0 (0 = off)", config.dist.hang_after)
+    _require(config.dist.hang_min_s > 0, "dist.hang_min_s", "> 0", config.dist.hang_min_s)
+    _require(config.log.straggler >= 0, "log.straggler", ">= 0 (0 = off)", config.log.straggler)
+    _require(config.log.straggler_windows >= 1, "log.straggler_windows", ">= 1", config.log.straggler_windows)
+    _require(config.run.dir != "", "run.dir", "a directory path", config.run.dir)
+    e = config.eval
+    _require(e.every >= 0, "eval.every", ">= 0 (0 = never)", e.every)
+    _require(
+        bool(e.metrics) and set(e.metrics) <= set(EVAL_METRICS),
+        "eval.metrics",
+        f"a non-empty list from {', '.join(EVAL_METRICS)}",
+        list(e.metrics),
+    )
+    _require(e.num >= 2, "eval.num", ">= 2", e.num)
+    eligible = [key for key in metric_keys(e.metrics) if key in LOWER_IS_BETTER]
+    _require(
+        e.best == "" or e.best in eligible,
+        "eval.best",
+        f"empty or one of {', '.join(eligible)} (what eval.metrics produces; lower is better)",
+        e.best,
+    )
+    _require(
+        not ("digits" in e.metrics and m.channels != 1),
+        "eval.metrics",
+        "without digits for a 3-channel model",
+        list(e.metrics),
+    )

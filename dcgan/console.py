@@ -1,0 +1,80 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from dcgan.run.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(run_dir: Path | None, rank: int) -> None:
+    """INFO to stderr (and RUN_DIR/train.log) on rank 0; warnings only, prefixed with the rank, elsewhere."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    formatter = logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if run_dir is not None and rank == 0:
+        handlers.append(logging.FileHandler(RunDir(run_dir).train_log))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class Progress:
+    """Rank 0's progress: a bar redrawn in place on a terminal, plain log lines otherwise."""
+
+    def __init__(self, total_steps: int, start_step: int, enabled: bool, stream: TextIO = sys.stderr) -> None:
+        self.total = total_steps
+        self.start_step = start_step
+        self.enabled = enabled
+        self.stream = stream
+        self.interactive = enabled and stream.isatty()
+        self.started = time.perf_counter()
+
+    def eta_s(self, step: int) -> float:
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.started
+        return elapsed / done * (self.total - step) if done > 0 else math.inf
+
+    def update(self, step: int) -> None:
+        """Cheap per-step redraw (terminal only); reads no device values."""
+        if not self.interactive:
+            return
+        width = 30
+        filled = int(width * step / self.total)
+        bar = "#" * filled + "." * (width - filled)
+        self.stream.write(f"\r[{bar}] {step}/{self.total} ETA {_duration(self.eta_s(step))} ")
+        self.stream.flush()
+
+    def report(self, step: int, metrics: dict[str, float]) -> None:
+        """One line every log.every steps with the key numbers, rate and ETA."""
+        if not self.enabled:
+            return
+        if self.interactive:
+            self.stream.write("\r")
+        shown = " ".join(f"{k}={metrics[k]:.3f}" for k in ("loss_D", "loss_G", "D_x", "D_G_z_before") if k in metrics)
+        rate = metrics.get("img_per_s", 0.0)
+        log.info("step %d/%d %s %.0f img/s ETA %s", step, self.total, shown, rate, _duration(self.eta_s(step)))
+
+    def close(self) -> None:
+        if self.interactive:
+            self.stream.write("\n")

@@ -1,0 +1,111 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dcgan.errors import LaunchError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Who this process is, plus two gloo groups for host-side traffic.
+
+    `flag_group` carries the main thread's host-side collectives: the `any_rank` agreements (stop flag,
+    non-finite loss, ...) and evaluation's gathers of features (`dcgan.evaluation.evaluate`); on gloo it is the
+    default group itself. `checkpoint_group` is used only by checkpoint saves, which may run in a
+    background thread: collectives of two threads must never share a group, or their order differs
+    between ranks and they deadlock.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    flag_group: dist.ProcessGroup | None = None
+    checkpoint_group: dist.ProcessGroup | None = None
+    forced: bool = False
+    """A process group of one (dist.force): the multi-rank code path, run by a single process."""
+
+    @staticmethod
+    def single(device: torch.device | str = "cpu") -> DistInfo:
+        """One process and no process group: benchmarks, planning, tools that read a checkpoint."""
+        return DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(device))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """Whether a process group exists and collectives run: several ranks, or one forced."""
+        return self.world_size > 1 or self.forced
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value in (None, "") else int(value)
+
+
+def launched_world_size() -> int:
+    """The number of ranks the launcher started (torchrun, srun via submitit), known before any rendezvous:
+    what a config is checked against before the process group exists."""
+    return env_int("WORLD_SIZE", 1)
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    """CUDA device for this local rank; cuda:0 when CUDA_VISIBLE_DEVICES already narrows us to one GPU."""
+    use_cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise LaunchError("train.device=cuda, but no CUDA device is visible to this process")
+    count = torch.cuda.device_count()
+    index = 0 if count == 1 else local_rank
+    if index >= count:
+        raise LaunchError(f"local rank {local_rank} has no GPU: only {count} visible (check --nproc_per_node)")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+SHARED_STORE_FIX = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+"""What torchrun needs in its own environment for `--max-restarts` to work: by default (torch >= 2.5)
+the agent keeps one store across restarts, and a restarted rank can read the previous round's
+addresses and fail to connect ("connectFullMesh ... Connection refused"; pytorch/pytorch#135712).
+Measured here: 2 of 2 restarts failed without it, 4 of 4 resumed with it."""
+
+
+def check_elastic_restarts() -> None:
+    """Refuse, before any work, restarts that torchrun would start but not reconnect: one line naming
+    the fix beats a first restart that fails after hours of training."""
+    restarts = env_int("TORCHELASTIC_MAX_RESTARTS", 0)
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise LaunchError(
+            f"torchrun --max-restarts={restarts} needs {SHARED_STORE_FIX} in torchrun's environment "
+            f"(restarted ranks otherwise read stale addresses from torch's shared store): {SHARED_STORE_FIX} torchrun ..."
+        )
+
+
+def check_srun_tasks() -> None:
+    """Refuse tasks that srun started without telling them their rank: each would run alone (N separate
+    runs racing for run.dir, or N one-rank doctors each saying "ok")."""
+    tasks = env_int("SLURM_STEP_NUM_TASKS", 1)
+    if tasks > 1 and not os.environ.get("WORLD_SIZE"):
+        raise LaunchError(
+            f"srun started {tasks} tasks, but none knows its rank (WORLD_SIZE is not set), so each would run "
+            "alone: start one torchrun per node (srun --ntasks-per-node=1 torchrun --nnodes=... -m dcgan ...), "
+            "as slurm/train.sbatch does, or submit training with dcgan submit"
+        )
+
+
+def spans_hosts() -> bool:
+    """Whether the job's ranks live on more than one host, from what the launchers export: torchrun's
+    LOCAL_WORLD_SIZE (ranks on this host) where set, else the nodes of this SLURM job step."""
+    local = env_int("LOCAL_WORLD_SIZE", 0)
+    if local:
+        return local < env_int("WORLD_SIZE", 1)
+    return env_int("SLURM_STEP_NUM_NODES", env_int("SLURM_JOB_NUM_NODES", 1)) > 1

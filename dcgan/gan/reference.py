@@ -1,0 +1,41 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dcgan.config import Config
+from dcgan.gan.models import Discriminator, Generator
+from dcgan.gan.step import normalize
+
+
+class ReferenceStep:
+    """pytorch/examples/dcgan/main.py's iteration, with its model (our G and D, plus D's Sigmoid)."""
+
+    def __init__(self, config: Config, device: torch.device) -> None:
+        self.g = Generator(config.model).to(device)
+        self.d = nn.Sequential(Discriminator(config.model), nn.Sigmoid()).to(device)
+        betas = (config.optim.beta1, config.optim.beta2)
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=config.optim.lr, betas=betas)
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=config.optim.lr, betas=betas)
+        self.loss = nn.BCELoss()
+        self.nz = config.model.nz
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        real = normalize(images, torch.float32)
+        batch = real.shape[0]
+        ones = torch.full((batch,), 1.0, device=real.device)
+        zeros = torch.full((batch,), 0.0, device=real.device)
+        self.d.zero_grad()
+        err_real = self.loss(self.d(real), ones)
+        err_real.backward()
+        fake = self.g(torch.randn(batch, self.nz, device=real.device))
+        err_fake = self.loss(self.d(fake.detach()), zeros)
+        err_fake.backward()
+        self.opt_d.step()
+        self.g.zero_grad()
+        err_g = self.loss(self.d(fake), ones)
+        err_g.backward()
+        self.opt_g.step()
+        return err_real + err_fake

@@ -1,0 +1,234 @@
+"""One DCGAN training iteration: a D update, then a G update, as a short list of phases.
+
+The step never reads a value back to the host: its statistics come back as one device tensor that the
+loop accumulates and reads every `log.every` steps, so that GPU work is queued without stalls. The
+body (`train`) takes its noise as an argument and has static shapes, so that dcgan.gan.cuda_graph can capture
+it whole in a CUDA graph; `__call__` draws the noise and runs it eagerly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import get_total_norm
+
+from dcgan.config import Config
+from dcgan.distributed.env import DistInfo
+from dcgan.distributed.parallelize import Bare, GradientSync, average_gradients, gradient_sync, prepare_module
+from dcgan.gan.losses import discriminator_loss, generator_loss
+from dcgan.gan.models import Discriminator, Generator
+from dcgan.seeds import mix
+
+STAT_NAMES = ("loss_D", "loss_G", "D_x", "D_G_z_before", "D_G_z_after", "grad_norm_G", "grad_norm_D", "nonfinite")
+"""Names of the values in the vector a step returns, in order (one device tensor, summed over steps by
+the loop and read once per metric line); index it by name with STAT_INDEX."""
+
+STAT_INDEX = {name: index for index, name in enumerate(STAT_NAMES)}
+NONFINITE = STAT_INDEX["nonfinite"]
+"""Where the step's non-finite-loss flag sits in its statistics vector."""
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype: 'auto' means bf16 on GPUs that support it, fp32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def normalize(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [0, 255] -> [-1, 1] in `dtype`, done on the device so the host only moves bytes."""
+    return images.to(dtype=torch.float32).mul_(1 / 127.5).sub_(1.0).to(dtype)
+
+
+def total_grad_norm(module: nn.Module) -> torch.Tensor:
+    """L2 norm of all gradients: one fused multi-tensor kernel on CUDA rather than one per parameter,
+    which counts in a launch-bound step."""
+    return get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
+
+
+NOISE_STREAM = 0x4E015E
+"""Tags the latent-noise seeds apart from the data order's, which mix the same run seed."""
+
+
+@dataclass
+class LatentNoise:
+    """The latent batch of each step, as a function of (seed, step) alone: drawn for the whole global
+    batch, of which this rank takes its slice. A run on any number of ranks therefore trains on the same
+    noise, and a resume needs only the step (`at`), not a generator's state per rank. Drawing the global
+    batch on every rank costs global_batch x nz numbers per step (51,200 at a global batch of 512, z of 100)."""
+
+    seed: int
+    nz: int
+    global_batch: int
+    rank: int
+    world_size: int
+    device: torch.device
+    at: int = 0
+    """The step whose noise the next draw returns (the trainer sets it on resume)."""
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator(device=self.device)
+
+    def global_batch_at(self, step: int) -> torch.Tensor:
+        """The whole global batch's latents of `step` (every rank's slices, in rank order)."""
+        self.generator.manual_seed(mix(self.seed, NOISE_STREAM, step))
+        return torch.randn(self.global_batch, self.nz, device=self.device, generator=self.generator)
+
+    def draw(self) -> torch.Tensor:
+        """This rank's latents for step `at`, then move on to the next step."""
+        share = self.global_batch // self.world_size
+        z = self.global_batch_at(self.at)[self.rank * share : (self.rank + 1) * share]
+        self.at += 1
+        return z
+
+
+@dataclass
+class GANStep:
+    """Holds what an iteration touches. `g`/`d` may be DDP wrappers; `d_bare` is D without DDP."""
+
+    g: nn.Module
+    d: nn.Module
+    d_bare: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    dtype: torch.dtype
+    noise: LatentNoise
+    channels_last: bool = False
+    autocast_cache: bool = True
+    """Off under CUDA-graph capture: autocast's cast cache must not outlive the captured region."""
+    average_gradients: Callable[[nn.Module], None] | None = None
+    """Averages a model's gradients over ranks after its backward pass, where `g`/`d` are bare modules
+    (train.cuda_graph with several ranks); None where DDP does it, or for one process."""
+    last_logits: tuple[torch.Tensor, torch.Tensor] | None = None
+    """D's logits on the last real and fake batch (device tensors, for occasional histograms)."""
+
+    def _autocast(self, device: torch.device) -> torch.autocast:
+        enabled = self.dtype != torch.float32
+        return torch.autocast(device.type, dtype=self.dtype, enabled=enabled, cache_enabled=self.autocast_cache)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Train on one batch of uint8 images already on the device; return the stats vector."""
+        return self.train(images, self.noise.draw())
+
+    def train(self, images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The step's body: only device work, no host reads, shapes fixed by the inputs' shapes."""
+        device = images.device
+        real = normalize(images, self.dtype)
+        if self.channels_last:
+            real = real.contiguous(memory_format=torch.channels_last)
+
+        # Phase 1: D on a real batch and on a fake batch, two forwards (separate batch statistics).
+        self.opt_d.zero_grad(set_to_none=True)
+        with self._autocast(device):
+            fake = self.g(z)
+            real_logits = self.d(real)
+            fake_logits = self.d(fake.detach())
+            loss_d = discriminator_loss(real_logits, fake_logits)
+        self.scaler.scale(loss_d).backward()
+        if self.average_gradients is not None:
+            self.average_gradients(self.d_bare)
+        self.scaler.unscale_(self.opt_d)
+        grad_norm_d = total_grad_norm(self.d_bare)
+        self.scaler.step(self.opt_d)
+
+        # Phase 2: G against the updated D, D frozen (no weight gradients, no DDP all-reduce for D).
+        self.d_bare.requires_grad_(False)
+        self.opt_g.zero_grad(set_to_none=True)
+        with self._autocast(device):
+            fake_logits_after = self.d_bare(fake)
+            loss_g = generator_loss(fake_logits_after)
+        self.scaler.scale(loss_g).backward()
+        self.d_bare.requires_grad_(True)
+        if self.average_gradients is not None:
+            self.average_gradients(self.g)
+        self.scaler.unscale_(self.opt_g)
+        grad_norm_g = total_grad_norm(self.g)
+        self.scaler.step(self.opt_g)
+        self.scaler.update()
+
+        self.last_logits = (real_logits.detach(), fake_logits.detach())
+        losses = torch.stack([loss_d.detach(), loss_g.detach()])
+        return torch.stack(
+            [
+                losses[0],
+                losses[1],
+                torch.sigmoid(real_logits.detach().float()).mean(),
+                torch.sigmoid(fake_logits.detach().float()).mean(),
+                torch.sigmoid(fake_logits_after.detach().float()).mean(),
+                grad_norm_g,
+                grad_norm_d,
+                (~torch.isfinite(losses)).any().float(),
+            ]
+        )
+
+
+# --- building a step from a config ---------------------------------------------------------------
+
+
+def make_scaler(dtype: torch.dtype, nonfinite: str, device: torch.device) -> torch.amp.GradScaler:
+    """fp16 needs loss scaling. With train.nonfinite=skip the scaler (at scale 1 for other dtypes) is
+    what skips an update whose gradients are not finite; otherwise it is disabled (a no-op)."""
+    if dtype == torch.float16:
+        return torch.amp.GradScaler(device.type)
+    if nonfinite == "skip":
+        return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**31 - 1)
+    return torch.amp.GradScaler(device.type, enabled=False)
+
+
+def build_step(
+    config: Config, info: DistInfo, *, sync: GradientSync | None = None
+) -> tuple[Generator, Discriminator, GANStep]:
+    """Models (wrapped for this rank), optimizers and the GAN step: everything but data and I/O, which
+    is what training and `dcgan bench step` share. `sync` overrides how gradients are averaged
+    (default: what the config's step mode needs)."""
+    torch.manual_seed(config.seed)
+    device = info.device
+    t = config.train
+    sync = sync or gradient_sync(config, info)
+
+    def wrap(module: Bare) -> tuple[nn.Module, Bare]:
+        return prepare_module(
+            module,
+            info,
+            compile=t.compile,
+            channels_last=t.channels_last,
+            sync_bn=config.model.sync_bn,
+            gradient_sync=sync,
+        )
+
+    g, g_bare = wrap(Generator(config.model))
+    d, d_bare = wrap(Discriminator(config.model))
+    betas = (config.optim.beta1, config.optim.beta2)
+    # capturable: Adam keeps its step count on the device, which a CUDA-graph replay requires.
+    adam: dict[str, Any] = {
+        "lr": config.optim.lr,
+        "betas": betas,
+        "fused": device.type == "cuda",
+        "capturable": t.cuda_graph,
+    }
+    opt_g = torch.optim.Adam(g_bare.parameters(), **adam)
+    opt_d = torch.optim.Adam(d_bare.parameters(), **adam)
+    dtype = resolve_precision(t.precision, device)
+    step_fn = GANStep(
+        g=g,
+        d=d,
+        d_bare=d_bare,
+        opt_g=opt_g,
+        opt_d=opt_d,
+        scaler=make_scaler(dtype, t.nonfinite, device),
+        dtype=dtype,
+        noise=LatentNoise(
+            config.seed, config.model.nz, config.global_batch(info.world_size), info.rank, info.world_size, device
+        ),
+        channels_last=t.channels_last and device.type == "cuda",
+        average_gradients=partial(average_gradients, info=info) if sync == "explicit" else None,
+    )
+    return g_bare, d_bare, step_fn
