@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""What a person watching a terminal or a log file sees: the log format of every command (rank-tagged,
+to a run's train.log as well), and the progress line of a long loop. Kept apart from tracking so that
+commands that track nothing (doctor, bench) share one format.
+"""
 
 from __future__ import annotations
 

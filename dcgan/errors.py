@@ -98,6 +98,7 @@ def one_line(exc: BaseException) -> str:
 def tell_launcher(exc: BaseException) -> None:
     """Under torchrun, record the error's line in the worker's error file, so that torchrun's failure
     summary names the root cause (instead of `error_file: <N/A>`); nothing elsewhere."""
+    # read here, not through dcgan.distributed.env: errors sit below everything, env included
     if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
         return
     try:

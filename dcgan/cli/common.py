@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""What every `dcgan` command's parser shares: help that shows each option's default, overrides that
+may follow options, and argument types that refuse a bad number with a clear message.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""`dcgan doctor`: its measurement options come from one table, which both adds the flags and builds
+DoctorOptions from them.
+"""
 
 from __future__ import annotations
 

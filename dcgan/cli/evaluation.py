@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""`dcgan probe`, `dcgan compare` and `dcgan report`: the commands that judge trained runs."""
 
 from __future__ import annotations
 

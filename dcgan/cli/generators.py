@@ -150,6 +150,17 @@ def add_generator_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_generator_commands(commands: argparse._SubParsersAction) -> None:
+    """The commands that use a trained generator: sample, export, score, eval, interpolate, arithmetic."""
+    add_sample_command(commands)
+    add_export_command(commands)
+    add_score_command(commands)
+    add_eval_command(commands)
+    add_interpolate_command(commands)
+    add_arithmetic_command(commands)
+
+
+def add_sample_command(commands: argparse._SubParsersAction) -> None:
+    """`dcgan sample SOURCE --out PNG`: a grid of generated images."""
     sample = commands.add_parser("sample", help="write a PNG grid of generated images")
     sample.add_argument("source", help="run directory (newest checkpoint) or generator file from `dcgan export`")
     sample.add_argument("--num", type=positive_int, default=64, help="number of images")
@@ -169,12 +180,18 @@ def add_generator_commands(commands: argparse._SubParsersAction) -> None:
     add_generator_options(sample)
     sample.set_defaults(func=_sample)
 
+
+def add_export_command(commands: argparse._SubParsersAction) -> None:
+    """`dcgan export RUN_DIR --out FILE`: the generator as one file."""
     export = commands.add_parser("export", help="save the newest checkpoint's generator as one torch.load-able file")
     export.add_argument("source", metavar="run_dir", help="run directory: its newest complete checkpoint is exported")
     export.add_argument("--out", required=True, help="output file, e.g. generator.pt")
     add_generator_options(export)
     export.set_defaults(func=_export)
 
+
+def add_score_command(commands: argparse._SubParsersAction) -> None:
+    """`dcgan score SOURCE`: the digits quality score."""
     score = commands.add_parser("score", help="digits quality score (Frechet distance at 8x8, confidence, balance)")
     score.add_argument("source", help="run directory or exported generator (1 channel)")
     score.add_argument("--num", type=positive_int, default=1000, help="generated images to score")
@@ -184,6 +201,9 @@ def add_generator_commands(commands: argparse._SubParsersAction) -> None:
     add_generator_options(score)
     score.set_defaults(func=_score)
 
+
+def add_eval_command(commands: argparse._SubParsersAction) -> None:
+    """`dcgan eval SOURCE --data DATA`: FID, KID, SWD and the digits score."""
     evaluate = commands.add_parser(
         "eval",
         help="FID, KID, SWD and the digits score of a generator against real data (torchrun: ranks share the work)",
@@ -211,6 +231,9 @@ def add_generator_commands(commands: argparse._SubParsersAction) -> None:
     add_generator_options(evaluate)
     evaluate.set_defaults(func=_eval)
 
+
+def add_interpolate_command(commands: argparse._SubParsersAction) -> None:
+    """`dcgan interpolate SOURCE --out walk.gif`: latent walks (the paper's figure 4)."""
     from dcgan.evaluation.latent import WALKS
 
     walk = commands.add_parser(
@@ -230,6 +253,9 @@ def add_generator_commands(commands: argparse._SubParsersAction) -> None:
     add_generator_options(walk)
     walk.set_defaults(func=_interpolate)
 
+
+def add_arithmetic_command(commands: argparse._SubParsersAction) -> None:
+    """`dcgan arithmetic SOURCE --seed S --a .. --b .. --c ..`: latent vector arithmetic."""
     arith = commands.add_parser(
         "arithmetic",
         help="vector arithmetic on averaged latents: a - b + c (the paper's section 6.3)",

@@ -83,6 +83,17 @@ def add_submit_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--local", action="store_true", help="run with submitit's local executor instead of SLURM")
     parser.add_argument("--folder", default="", help="submitit's log folder (default: run.dir/slurm_logs)")
+    add_sweep_options(parser)
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the run's plan (config, world size, data per rank, cadences) and the sbatch script submitit "
+        "would submit, then exit without submitting",
+    )
+
+
+def add_sweep_options(parser: argparse.ArgumentParser) -> None:
+    """--sweep and what goes with it: a grid of overrides as one job array."""
     parser.add_argument(
         "--sweep",
         nargs="+",
@@ -103,12 +114,6 @@ def add_submit_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=64,
         help="sweep points running at once (SLURM's %%N)",
-    )
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the run's plan (config, world size, data per rank, cadences) and the sbatch script submitit "
-        "would submit, then exit without submitting",
     )
 
 

@@ -9,17 +9,16 @@ from dcgan.config import keys_help
 
 
 def train_command(args: argparse.Namespace) -> int:
-    import os
-
     from dcgan.config import load_config
+    from dcgan.distributed.env import launched_rank, launched_world_size
     from dcgan.train.loop import train
 
     config = load_config(args.config, args.overrides)
-    world_size = int(os.environ.get("WORLD_SIZE") or 1)
+    world_size = launched_world_size()
     if args.dry_run:
         from dcgan.train.plan import describe
 
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
+        if launched_rank() == 0:  # under torchrun, one report
             print(describe(config, world_size))
         return 0
     return train(config)

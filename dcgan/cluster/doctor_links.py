@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""The doctor's measurements that need every rank at once: all-reduce latency and bus bandwidth at the
+size of G's and D's gradients, and the exchange rate of every pair of hosts (one rank per host, pairs
+scheduled in rounds so that no host is in two pairs at a time).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""The doctor's findings and how they are told: what each rank measured (RankReport), the verdict (a
+rank or a pair of hosts far from the others, a check that failed), the table rank 0 prints, and the
+JSON file. No measurement here: the rules are tested on given numbers.
+"""
 
 from __future__ import annotations
 

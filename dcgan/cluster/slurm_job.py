@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""What runs on the nodes of a job `dcgan submit` queued: TrainJob, which submitit pickles, starts
+`dcgan train` in each task, checkpoints and requeues at the time limit or at preemption, and moves a
+requeued job's rendezvous to a port of its own.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import Any
 import submitit
 
 from dcgan.config import load_config
+from dcgan.distributed.env import slurm_cpus_per_task, slurm_job_id, slurm_restart_count
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +38,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         from dcgan.train.loop import train
 
         env = submitit.helpers.TorchDistributedEnvironment()
-        env.master_port = rendezvous_port(
-            os.environ.get("SLURM_JOB_ID") or submitit.JobEnvironment().job_id, restart_count()
-        )
+        env.master_port = rendezvous_port(slurm_job_id() or submitit.JobEnvironment().job_id, slurm_restart_count())
         env.export(set_cuda_visible_devices=False)
         limit_threads_to_allocation()
         status = train(load_config(self.config, self.overrides))
@@ -51,10 +53,6 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(TrainJob(self.config, list(self.overrides)))
-
-
-def restart_count() -> int:
-    return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
 
 
 def rendezvous_port(job_id: str, restart: int) -> int:
@@ -73,9 +71,9 @@ def limit_threads_to_allocation() -> None:
     650-1560 img/s on one 2-core node). A user's OMP_NUM_THREADS wins."""
     import torch
 
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    cpus = slurm_cpus_per_task()
     if cpus and not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(int(cpus))
+        torch.set_num_threads(cpus)
 
 
 REQUEUE_WAIT_S = 300

@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""`dcgan submit --sweep`: a grid of overrides submitted as ONE SLURM job array, each point in a run
+directory of its own with one wandb group; every point is checked before anything is submitted, and
+`--write-points` writes the points for slurm/train.sbatch's array instead.
+"""
 
 from __future__ import annotations
 

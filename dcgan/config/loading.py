@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""A Config from YAML and dotted key=value overrides: each value coerced to its field's type (a wrong key
+or type is one line naming it), `~` expanded in paths, then validated; and back to a dict for the run
+directory, wandb and `dcgan train --help`'s list of keys.
+"""
 
 from __future__ import annotations
 

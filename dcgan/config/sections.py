@@ -26,6 +26,9 @@ def _field(default: Any, help: str) -> Any:
 class RunConfig:
     dir: str = _field("runs/dcgan", "run directory: config, log, stats.jsonl, samples/, checkpoints/")
 
+    def check(self) -> None:
+        require(self.dir != "", "run.dir", "a directory path", self.dir)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -37,6 +40,18 @@ class ModelConfig:
     sync_bn: bool = _field(
         True, "with several ranks, BatchNorm statistics over the global batch (false: each rank's own batch)"
     )
+
+    def check(self) -> None:
+        """One line naming the key of a value that type-checks but cannot work (as every section's check)."""
+        require(
+            is_power_of_two(self.resolution) and self.resolution >= 16,
+            "model.resolution",
+            "a power of two >= 16",
+            self.resolution,
+        )
+        require(self.channels in (1, 3), "model.channels", "1 or 3", self.channels)
+        for key in ("nz", "ngf", "ndf"):
+            require(getattr(self, key) >= 1, f"model.{key}", ">= 1", getattr(self, key))
 
 
 @dataclass(frozen=True)
@@ -71,6 +86,17 @@ class DataConfig:
         "dropped; an unreachable server at the start is refused after this long",
     )
 
+    def check(self) -> None:
+        require(self.partitions >= 0, "data.partitions", ">= 0 (0 = chosen when the run starts)", self.partitions)
+        require(self.workers >= 0, "data.workers", ">= 0", self.workers)
+        require(self.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1", self.shuffle_buffer)
+        require(
+            self.epoch_samples >= 0, "data.epoch_samples", ">= 0 (0 = derive from the data set)", self.epoch_samples
+        )
+        require(self.prefetch >= 1, "data.prefetch", ">= 1", self.prefetch)
+        require(self.retries >= 0, "data.retries", ">= 0", self.retries)
+        require(self.timeout_s > 0, "data.timeout_s", "> 0", self.timeout_s)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -103,12 +129,39 @@ class TrainConfig:
         "grids, sample, export and eval use it (sample.ema=false: the raw G); eval logs both",
     )
 
+    def check(self) -> None:
+        require(self.steps >= 1, "train.steps", ">= 1", self.steps)
+        require(self.batch_size >= 1, "train.batch_size", ">= 1", self.batch_size)
+        require(
+            self.global_batch >= 0, "train.global_batch", ">= 0 (0 = train.batch_size per process)", self.global_batch
+        )
+        if self.cuda_graph:
+            require(
+                self.device != "cpu",
+                "train.cuda_graph",
+                "false with train.device=cpu (CUDA graphs need CUDA)",
+                self.cuda_graph,
+            )
+            require(
+                self.precision != "fp16" and self.nonfinite == "stop",
+                "train.cuda_graph",
+                "false with train.precision=fp16 or train.nonfinite=skip (their GradScaler is not captured)",
+                self.cuda_graph,
+            )
+        require(0 <= self.ema < 1, "train.ema", "in [0, 1) (0 = off)", self.ema)
+
 
 @dataclass(frozen=True)
 class OptimConfig:
     lr: float = _field(2e-4, "Adam learning rate of G and D (paper: 2e-4 at batch 128)")
     beta1: float = _field(0.5, "Adam beta1 (paper: 0.5)")
     beta2: float = _field(0.999, "Adam beta2")
+
+    def check(self) -> None:
+        require(math.isfinite(self.lr) and self.lr > 0, "optim.lr", "a finite number > 0", self.lr)
+        for key in ("beta1", "beta2"):
+            beta = getattr(self, key)
+            require(0 <= beta < 1, f"optim.{key}", "in [0, 1)", beta)
 
 
 @dataclass(frozen=True)
@@ -131,6 +184,12 @@ class LogConfig:
     )
     straggler_windows: int = _field(3, "metric lines in a row a rank must lag before the straggler warning")
 
+    def check(self) -> None:
+        require(self.every >= 1, "log.every", ">= 1", self.every)
+        require(self.histogram_every >= 0, "log.histogram_every", ">= 0", self.histogram_every)
+        require(self.straggler >= 0, "log.straggler", ">= 0 (0 = off)", self.straggler)
+        require(self.straggler_windows >= 1, "log.straggler_windows", ">= 1", self.straggler_windows)
+
 
 BnStats = Literal["running", "batch", "standing"]
 """BatchNorm statistics a generator can make images with (dcgan.evaluation.generators.generate implements them)."""
@@ -150,6 +209,10 @@ class SampleConfig:
     )
     ema: bool = _field(True, "with train.ema > 0, images come from the averaged G (false: from the raw G)")
 
+    def check(self) -> None:
+        require(self.every >= 1, "sample.every", ">= 1", self.every)
+        require(self.num >= 1, "sample.num", ">= 1", self.num)
+
 
 @dataclass(frozen=True)
 class CheckpointConfig:
@@ -157,6 +220,11 @@ class CheckpointConfig:
     keep: int = _field(3, "complete checkpoints kept (oldest removed first)")
     keep_every: int = _field(0, "also keep every checkpoint whose step is a multiple of this (0 = none)")
     async_save: bool = _field(True, "write checkpoints in the background while training continues")
+
+    def check(self) -> None:
+        require(self.every >= 1, "checkpoint.every", ">= 1", self.every)
+        require(self.keep >= 1, "checkpoint.keep", ">= 1", self.keep)
+        require(self.keep_every >= 0, "checkpoint.keep_every", ">= 0", self.keep_every)
 
 
 EVAL_METRICS = ("fid", "kid", "swd", "digits")
@@ -187,6 +255,23 @@ class EvalConfig:
         "keep the checkpoint with the lowest value of this result of eval.metrics (fid, kid, swd or digits_frechet) until a better one",
     )
 
+    def check(self) -> None:
+        require(self.every >= 0, "eval.every", ">= 0 (0 = never)", self.every)
+        require(
+            bool(self.metrics) and set(self.metrics) <= set(EVAL_METRICS),
+            "eval.metrics",
+            f"a non-empty list from {', '.join(EVAL_METRICS)}",
+            list(self.metrics),
+        )
+        require(self.num >= 2, "eval.num", ">= 2", self.num)
+        eligible = [key for key in metric_keys(self.metrics) if key in LOWER_IS_BETTER]
+        require(
+            self.best == "" or self.best in eligible,
+            "eval.best",
+            f"empty or one of {', '.join(eligible)} (what eval.metrics produces; lower is better)",
+            self.best,
+        )
+
 
 @dataclass(frozen=True)
 class DistConfig:
@@ -208,6 +293,17 @@ class DistConfig:
     force: bool = _field(
         False, "run the multi-rank code path (process group, DDP, cross-rank BatchNorm) even as one process"
     )
+
+    def check(self) -> None:
+        require(self.timeout_s >= 1, "dist.timeout_s", ">= 1", self.timeout_s)
+        require(
+            self.liveness_s == 0 or 3 <= self.liveness_s <= self.timeout_s,
+            "dist.liveness_s",
+            "0 (off) or between 3 (three heartbeats) and dist.timeout_s",
+            self.liveness_s,
+        )
+        require(self.hang_after >= 0, "dist.hang_after", ">= 0 (0 = off)", self.hang_after)
+        require(self.hang_min_s > 0, "dist.hang_min_s", "> 0", self.hang_min_s)
 
 
 @dataclass(frozen=True)
@@ -271,12 +367,12 @@ def architecture(model: ModelConfig) -> dict[str, Any]:
 # Validation of values that type-check but cannot work
 
 
-def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
+def require(ok: bool, key: str, allowed: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}: must be {allowed}, got {value!r}")
 
 
-def _is_power_of_two(n: int) -> bool:
+def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
@@ -286,79 +382,28 @@ def divisors(n: int) -> list[int]:
 
 
 def validate(config: Config) -> None:
-    """Reject impossible values with one line naming the key; called by every loader of configs."""
-    m, t, d = config.model, config.train, config.data
-    _require(
-        _is_power_of_two(m.resolution) and m.resolution >= 16, "model.resolution", "a power of two >= 16", m.resolution
-    )
-    _require(m.channels in (1, 3), "model.channels", "1 or 3", m.channels)
-    for key in ("nz", "ngf", "ndf"):
-        _require(getattr(m, key) >= 1, f"model.{key}", ">= 1", getattr(m, key))
-    _require(0 <= config.seed < 2**32, "seed", "an integer in [0, 2^32)", config.seed)
-    _require(t.steps >= 1, "train.steps", ">= 1", t.steps)
-    _require(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
-    _require(t.global_batch >= 0, "train.global_batch", ">= 0 (0 = train.batch_size per process)", t.global_batch)
-    _require(d.partitions >= 0, "data.partitions", ">= 0 (0 = chosen when the run starts)", d.partitions)
-    if t.cuda_graph:
-        _require(
-            t.device != "cpu", "train.cuda_graph", "false with train.device=cpu (CUDA graphs need CUDA)", t.cuda_graph
-        )
-        _require(
-            t.precision != "fp16" and t.nonfinite == "stop",
-            "train.cuda_graph",
-            "false with train.precision=fp16 or train.nonfinite=skip (their GradScaler is not captured)",
-            t.cuda_graph,
-        )
-    _require(math.isfinite(config.optim.lr) and config.optim.lr > 0, "optim.lr", "a finite number > 0", config.optim.lr)
-    for key in ("beta1", "beta2"):
-        beta = getattr(config.optim, key)
-        _require(0 <= beta < 1, f"optim.{key}", "in [0, 1)", beta)
-    _require(0 <= t.ema < 1, "train.ema", "in [0, 1) (0 = off)", t.ema)
-    _require(d.workers >= 0, "data.workers", ">= 0", d.workers)
-    _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1", d.shuffle_buffer)
-    _require(d.epoch_samples >= 0, "data.epoch_samples", ">= 0 (0 = derive from the data set)", d.epoch_samples)
-    _require(d.prefetch >= 1, "data.prefetch", ">= 1", d.prefetch)
-    _require(d.retries >= 0, "data.retries", ">= 0", d.retries)
-    _require(d.timeout_s > 0, "data.timeout_s", "> 0", d.timeout_s)
+    """Reject impossible values with one line naming the key; called by every loader of configs. Each
+    section checks its own values (its `check`); the rules that span sections are here."""
+    for section in (
+        config.run,
+        config.model,
+        config.data,
+        config.train,
+        config.optim,
+        config.log,
+        config.sample,
+        config.checkpoint,
+        config.eval,
+        config.dist,
+    ):
+        section.check()
+    m = config.model
+    require(0 <= config.seed < 2**32, "seed", "an integer in [0, 2^32)", config.seed)
     if config.uses_builtin_digits:
-        _require(m.channels == 1, "model.channels", "1 for the built-in digits (data.shards is empty)", m.channels)
-    for section, key in (("log", "every"), ("sample", "every"), ("checkpoint", "every"), ("sample", "num")):
-        value = getattr(getattr(config, section), key)
-        _require(value >= 1, f"{section}.{key}", ">= 1", value)
-    _require(config.log.histogram_every >= 0, "log.histogram_every", ">= 0", config.log.histogram_every)
-    _require(config.checkpoint.keep >= 1, "checkpoint.keep", ">= 1", config.checkpoint.keep)
-    _require(config.checkpoint.keep_every >= 0, "checkpoint.keep_every", ">= 0", config.checkpoint.keep_every)
-    _require(config.dist.timeout_s >= 1, "dist.timeout_s", ">= 1", config.dist.timeout_s)
-    _require(
-        config.dist.liveness_s == 0 or 3 <= config.dist.liveness_s <= config.dist.timeout_s,
-        "dist.liveness_s",
-        "0 (off) or between 3 (three heartbeats) and dist.timeout_s",
-        config.dist.liveness_s,
-    )
-    _require(config.dist.hang_after >= 0, "dist.hang_after", ">= 0 (0 = off)", config.dist.hang_after)
-    _require(config.dist.hang_min_s > 0, "dist.hang_min_s", "> 0", config.dist.hang_min_s)
-    _require(config.log.straggler >= 0, "log.straggler", ">= 0 (0 = off)", config.log.straggler)
-    _require(config.log.straggler_windows >= 1, "log.straggler_windows", ">= 1", config.log.straggler_windows)
-    _require(config.run.dir != "", "run.dir", "a directory path", config.run.dir)
-    e = config.eval
-    _require(e.every >= 0, "eval.every", ">= 0 (0 = never)", e.every)
-    _require(
-        bool(e.metrics) and set(e.metrics) <= set(EVAL_METRICS),
-        "eval.metrics",
-        f"a non-empty list from {', '.join(EVAL_METRICS)}",
-        list(e.metrics),
-    )
-    _require(e.num >= 2, "eval.num", ">= 2", e.num)
-    eligible = [key for key in metric_keys(e.metrics) if key in LOWER_IS_BETTER]
-    _require(
-        e.best == "" or e.best in eligible,
-        "eval.best",
-        f"empty or one of {', '.join(eligible)} (what eval.metrics produces; lower is better)",
-        e.best,
-    )
-    _require(
-        not ("digits" in e.metrics and m.channels != 1),
+        require(m.channels == 1, "model.channels", "1 for the built-in digits (data.shards is empty)", m.channels)
+    require(
+        not ("digits" in config.eval.metrics and m.channels != 1),
         "eval.metrics",
         "without digits for a 3-channel model",
-        list(e.metrics),
+        list(config.eval.metrics),
     )

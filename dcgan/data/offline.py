@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""Reading images from shards outside training, without the loader's partitions and workers: the
+reference images of an evaluation and the labelled images of the linear probe.
+"""
 
 from __future__ import annotations
 

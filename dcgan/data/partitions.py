@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""The arithmetic of a data stream: how a run's shards are cut into partitions that every rank and
+loader worker can share, how many steps an epoch holds, and which partition counts suit a range of world
+sizes. Pure functions of counts: the same answers on every rank, with no file opened.
+"""
 
 from __future__ import annotations
 

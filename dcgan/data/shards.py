@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""Finding a run's shards: a local directory, a pattern, or an http(s) directory with manifest.json,
+resolved into one ShardSet with its manifest; its images' shape checked against the model's before any
+work; a shard that fails to read named in the error.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""Who this process is, from what the launcher exported (torchrun, or srun through submitit): rank,
+world size, local rank, device, and whether the job spans hosts. The one place that reads RANK,
+WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, SLURM_* and TORCHELASTIC_*; launches that cannot work
+(restarts without torchrun's store fix, srun tasks without ranks) are refused here, before any work.
+"""
 
 from __future__ import annotations
 
@@ -109,3 +113,42 @@ def spans_hosts() -> bool:
     if local:
         return local < env_int("WORLD_SIZE", 1)
     return env_int("SLURM_STEP_NUM_NODES", env_int("SLURM_JOB_NUM_NODES", 1)) > 1
+
+
+def launched_rank() -> int:
+    """This process's global rank as the launcher numbered it (0 for a process started alone)."""
+    return env_int("RANK", 0)
+
+
+def torchrun_round() -> int:
+    """torchrun's restart count: 0 in the first round of workers, one more at every restart."""
+    return env_int("TORCHELASTIC_RESTART_COUNT", 0)
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun's agent started this process (and waits for it as its parent)."""
+    return bool(os.environ.get("TORCHELASTIC_RUN_ID"))
+
+
+def slurm_job() -> str | None:
+    """The SLURM job this process runs in, as squeue names it (ARRAY_TASK for an array task), or None."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array:
+        return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '?')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def slurm_job_id() -> str | None:
+    """SLURM's own number of this job (an array task's own id, not the array's), or None."""
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def slurm_restart_count() -> int:
+    """How many times SLURM requeued this job: 0 in its first attempt and outside SLURM."""
+    return env_int("SLURM_RESTART_COUNT", 0)
+
+
+def slurm_cpus_per_task() -> int | None:
+    """The CPUs SLURM gave each task (--cpus-per-task), or None outside SLURM or where it was not asked."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    return int(cpus) if cpus else None

@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""Which network interface gloo will use, checked before a multi-host job starts: a host whose name
+resolves to loopback would make gloo listen where no other host can reach it. Standard library only
+(an ioctl for an interface's address).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""Wrapping models for training on several ranks: cross-rank BatchNorm -> device/memory format ->
+compile the bare module -> DDP (compiling first keeps one graph per model: compiled inside DDP, dynamo's
+DDP optimizer splits the graph at every gradient bucket), or the step's own flat gradient all-reduce
+where a CUDA graph captures the whole step; and the buffer syncs that keep replicas identical.
+"""
 
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ monitor interval (0.1 s by default) and then restarts or exits on its own, and i
 for the worker to become a zombie (or to be reaped), then give the agent GRACE_S to reap it; an agent
 that has not is ended with SIGKILL (it is blocked in C++, where SIGTERM's Python handler never runs).
 Processes are named by pid AND start time, so a pid reused meanwhile is never hit. Standard library
-only: it must start in a fraction of a second.
+only at the top: it must start in a fraction of a second (`end_stuck_agent`, the worker's side that
+starts it, imports the rest when called).
 """
 
 from __future__ import annotations
@@ -76,8 +77,10 @@ AGENT_GRACE_S = 5.0
 def end_stuck_agent() -> None:
     """Under torchrun, make sure the agent ends too when this host is cut off from the rendezvous: start
     dcgan.distributed.reaper, detached, on the agent (this process's parent) and this worker."""
+    from dcgan.distributed.env import under_torchrun
+
     agent = os.getppid()
-    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+    if not under_torchrun():
         return
     try:
         with open(f"/proc/{agent}/cmdline", "rb") as cmdline:

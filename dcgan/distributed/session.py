@@ -27,6 +27,7 @@ from dcgan.distributed.env import (
     check_elastic_restarts,
     check_srun_tasks,
     env_int,
+    launched_rank,
     launched_world_size,
     pick_device,
 )
@@ -60,7 +61,7 @@ def init_distributed(
     check_elastic_restarts()
     check_srun_tasks()
     world_size = launched_world_size()
-    rank = env_int("RANK", 0)
+    rank = launched_rank()
     local_rank = env_int("LOCAL_RANK", 0)
     device = pick_device(device_preference, local_rank)
     if world_size == 1 and not force:

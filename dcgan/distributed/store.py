@@ -1,11 +1,14 @@
-"""TODO docstring."""
+"""The rendezvous store a launched job shares (MASTER_ADDR:MASTER_PORT): where the heartbeat and the
+hang report talk, with keys prefixed per torchrun round so that a restarted round never reads the
+previous round's beats.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
-from dcgan.distributed.env import env_int
+from dcgan.distributed.env import env_int, torchrun_round
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,7 @@ def round_key_prefix(address: StoreAddress) -> str:
     """Keys of this round only, so that a new round never reads an old one's beats or verdict: torchrun's
     restart count (a restarted round may keep the agent's store), and the store's port (a round whose
     membership changed keeps the restart count, and torchrun picks a free port for each round's store)."""
-    return f"dcgan/liveness/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{address.port}"
+    return f"dcgan/liveness/{torchrun_round()}/{address.port}"
 
 
 def rendezvous_store() -> StoreAddress | None:

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""The distances between sets of images that evaluation reports: FID and KID on Inception features, the
+sliced Wasserstein distance on Laplacian-pyramid patches, and the Frechet distance of two Gaussians that
+FID and the digits score share. Pure functions of arrays and tensors; what images and features they get
+is evaluate.py's business.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""The pytorch/examples DCGAN step, as that example trains (fp32, eager, BCE on Sigmoid outputs, one
+optimizer step per network): the baseline that `dcgan bench step` times the project's step against and
+that `dcgan compare --a recipe` trains.
+"""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from typing import IO
 
 from dcgan.config import Config, ConfigError, save_config
 from dcgan.distributed.collectives import any_rank
-from dcgan.distributed.env import DistInfo
+from dcgan.distributed.env import DistInfo, slurm_job, slurm_restart_count
 from dcgan.errors import NoProgress, RunDirInUse
 
 LOCK_NAME = ".lock"
@@ -86,10 +86,7 @@ class RunDir:
 
 def holder_description() -> str:
     """Who this process is, in the words a user needs to find it: pid, host, SLURM job, start time."""
-    job = os.environ.get("SLURM_JOB_ID")
-    array = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if array:
-        job = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '?')}"
+    job = slurm_job()
     since = datetime.datetime.now().isoformat(timespec="seconds")
     return f"pid {os.getpid()} on {socket.gethostname()}" + (f" (SLURM job {job})" if job else "") + f" since {since}"
 
@@ -150,7 +147,7 @@ def count_attempt(run_dir: Path, resumed_step: int) -> int:
     A start is counted only under SLURM after a requeue (SLURM_RESTART_COUNT > 0): a job whose time
     slice ends before start-up and resume are done never saves a newer checkpoint, and without this
     bound it would requeue itself until the requeue budget or the user's patience runs out."""
-    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0:
+    if slurm_restart_count() == 0:
         return 0
     path = RunDir(run_dir).attempts
     try:

@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""stats.jsonl, read back: the metric lines of a run (a line still being written is skipped), and the
+rewind to a checkpoint's step when a run resumes, so that no step appears twice.
+"""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -172,38 +173,55 @@ def start_hang_watch(trainer: Trainer) -> HangWatch:
     ).start()
 
 
+@dataclass
+class LoopState:
+    """What the loop carries from step to step besides the Trainer: the open metric window, the
+    straggler watch, the progress line, GAN health, the newest grid's diversity and the best eval value."""
+
+    window: Window
+    ranks: RankWatch
+    progress: Progress
+    health: GanHealth
+    hang: HangWatch
+    best: float
+    diversity: float | None = None  # of the newest grid (rank 0), reported with the next metric line
+
+    @contextmanager
+    def outside_training(self) -> Iterator[Elapsed]:
+        """Work between steps that is not training: kept out of the window's rates and the hang watch."""
+        with self.window.outside_training() as took, self.hang.not_training():
+            yield took
+
+
+def start_loop(trainer: Trainer, hang: HangWatch) -> LoopState:
+    """The loop's state at its first step (a resumed run continues its best eval value)."""
+    cfg, info = trainer.config, trainer.info
+    previous_best = read_best(trainer.checkpointer.root)
+    return LoopState(
+        window=Window(info.device),
+        ranks=RankWatch(info.rank, info.world_size, info.flag_group, cfg.log.straggler, cfg.log.straggler_windows),
+        progress=Progress(cfg.train.steps, trainer.step, enabled=info.is_main),
+        health=GanHealth(),
+        hang=hang,
+        best=previous_best["value"] if previous_best else math.inf,
+    )
+
+
 def _loop(trainer: Trainer, tracker: Tracker, stop: StopSignal, hang: HangWatch) -> int:
     """run_loop's body; every wait that is not a step is inside `hang.not_training()`."""
     cfg, info = trainer.config, trainer.info
     batches = iter(trainer.data)
-    window = Window(info.device)
-    ranks = RankWatch(info.rank, info.world_size, info.flag_group, cfg.log.straggler, cfg.log.straggler_windows)
-    progress = Progress(cfg.train.steps, trainer.step, enabled=info.is_main)
-    health = GanHealth()
-    diversity: float | None = None  # of the newest grid (rank 0), reported with the next metric line
-    previous_best = read_best(trainer.checkpointer.root)
-    best = previous_best["value"] if previous_best else math.inf
-
-    @contextmanager
-    def outside_training() -> Iterator[Elapsed]:
-        """Work between steps that is not training: kept out of the window's rates and the hang watch."""
-        with window.outside_training() as took, hang.not_training():
-            yield took
-
+    state = start_loop(trainer, hang)
     while trainer.step < cfg.train.steps:
-        waited = time.perf_counter()
-        hang.waiting_for_data(trainer.step + 1)
         try:
-            with stop.waiting(interruptible=not info.distributed):
-                images = next(batches).to(info.device, non_blocking=True)
+            images, waited = next_batch(trainer, batches, stop, hang)
         except StoppedWhileWaiting:
             with hang.not_training():
                 return stop_while_waiting(trainer, stop)
-        waited = time.perf_counter() - waited  # before the step: its time is not the loader's
         hang.in_step(trainer.step + 1)
-        window.add(trainer.train_step(images), waited)
+        state.window.add(trainer.train_step(images), waited)
         hang.step_done(trainer.step)
-        progress.update(trainer.step)
+        state.progress.update(trainer.step)
         step, final = trainer.step, trainer.step == cfg.train.steps
         log_due = step % cfg.log.every == 0 or final
         checkpoint_due = step % cfg.checkpoint.every == 0 or final
@@ -213,67 +231,87 @@ def _loop(trainer: Trainer, tracker: Tracker, stop: StopSignal, hang: HangWatch)
         if (log_due or checkpoint_due) and cfg.train.nonfinite == "stop" and nonfinite_seen(trainer):
             with hang.not_training():
                 return stop_nonfinite(trainer)
-
-        # Fixed-noise grid, made on rank 0 with everyone's BatchNorm buffers in agreement; the other
-        # ranks wait for it here, outside training, not inside the next step's collectives.
         if step % cfg.sample.every == 0 or final:
-            with outside_training():
-                sync_buffers(trainer.g_bare, info)
-                if info.is_main:
-                    diversity = write_samples(trainer, tracker, health)
-                any_rank(False, info)
-
-        # Metric line of the window that ends here; a new window starts.
+            sample_grid_now(trainer, tracker, state)
         if log_due:
-            metrics = window.metrics(
-                info,
-                global_batch=trainer.global_batch,
-                images_seen=trainer.images_seen,
-                skipped_samples=trainer.data.skipped_samples,
-                shard_retries=trainer.data.shard_retries,
-            )
-            metrics.update(ranks.window_metrics(step, window.rank_times()))
-            if diversity is not None:
-                metrics["sample_diversity"] = diversity
-            tracker.log_metrics(step, metrics)
-            progress.report(step, metrics)
-            health.observe_metrics(step, metrics)
-            window = Window(info.device)
-
-        # Evaluation, its time kept out of the training rate; a new best is checkpointed here.
+            log_window(trainer, tracker, state)
         if cfg.eval.every > 0 and step % cfg.eval.every == 0:
-            with outside_training() as took:
-                results = evaluate_now(trainer)
-            tracker.log_metrics(
-                step,
-                {
-                    "images_seen": trainer.images_seen,
-                    "eval_time_s": took.seconds,
-                    **{f"eval/{k}": v for k, v in results.items()},
-                },
-            )
-            log.info(
-                "step %d eval (%.1f s): %s", step, took.seconds, " ".join(f"{k}={v:.5f}" for k, v in results.items())
-            )
-            with outside_training():
-                best = keep_if_best(trainer, results, best)
-
+            evaluate_and_keep_best(trainer, tracker, state)
         # A stop signal every rank agreed on: this step's checkpoint, then the exit.
         if stop_agreed(stop, step, info):
             with hang.not_training():
                 return stop_now(trainer, stop)
-
         # The regular checkpoint (unless saved as the best); the final one blocks, so the run ends with it complete.
         if checkpoint_due and trainer.checkpointer.saved_step != step:
-            with outside_training():
+            with state.outside_training():
                 trainer.save(blocking=final)
         elif final:
             with hang.not_training():
                 trainer.checkpointer.wait()
-    progress.close()
+    state.progress.close()
     if info.is_main:
         log.info("%s", RunDir(trainer.run_dir).finished_message(trainer.step, trainer.images_seen))
     return EXIT_OK
+
+
+def next_batch(
+    trainer: Trainer, batches: Iterator[torch.Tensor], stop: StopSignal, hang: HangWatch
+) -> tuple[torch.Tensor, float]:
+    """The next step's images on the device, and the seconds spent waiting for them (the loader's time,
+    measured before the step). A single process waiting for data can be interrupted by a stop signal
+    (StoppedWhileWaiting); ranks of a group wait, and agree on the stop after the step."""
+    waited = time.perf_counter()
+    hang.waiting_for_data(trainer.step + 1)
+    with stop.waiting(interruptible=not trainer.info.distributed):
+        images = next(batches).to(trainer.info.device, non_blocking=True)
+    return images, time.perf_counter() - waited
+
+
+def sample_grid_now(trainer: Trainer, tracker: Tracker, state: LoopState) -> None:
+    """Fixed-noise grid, made on rank 0 with everyone's BatchNorm buffers in agreement; the other ranks
+    wait for it here, outside training, not inside the next step's collectives."""
+    with state.outside_training():
+        sync_buffers(trainer.g_bare, trainer.info)
+        if trainer.info.is_main:
+            state.diversity = write_samples(trainer, tracker, state.health)
+        any_rank(False, trainer.info)
+
+
+def log_window(trainer: Trainer, tracker: Tracker, state: LoopState) -> None:
+    """The metric line of the window that ends at this step; a new window starts."""
+    step, info = trainer.step, trainer.info
+    metrics = state.window.metrics(
+        info,
+        global_batch=trainer.global_batch,
+        images_seen=trainer.images_seen,
+        skipped_samples=trainer.data.skipped_samples,
+        shard_retries=trainer.data.shard_retries,
+    )
+    metrics.update(state.ranks.window_metrics(step, state.window.rank_times()))
+    if state.diversity is not None:
+        metrics["sample_diversity"] = state.diversity
+    tracker.log_metrics(step, metrics)
+    state.progress.report(step, metrics)
+    state.health.observe_metrics(step, metrics)
+    state.window = Window(info.device)
+
+
+def evaluate_and_keep_best(trainer: Trainer, tracker: Tracker, state: LoopState) -> None:
+    """Evaluation, its time kept out of the training rate; a new best is checkpointed here."""
+    step = trainer.step
+    with state.outside_training() as took:
+        results = evaluate_now(trainer)
+    tracker.log_metrics(
+        step,
+        {
+            "images_seen": trainer.images_seen,
+            "eval_time_s": took.seconds,
+            **{f"eval/{k}": v for k, v in results.items()},
+        },
+    )
+    log.info("step %d eval (%.1f s): %s", step, took.seconds, " ".join(f"{k}={v:.5f}" for k, v in results.items()))
+    with state.outside_training():
+        state.best = keep_if_best(trainer, results, state.best)
 
 
 # --- start to end ----------------------------------------------------------------------------------

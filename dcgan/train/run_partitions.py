@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""How many data partitions a run reads, decided once per run: from its newest checkpoint where it has
+one (a resume on other ranks or workers keeps the data order), else chosen now. Training owns this, not
+the data package: it reads checkpoints, which sit above data.
+"""
 
 from __future__ import annotations
 

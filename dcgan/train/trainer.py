@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""Everything a run holds between steps, in one object: models, optimizers, GradScaler, the weight
+average, data, RNG and the step counter, saved and resumed together through DCP (the parts are named in
+dcgan.run.schema). `build_trainer` assembles it from a config; `resume` loads the newest complete
+checkpoint into it; `log_start` says once what the run is.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""The numbers of one metric window (every log.every steps): losses and D's outputs averaged over the
+window's steps, GAN health signs (a collapsing G, a winning D), the time spent outside training, and the
+step, data and collective time each rank spent, which the straggler report reads.
+"""
 
 from __future__ import annotations
 
