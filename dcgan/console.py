@@ -9,6 +9,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -32,6 +33,33 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def say(what: str) -> None:
+    """What a long command is doing now, on stderr: a benchmark at batch 1024 on a CPU is quiet for
+    minutes otherwise, and stdout keeps only its results."""
+    print(f"... {what}", file=sys.stderr, flush=True)
+
+
+def bar(done: int, total: int, width: int = 30) -> str:
+    """`[#####.....]`: the share done, as every progress line of the project draws it."""
+    filled = width * done // max(total, 1)
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def table(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> str:
+    """Rows of text cells as an aligned plain-text table (the first row is the header): columns two
+    spaces apart, each as wide as its widest cell, left-aligned but for the column numbers in `right`.
+
+    Plain text on purpose, not a library's boxes: these tables land in SLURM logs, CI output and files
+    that tests and people grep, where a width that follows the terminal or box characters get in the way."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(
+            cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    )
 
 
 def _duration(seconds: float) -> str:
@@ -62,10 +90,7 @@ class Progress:
         """Cheap per-step redraw (terminal only); reads no device values."""
         if not self.interactive:
             return
-        width = 30
-        filled = int(width * step / self.total)
-        bar = "#" * filled + "." * (width - filled)
-        self.stream.write(f"\r[{bar}] {step}/{self.total} ETA {_duration(self.eta_s(step))} ")
+        self.stream.write(f"\r{bar(step, self.total)} {step}/{self.total} ETA {_duration(self.eta_s(step))} ")
         self.stream.flush()
 
     def report(self, step: int, metrics: dict[str, float]) -> None:

@@ -14,6 +14,7 @@ from dcgan.errors import EXIT_OK
 from dcgan.evaluation.digits_score import DigitsScorer
 from dcgan.evaluation.generators import generate
 from dcgan.gan.step import STAT_NAMES
+from dcgan.pixels import from_uint8
 from dcgan.run.schema import describe_resize
 from dcgan.train.loop import train
 from dcgan.train.trainer import build_trainer
@@ -108,7 +109,7 @@ def test_quality_score_of_real_digits_is_near_perfect() -> None:
     from dcgan.data.digits import digits_images
 
     scorer = DigitsScorer(32)
-    real = scorer.score(digits_images(32).float().div(127.5).sub(1))
+    real = scorer.score(from_uint8(digits_images(32)))
     noise = scorer.score(torch.rand(500, 1, 32, 32) * 2 - 1)
     assert real.frechet < 1e-6 < noise.frechet
     assert real.confident > 0.8 and real.class_balance > 0.99

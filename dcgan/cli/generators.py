@@ -9,6 +9,7 @@ from typing import Any
 
 from dcgan.cli.common import positive_int
 from dcgan.config import BN_STATS, ConfigError
+from dcgan.console import table
 
 
 def loaded_generator(args: argparse.Namespace) -> Any:
@@ -61,8 +62,7 @@ def _score(args: argparse.Namespace) -> int:
         raise ConfigError("dcgan score: the digits score needs a 1-channel generator")
     noise = torch.randn(args.num, loaded.model.nz, generator=torch.Generator().manual_seed(args.seed))
     score = DigitsScorer(loaded.model.resolution).score(loaded.images(noise))
-    for key, value in score.as_dict().items():
-        print(f"{key:<14} {value:.4f}")
+    print(table([(key, f"{value:.4f}") for key, value in score.as_dict().items()]))
     return 0
 
 
@@ -78,9 +78,8 @@ def _eval(args: argparse.Namespace) -> int:
         evaluation = evaluate(loaded, args.data, args.num, args.metrics.split(","), info, args.inception)
     if info.is_main:
         print(f"{described(loaded)}; reference: {evaluation.protocol['reference']['selection']} of {args.data}")
-        print(f"{'metric':<22} {'value':>12}")
-        for key, value in evaluation.results.items():
-            print(f"{key:<22} {value:>12.5f}")
+        rows = [("metric", "value"), *((key, f"{value:.5f}") for key, value in evaluation.results.items())]
+        print(table(rows, right=frozenset({1})))
         source = Path(args.source)
         default = source / f"eval-step{loaded.step}.json" if source.is_dir() else Path("eval.json")
         out = Path(args.out) if args.out else first_free(default)

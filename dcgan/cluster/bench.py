@@ -9,7 +9,6 @@ Optionally the end-to-end rate of the real training loop from shards on disk is 
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from dcgan.config import Config, ConfigError, load_config, replace
+from dcgan.console import say
 from dcgan.data.build import build_source
 from dcgan.distributed.env import DistInfo, pick_device
 from dcgan.distributed.session import destroy_distributed, init_distributed
@@ -92,12 +92,6 @@ def synthetic_batch(config: Config, device: torch.device) -> torch.Tensor:
     return torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def show_progress(what: str) -> None:
-    """What a benchmark is timing now, on stderr: a CPU run at batch 1024 is quiet for minutes otherwise,
-    and stdout keeps only the table."""
-    print(f"... {what}", file=sys.stderr, flush=True)
-
-
 def end_to_end_share(rate: float, synthetic: float) -> str:
     """The end-to-end rate as a share of the synthetic-data rate. More than the synthetic rate is
     impossible for the same step; it means the machine's load changed between the two measurements."""
@@ -120,11 +114,11 @@ def bench_step(
     device = pick_device(config.train.device, 0)
     info = DistInfo.single(device)
     images = synthetic_batch(config, device)
-    show_progress(f"batch {batch_size}: the reference step, {warmup} untimed + {iters} timed steps")
+    say(f"batch {batch_size}: the reference step, {warmup} untimed + {iters} timed steps")
     timings = {"reference": time_step(ReferenceStep(config, device), images, warmup, iters)}
     for name, step_info in (("dcgan", info), ("distributed", group_of_one)):
         if step_info is not None:
-            show_progress(
+            say(
                 f"batch {batch_size}: the {name} step (compile={config.train.compile}, precision={config.train.precision}), {iters} timed steps"
             )
             timings[name] = time_configured_step(config, step_info, images, warmup, iters)
@@ -167,7 +161,7 @@ def run_bench_step(
         destroy_distributed()
     if shards:
         for row in rows:
-            show_progress(f"batch {int(row['batch'])}: training end to end from {shards}, {iters} timed steps")
+            say(f"batch {int(row['batch'])}: training end to end from {shards}, {iters} timed steps")
             rate = bench_end_to_end(base, shards, int(row["batch"]), precision, warmup, iters)
             row["end_to_end"] = rate
             print(

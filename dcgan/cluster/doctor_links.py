@@ -12,9 +12,10 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from dcgan.cluster.bench import show_progress, timed_seconds
+from dcgan.cluster.bench import timed_seconds
 from dcgan.cluster.doctor_report import SMALL_ELEMENTS, DoctorOptions, PairTiming, RankReport
 from dcgan.config import Config
+from dcgan.console import say
 from dcgan.distributed.collectives import gather_objects
 from dcgan.distributed.env import DistInfo
 from dcgan.gan.models import Discriminator, Generator
@@ -30,7 +31,7 @@ def together(info: DistInfo) -> None:
 
 def progress(info: DistInfo, what: str) -> None:
     if info.is_main:
-        show_progress(what)
+        say(what)
 
 
 MIN_REPEATS = 5

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from dcgan.console import table
 from dcgan.errors import EXIT_OK, EXIT_PREFLIGHT_BROKEN, EXIT_PREFLIGHT_FAR_OFF
 
 T = TypeVar("T")
@@ -148,7 +149,7 @@ def _number(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def table(reports: list[RankReport], verdict: Verdict) -> str:
+def rank_table(reports: list[RankReport], verdict: Verdict) -> str:
     """One row per rank: who it is, its rates, its status (ok, BROKEN, or its flags)."""
     ratios = ratios_to_median([r.step_img_s for r in reports])
     rows = [
@@ -170,14 +171,7 @@ def table(reports: list[RankReport], verdict: Verdict) -> str:
                 status,
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    left = {1, 2, 9}
-    return "\n".join(
-        "  ".join(
-            cell.ljust(w) if i in left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in rows
-    )
+    return table(rows, right=frozenset(range(10)) - {1, 2, 9})
 
 
 def collective_lines(reports: list[RankReport], elements: int) -> list[str]:
@@ -224,7 +218,7 @@ def data_line(reports: list[RankReport]) -> str:
 
 def describe(reports: list[RankReport], verdict: Verdict, elements: int, options: DoctorOptions) -> str:
     """The whole printout: the table, a line per failed check, the network, the data, the verdict."""
-    lines = [table(reports, verdict)]
+    lines = [rank_table(reports, verdict)]
     lines += [f"rank {r.rank} on {r.host}: {error}" for r in reports for error in r.errors]
     lines += collective_lines(reports, elements)
     lines.append(pair_line(reports, verdict, options.pair_mib))

@@ -24,6 +24,7 @@ from dcgan.cluster.slurm import (
 )
 from dcgan.cluster.slurm_job import TrainJob
 from dcgan.config import Config, ConfigError, load_config
+from dcgan.console import table
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +99,9 @@ def submit_sweep(
 
 def sweep_table(rows: list[tuple[SweepPoint, str, str]]) -> str:
     """point | job id | run dir, one line each (job id '-' in a dry run)."""
-    width = max(len(point_name(point)) for point, _, _ in rows)
-    lines = [f"{'point':<{width}}  {'job':<14}  run dir"]
-    lines += [f"{point_name(point):<{width}}  {job_id:<14}  {run_dir}" for point, job_id, run_dir in rows]
-    return "\n".join(lines)
+    return table(
+        [("point", "job", "run dir"), *((point_name(point), job_id, run_dir) for point, job_id, run_dir in rows)]
+    )
 
 
 def run_sweep(args: argparse.Namespace, res: Resources, folder: Path | None) -> int:

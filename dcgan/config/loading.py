@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from dcgan.config.sections import Config, ConfigError, validate
+from dcgan.files import write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def config_to_dict(config: Config) -> dict[str, Any]:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    write_text_atomically(Path(path), yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
 def iter_keys(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, Any, Any, str]]:

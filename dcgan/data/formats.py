@@ -21,6 +21,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from dcgan.files import write_text_atomically
+
 Format = Literal["blocks", "png", "jpeg"]
 FORMATS: tuple[str, ...] = ("blocks", "png", "jpeg")
 MANIFEST = "manifest.json"
@@ -58,9 +60,9 @@ class Manifest:
         return sum(s.samples for s in self.shards)
 
     def write(self, out_dir: Path) -> None:
-        tmp = out_dir / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps({**asdict(self), "total_samples": self.total_samples}, indent=1))
-        tmp.replace(out_dir / MANIFEST)
+        write_text_atomically(
+            out_dir / MANIFEST, json.dumps({**asdict(self), "total_samples": self.total_samples}, indent=1)
+        )
 
     @classmethod
     def read(cls, path: Path) -> Manifest:

@@ -25,8 +25,10 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
+from dcgan.console import bar
 from dcgan.data.formats import CHECKSUM, MANIFEST, Manifest, ShardInfo, checksum, encode_block, encode_image
 from dcgan.data.inputs import find_mnist, list_images, load_image_file, read_idx, resize_array
+from dcgan.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +77,7 @@ def write_shard(task: ShardTask) -> tuple[int, int, int]:
     """Write one shard (temp name, then rename); return (index, samples written, inputs skipped)."""
     images, labels, skipped = _load_task_images(task)
     final = task.out_dir / task.name
-    tmp = task.out_dir / (task.name + ".tmp")
-    with wds.TarWriter(str(tmp)) as sink:
+    with atomic_path(final) as tmp, wds.TarWriter(str(tmp)) as sink:
         if task.fmt == "blocks":
             for start in range(0, len(images), task.block_size):
                 block = np.stack(images[start : start + task.block_size])
@@ -93,7 +94,6 @@ def write_shard(task: ShardTask) -> tuple[int, int, int]:
                         CHECKSUM: checksum(data),
                     }
                 )
-    os.replace(tmp, final)
     return task.index, len(images), skipped
 
 
@@ -223,11 +223,9 @@ def write_shards(
 
 
 def _show_progress(done: int, total: int, images: int, elapsed: float) -> None:
-    width = 30
-    bar = "#" * (width * done // total) + "." * (width - width * done // total)
     end = "\r" if sys.stderr.isatty() else "\n"
     print(
-        f"[{bar}] {done}/{total} shards, {images} images, {images / max(elapsed, 1e-9):.0f} img/s",
+        f"{bar(done, total)} {done}/{total} shards, {images} images, {images / max(elapsed, 1e-9):.0f} img/s",
         end=end,
         file=sys.stderr,
         flush=True,

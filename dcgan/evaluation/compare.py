@@ -29,6 +29,7 @@ from dcgan.errors import DcganError
 from dcgan.evaluation.recipe import EXPORT as RECIPE_EXPORT
 from dcgan.evaluation.recipe import RECIPE, recipe_generator, train_recipe
 from dcgan.evaluation.spread import Spread
+from dcgan.files import write_text_atomically
 from dcgan.run.rundir import RunDir
 
 RECIPE_OVERRIDES = [RECIPE]
@@ -240,7 +241,7 @@ def compare(
 
 def write_comparison(comparison: Comparison, root: Path) -> Path:
     out = root / "compare.json"
-    out.write_text(json.dumps(comparison.as_dict(), indent=1))
+    write_text_atomically(out, json.dumps(comparison.as_dict(), indent=1))
     return out
 
 

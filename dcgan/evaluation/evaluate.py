@@ -32,6 +32,8 @@ from dcgan.distributed.collectives import any_rank
 from dcgan.distributed.env import DistInfo
 from dcgan.evaluation.generators import LoadedGenerator
 from dcgan.evaluation.metrics import INCEPTION_ENV, fid, kid, load_inception, swd
+from dcgan.files import atomic_path
+from dcgan.pixels import from_uint8, to_uint8
 
 # ---------------------------------------------------------------------------------------------------
 # Sliced Wasserstein distance on Laplacian pyramids
@@ -56,11 +58,6 @@ class Evaluation:
 
     results: dict[str, float]
     protocol: dict[str, Any]
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8 [0, 255], as image files hold them."""
-    return images.float().cpu().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def generated_images(
@@ -227,9 +224,8 @@ def reference_features(
     feats = sharded_features(reference.images, features, info)
     if info.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, feats)
-        tmp.replace(path)
+        with atomic_path(path) as tmp, tmp.open("wb") as file:
+            np.save(file, feats)
     return feats
 
 
@@ -290,7 +286,7 @@ def evaluate(
 
         if m.channels != 1:
             raise ConfigError("--metrics digits needs a 1-channel generator")
-        score = DigitsScorer(m.resolution).score(fake.float().div(127.5).sub(1))
+        score = DigitsScorer(m.resolution).score(from_uint8(fake))
         results.update({f"digits_{k}": v for k, v in score.as_dict().items()})
     expected = metric_keys([metric for metric in EVAL_METRICS if metric in metrics])
     assert tuple(results) == expected, f"evaluate returned {tuple(results)}, config.metric_keys promises {expected}"

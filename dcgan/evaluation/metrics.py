@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dcgan.config import ConfigError
+from dcgan.pixels import from_uint8
 
 INCEPTION_ENV = "DCGAN_INCEPTION"
 
@@ -116,7 +117,7 @@ def swd(
     """SWD x1e3 averaged over pyramid levels; real and fake are uint8 (N, C, H, W), same N."""
     n = min(len(real), len(fake))
     levels = max(1, int(np.log2(real.shape[-1] // 16)) + 1)
-    to_float = lambda x: x[:n].float().div(127.5).sub(1)  # noqa: E731
+    to_float = lambda x: from_uint8(x[:n])  # noqa: E731
     generator = torch.Generator().manual_seed(seed)
     distances = []
     for level_real, level_fake in zip(

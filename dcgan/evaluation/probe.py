@@ -26,6 +26,7 @@ from torch import nn
 from dcgan.config import ConfigError, ModelConfig
 from dcgan.evaluation.spread import Spread
 from dcgan.gan.models import Discriminator
+from dcgan.pixels import from_uint8
 from dcgan.run import schema
 from dcgan.run.checkpoint import load_in_process, read_newest
 from dcgan.run.rundir import RunDir
@@ -84,7 +85,7 @@ def features(d: Discriminator, images: torch.Tensor, batch: int = 256) -> np.nda
     d.eval()
     out = []
     for start in range(0, len(images), batch):
-        x = images[start : start + batch].float().div(127.5).sub(1)
+        x = from_uint8(images[start : start + batch])
         pooled = []
         for layer in d.main:
             x = layer(x)

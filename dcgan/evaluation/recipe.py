@@ -23,6 +23,7 @@ from dcgan.config import Config
 from dcgan.data.digits import digits_images
 from dcgan.data.offline import read_images
 from dcgan.evaluation.generators import LoadedGenerator, export_generator, load_export
+from dcgan.files import atomic_path
 
 RECIPE = "recipe"
 """The value of --a / --b that selects this arm instead of overrides."""
@@ -64,9 +65,8 @@ def train_recipe(config: Config, run_dir: Path) -> Path:
         step(next(batches).to(device))
     fixed = torch.randn(config.sample.num, config.model.nz, generator=torch.Generator().manual_seed(config.seed))
     loaded = LoadedGenerator(step.g.cpu(), config.model, config.train.steps, fixed, bn="batch", weights="raw")
-    partial = out.with_name(out.name + ".partial")
-    export_generator(loaded, partial)
-    partial.replace(out)  # a killed comparison never leaves a half-written generator that looks finished
+    with atomic_path(out) as partial:  # a killed comparison never leaves a half-written generator that looks finished
+        export_generator(loaded, partial)
     return out
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from dcgan.config import Config
 from dcgan.gan.models import Discriminator, Generator
-from dcgan.gan.step import normalize
+from dcgan.pixels import from_uint8
 
 
 class ReferenceStep:
@@ -26,7 +26,7 @@ class ReferenceStep:
         self.nz = config.model.nz
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        real = normalize(images, torch.float32)
+        real = from_uint8(images)
         batch = real.shape[0]
         ones = torch.full((batch,), 1.0, device=real.device)
         zeros = torch.full((batch,), 0.0, device=real.device)

@@ -22,6 +22,7 @@ from dcgan.distributed.env import DistInfo
 from dcgan.distributed.parallelize import Bare, GradientSync, average_gradients, gradient_sync, prepare_module
 from dcgan.gan.losses import discriminator_loss, generator_loss
 from dcgan.gan.models import Discriminator, Generator
+from dcgan.pixels import from_uint8
 from dcgan.seeds import mix
 
 STAT_NAMES = ("loss_D", "loss_G", "D_x", "D_G_z_before", "D_G_z_after", "grad_norm_G", "grad_norm_D", "nonfinite")
@@ -40,11 +41,6 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def normalize(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 [0, 255] -> [-1, 1] in `dtype`, done on the device so the host only moves bytes."""
-    return images.to(dtype=torch.float32).mul_(1 / 127.5).sub_(1.0).to(dtype)
 
 
 def total_grad_norm(module: nn.Module) -> torch.Tensor:
@@ -121,7 +117,7 @@ class GANStep:
     def train(self, images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The step's body: only device work, no host reads, shapes fixed by the inputs' shapes."""
         device = images.device
-        real = normalize(images, self.dtype)
+        real = from_uint8(images, self.dtype)
         if self.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
 

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from dcgan.config import CheckpointConfig
 from dcgan.distributed.env import DistInfo
 from dcgan.errors import CheckpointWriteError, IncompatibleCheckpoint, one_line
+from dcgan.files import write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -286,9 +287,9 @@ class Checkpointer:
     def _write_best(self, step: int, best: Best) -> None:
         """Record `step` as the best checkpoint (rank 0; kept by prune until replaced)."""
         if self.info.is_main:
-            tmp = self.root / (BEST + ".tmp")
-            tmp.write_text(json.dumps({"step": step, "metric": best.metric, "value": best.value}))
-            tmp.replace(self.root / BEST)
+            write_text_atomically(
+                self.root / BEST, json.dumps({"step": step, "metric": best.metric, "value": best.value})
+            )
 
     def close(self) -> None:
         self.wait()

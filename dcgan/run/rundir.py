@@ -24,6 +24,7 @@ from dcgan.config import Config, ConfigError, save_config
 from dcgan.distributed.collectives import any_rank
 from dcgan.distributed.env import DistInfo, slurm_job, slurm_restart_count
 from dcgan.errors import NoProgress, RunDirInUse
+from dcgan.files import write_text_atomically
 
 LOCK_NAME = ".lock"
 ATTEMPTS = "attempts.json"
@@ -156,9 +157,7 @@ def count_attempt(run_dir: Path, resumed_step: int) -> int:
         previous = {}
     same = previous.get("resumed_step") == resumed_step
     attempts = int(previous.get("attempts", 0)) + 1 if same else 1
-    tmp = path.with_name(ATTEMPTS + ".tmp")
-    tmp.write_text(json.dumps({"resumed_step": resumed_step, "attempts": attempts}))
-    tmp.replace(path)
+    write_text_atomically(path, json.dumps({"resumed_step": resumed_step, "attempts": attempts}))
     return attempts
 
 

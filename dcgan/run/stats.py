@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dcgan.files import write_text_atomically
+
 
 def read_stats(path: Path) -> list[dict[str, Any]]:
     """stats.jsonl as dicts, one per line; a line that does not parse (torn by a kill, or being written
@@ -37,7 +39,5 @@ def rewind_stats(path: Path, step: int) -> int:
     kept = [row for row in read_stats(path) if row["step"] <= step]
     if len(kept) == lines:
         return 0
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text("".join(json.dumps(row) + "\n" for row in kept))
-    partial.replace(path)
+    write_text_atomically(path, "".join(json.dumps(row) + "\n" for row in kept))
     return lines - len(kept)
