@@ -13,13 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from dcgan.run.rundir import RunDir
-
 log = logging.getLogger(__name__)
 
 
-def setup_logging(run_dir: Path | None, rank: int) -> None:
-    """INFO to stderr (and RUN_DIR/train.log) on rank 0; warnings only, prefixed with the rank, elsewhere."""
+def setup_logging(log_file: Path | None, rank: int) -> None:
+    """INFO to stderr (and `log_file`, a run's train.log) on rank 0; warnings only, prefixed with the rank,
+    elsewhere."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -27,8 +26,8 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
     prefix = "" if rank == 0 else f"[rank {rank}] "
     formatter = logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if run_dir is not None and rank == 0:
-        handlers.append(logging.FileHandler(RunDir(run_dir).train_log))
+    if log_file is not None and rank == 0:
+        handlers.append(logging.FileHandler(log_file))
     for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)

@@ -16,7 +16,7 @@ from dcgan.cluster.bench import timed_seconds
 from dcgan.cluster.doctor_report import SMALL_ELEMENTS, DoctorOptions, PairTiming, RankReport
 from dcgan.config import Config
 from dcgan.console import say
-from dcgan.distributed.collectives import gather_objects
+from dcgan.distributed.collectives import gather_objects, wait_for_every_rank
 from dcgan.distributed.env import DistInfo
 from dcgan.gan.models import Discriminator, Generator
 
@@ -25,8 +25,7 @@ T = TypeVar("T")
 
 def together(info: DistInfo) -> None:
     """Wait for every rank (host-side gloo group), so that the next measurement starts everywhere at once."""
-    if info.distributed:
-        dist.barrier(group=info.flag_group)
+    wait_for_every_rank(info)
 
 
 def progress(info: DistInfo, what: str) -> None:

@@ -12,15 +12,9 @@ from dcgan.config.loading import (
     save_config,
 )
 from dcgan.config.sections import (
-    BN_STATS,
-    DIGITS_KEYS,
-    EVAL_METRICS,
-    LOWER_IS_BETTER,
     SHAPE_FREE_MODEL_KEYS,
-    BnStats,
     CheckpointConfig,
     Config,
-    ConfigError,
     DataConfig,
     DistConfig,
     EvalConfig,
@@ -31,9 +25,17 @@ from dcgan.config.sections import (
     SampleConfig,
     TrainConfig,
     architecture,
+    validate,
+)
+from dcgan.config.vocabulary import (
+    BN_STATS,
+    DIGITS_KEYS,
+    EVAL_METRICS,
+    LOWER_IS_BETTER,
+    BnStats,
+    ConfigError,
     divisors,
     metric_keys,
-    validate,
 )
 
 __all__ = [

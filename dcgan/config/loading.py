@@ -14,7 +14,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from dcgan.config.sections import Config, ConfigError, validate
+from dcgan.config.sections import Config, validate
+from dcgan.config.vocabulary import ConfigError
 from dcgan.files import write_text_atomically
 
 log = logging.getLogger(__name__)

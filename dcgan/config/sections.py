@@ -10,11 +10,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
-
-class ConfigError(ValueError):
-    """A config key is unknown, mistyped or impossible; the message is one line naming the key."""
+from dcgan.config.vocabulary import (
+    EVAL_METRICS,
+    LOWER_IS_BETTER,
+    BnStats,
+    ConfigError,
+    divisors,
+    is_power_of_two,
+    metric_keys,
+    require,
+)
 
 
 def _field(default: Any, help: str) -> Any:
@@ -191,11 +198,6 @@ class LogConfig:
         require(self.straggler_windows >= 1, "log.straggler_windows", ">= 1", self.straggler_windows)
 
 
-BnStats = Literal["running", "batch", "standing"]
-"""BatchNorm statistics a generator can make images with (dcgan.evaluation.generators.generate implements them)."""
-BN_STATS: tuple[str, ...] = get_args(BnStats)
-
-
 @dataclass(frozen=True)
 class SampleConfig:
     every: int = _field(500, "steps between fixed-noise sample grids")
@@ -225,22 +227,6 @@ class CheckpointConfig:
         require(self.every >= 1, "checkpoint.every", ">= 1", self.every)
         require(self.keep >= 1, "checkpoint.keep", ">= 1", self.keep)
         require(self.keep_every >= 0, "checkpoint.keep_every", ">= 0", self.keep_every)
-
-
-EVAL_METRICS = ("fid", "kid", "swd", "digits")
-"""What `dcgan eval` and eval.metrics can compute (dcgan.evaluation.evaluate implements them)."""
-
-DIGITS_KEYS = ("digits_frechet", "digits_confident", "digits_class_balance")
-"""The three results of the digits metric (dcgan.evaluation.digits_score.DigitsScore, prefixed)."""
-
-LOWER_IS_BETTER = ("fid", "kid", "swd", "digits_frechet")
-"""Result keys for which a smaller value is a better generator: what eval.best may name."""
-
-
-def metric_keys(metrics: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """The result keys `dcgan.evaluation.evaluate.evaluate` returns for these metrics, in order: the one source of
-    metric names for config validation, evaluation and eval.best."""
-    return tuple(key for metric in metrics for key in (DIGITS_KEYS if metric == "digits" else (metric,)))
 
 
 @dataclass(frozen=True)
@@ -365,20 +351,6 @@ def architecture(model: ModelConfig) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------------
 # Validation of values that type-check but cannot work
-
-
-def require(ok: bool, key: str, allowed: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: must be {allowed}, got {value!r}")
-
-
-def is_power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-def divisors(n: int) -> list[int]:
-    """The numbers that divide n, ascending: the rank counts a global batch or a partition count allows."""
-    return [k for k in range(1, n + 1) if n % k == 0]
 
 
 def validate(config: Config) -> None:

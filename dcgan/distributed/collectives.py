@@ -1,8 +1,10 @@
-"""Host time each rank spends blocked in the step's collectives: the clock dcgan.distributed.stragglers reads.
+"""The host-side collectives every part of a run shares (a mean over ranks, a gather of objects, an
+agreement on a flag, a barrier, a check that replicas agree), and the clock of the time each rank spends
+blocked in the step's collectives, which dcgan.distributed.stragglers reads.
 
-Its own module because the collectives it times live below everything else (the cross-rank BatchNorm
-of dcgan.distributed.batchnorm, the gradient averaging of dcgan.distributed), which must not import the straggler
-analysis above them. No `from __future__ import annotations` here: DDP checks a comm hook's
+The clock lives here, below everything, because the collectives it times (the cross-rank BatchNorm of
+dcgan.distributed.batchnorm, the gradient averaging of dcgan.distributed.parallelize) must not import the
+straggler analysis above them. No `from __future__ import annotations` here: DDP checks a comm hook's
 annotations as objects, and postponed ones are strings.
 """
 
@@ -94,6 +96,13 @@ def gather_objects(value: T, group: dist.ProcessGroup | None, world_size: int) -
     values: list[Any] = [None] * world_size
     dist.all_gather_object(values, value, group=group)
     return values
+
+
+def wait_for_every_rank(info: DistInfo) -> None:
+    """Return once every rank has called this (a barrier on the host-side gloo group; no-op for one
+    process without a group): the main thread's one way of waiting for the others."""
+    if info.distributed:
+        dist.barrier(group=info.flag_group)
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:

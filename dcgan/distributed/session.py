@@ -1,13 +1,11 @@
-"""Process-group setup from the environment, model wrapping for DDP, and replica checks.
+"""A command's time in the process group: joining it from the environment, explaining a failure before
+any cleanup can hang on a lost peer, and leaving it on every exit path.
 
 Everything is read from the variables torchrun (or submitit's TorchDistributedEnvironment under SLURM)
-exports: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT. A single process with none of them set
-runs without a process group, unless `dist.force` asks for the multi-rank code path anyway (so that one
-GPU exercises NCCL, cross-rank BatchNorm and the capture of the multi-rank step).
-
-Order of wrapping: cross-rank BatchNorm (dcgan.distributed.batchnorm, CPU and CUDA alike) -> device/memory format ->
-compile the bare module -> DDP. Compiling the bare module first keeps one graph per model: compiled
-inside DDP, dynamo's DDP optimizer would split the graph at every gradient bucket boundary.
+exports (dcgan.distributed.env): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT. A single process
+with none of them set runs without a process group, unless `dist.force` asks for the multi-rank code path
+anyway (so that one GPU exercises NCCL, cross-rank BatchNorm and the capture of the multi-rank step). The
+heartbeat (dcgan.distributed.liveness) starts before the group, so a peer lost at start-up is caught too.
 """
 
 from __future__ import annotations

@@ -209,8 +209,8 @@ class Checkpointer:
         if self.info.is_main:
             path.mkdir(parents=True, exist_ok=True)
         group = self.info.checkpoint_group if self.info.distributed else None
-        if self.info.distributed:
-            dist.barrier(group=group)
+        if self.info.distributed:  # the directory exists before any rank writes into it
+            dist.barrier(group=group)  # the save's own group, not the main thread's (wait_for_every_rank)
         if self.config.async_save and not blocking:
             pending = dcp.async_save(
                 state, checkpoint_id=str(path), process_group=group, no_dist=not self.info.distributed

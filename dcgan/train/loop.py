@@ -24,7 +24,7 @@ from dcgan.config import Config
 from dcgan.console import Progress, setup_logging
 from dcgan.data.base import BatchSource
 from dcgan.data.build import build_source
-from dcgan.distributed.collectives import any_rank
+from dcgan.distributed.collectives import any_rank, wait_for_every_rank
 from dcgan.distributed.env import launched_world_size
 from dcgan.distributed.hang import HangWatch
 from dcgan.distributed.parallelize import sync_buffers
@@ -274,7 +274,7 @@ def sample_grid_now(trainer: Trainer, tracker: Tracker, state: LoopState) -> Non
         sync_buffers(trainer.g_bare, trainer.info)
         if trainer.info.is_main:
             state.diversity = write_samples(trainer, tracker, state.health)
-        any_rank(False, trainer.info)
+        wait_for_every_rank(trainer.info)
 
 
 def log_window(trainer: Trainer, tracker: Tracker, state: LoopState) -> None:
@@ -354,7 +354,7 @@ def train(config: Config) -> int:
         config = with_run_partitions(config, info)
         data = build_source(config, info)
         lock = own_run_dir(run_dir, info)
-        setup_logging(run_dir, info.rank)
+        setup_logging(RunDir(run_dir).train_log, info.rank)
         trainer = build_trainer(config, info, data)
         trainer.checkpointer.prepare()
         resume(trainer)

@@ -222,7 +222,7 @@ PAPER_LR, PAPER_BATCH = 2e-4, 128
 
 
 def lr_advice(lr: float, global_batch: int) -> str | None:
-    """The README's one rule, at the start of every run whose global batch is not the paper's: for a
+    """docs/distributed.md's one rule, at the start of every run whose global batch is not the paper's: for a
     k-fold global batch start from lr x sqrt(k). Advice, not a change: the paper's per-GPU batch at the
     paper's lr is also a sound (slower) choice, and the user's lr stands."""
     if global_batch == PAPER_BATCH:
@@ -230,5 +230,5 @@ def lr_advice(lr: float, global_batch: int) -> str | None:
     suggested = PAPER_LR * math.sqrt(global_batch / PAPER_BATCH)
     return (
         f"global batch {global_batch}: optim.lr {lr:.3g}; the sqrt rule from the paper's {PAPER_LR:.0e} at {PAPER_BATCH} "
-        f"suggests {suggested:.2g} (README: Many GPUs and nodes)"
+        f"suggests {suggested:.2g} (docs/distributed.md)"
     )

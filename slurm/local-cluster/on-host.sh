@@ -3,7 +3,7 @@
 # start-multinode.sh (as root): inside the host's network namespace, in a private UTS and mount namespace
 # whose hostname is NAME and whose /etc/hosts is the cluster's hosts file ($WORK_DIR/hosts, bind-mounted:
 # /etc is not changed). The file system is otherwise shared, as a cluster's shared file system is.
-# ON_HOST_HOSTS=FILE puts FILE over /etc/hosts instead (tests/hosts.py: a host whose own name resolves
+# ON_HOST_HOSTS=FILE puts FILE over /etc/hosts instead (tests/support/hosts.py: a host whose own name resolves
 # to loopback, as Debian's default line makes it).
 #
 #   bash slurm/local-cluster/on-host.sh /tmp/mn h1 hostname            # h1

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # start-multinode.sh - a multi-node SLURM cluster on this one machine, across emulated hosts (network
-# namespaces joined by a bridge, e.g. made by tests/hosts.py), as root:
+# namespaces joined by a bridge, e.g. made by tests/support/hosts.py), as root:
 #
 #   bash slurm/local-cluster/start-multinode.sh WORK_DIR HEAD_ADDRESS NAME=ADDRESS [NAME=ADDRESS ...]
 #   bash slurm/local-cluster/start-multinode.sh /tmp/mn 10.210.3.254 h1=10.210.3.1 h2=10.210.3.2

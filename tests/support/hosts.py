@@ -17,16 +17,19 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from helpers import ROOT, TINY, subprocess_env
+
 BRIDGE_HOST = 254
 """Last byte of the bridge's own address: the "head" of the cluster (e.g. a SLURM controller)."""
 
-ON_HOST = Path(__file__).resolve().parents[1] / "slurm" / "local-cluster" / "on-host.sh"
+ON_HOST = Path(__file__).resolve().parents[2] / "slurm" / "local-cluster" / "on-host.sh"
 """Runs a command on a host: its network namespace, hostname and hosts file (the multi-node SLURM
 cluster's slurmd runs through it too), from `nodes` and `hosts` in the work directory."""
 
@@ -205,3 +208,103 @@ def emulated_hosts(names: Sequence[str], workdir: Path) -> Iterator[EmulatedHost
         yield hosts.start()
     finally:
         hosts.close()
+
+
+@dataclass
+class Launch:
+    """One torchrun per host, started together, as a cluster's launcher does."""
+
+    logs: dict[str, Path]
+    procs: dict[str, subprocess.Popen]
+    started: float
+
+    def log(self, name: str) -> str:
+        return self.logs[name].read_text(errors="replace")
+
+    def wait(self, timeout: float) -> dict[str, tuple[int, float]]:
+        """Each host's (exit status, seconds since start); a process still running at `timeout` fails."""
+        ended: dict[str, tuple[int, float]] = {}
+        deadline = time.monotonic() + timeout
+        while len(ended) < len(self.procs) and time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if name not in ended and proc.poll() is not None:
+                    ended[name] = (proc.returncode, time.monotonic() - self.started)
+            time.sleep(0.1)
+        running = [name for name in self.procs if name not in ended]
+        assert not running, f"still running after {timeout} s on {running}:\n" + "\n".join(
+            self.log(n)[-3000:] for n in running
+        )
+        return ended
+
+
+def torchrun_on(
+    hosts: EmulatedHosts,
+    names: Sequence[str],
+    nproc: int,
+    run_dir: Path,
+    *overrides: str,
+    flags: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    loopback_name: bool = False,
+    tag: str = "run",
+    nnodes: str = "",
+    command: str = "train",
+) -> Launch:
+    """`torchrun --nnodes=len(names) --nproc_per_node=nproc -m dcgan train tiny.yaml` on each host, with the
+    c10d rendezvous on the first host's name (as slurm/train.sbatch does); `command` runs another dcgan
+    command that takes a config and overrides (e.g. doctor) instead of train."""
+    head = names[0]
+    full_env = subprocess_env(PYTHONUNBUFFERED="1", **(env or {}))
+    logs, procs = {}, {}
+    started = time.monotonic()
+    for name in names:
+        logs[name] = hosts.workdir / f"{tag}.{name}.log"
+        argv = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={nnodes or len(names)}",
+            f"--nproc_per_node={nproc}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={head}:29400",
+            f"--rdzv-id={tag}",
+            *flags,
+            "-m",
+            "dcgan",
+            command,
+            str(TINY),
+            f"run.dir={run_dir}",
+            "log.wandb=disabled",
+            *overrides,
+        ]
+        procs[name] = hosts.popen(name, argv, log=logs[name], env=full_env, cwd=ROOT, loopback_name=loopback_name)
+    return Launch(logs, procs, started)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.1)
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("dcgan: error: ")]
+
+
+def worker_traceback(text: str) -> bool:
+    """Whether a training process printed a traceback (torchrun's own failure summary does not count)."""
+    return f'File "{ROOT / "dcgan"}' in text
+
+
+def worker_pids(hosts: EmulatedHosts, name: str) -> list[int]:
+    """The training processes (not torchrun's agent) on host `name`."""
+    pids = []
+    for pid in hosts.pids(name):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"dcgan" in command and b"torch.distributed.run" not in command:
+            pids.append(pid)
+    return pids

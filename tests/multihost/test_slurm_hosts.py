@@ -1,4 +1,4 @@
-"""SLURM across hosts: a real 2-node cluster on emulated hosts (network namespaces, tests/hosts.py), one
+"""SLURM across hosts: a real 2-node cluster on emulated hosts (network namespaces, tests/support/hosts.py), one
 slurmd per host and slurmctld on the bridge (slurm/local-cluster/start-multinode.sh), running the
 project's 2-node jobs as users submit them: `sbatch --nodes=2 slurm/train.sbatch` (srun + torchrun, c10d
 rendezvous on the first node, gloo between the hosts), its requeue after USR1, a job of `--nodes=1-2`

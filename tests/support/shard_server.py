@@ -3,7 +3,7 @@ the first GET of each .tar sends the full Content-Length and then only `--cut` b
 the connection (what a reader sees when a server or a proxy dies mid-shard, made repeatable). With
 `--ranges` it also answers `Range: bytes=N-` with 206, as nginx does; python's http.server ignores Range.
 
-    python tests/shard_server.py DIRECTORY PORT --cut BYTES [--ranges]
+    python tests/support/shard_server.py DIRECTORY PORT --cut BYTES [--ranges]
 
 Prints `ready` on stdout once it listens."""
 

@@ -1,5 +1,5 @@
 """The heartbeat's verdicts in one process: a real TCPStore server and clients, one Liveness per rank,
-verdicts collected instead of ending the process (tests/test_multihost.py ends real processes)."""
+verdicts collected instead of ending the process (tests/multihost/test_torchrun_hosts.py ends real processes)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,11 @@
-"""`dcgan doctor`, the preflight of an allocation, on real things: one process on the tiny model reading
-real shards; three emulated hosts (tests/hosts.py) of which one has a slow link (`tc tbf`), which the
-doctor must name; checks that fail on one rank only (shards served on one host's loopback), or on
-every rank (missing shards, a run.dir under a file), which must be reported in the table, not hang the
-others, and end with the broken status."""
+"""`dcgan doctor` across three emulated hosts (tests/support/hosts.py): a host with a slow link (`tc tbf`)
+named by its pairs of hosts, and shards only one host can read (served on its loopback) that make the
+other rank BROKEN in the table, without a hang."""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 import time
@@ -14,73 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import TINY, run_in_process, subprocess_env
-from hosts import EmulatedHosts, emulated_hosts, missing_requirements
-from test_multihost import error_lines, torchrun_on, worker_pids
+from doctor_table import QUICK, rows
+from helpers import subprocess_env
+from hosts import EmulatedHosts, emulated_hosts, error_lines, missing_requirements, torchrun_on, worker_pids
 
 from dcgan.errors import EXIT_PREFLIGHT_BROKEN, EXIT_PREFLIGHT_FAR_OFF
 
-QUICK = ("--seconds", "1", "--write-mib", "4")
-"""Short measurements: a second each, 4 MiB written a rank."""
-
-ROW = re.compile(
-    r"^\s*(?P<rank>\d+)\s+(?P<host>\S+)\s+(?P<device>cpu)\s+(?P<threads>\d+)\s+(?P<cpus>\d+)\s+(?P<step>[\d-]+)\s+"
-    r"(?P<ratio>[\d.]+x|-)\s+(?P<loader>[\d-]+)\s+(?P<write>[\d-]+)\s+(?P<status>.+)$",
-    re.MULTILINE,
-)
-
-
-def rows(text: str) -> dict[int, dict[str, str]]:
-    """The doctor's table, by rank."""
-    return {int(m["rank"]): m.groupdict() for m in ROW.finditer(text)}
-
-
-def leftovers(directory: Path) -> list[Path]:
-    return list(directory.glob(".dcgan-doctor-*"))
-
-
-def test_one_process_reports_its_rates_in_the_table_and_the_json(digits_shards: Path, tmp_path: Path) -> None:
-    """`dcgan doctor tiny.yaml data.shards=...` in one process: exit 0, one row of real positive rates,
-    the same numbers in the JSON; run.dir is not created and the timed file is gone."""
-    run = tmp_path / "not-yet" / "run"
-    out = tmp_path / "doctor.json"
-    result = run_in_process(
-        "doctor", str(TINY), f"run.dir={run}", f"data.shards={digits_shards}", *QUICK, "--json", str(out)
-    )
-    print(result.stdout)
-    [row] = rows(result.stdout).values()
-    assert row["status"] == "ok" and row["ratio"] == "-"  # alone: no other rank to compare with
-    assert int(row["step"]) > 0 and int(row["loader"]) > 0 and int(row["write"]) > 0
-    assert int(row["threads"]) >= 1 and int(row["cpus"]) >= 1
-    assert "collectives: one rank, none to time" in result.stdout
-    assert "host pairs: one host, no pairs of hosts to time" in result.stdout
-    assert f"data: {digits_shards} (8 shards, 1797 images): readable; loader at data.workers=0" in result.stdout
-    assert result.stdout.rstrip().splitlines()[-2] == "verdict: ok: 1 rank(s), nothing far off (exit 0)"
-    [rank] = json.loads(out.read_text())["ranks"]
-    assert round(rank["step_img_s"]) == int(row["step"]) and round(rank["loader_img_s"]) == int(row["loader"])
-    assert rank["write_mb_s"] > 0 and rank["errors"] == [] and rank["flags"] == []
-    assert json.loads(out.read_text())["exit_status"] == 0
-    assert not run.parent.exists() and leftovers(tmp_path) == []
-
-
-def test_checks_that_fail_are_one_line_each_and_the_broken_status(tmp_path: Path) -> None:
-    """Shards that are not there and a run.dir below a file: the row says BROKEN, each failed check is
-    one line naming its cause, the step rate is still measured, and the exit status is the broken one."""
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    missing = tmp_path / "no-such-shards"
-    result = run_in_process(
-        "doctor", str(TINY), f"run.dir={blocker / 'run'}", f"data.shards={missing}", *QUICK, check=False
-    )
-    print(result.stdout)
-    assert result.returncode == EXIT_PREFLIGHT_BROKEN
-    [row] = rows(result.stdout).values()
-    assert row["status"] == "BROKEN" and int(row["step"]) > 0 and row["loader"] == "-" and row["write"] == "-"
-    name = rows(result.stdout)[0]["host"]
-    assert f"rank 0 on {name}: data: shard not found: {missing}" in result.stdout.splitlines()
-    assert f"rank 0 on {name}: write: run.dir {blocker / 'run'}: {blocker} is not a directory" in result.stdout
-    assert f"verdict: BROKEN: rank 0 on {name}: data: shard not found: {missing} (and 1 more) (exit 7)" in result.stdout
-
+log = logging.getLogger(__name__)
 
 multihost = pytest.mark.skipif(missing_requirements() is not None, reason=str(missing_requirements()))
 
@@ -95,10 +34,6 @@ def three_hosts(tmp_path: Path) -> Iterator[EmulatedHosts]:
 def two_hosts(tmp_path: Path) -> Iterator[EmulatedHosts]:
     with emulated_hosts(["hosta", "hostb"], tmp_path / "net") as hosts:
         yield hosts
-
-
-SLOW_LINK_MBIT = 50
-"""Host B's link: 6 MB/s each way, against hundreds of MB/s between the other hosts' namespaces."""
 
 
 @pytest.mark.slow
@@ -198,16 +133,5 @@ def test_shards_only_one_host_can_read_make_the_other_rank_broken_without_a_hang
     print(f"broken rank: ended { ({name: round(s, 1) for name, (_, s) in ended.items()}) } s after the start")
 
 
-@pytest.mark.parametrize("hosts", [2, 3, 4, 7, 8])
-def test_host_pairs_come_in_rounds_of_disjoint_pairs_covering_every_pair_once(hosts: int) -> None:
-    """The schedule of the host-pair transfers: no host in two pairs of a round (they run at once), and
-    every pair exactly once, in hosts - 1 rounds (hosts if odd)."""
-    from dcgan.cluster.doctor_links import pair_rounds
-
-    rounds = pair_rounds(hosts)
-    assert len(rounds) == hosts - 1 + hosts % 2
-    for pairs in rounds:
-        members = [host for pair in pairs for host in pair]
-        assert len(members) == len(set(members))
-    every = sorted(pair for pairs in rounds for pair in pairs)
-    assert every == [(a, b) for a in range(hosts) for b in range(a + 1, hosts)]
+SLOW_LINK_MBIT = 50
+"""Host B's link: 6 MB/s each way, against hundreds of MB/s between the other hosts' namespaces."""

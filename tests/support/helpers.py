@@ -25,7 +25,7 @@ from dcgan.distributed.env import DistInfo
 from dcgan.run.checkpoint import checkpoint_dir, is_complete, list_checkpoints
 from dcgan.run.rundir import RunDir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 DIGITS_MODEL = ("model.resolution=32", "model.ngf=32", "model.ndf=32", "model.nz=64", "train.batch_size=64")

@@ -1,4 +1,4 @@
-"""torchrun across emulated hosts (tests/hosts.py): the same run on 2 hosts as on one, and faults between
+"""torchrun across emulated hosts (tests/support/hosts.py): the same run on 2 hosts as on one, and faults between
 hosts (a lost host, a partition, a peer lost at start-up, a host name that resolves to loopback) that
 end every surviving process in seconds with one line naming the lost rank and host, leave no process
 behind, and keep every completed checkpoint.
@@ -11,24 +11,28 @@ README promises."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import (
-    ROOT,
-    TINY,
     assert_states_equal,
     completed_steps,
     load_checkpoint_tensors,
     read_stats,
-    subprocess_env,
 )
-from hosts import EmulatedHosts, emulated_hosts, missing_requirements
+from hosts import (
+    EmulatedHosts,
+    Launch,
+    emulated_hosts,
+    error_lines,
+    missing_requirements,
+    torchrun_on,
+    wait_for,
+    worker_pids,
+    worker_traceback,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -47,93 +51,6 @@ stretches: measured 26-28 s here; still far below the 5x dist.timeout_s it was."
 def two_hosts(tmp_path: Path) -> Iterator[EmulatedHosts]:
     with emulated_hosts(["hosta", "hostb"], tmp_path / "net") as hosts:
         yield hosts
-
-
-@dataclass
-class Launch:
-    """One torchrun per host, started together, as a cluster's launcher does."""
-
-    logs: dict[str, Path]
-    procs: dict[str, subprocess.Popen]
-    started: float
-
-    def log(self, name: str) -> str:
-        return self.logs[name].read_text(errors="replace")
-
-    def wait(self, timeout: float) -> dict[str, tuple[int, float]]:
-        """Each host's (exit status, seconds since start); a process still running at `timeout` fails."""
-        ended: dict[str, tuple[int, float]] = {}
-        deadline = time.monotonic() + timeout
-        while len(ended) < len(self.procs) and time.monotonic() < deadline:
-            for name, proc in self.procs.items():
-                if name not in ended and proc.poll() is not None:
-                    ended[name] = (proc.returncode, time.monotonic() - self.started)
-            time.sleep(0.1)
-        running = [name for name in self.procs if name not in ended]
-        assert not running, f"still running after {timeout} s on {running}:\n" + "\n".join(
-            self.log(n)[-3000:] for n in running
-        )
-        return ended
-
-
-def torchrun_on(
-    hosts: EmulatedHosts,
-    names: Sequence[str],
-    nproc: int,
-    run_dir: Path,
-    *overrides: str,
-    flags: Sequence[str] = (),
-    env: dict[str, str] | None = None,
-    loopback_name: bool = False,
-    tag: str = "run",
-    nnodes: str = "",
-    command: str = "train",
-) -> Launch:
-    """`torchrun --nnodes=len(names) --nproc_per_node=nproc -m dcgan train tiny.yaml` on each host, with the
-    c10d rendezvous on the first host's name (as slurm/train.sbatch does); `command` runs another dcgan
-    command that takes a config and overrides (e.g. doctor) instead of train."""
-    head = names[0]
-    full_env = subprocess_env(PYTHONUNBUFFERED="1", **(env or {}))
-    logs, procs = {}, {}
-    started = time.monotonic()
-    for name in names:
-        logs[name] = hosts.workdir / f"{tag}.{name}.log"
-        argv = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nnodes={nnodes or len(names)}",
-            f"--nproc_per_node={nproc}",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={head}:29400",
-            f"--rdzv-id={tag}",
-            *flags,
-            "-m",
-            "dcgan",
-            command,
-            str(TINY),
-            f"run.dir={run_dir}",
-            "log.wandb=disabled",
-            *overrides,
-        ]
-        procs[name] = hosts.popen(name, argv, log=logs[name], env=full_env, cwd=ROOT, loopback_name=loopback_name)
-    return Launch(logs, procs, started)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.1)
-
-
-def error_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("dcgan: error: ")]
-
-
-def worker_traceback(text: str) -> bool:
-    """Whether a training process printed a traceback (torchrun's own failure summary does not count)."""
-    return f'File "{ROOT / "dcgan"}' in text
 
 
 def test_two_hosts_of_two_ranks_train_the_same_weights_as_one_host_of_four(
@@ -168,19 +85,6 @@ def test_two_hosts_of_two_ranks_train_the_same_weights_as_one_host_of_four(
 
 
 FAULT_RUN = ("train.steps=400", "log.every=5", "checkpoint.every=10", "sample.every=100000")
-
-
-def worker_pids(hosts: EmulatedHosts, name: str) -> list[int]:
-    """The training processes (not torchrun's agent) on host `name`."""
-    pids = []
-    for pid in hosts.pids(name):
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"dcgan" in command and b"torch.distributed.run" not in command:
-            pids.append(pid)
-    return pids
 
 
 def test_a_lost_host_ends_the_survivor_in_one_line_and_elastic_torchrun_resumes_on_the_rest(

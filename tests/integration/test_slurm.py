@@ -16,7 +16,7 @@ from helpers import ROOT, checkpoint_complete, completed_steps, run_in_process, 
 from dcgan.cluster.slurm import Resources, executor_parameters, make_executor, submit, validate
 from dcgan.config import ConfigError
 
-REFERENCE = ROOT / "tests" / "data" / "sbatch_4x8gpu.txt"
+REFERENCE = ROOT / "tests" / "support" / "data" / "sbatch_4x8gpu.txt"
 
 
 @pytest.fixture(scope="module")

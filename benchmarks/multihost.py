@@ -1,7 +1,7 @@
 """The scaling model of docs/performance.md against a network: gloo all-reduces and the paper model's
-step on 2 emulated hosts (tests/hosts.py) at several link rates, each beside the model's prediction.
+step on 2 emulated hosts (tests/support/hosts.py) at several link rates, each beside the model's prediction.
 
-    sudo .ci/venv/bin/python tests/bench_multihost.py --rates 0,1000,100 --batch 8
+    sudo .ci/venv/bin/python benchmarks/multihost.py --rates 0,1000,100 --batch 8
 
 Not a test (pytest does not collect it): it prints one table and writes JSON lines. Each rate is set
 with `tc tbf` on both ends of host B's link (0 = the bare bridge); these kernels have no netem, so no
@@ -120,7 +120,7 @@ def launch(hosts, names: list[str], args: argparse.Namespace, tag: str) -> dict[
 
 
 def orchestrate(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(ROOT / "tests" / "support"))
     from hosts import emulated_hosts, missing_requirements
 
     if (reason := missing_requirements()) is not None:

@@ -117,7 +117,7 @@ def test_connections_dropped_mid_shard_resume_at_the_byte_and_train_as_from_disk
     overrides = ("train.steps=20", "log.every=10", "sample.every=20", "checkpoint.every=20")
     sources = {"disk": str(digits_shards)}
     servers = [
-        Server(digits_shards, "--cut", "20000", *ranges, script=ROOT / "tests" / "shard_server.py")
+        Server(digits_shards, "--cut", "20000", *ranges, script=ROOT / "tests" / "support" / "shard_server.py")
         for ranges in ([], ["--ranges"])
     ]
     try:

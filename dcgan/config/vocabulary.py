@@ -1,0 +1,49 @@
+"""The words a config may use and the rule every check follows: the evaluation metrics and the result
+names they produce (which of them lower is better), the BatchNorm statistics a generator can make images
+with, and `require`, which turns a value that cannot work into one line naming its key."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+BnStats = Literal["running", "batch", "standing"]
+"""BatchNorm statistics a generator can make images with (dcgan.evaluation.generators.generate implements them)."""
+
+
+BN_STATS: tuple[str, ...] = get_args(BnStats)
+
+
+EVAL_METRICS = ("fid", "kid", "swd", "digits")
+"""What `dcgan eval` and eval.metrics can compute (dcgan.evaluation.evaluate implements them)."""
+
+
+DIGITS_KEYS = ("digits_frechet", "digits_confident", "digits_class_balance")
+"""The three results of the digits metric (dcgan.evaluation.digits_score.DigitsScore, prefixed)."""
+
+
+LOWER_IS_BETTER = ("fid", "kid", "swd", "digits_frechet")
+"""Result keys for which a smaller value is a better generator: what eval.best may name."""
+
+
+def metric_keys(metrics: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The result keys `dcgan.evaluation.evaluate.evaluate` returns for these metrics, in order: the one source of
+    metric names for config validation, evaluation and eval.best."""
+    return tuple(key for metric in metrics for key in (DIGITS_KEYS if metric == "digits" else (metric,)))
+
+
+def require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: must be {allowed}, got {value!r}")
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def divisors(n: int) -> list[int]:
+    """The numbers that divide n, ascending: the rank counts a global batch or a partition count allows."""
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, mistyped or impossible; the message is one line naming the key."""
