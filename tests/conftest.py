@@ -1,19 +1,40 @@
 """Shared fixtures: real image folders and shard directories made on disk, and the runs several modules
-read (a trained digits generator, a 2-rank torchrun run). Plain helpers are in helpers.py."""
+read (a trained digits generator, a 2-rank torchrun run), each made once per test session even when
+pytest-xdist runs the suite in several worker processes; and how the suite is split between workers.
+Plain helpers are in tests/support/helpers.py."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+from filelock import FileLock
 from helpers import DIGITS_MODEL, TorchrunRun, tiny_config, write_image_folder
+
+T = TypeVar("T")
+
+
+def made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], T]) -> Path:
+    """`make(directory)` run once per test session, whichever worker asks first; the others wait for it
+    and get the same directory. Under pytest-xdist each worker has a base temporary directory of its own,
+    inside one it shares with the others: the directory and its lock live in the shared one."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if base.name.startswith("popen-gw") else base
+    directory, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            directory.mkdir()
+            make(directory)
+            done.write_text(json.dumps({"made_by": base.name}))
+    return directory
 
 
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("images")
-    write_image_folder(folder, 80, 16)
-    return folder
+    return made_once(tmp_path_factory, "images", lambda folder: write_image_folder(folder, 80, 16))
 
 
 @pytest.fixture(scope="session")
@@ -21,11 +42,20 @@ def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in digits at 16x16 as block shards (8 shards), for training from shards."""
     from dcgan.data.writer import write_shards
 
-    out = tmp_path_factory.mktemp("digit_shards")
-    write_shards(
-        "digits", Path("."), out, fmt="blocks", resolution=16, shard_size=225, block_size=32, workers=1, progress=False
-    )
-    return out
+    def make(out: Path) -> None:
+        write_shards(
+            "digits",
+            Path("."),
+            out,
+            fmt="blocks",
+            resolution=16,
+            shard_size=225,
+            block_size=32,
+            workers=1,
+            progress=False,
+        )
+
+    return made_once(tmp_path_factory, "digit_shards", make)
 
 
 @pytest.fixture(scope="session")
@@ -34,12 +64,13 @@ def trained_digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dcgan.errors import EXIT_OK
     from dcgan.train.loop import train
 
-    run = tmp_path_factory.mktemp("digits_run")
-    config = tiny_config(
-        run, *DIGITS_MODEL, "train.steps=300", "log.every=100", "sample.every=300", "checkpoint.every=300"
-    )
-    assert train(config) == EXIT_OK
-    return run
+    def make(run: Path) -> None:
+        config = tiny_config(
+            run, *DIGITS_MODEL, "train.steps=300", "log.every=100", "sample.every=300", "checkpoint.every=300"
+        )
+        assert train(config) == EXIT_OK
+
+    return made_once(tmp_path_factory, "digits_run", make)
 
 
 @pytest.fixture(scope="session")
@@ -49,19 +80,37 @@ def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> TorchrunRun:
     changes the run works on a copy."""
     from distributed_helpers import torchrun
 
-    run = tmp_path_factory.mktemp("two_rank") / "run"
-    result = torchrun(2, "train", "configs/tiny.yaml", f"run.dir={run}", "log.wandb=offline", "train.steps=10")
-    assert result.returncode == 0, result.stderr
-    return TorchrunRun(run, result.stderr)
+    def make(directory: Path) -> None:
+        run = directory / "run"
+        result = torchrun(2, "train", "configs/tiny.yaml", f"run.dir={run}", "log.wandb=offline", "train.steps=10")
+        assert result.returncode == 0, result.stderr
+        (directory / "stderr.txt").write_text(result.stderr)
+
+    directory = made_once(tmp_path_factory, "two_rank", make)
+    return TorchrunRun(directory / "run", (directory / "stderr.txt").read_text())
 
 
 SLOW_FIXTURES = {"trained_digits_run", "straight_runs", "cluster", "ema_run", "two_rank_run"}
 """Fixtures that train a model or start a cluster: every test that uses one is slow."""
 
 
+def xdist_group(item: pytest.Item) -> str:
+    """The tests one pytest-xdist worker runs one after the other (`--dist loadgroup`): those on emulated
+    hosts (fixed host names, one bridge) together, those on the local SLURM cluster together, and each
+    other module's tests together, so that a module's fixtures are made once."""
+    path = Path(str(item.fspath))
+    if "multihost" in path.parts:
+        return "hosts"
+    if item.get_closest_marker("slurm"):
+        return "slurm"
+    return path.stem
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """`slow` marks every multi-process or long test (module marks, explicit marks, and here: the users
-    of SLOW_FIXTURES and every SLURM test), so that `pytest -m "not slow"` is a fast lane."""
+    of SLOW_FIXTURES and every SLURM test), so that `pytest -m "not slow"` is a fast lane; and each test
+    gets its xdist group."""
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.slow)
+        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
