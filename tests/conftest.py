@@ -94,23 +94,36 @@ SLOW_FIXTURES = {"trained_digits_run", "straight_runs", "cluster", "ema_run", "t
 """Fixtures that train a model or start a cluster: every test that uses one is slow."""
 
 
-def xdist_group(item: pytest.Item) -> str:
-    """The tests one pytest-xdist worker runs one after the other (`--dist loadgroup`): those on emulated
-    hosts (fixed host names, one bridge) together, those on the local SLURM cluster together, and each
-    other module's tests together, so that a module's fixtures are made once."""
-    path = Path(str(item.fspath))
-    if "multihost" in path.parts:
-        return "hosts"
-    if item.get_closest_marker("slurm"):
-        return "slurm"
-    return path.stem
+def work_unit(nodeid: str) -> str:
+    """The tests one pytest-xdist worker runs one after the other: each module's together (its module
+    fixtures are made once), and all those on emulated hosts together (fixed host names, one bridge)."""
+    path = nodeid.split("::", 1)[0]
+    return "emulated hosts" if "/multihost/" in f"/{path}" else path
+
+
+LONG_FIRST = ("/multihost/", "/test_slurm.py")
+"""Work units that take minutes, test after test: handed to the workers first (one each), so that the
+rest of the suite fills the other worker around them instead of leaving one worker alone at the end."""
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook, called only when the suite runs on workers
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Whole work units to workers, in collection order (pytest-xdist's `xdist_group` marks no longer
+    reach its scheduler under pytest 9, so the units are told to it here)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return WorkUnitScheduling(config, log)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """`slow` marks every multi-process or long test (module marks, explicit marks, and here: the users
-    of SLOW_FIXTURES and every SLURM test), so that `pytest -m "not slow"` is a fast lane; and each test
-    gets its xdist group."""
+    of SLOW_FIXTURES and every SLURM test), so that `pytest -m "not slow"` is a fast lane; the long work
+    units come first."""
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.slow)
-        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+    items.sort(key=lambda item: next((i for i, part in enumerate(LONG_FIRST) if part in f"/{item.nodeid}"), 2))

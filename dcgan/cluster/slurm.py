@@ -16,7 +16,6 @@ with train.global_batch=0 the global batch is train.batch_size x ranks and chang
 
 from __future__ import annotations
 
-import logging
 import math
 import shutil
 import subprocess
@@ -32,8 +31,6 @@ import submitit
 
 from dcgan.cluster.slurm_job import SIGNAL_DELAY_S, TrainJob
 from dcgan.config import Config, ConfigError, load_config
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +24,6 @@ from dcgan.cluster.slurm import (
 from dcgan.cluster.slurm_job import TrainJob
 from dcgan.config import Config, ConfigError, load_config
 from dcgan.console import table
-
-log = logging.getLogger(__name__)
-
 
 SweepPoint = dict[str, str]
 """One point of a sweep grid: config key -> value, as written on the command line."""

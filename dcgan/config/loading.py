@@ -6,7 +6,6 @@ directory, wandb and `dcgan train --help`'s list of keys.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import typing
 from pathlib import Path
@@ -17,8 +16,6 @@ import yaml
 from dcgan.config.sections import Config, validate
 from dcgan.config.vocabulary import ConfigError
 from dcgan.files import write_text_atomically
-
-log = logging.getLogger(__name__)
 
 
 def _describe(tp: Any) -> str:

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import logging
-
 from dcgan.config import Config
 from dcgan.data.base import BatchSource
 from dcgan.distributed.env import DistInfo
-
-log = logging.getLogger(__name__)
 
 
 def build_source(config: Config, info: DistInfo) -> BatchSource:

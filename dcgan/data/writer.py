@@ -12,7 +12,6 @@ always a complete, consistent data set, and an interrupted conversion leaves no 
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import os
 import sys
@@ -29,8 +28,6 @@ from dcgan.console import bar
 from dcgan.data.formats import CHECKSUM, MANIFEST, Manifest, ShardInfo, checksum, encode_block, encode_image
 from dcgan.data.inputs import find_mnist, list_images, load_image_file, read_idx, resize_array
 from dcgan.files import atomic_path
-
-log = logging.getLogger(__name__)
 
 KINDS = ("folder", "mnist", "digits")
 

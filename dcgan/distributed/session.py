@@ -11,7 +11,6 @@ heartbeat (dcgan.distributed.liveness) starts before the group, so a peer lost a
 from __future__ import annotations
 
 import datetime
-import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,8 +32,6 @@ from dcgan.distributed.liveness import Liveness
 from dcgan.distributed.network import check_gloo_address
 from dcgan.distributed.store import rendezvous_store
 from dcgan.errors import DcganError, LaunchError
-
-log = logging.getLogger(__name__)
 
 
 def init_distributed(

@@ -88,7 +88,9 @@ def test_a_stalled_loader_is_named_by_rank_0_and_every_rank_writes_its_stacks(
     assert re.search(r'File ".*dcgan/data/\w+\.py", line \d+ in ', rank1), rank1  # its main thread, reading
     rank0 = (run / "hang-0.txt").read_text()
     assert f"the loop is inside step {step}, whose collectives wait for every rank" in rank0
-    assert re.search(r'File ".*dcgan/batchnorm\.py", line \d+ in forward', rank0), rank0  # waiting for rank 1
+    assert re.search(r'File ".*dcgan/distributed/batchnorm\.py", line \d+ in forward', rank0), (
+        rank0
+    )  # waiting for rank 1
     assert max(row["step"] for row in read_stats(run)) == 160
 
 

@@ -17,7 +17,7 @@ from urllib.request import urlopen
 import pytest
 import torch
 from distributed_helpers import descendants, start_training, wait_for
-from helpers import CPU, ROOT, TINY, read_stats, run_in_process, tiny_config
+from helpers import CPU, ROOT, TINY, free_port, read_stats, run_in_process, tiny_config
 
 from dcgan.config import ConfigError
 from dcgan.data.stream import ShardSource
@@ -26,12 +26,6 @@ from dcgan.train.loop import train
 
 READY_S = 20.0
 """Longest wait for a server to answer after its start (a loaded 2-core machine starts Python slowly)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:

@@ -363,7 +363,8 @@ def test_a_local_job_logs_beside_its_run_and_leaves_nothing_else(tmp_path: Path)
         [
             sys.executable,
             "-m",
-            "dcgan.cluster.slurm",
+            "dcgan",
+            "submit",
             str(ROOT / "configs" / "tiny.yaml"),
             f"run.dir={run}",
             "train.steps=2",

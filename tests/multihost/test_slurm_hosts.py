@@ -10,7 +10,6 @@ from __future__ import annotations
 import pickle
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from helpers import (
     checkpoint_complete,
     completed_steps,
     flatten,
+    free_port,
     load_checkpoint_tensors,
     read_stats,
     subprocess_env,
@@ -97,12 +97,6 @@ class Cluster:
         return found
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """Two emulated hosts and a SLURM cluster across them; afterwards, whatever happened, its jobs are
@@ -113,7 +107,7 @@ def cluster() -> Iterator[Cluster]:
     env = {
         **subprocess_env(),
         "SLURM_CONF": str(workdir / "slurm" / "slurm.conf"),
-        "SLURM_MN_CTLD_PORT": str(free_port()),
+        "SLURM_MN_CTLD_PORT": str(free_port("")),
         "SLURM_MN_CRED_EXPIRE": "5",  # SLURM's minimum: a requeued job may start again 6 s after the requeue
         "WANDB_MODE": "disabled",
     }

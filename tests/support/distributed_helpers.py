@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,13 +15,7 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
-from helpers import ROOT, subprocess_env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import ROOT, free_port, subprocess_env
 
 
 def _rank_main(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple) -> None:

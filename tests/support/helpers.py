@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -202,3 +203,10 @@ def assert_states_equal(
             assert torch.equal(x, y), f"{key} differs"
         else:
             assert x == y, f"{key}: {x!r} != {y!r}"
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on at `address` now ("" for every interface: a port other hosts reach)."""
+    with socket.socket() as probe:
+        probe.bind((address, 0))
+        return int(probe.getsockname()[1])

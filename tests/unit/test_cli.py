@@ -294,3 +294,6 @@ def test_the_old_launch_slurm_name_still_finds_what_queued_jobs_pickled() -> Non
     unpickler = pickle.Unpickler(io.BytesIO(b""))
     assert unpickler.find_class("launch.slurm", "TrainJob") is TrainJob
     assert launch.slurm.main is submit_main
+    with contextlib.redirect_stdout(io.StringIO()) as out, pytest.raises(SystemExit):
+        launch.slurm.main(["--help"])
+    assert out.getvalue().startswith("usage: dcgan submit [-h] [--nodes N|MIN-MAX]")
