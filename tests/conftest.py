@@ -6,6 +6,7 @@ Plain helpers are in tests/support/helpers.py."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -92,6 +93,16 @@ def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> TorchrunRun:
 
 SLOW_FIXTURES = {"trained_digits_run", "straight_runs", "cluster", "ema_run", "two_rank_run"}
 """Fixtures that train a model or start a cluster: every test that uses one is slow."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch thread in each pytest-xdist worker, as in every process the tests start
+    (helpers.subprocess_env): two workers of two threads each on a 2-core machine make OpenMP's threads
+    spin against each other's."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def work_unit(nodeid: str) -> str:
