@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, checkpoint_complete, completed_steps, run_in_process, subprocess_env
 
-from dcgan.cluster.slurm import Resources, executor_parameters, make_executor, submit, validate
+from dcgan.cluster.slurm import Resources, executor_parameters, make_executor, srun_check_skipped, submit, validate
 from dcgan.config import ConfigError
 
 REFERENCE = ROOT / "tests" / "support" / "data" / "sbatch_4x8gpu.txt"
@@ -159,20 +159,22 @@ def test_sbatch_script_runs_two_processes_through_srun_and_torchrun(cluster: Non
 
 
 def normalized_sbatch(folder: Path) -> str:
-    executor = make_executor(
-        Resources(
-            nodes=4,
-            gpus_per_node=8,
-            cpus_per_task=12,
-            mem_gb=480,
-            partition="gpu",
-            time_min=1440,
-            account="vision",
-            qos="high",
-        ),
-        folder,
-        "dcgan-celeba64",
-    )
+    """The script submitit writes for four nodes of eight GPUs, as `--dry-run` prints it: no SLURM needed."""
+    with srun_check_skipped():
+        executor = make_executor(
+            Resources(
+                nodes=4,
+                gpus_per_node=8,
+                cpus_per_task=12,
+                mem_gb=480,
+                partition="gpu",
+                time_min=1440,
+                account="vision",
+                qos="high",
+            ),
+            folder,
+            "dcgan-celeba64",
+        )
     text = executor._executor._make_submission_file_text("python -u -m submitit.core._submit %j", "uid")
     return text.replace(str(folder), "FOLDER").replace(sys.executable, "PYTHON")
 
