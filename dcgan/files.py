@@ -1,8 +1,8 @@
 """Writing a file so that a reader, or a process killed mid-write, finds the old whole file or the new
 whole file, never part of one: the content goes to a hidden temporary name beside the file, which is then
 renamed over it (a rename is atomic within one file system). Every file the project rewrites in place
-(manifests, stats.jsonl, the attempt count, the best checkpoint's record, cached features, an exported
-generator, shards, configs) is written this way."""
+(manifests, stats.jsonl, the attempt count, the best checkpoint's record, cached features, the
+recipe arm's generator, shards, configs, compare.json) is written this way."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Images as files and data sets hold them (uint8, 0..255) and as G and D see them (floats in [-1, 1], G's
 tanh range): the two conversions, in one place, so that every reader and writer of images agrees to the bit
-(the training step, evaluation, the probe, the digits score and the exported grids)."""
+(the training step, the reference step, evaluation, the probe and the digits score)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Deprecated alias of `dcgan submit`, kept for one release.
 
-SLURM jobs queued or requeued by an earlier version hold a pickled `dcgan.cluster.slurm_job.TrainJob`; unpickling
-finds the class here. New submissions: `dcgan submit CONFIG [options]` (same options).
+SLURM jobs queued or requeued by an earlier version hold a pickled `launch.slurm.TrainJob`: unpickling
+looks the class up under that name and finds dcgan.cluster.slurm_job.TrainJob here. New submissions: `dcgan submit CONFIG [options]` (same options).
 """
 
 from __future__ import annotations

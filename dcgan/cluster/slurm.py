@@ -257,7 +257,7 @@ def node_range_warning(run_config: Config, res: Resources) -> str | None:
 def warn_about_node_range(run_config: Config, res: Resources) -> None:
     """node_range_warning on stderr, where a submitting user sees it beside the job id."""
     if warning := node_range_warning(run_config, res):
-        print(f"dcgan.cluster.slurm: warning: {warning}", file=sys.stderr)
+        print(f"dcgan submit: warning: {warning}", file=sys.stderr)
 
 
 def log_folder(folder: Path | None, run_config: Config) -> Path:

@@ -151,12 +151,13 @@ def plan_tasks(
 
 
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a non-empty OUT_DIR unless overwriting, in which case old shards and manifest go first."""
+    """Refuse a non-empty OUT_DIR unless overwriting, in which case old shards and manifest go first, with
+    any temporary one a killed writer left (dcgan.files: `.shard-....tmp`)."""
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out_dir} is not empty; pass --overwrite to replace its shards")
         for path in out_dir.iterdir():
-            if path.name == MANIFEST or path.name.startswith("shard-"):
+            if path.name.lstrip(".").startswith((MANIFEST, "shard-")):
                 path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -1,18 +1,22 @@
 """Who this process is, from what the launcher exported (torchrun, or srun through submitit): rank,
 world size, local rank, device, and whether the job spans hosts. The one place that reads RANK,
 WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, SLURM_* and TORCHELASTIC_*; launches that cannot work
-(restarts without torchrun's store fix, srun tasks without ranks) are refused here, before any work.
+(restarts without torchrun's store fix, srun tasks without ranks, a rank without a world) are refused
+here, before any work. torch is imported only where a device is made, so that submitting a job on a
+login node does not load it.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from dcgan.errors import LaunchError
+
+if TYPE_CHECKING:  # torch itself is imported where a device is made: `dcgan submit` never needs it
+    import torch
+    import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,8 @@ class DistInfo:
     @staticmethod
     def single(device: torch.device | str = "cpu") -> DistInfo:
         """One process and no process group: benchmarks, planning, tools that read a checkpoint."""
+        import torch
+
         return DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(device))
 
     @property
@@ -63,6 +69,8 @@ def launched_world_size() -> int:
 
 def pick_device(preference: str, local_rank: int) -> torch.device:
     """CUDA device for this local rank; cuda:0 when CUDA_VISIBLE_DEVICES already narrows us to one GPU."""
+    import torch
+
     use_cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
     if not use_cuda:
         return torch.device("cpu")
@@ -118,6 +126,20 @@ def spans_hosts() -> bool:
 def launched_rank() -> int:
     """This process's global rank as the launcher numbered it (0 for a process started alone)."""
     return env_int("RANK", 0)
+
+
+def check_rank_has_world() -> None:
+    """Refuse a RANK without a WORLD_SIZE: a launcher that numbered this process but said nothing of
+    the others (each process would otherwise run alone)."""
+    if os.environ.get("RANK") and not os.environ.get("WORLD_SIZE"):
+        raise LaunchError(
+            f"RANK={os.environ['RANK']} is set but WORLD_SIZE is not: start the ranks with torchrun or srun"
+        )
+
+
+def launched_local_rank() -> int:
+    """This process's rank among those on its host (which GPU it takes)."""
+    return env_int("LOCAL_RANK", 0)
 
 
 def torchrun_round() -> int:

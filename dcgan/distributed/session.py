@@ -22,8 +22,9 @@ from dcgan.distributed.collectives import world_group
 from dcgan.distributed.env import (
     DistInfo,
     check_elastic_restarts,
+    check_rank_has_world,
     check_srun_tasks,
-    env_int,
+    launched_local_rank,
     launched_rank,
     launched_world_size,
     pick_device,
@@ -49,15 +50,12 @@ def init_distributed(
     no MASTER_ADDR needed).
     """
     global _LIVENESS
-    if os.environ.get("RANK") and not os.environ.get("WORLD_SIZE"):
-        raise LaunchError(
-            f"RANK={os.environ['RANK']} is set but WORLD_SIZE is not: start the ranks with torchrun or srun"
-        )
+    check_rank_has_world()
     check_elastic_restarts()
     check_srun_tasks()
     world_size = launched_world_size()
     rank = launched_rank()
-    local_rank = env_int("LOCAL_RANK", 0)
+    local_rank = launched_local_rank()
     device = pick_device(device_preference, local_rank)
     if world_size == 1 and not force:
         return DistInfo.single(device)

@@ -1,11 +1,12 @@
-"""The training run: a Trainer (everything one rank holds) and the loop, read top to bottom.
+"""The training run, start to end, and its loop, read top to bottom.
 
 One code path for one CPU process, one GPU, `torchrun --nproc_per_node=8` and SLURM/submitit: the
 process group (if any) comes from the environment. Everything a resume needs lives in one state dict
 saved through DCP (its parts are named in dcgan.run.schema): models, optimizers, GradScaler, step, data
 position, the run's world size and global batch, fixed noise, the tracker's run id and the config. The pieces live with
-their owners: the step in `step`, metric windows in `tracking`, evaluation in `evaluate`, the run
-directory in `rundir`, stop signals in `preemption`; this module says when each one runs.
+their owners: what one rank holds in `trainer` (Trainer), the step in `gan.step`, metric windows in
+`window`, where metrics go in `tracking`, evaluation in `evaluation.evaluate`, the run directory in
+`run.rundir`, stop signals in `preemption`; this module says when each one runs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Where a run's numbers and pictures go: a log file, stats.jsonl, a progress line, and wandb.
+"""Where a run's numbers and pictures go: stats.jsonl and wandb (the log and the progress line are
+dcgan.console's).
 
 Only rank 0 tracks; every other rank gets the no-op `Tracker`, so call sites never branch on rank.
 wandb is imported lazily and only when enabled. The wandb run id lives in the checkpoint, so a resumed
