@@ -83,7 +83,7 @@ def cpu_groups(name: str) -> Iterator[tuple[Path, Path]]:
 @pytest.mark.slow
 @pytest.mark.skipif(missing_requirements() is not None, reason=str(missing_requirements()))
 def test_a_rank_on_a_throttled_host_is_named_with_its_host_in_the_warning_stats_and_report(tmp_path: Path) -> None:
-    """hostb's processes get 30% of a CPU (a cgroup quota) while hosta's run as on a node of their own:
+    """hostb's processes get 15% of a CPU (a cgroup quota) while hosta's run as on a node of their own:
     rank 1 on hostb is named as the straggler, compute-bound, in rank 0's warning, in stats.jsonl and in
     `dcgan report`."""
     run = tmp_path / "run"
@@ -120,5 +120,6 @@ def test_a_rank_on_a_throttled_host_is_named_with_its_host_in_the_warning_stats_
     assert "rank 1 on hostb" in report and "slowest in" in report
 
 
-CPU_QUOTA = 0.3
-"""hostb's share of one CPU: its rank computes about 3x slower than hosta's."""
+CPU_QUOTA = 0.15
+"""hostb's share of one CPU: its rank computes several times slower than hosta's, by a margin that other
+load on the machine (a parallel suite) cannot close."""
