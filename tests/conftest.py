@@ -5,31 +5,31 @@ Plain helpers are in tests/support/helpers.py."""
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 from filelock import FileLock
 from helpers import DIGITS_MODEL, TorchrunRun, tiny_config, write_image_folder
 
-T = TypeVar("T")
 
-
-def made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], T]) -> Path:
+def made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], object]) -> Path:
     """`make(directory)` run once per test session, whichever worker asks first; the others wait for it
     and get the same directory. Under pytest-xdist each worker has a base temporary directory of its own,
-    inside one it shares with the others: the directory and its lock live in the shared one."""
+    inside one it shares with the others: the directory and its lock live in the shared one. A `make`
+    that failed is run again from an empty directory by the next worker that asks (and fails there too,
+    with its own error)."""
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if base.name.startswith("popen-gw") else base
     directory, done = shared / name, shared / f"{name}.done"
     with FileLock(str(shared / f"{name}.lock")):
         if not done.exists():
+            shutil.rmtree(directory, ignore_errors=True)
             directory.mkdir()
             make(directory)
-            done.write_text(json.dumps({"made_by": base.name}))
+            done.touch()
     return directory
 
 

@@ -125,10 +125,15 @@ def main(argv: list[str] | None = None) -> int:
 def submit_command(args: argparse.Namespace) -> int:
     """Submit (or plan, or sweep) as `args` ask; a bad setting is one line, `dcgan submit: error: ...`."""
     try:
-        nodes, max_nodes = parse_nodes(args.nodes)
+        return submit_checked(args)
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+def submit_checked(args: argparse.Namespace) -> int:
+    """submit_command's work; a bad setting raises ConfigError."""
+    nodes, max_nodes = parse_nodes(args.nodes)
     res = Resources(
         nodes=nodes,
         max_nodes=max_nodes,
@@ -145,15 +150,11 @@ def submit_command(args: argparse.Namespace) -> int:
         signal_delay_s=args.signal_delay,
     )
     folder = Path(args.folder) if args.folder else None
-    try:
-        if args.sweep:
-            return run_sweep(args, res, folder)
-        if args.dry_run:
-            print(dry_run(args.config, args.overrides, res, folder))
-            return 0
-        job, run_config = submit(args.config, args.overrides, res, folder)
-    except ConfigError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    if args.sweep:
+        return run_sweep(args, res, folder)
+    if args.dry_run:
+        print(dry_run(args.config, args.overrides, res, folder))
+        return 0
+    job, run_config = submit(args.config, args.overrides, res, folder)
     print(f"job {job.job_id}\nlogs {job.paths.folder}\nrun {run_config.run.dir}")
     return 0

@@ -28,9 +28,9 @@ def sync_command(args: argparse.Namespace) -> int:
     import shlex
     import subprocess
 
-    from dcgan.train.tracking import sync_command
+    from dcgan.train.tracking import sync_command as wandb_sync_command
 
-    command = sync_command(Path(args.run_dir))
+    command = wandb_sync_command(Path(args.run_dir))
     print(shlex.join(command), flush=True)
     return 0 if args.dry_run else subprocess.run(command).returncode
 

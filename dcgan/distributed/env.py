@@ -119,7 +119,7 @@ def spans_hosts() -> bool:
     LOCAL_WORLD_SIZE (ranks on this host) where set, else the nodes of this SLURM job step."""
     local = env_int("LOCAL_WORLD_SIZE", 0)
     if local:
-        return local < env_int("WORLD_SIZE", 1)
+        return local < launched_world_size()
     return env_int("SLURM_STEP_NUM_NODES", env_int("SLURM_JOB_NUM_NODES", 1)) > 1
 
 
