@@ -116,6 +116,10 @@ LONG_FIRST = ("/multihost/", "/test_slurm.py")
 """Work units that take minutes, test after test: handed to the workers first (one each), so that the
 rest of the suite fills the other worker around them instead of leaving one worker alone at the end."""
 
+HEAVY_LAST = "/test_scale_hosts.py"
+"""32 ranks on 2 cores load the machine 16 times over for minutes: last in their unit, once the other
+worker is through test_slurm.py, whose SLURM time slices a start-up that slow would fill."""
+
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook, called only when the suite runs on workers
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
@@ -133,8 +137,13 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """`slow` marks every multi-process or long test (module marks, explicit marks, and here: the users
     of SLOW_FIXTURES and every SLURM test), so that `pytest -m "not slow"` is a fast lane; the long work
-    units come first."""
+    units come first, and the heaviest tests last within theirs."""
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: next((i for i, part in enumerate(LONG_FIRST) if part in f"/{item.nodeid}"), 2))
+
+    def order(item: pytest.Item) -> tuple[int, bool]:
+        path = f"/{item.nodeid}"
+        return next((i for i, part in enumerate(LONG_FIRST) if part in path), len(LONG_FIRST)), HEAVY_LAST in path
+
+    items.sort(key=order)

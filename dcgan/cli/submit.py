@@ -2,7 +2,7 @@
 
     dcgan submit configs/celeba64.yaml data.shards=shards/celeba64 --nodes 2 --gpus-per-node 8 --time 1440
     dcgan submit configs/digits.yaml --tasks-per-node 2 --cpus-per-task 1   # a CPU cluster
-    dcgan submit configs/celeba64.yaml train.global_batch=1536 --nodes 2-4 --gpus-per-node 8  # any 2 to 4 nodes
+    dcgan submit configs/celeba64.yaml train.global_batch=1536 --nodes 2-4 --gpus-per-node 8  # elastic, 2 to 4 nodes
     dcgan submit configs/tiny.yaml --local            # submitit's local executor, no SLURM
     dcgan submit configs/digits.yaml --sweep optim.lr=1e-4,2e-4 seed=0,1,2   # one job array
 
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from dcgan.cli.common import Parser
+from dcgan.cluster.elastic_sbatch import dry_run_tail, is_elastic, submit_elastic
 from dcgan.cluster.slurm import Resources, dry_run, parse_nodes, submit
 from dcgan.cluster.slurm_job import SIGNAL_DELAY_S
 from dcgan.cluster.sweep import run_sweep
@@ -24,8 +25,10 @@ from dcgan.errors import EXIT_CONFIG
 
 PROG = "dcgan submit"
 DESCRIPTION = """Submit `dcgan train` to SLURM through submitit: one task per GPU (or --tasks-per-node CPU processes), the
-job checkpointing and requeueing itself at its time limit or at preemption. --dry-run prints the plan and the sbatch
-script without submitting (no SLURM needed)."""
+job checkpointing and requeueing itself at its time limit or at preemption. A node range (--nodes MIN-MAX) is submitted
+as slurm/train.sbatch instead: torchrun on each node, elastic (a lost node shrinks the job, which resumes from its newest
+checkpoint), a failure after torchrun's restarts requeued, never reported as success. --dry-run prints the plan and the
+sbatch script without submitting (no SLURM needed)."""
 
 
 def add_submit_command(commands: argparse._SubParsersAction) -> None:
@@ -55,7 +58,8 @@ def add_submit_options(parser: argparse.ArgumentParser) -> None:
         default="1",
         metavar="N|MIN-MAX",
         help="nodes of the allocation, or a range (SLURM's MIN-MAX): each attempt, a requeued one too, runs on the "
-        "nodes SLURM gives it; with a range set train.global_batch, else the global batch depends on the node count",
+        "nodes SLURM gives it, and a range runs elastic torchrun through slurm/train.sbatch (a lost node shrinks the job "
+        "down to MIN); with a range set train.global_batch, else the global batch depends on the node count",
     )
     parser.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU (0 = CPU job)")
     parser.add_argument(
@@ -153,7 +157,14 @@ def submit_checked(args: argparse.Namespace) -> int:
     if args.sweep:
         return run_sweep(args, res, folder)
     if args.dry_run:
-        print(dry_run(args.config, args.overrides, res, folder))
+        report = dry_run(args.config, args.overrides, res, folder)
+        if is_elastic(res):
+            report += dry_run_tail(args.config, args.overrides, res, folder)
+        print(report)
+        return 0
+    if is_elastic(res):
+        job_id, logs, run_config = submit_elastic(args.config, args.overrides, res, folder)
+        print(f"job {job_id}\nlogs {logs}\nrun {run_config.run.dir}")
         return 0
     job, run_config = submit(args.config, args.overrides, res, folder)
     print(f"job {job.job_id}\nlogs {job.paths.folder}\nrun {run_config.run.dir}")

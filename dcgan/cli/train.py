@@ -52,7 +52,8 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
         "--dry-run",
         action="store_true",
         help="print the resolved config, world size, global batch, the data each rank reads, steps per epoch and "
-        "the cadences (in wall-clock terms when run.dir has measured step times), then exit without training",
+        "the cadences (in wall-clock terms when run.dir has measured step times), and the checkpoint interval that "
+        "loses the least work for the job's expected failure rate (docs/performance.md), then exit without training",
     )
     train.set_defaults(func=train_command)
 

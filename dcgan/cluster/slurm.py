@@ -1,5 +1,6 @@
 """Submit `dcgan train` to SLURM through submitit (`dcgan submit`): one task per GPU, requeued on preemption
-and timeout.
+and timeout. A node range (`--nodes MIN-MAX`) goes in as slurm/train.sbatch instead, elastic
+(dcgan/cluster/elastic_sbatch.py); its checks are the ones here.
 
 srun starts one process per task (no torchrun inside); each exports the torch.distributed environment
 from SLURM's variables and runs the same training code as torchrun does. When the time limit nears,
@@ -9,7 +10,8 @@ collectively, and rank 0 hands over to submitit's own USR2 handler, which requeu
 (`scancel JOB`) checkpoints and ends the job for good, as submitit itself treats it.
 
 `--nodes MIN-MAX` lets SLURM start (and start again after a requeue) the job on any number of nodes in the
-range; each attempt learns its world size from SLURM's variables. With train.global_batch set, every
+range; each attempt learns its world size from SLURM's variables (a sweep with a range still runs here, one
+task per GPU, without the elastic rounds of train.sbatch). With train.global_batch set, every
 attempt trains on the same images per step, so a requeue onto fewer nodes continues the same trajectory;
 with train.global_batch=0 the global batch is train.batch_size x ranks and changes with the node count.
 """
@@ -307,8 +309,10 @@ def dry_run(config: str, overrides: list[str], res: Resources, folder: Path | No
 
     overrides = with_range_partitions(config, overrides, res)
     run_config = checked_config(config, overrides, res)
-    folder = log_folder(folder, run_config)
-    answer = ask_slurm(res, folder, f"dcgan-{Path(run_config.run.dir).name}")
+    elastic = res.most_nodes != res.nodes and not res.local  # submitted as slurm/train.sbatch
+    answer = (
+        None if elastic else ask_slurm(res, log_folder(folder, run_config), f"dcgan-{Path(run_config.run.dir).name}")
+    )
     report = describe(run_config, res.nodes * res.tasks)
     if res.most_nodes != res.nodes:
         sizes = ", ".join(str(w) for w in res.world_sizes())
@@ -321,8 +325,11 @@ def dry_run(config: str, overrides: list[str], res: Resources, folder: Path | No
                 else ", ".join(str(run_config.global_batch(w)) for w in res.world_sizes())
             )
         )
+    if elastic:
+        return report  # dcgan submit adds the sbatch command and script (elastic_sbatch.dry_run_tail)
     if answer is not None:
         report += f"\nSLURM (sbatch --test-only): {'accepts' if answer[0] else 'REFUSES'}: {answer[1]}"
+    folder = log_folder(folder, run_config)
     if res.local:
         return report + "\n--local: submitit's local executor runs the job here, with no sbatch script"
     return report + "\nsbatch script:\n" + sbatch_text(res, folder, f"dcgan-{Path(run_config.run.dir).name}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -18,7 +19,18 @@ from dcgan.config.vocabulary import ConfigError
 from dcgan.files import write_text_atomically
 
 
+def _optional(tp: Any) -> Any:
+    """T for a declared `T | None` (a key that may be null: unset), else None."""
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        rest = [a for a in get_args(tp) if a is not type(None)]
+        if len(rest) == 1 and len(get_args(tp)) == 2:
+            return rest[0]
+    return None
+
+
 def _describe(tp: Any) -> str:
+    if (inner := _optional(tp)) is not None:
+        return f"{_describe(inner)} or null"
     if get_origin(tp) is Literal:
         return " | ".join(str(a) for a in get_args(tp))
     if get_origin(tp) is tuple:
@@ -28,6 +40,13 @@ def _describe(tp: Any) -> str:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the declared type `tp`, converting only where nothing can be lost."""
+    if (inner := _optional(tp)) is not None:
+        if value is None or value == "":  # YAML null (~), or `key=` on the command line: unset
+            return None
+        try:
+            return _coerce(key, value, inner)
+        except ConfigError:
+            raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}") from None
     if get_origin(tp) is Literal:
         if value in get_args(tp):
             return value
@@ -177,7 +196,8 @@ def iter_keys(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str
 def keys_help() -> str:
     """The table of config keys printed by `dcgan train --help`."""
     rows = [
-        f"  {key:<26} {_describe(tp):<24} default {default!r}\n      {help}" for key, tp, default, help in iter_keys()
+        f"  {key:<26} {_describe(tp):<24} default {'null' if default is None else repr(default)}\n      {help}"
+        for key, tp, default, help in iter_keys()
     ]
     return "config keys (set in YAML or as key=value):\n" + "\n".join(rows)
 

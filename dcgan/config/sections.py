@@ -1,32 +1,29 @@
 """Typed run configuration: one frozen dataclass per concern, loaded from YAML plus dotted overrides.
 
-Every key is declared here with its type, default and a one-line help text (shown by
-`dcgan train --help`). Loading fails before any work starts, with a single line that names the key and
+Every key is declared here (those of `optim` and `loss` in objective.py) with its type, default and a
+one-line help text (shown by `dcgan train --help`). Loading fails before any work starts, with a single line that names the key and
 what is allowed, so that a typo in a 500-GPU job costs seconds rather than a queue wait.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dcgan.config.objective import LossConfig, OptimConfig
 from dcgan.config.vocabulary import (
     EVAL_METRICS,
     LOWER_IS_BETTER,
     BnStats,
     ConfigError,
+    SpectralNorm,
     divisors,
     is_power_of_two,
     metric_keys,
     require,
 )
-
-
-def _field(default: Any, help: str) -> Any:
-    """A dataclass field whose help text is kept in its metadata (for --help and docs)."""
-    return field(default=default, metadata={"help": help})
+from dcgan.config.vocabulary import key_field as _field
 
 
 @dataclass(frozen=True)
@@ -46,6 +43,11 @@ class ModelConfig:
     channels: int = _field(3, "image channels: 1 (grey) or 3 (RGB)")
     sync_bn: bool = _field(
         True, "with several ranks, BatchNorm statistics over the global batch (false: each rank's own batch)"
+    )
+    spectral_norm: SpectralNorm = _field(
+        "none",
+        "spectral normalization of the conv layers (Miyato et al. 2018; one power iteration per forward): "
+        "none (the paper), d = D's, both = D's and G's",
     )
 
     def check(self) -> None:
@@ -156,19 +158,6 @@ class TrainConfig:
                 self.cuda_graph,
             )
         require(0 <= self.ema < 1, "train.ema", "in [0, 1) (0 = off)", self.ema)
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = _field(2e-4, "Adam learning rate of G and D (paper: 2e-4 at batch 128)")
-    beta1: float = _field(0.5, "Adam beta1 (paper: 0.5)")
-    beta2: float = _field(0.999, "Adam beta2")
-
-    def check(self) -> None:
-        require(math.isfinite(self.lr) and self.lr > 0, "optim.lr", "a finite number > 0", self.lr)
-        for key in ("beta1", "beta2"):
-            beta = getattr(self, key)
-            require(0 <= beta < 1, f"optim.{key}", "in [0, 1)", beta)
 
 
 @dataclass(frozen=True)
@@ -300,6 +289,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     log: LogConfig = field(default_factory=LogConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -362,6 +352,7 @@ def validate(config: Config) -> None:
         config.data,
         config.train,
         config.optim,
+        config.loss,
         config.log,
         config.sample,
         config.checkpoint,

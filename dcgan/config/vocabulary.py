@@ -1,9 +1,11 @@
 """The words a config may use and the rule every check follows: the evaluation metrics and the result
 names they produce (which of them lower is better), the BatchNorm statistics a generator can make images
-with, and `require`, which turns a value that cannot work into one line naming its key."""
+with, the losses, spectral normalization and augmentations a run can choose, `key_field`, which declares a key with its
+help text, and `require`, which turns a value that cannot work into one line naming its key."""
 
 from __future__ import annotations
 
+from dataclasses import field
 from typing import Any, Literal, get_args
 
 BnStats = Literal["running", "batch", "standing"]
@@ -11,6 +13,25 @@ BnStats = Literal["running", "batch", "standing"]
 
 
 BN_STATS: tuple[str, ...] = get_args(BnStats)
+
+
+LossKind = Literal["bce", "hinge", "lsgan"]
+"""The GAN losses (dcgan.gan.losses implements them): the paper's BCE, the hinge loss, least squares."""
+
+SpectralNorm = Literal["none", "d", "both"]
+"""Which networks' conv layers are spectrally normalized (dcgan.gan.models applies it)."""
+
+AUGMENT_POLICIES = ("color", "translation", "cutout")
+"""DiffAugment's policies, in the order they are applied (dcgan.gan.augment implements them)."""
+
+
+def augment_policy(text: str) -> tuple[str, ...]:
+    """loss.augment's 'color,translation,cutout' -> the policies in application order; '' -> none. Unknown
+    names raise ConfigError naming the key and them."""
+    names = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = sorted(names - set(AUGMENT_POLICIES))
+    require(not unknown, "loss.augment", f"a comma-separated subset of {','.join(AUGMENT_POLICIES)}", text)
+    return tuple(name for name in AUGMENT_POLICIES if name in names)
 
 
 EVAL_METRICS = ("fid", "kid", "swd", "digits")
@@ -29,6 +50,11 @@ def metric_keys(metrics: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """The result keys `dcgan.evaluation.evaluate.evaluate` returns for these metrics, in order: the one source of
     metric names for config validation, evaluation and eval.best."""
     return tuple(key for metric in metrics for key in (DIGITS_KEYS if metric == "digits" else (metric,)))
+
+
+def key_field(default: Any, help: str) -> Any:
+    """A config key's dataclass field, its help text kept in its metadata (for --help and docs)."""
+    return field(default=default, metadata={"help": help})
 
 
 def require(ok: bool, key: str, allowed: str, value: Any) -> None:

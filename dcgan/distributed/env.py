@@ -142,6 +142,12 @@ def launched_local_rank() -> int:
     return env_int("LOCAL_RANK", 0)
 
 
+def launched_local_world_size() -> int:
+    """How many ranks share this host (torchrun's and submitit's LOCAL_WORLD_SIZE); 1 where no launcher
+    says, which makes every rank a host of its own (the heartbeat then beats per rank: safe, dearer)."""
+    return max(env_int("LOCAL_WORLD_SIZE", 1), 1)
+
+
 def torchrun_round() -> int:
     """torchrun's restart count: 0 in the first round of workers, one more at every restart."""
     return env_int("TORCHELASTIC_RESTART_COUNT", 0)

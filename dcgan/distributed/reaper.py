@@ -74,19 +74,29 @@ AGENT_GRACE_S = 5.0
 """How long torchrun's agent has to reap its ended worker before it counts as stuck (dcgan.distributed.reaper)."""
 
 
+AGENT_PID_VARIABLE = "DCGAN_AGENT_PID"
+"""Set by an agent that runs torchrun's code under another command line (dcgan.cluster.slurm_job) to its own
+pid, which its workers inherit: a pid, not a flag, so that a process further down never takes its parent
+for the agent."""
+
+
 def end_stuck_agent() -> None:
     """Under torchrun, make sure the agent ends too when this host is cut off from the rendezvous: start
-    dcgan.distributed.reaper, detached, on the agent (this process's parent) and this worker."""
+    dcgan.distributed.reaper, detached, on the agent (this process's parent) and this worker. The parent
+    is an agent when its command line is torchrun's, or when it named itself in AGENT_PID_VARIABLE:
+    slurm/train.sbatch's agent runs as `python -m dcgan.cluster.slurm_job`, whose command line names no
+    torchrun, and a stuck agent there held the job until its time limit."""
     from dcgan.distributed.env import under_torchrun
 
     agent = os.getppid()
     if not under_torchrun():
         return
     try:
-        with open(f"/proc/{agent}/cmdline", "rb") as cmdline:
-            command = cmdline.read()
-        if b"torch.distributed.run" not in command and b"torchrun" not in command:
-            return
+        if os.environ.get(AGENT_PID_VARIABLE) != str(agent):
+            with open(f"/proc/{agent}/cmdline", "rb") as cmdline:
+                command = cmdline.read()
+            if b"torch.distributed.run" not in command and b"torchrun" not in command:
+                return
         started = [start_time(agent), start_time(os.getpid())]
     except OSError:
         return

@@ -25,6 +25,7 @@ from dcgan.distributed.env import (
     check_rank_has_world,
     check_srun_tasks,
     launched_local_rank,
+    launched_local_world_size,
     launched_rank,
     launched_world_size,
     pick_device,
@@ -70,7 +71,7 @@ def init_distributed(
         check_gloo_address(os.environ["MASTER_ADDR"])
         address = rendezvous_store()
         if liveness_s > 0 and address is not None:
-            _LIVENESS = Liveness(address, rank, world_size, liveness_s).start()
+            _LIVENESS = Liveness(address, rank, world_size, liveness_s, per_host=launched_local_world_size()).start()
     try:
         dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
         flag_group = _gloo_group(timeout) if backend != "gloo" else world_group()

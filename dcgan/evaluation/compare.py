@@ -39,6 +39,19 @@ GENERATION_ONLY = (("sample", "bn"), ("sample", "ema"))
 """Config keys that change how a trained run makes images, not the training: runs are shared across them."""
 NOT_TRAINING = ("run", "log", "eval")
 """Config sections that do not change the trained weights."""
+ADDED_LATER = (
+    ("optim", "lr_g"),
+    ("optim", "lr_d"),
+    ("optim", "beta1_g"),
+    ("optim", "beta1_d"),
+    ("optim", "beta2_g"),
+    ("optim", "beta2_d"),
+    ("loss", "kind"),
+    ("model", "spectral_norm"),
+    ("loss", "augment"),
+)
+"""Training keys added after runs were first named by their identity (issue #38's options): left out of it
+at their defaults, so that a comparison started before they existed still finds its runs."""
 
 
 def training_identity(config: Config) -> str:
@@ -48,6 +61,11 @@ def training_identity(config: Config) -> str:
         data.pop(section)
     for section, key in GENERATION_ONLY:
         data[section].pop(key)
+    defaults = config_to_dict(Config())
+    for section, key in ADDED_LATER:
+        if data[section][key] == defaults[section][key]:
+            data[section].pop(key)
+    data = {name: value for name, value in data.items() if value != {}}  # the loss section, all at defaults
     return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -17,7 +17,7 @@ from torchvision.utils import make_grid, save_image
 
 from dcgan.config import BN_STATS, ConfigError, ModelConfig
 from dcgan.gan.ema import refresh_batchnorm_statistics
-from dcgan.gan.models import Generator
+from dcgan.gan.models import Generator, spectral_norm_vectors_kept
 from dcgan.run import schema
 from dcgan.run.checkpoint import load_in_process, read_newest, stored_shapes
 from dcgan.run.rundir import RunDir
@@ -81,7 +81,8 @@ def batchnorm_statistics(generator: torch.nn.Module, bn: str) -> Iterator[None]:
     statistics (train mode) without touching the stored running averages. Restored afterwards.
     ('standing' is running statistics measured first: see `generate`.) A G with cross-rank BatchNorm
     (training on several ranks) gives batch statistics through a collective: make images in 'batch'
-    or 'standing' mode from a plain copy (`plain_copy`)."""
+    or 'standing' mode from a plain copy (`plain_copy`). A spectral norm's vectors (model.spectral_norm=both)
+    are restored too."""
     if bn not in BN_STATS:
         raise ConfigError(f"BatchNorm statistics: {bn!r} is not one of {', '.join(BN_STATS)}")
     norms = [m for m in generator.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -90,7 +91,8 @@ def batchnorm_statistics(generator: torch.nn.Module, bn: str) -> Iterator[None]:
     for m in norms:
         m.track_running_stats = bn != "batch"
     try:
-        yield
+        with spectral_norm_vectors_kept(generator):  # train mode: a spectral norm's power iteration is undone
+            yield
     finally:
         generator.train(was_training)
         for m, track in zip(norms, tracked, strict=True):

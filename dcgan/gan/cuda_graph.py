@@ -73,16 +73,17 @@ class GraphedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_images: torch.Tensor | None = None
         self.static_z: torch.Tensor | None = None
+        self.static_uniforms: torch.Tensor | None = None
         self.static_stats: torch.Tensor | None = None
         self.side_stream: torch.cuda.Stream | None = None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        z = self.step.noise.draw()
+        z, uniforms = self.step.noise.draw(), self.step.draw_augmentation()
         if self.warmup_left > 0:
             self.warmup_left -= 1
-            return self._eager_on_side_stream(images, z)
+            return self._eager_on_side_stream(images, z, uniforms)
         if self.graph is None:
-            self._capture(images, z)
+            self._capture(images, z, uniforms)
         assert self.graph is not None and self.static_images is not None and self.static_z is not None
         if images.shape != self.static_images.shape:
             raise RuntimeError(
@@ -91,11 +92,16 @@ class GraphedStep:
             )
         self.static_images.copy_(images, non_blocking=True)
         self.static_z.copy_(z)
+        if uniforms is not None:
+            assert self.static_uniforms is not None
+            self.static_uniforms.copy_(uniforms)
         self.graph.replay()
         assert self.static_stats is not None
         return self.static_stats.clone()
 
-    def _eager_on_side_stream(self, images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def _eager_on_side_stream(
+        self, images: torch.Tensor, z: torch.Tensor, uniforms: torch.Tensor | None
+    ) -> torch.Tensor:
         """Warm-up as the CUDA-graph docs prescribe: on one side stream, joined back before returning.
         The side stream first waits for the main one, so memory it reuses is no longer being read."""
         if self.side_stream is None:
@@ -104,19 +110,20 @@ class GraphedStep:
         side.wait_stream(torch.cuda.current_stream(images.device))
         with torch.cuda.stream(side), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*capturable=True.*")  # Adam: "not capturing yet"
-            stats = self.step.train(images, z)
+            stats = self.step.train(images, z, uniforms)
         torch.cuda.current_stream(images.device).wait_stream(side)
         return stats
 
-    def _capture(self, images: torch.Tensor, z: torch.Tensor) -> None:
+    def _capture(self, images: torch.Tensor, z: torch.Tensor, uniforms: torch.Tensor | None) -> None:
         """Record one step on static buffers. Gradients are set to None first so that backward
         allocates them from the graph's pool, at addresses that every replay reuses."""
         self.static_images = images.clone()
         self.static_z = z.clone()
+        self.static_uniforms = None if uniforms is None else uniforms.clone()
         self.step.opt_g.zero_grad(set_to_none=True)
         self.step.opt_d.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the loader's pin-memory thread may allocate pinned memory during the capture.
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.static_stats = self.step.train(self.static_images, self.static_z)
+            self.static_stats = self.step.train(self.static_images, self.static_z, self.static_uniforms)
         self.graph = graph

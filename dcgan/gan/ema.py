@@ -10,6 +10,11 @@ to them. The average therefore holds parameters only; before it makes images wit
 those are re-estimated from its own outputs on a fixed, seeded set of latent batches
 (`torch.optim.swa_utils.update_bn`), which makes them a deterministic function of the weights: a
 resumed run, an exported file and a sample grid all see the same statistics for the same weights.
+
+Spectral normalization on G (model.spectral_norm=both): the average keeps G's power-iteration vectors,
+copied at every update (its weights follow G's, so G's estimate of their largest singular value is the
+one that fits them best at no cost); a resumed run, which loads G's, and a generator read from a
+checkpoint therefore see the same vectors. Re-estimating BatchNorm statistics leaves them as they were.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from dcgan.config import ModelConfig
-from dcgan.gan.models import Generator
+from dcgan.gan.models import Generator, spectral_norm_vectors, spectral_norm_vectors_kept
 
 WARMUP_UPDATES = 10
 """The decay ramps as (1 + n) / (WARMUP_UPDATES + n) until it reaches train.ema, so that the average
@@ -43,7 +48,8 @@ def refresh_batchnorm_statistics(generator: nn.Module, nz: int) -> None:
     noise = torch.randn(
         STATISTICS_BATCHES, STATISTICS_BATCH, nz, generator=torch.Generator().manual_seed(STATISTICS_SEED)
     )
-    update_bn(list(noise), generator, device=device)
+    with spectral_norm_vectors_kept(generator):
+        update_bn(list(noise), generator, device=device)
 
 
 class GeneratorEMA:
@@ -57,6 +63,9 @@ class GeneratorEMA:
         self.module.load_state_dict(source.state_dict())
         self.updates = 0
         self._targets: list[torch.Tensor] = [p.detach() for p in self.module.parameters()]
+        self._vectors = spectral_norm_vectors(self.module)
+        self._source_vectors = spectral_norm_vectors(source)
+        """The training G's power-iteration vectors (loaded in place on resume): the average uses G's."""
         self._statistics_fresh = False
 
     @torch.no_grad()
@@ -64,6 +73,8 @@ class GeneratorEMA:
         """One step of the average towards `source`'s current parameters (no host read-back)."""
         weight = 1.0 - decay_at(self.decay, self.updates)
         torch._foreach_lerp_(self._targets, [p.detach() for p in source.parameters()], weight)
+        if self._vectors:
+            torch._foreach_copy_(self._vectors, spectral_norm_vectors(source))
         self.updates += 1
         self._statistics_fresh = False
 
@@ -87,6 +98,8 @@ class GeneratorEMA:
         with torch.no_grad():
             for name, p in self.module.named_parameters():
                 p.copy_(params[name])
+            if self._vectors:  # not in the state: G's, which a resume loads before the average
+                torch._foreach_copy_(self._vectors, self._source_vectors)
         updates = state["updates"]
         assert isinstance(updates, torch.Tensor)
         self.updates = int(updates)

@@ -17,17 +17,21 @@ import torch
 from torch import nn
 from torch.nn.utils import get_total_norm
 
-from dcgan.config import Config
+from dcgan.config import Config, LossKind
+from dcgan.config.vocabulary import augment_policy
 from dcgan.distributed.env import DistInfo
 from dcgan.distributed.parallelize import Bare, GradientSync, average_gradients, gradient_sync, prepare_module
-from dcgan.gan.losses import discriminator_loss, generator_loss
+from dcgan.gan.augment import PASSES, AugmentDraws, Pass, augment
+from dcgan.gan.losses import discriminator_loss, generator_loss, realness
 from dcgan.gan.models import Discriminator, Generator
 from dcgan.pixels import from_uint8
 from dcgan.seeds import mix
 
 STAT_NAMES = ("loss_D", "loss_G", "D_x", "D_G_z_before", "D_G_z_after", "grad_norm_G", "grad_norm_D", "nonfinite")
 """Names of the values in the vector a step returns, in order (one device tensor, summed over steps by
-the loop and read once per metric line); index it by name with STAT_INDEX."""
+the loop and read once per metric line); index it by name with STAT_INDEX. D_x and D_G_z are means of
+D's outputs read as how sure D is that an image is real, on the same scale for every loss.kind
+(dcgan.gan.losses.realness)."""
 
 STAT_INDEX = {name: index for index, name in enumerate(STAT_NAMES)}
 NONFINITE = STAT_INDEX["nonfinite"]
@@ -97,6 +101,12 @@ class GANStep:
     scaler: torch.amp.GradScaler
     dtype: torch.dtype
     noise: LatentNoise
+    loss: LossKind = "bce"
+    """loss.kind: the paper's BCE, hinge or least squares (dcgan.gan.losses)."""
+    augment: tuple[str, ...] = ()
+    """loss.augment's policies, applied to every batch D sees (dcgan.gan.augment); () for the paper."""
+    augment_draws: AugmentDraws | None = None
+    """The per-step uniforms of the augmentation, where `augment` is not empty."""
     channels_last: bool = False
     autocast_cache: bool = True
     """Off under CUDA-graph capture: autocast's cast cache must not outlive the captured region."""
@@ -112,10 +122,29 @@ class GANStep:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Train on one batch of uint8 images already on the device; return the stats vector."""
-        return self.train(images, self.noise.draw())
+        return self.train(images, self.noise.draw(), self.draw_augmentation())
 
-    def train(self, images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The step's body: only device work, no host reads, shapes fixed by the inputs' shapes."""
+    def start_at(self, step: int) -> None:
+        """Resume the step's random streams (noise, augmentation) at `step`: each is a function of the step."""
+        self.noise.at = step
+        if self.augment_draws is not None:
+            self.augment_draws.at = step
+
+    def draw_augmentation(self) -> torch.Tensor | None:
+        """This step's augmentation uniforms (PASSES x batch x UNIFORMS), or None without augmentation."""
+        return None if self.augment_draws is None else self.augment_draws.draw()
+
+    def seen_by_d(self, images: torch.Tensor, uniforms: torch.Tensor | None, seen: Pass) -> torch.Tensor:
+        """`images` as D sees them in pass `seen` (one of dcgan.gan.augment.PASSES): augmented, or as they are."""
+        if uniforms is None:
+            return images
+        seen_images = augment(images, uniforms[PASSES.index(seen)], self.augment)
+        # the gathers of a translation return NCHW: give D the layout it was built for again
+        return seen_images.contiguous(memory_format=torch.channels_last) if self.channels_last else seen_images
+
+    def train(self, images: torch.Tensor, z: torch.Tensor, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+        """The step's body: only device work, no host reads, shapes fixed by the inputs' shapes.
+        `uniforms`: the step's augmentation draws (None: D sees the batches as they are)."""
         device = images.device
         real = from_uint8(images, self.dtype)
         if self.channels_last:
@@ -125,9 +154,9 @@ class GANStep:
         self.opt_d.zero_grad(set_to_none=True)
         with self._autocast(device):
             fake = self.g(z)
-            real_logits = self.d(real)
-            fake_logits = self.d(fake.detach())
-            loss_d = discriminator_loss(real_logits, fake_logits)
+            real_logits = self.d(self.seen_by_d(real, uniforms, "real"))
+            fake_logits = self.d(self.seen_by_d(fake.detach(), uniforms, "fake_for_d"))
+            loss_d = discriminator_loss(real_logits, fake_logits, self.loss)
         self.scaler.scale(loss_d).backward()
         if self.average_gradients is not None:
             self.average_gradients(self.d_bare)
@@ -139,8 +168,8 @@ class GANStep:
         self.d_bare.requires_grad_(False)
         self.opt_g.zero_grad(set_to_none=True)
         with self._autocast(device):
-            fake_logits_after = self.d_bare(fake)
-            loss_g = generator_loss(fake_logits_after)
+            fake_logits_after = self.d_bare(self.seen_by_d(fake, uniforms, "fake_for_g"))
+            loss_g = generator_loss(fake_logits_after, self.loss)
         self.scaler.scale(loss_g).backward()
         self.d_bare.requires_grad_(True)
         if self.average_gradients is not None:
@@ -156,9 +185,9 @@ class GANStep:
             [
                 losses[0],
                 losses[1],
-                torch.sigmoid(real_logits.detach().float()).mean(),
-                torch.sigmoid(fake_logits.detach().float()).mean(),
-                torch.sigmoid(fake_logits_after.detach().float()).mean(),
+                realness(real_logits.detach(), self.loss).mean(),
+                realness(fake_logits.detach(), self.loss).mean(),
+                realness(fake_logits_after.detach(), self.loss).mean(),
                 grad_norm_g,
                 grad_norm_d,
                 (~torch.isfinite(losses)).any().float(),
@@ -202,17 +231,14 @@ def build_step(
 
     g, g_bare = wrap(Generator(config.model))
     d, d_bare = wrap(Discriminator(config.model))
-    betas = (config.optim.beta1, config.optim.beta2)
     # capturable: Adam keeps its step count on the device, which a CUDA-graph replay requires.
-    adam: dict[str, Any] = {
-        "lr": config.optim.lr,
-        "betas": betas,
-        "fused": device.type == "cuda",
-        "capturable": t.cuda_graph,
-    }
-    opt_g = torch.optim.Adam(g_bare.parameters(), **adam)
-    opt_d = torch.optim.Adam(d_bare.parameters(), **adam)
+    adam: dict[str, Any] = {"fused": device.type == "cuda", "capturable": t.cuda_graph}
+    lr_g, betas_g = config.optim.adam("G")
+    lr_d, betas_d = config.optim.adam("D")
+    opt_g = torch.optim.Adam(g_bare.parameters(), lr=lr_g, betas=betas_g, **adam)
+    opt_d = torch.optim.Adam(d_bare.parameters(), lr=lr_d, betas=betas_d, **adam)
     dtype = resolve_precision(t.precision, device)
+    policy = augment_policy(config.loss.augment)
     step_fn = GANStep(
         g=g,
         d=d,
@@ -223,6 +249,13 @@ def build_step(
         dtype=dtype,
         noise=LatentNoise(
             config.seed, config.model.nz, config.global_batch(info.world_size), info.rank, info.world_size, device
+        ),
+        loss=config.loss.kind,
+        augment=policy,
+        augment_draws=(
+            AugmentDraws(config.seed, config.global_batch(info.world_size), info.rank, info.world_size, device)
+            if policy
+            else None
         ),
         channels_last=t.channels_last and device.type == "cuda",
         average_gradients=partial(average_gradients, info=info) if sync == "explicit" else None,

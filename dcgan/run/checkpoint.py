@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import shutil
+import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -165,6 +166,9 @@ class Checkpointer:
         """The newest step whose save has started (in flight or complete): never saved twice."""
         self.complete_step = -1
         """The newest step whose checkpoint is complete on disk (its .metadata written)."""
+        self.blocked_s = 0.0
+        """How long the newest save kept its caller waiting (an async save: until staged), logged when it
+        completes: `dcgan train --dry-run` reads it back as the measured cost of a save."""
 
     def resumed(self, step: int) -> None:
         """The run resumed from the complete checkpoint of `step`."""
@@ -202,6 +206,7 @@ class Checkpointer:
     def save(self, step: int, state: dict[str, Any], *, blocking: bool = False, best: Best | None = None) -> None:
         """Write `state` as the checkpoint of `step`, in the background unless blocking or configured off.
         With `best`, this checkpoint becomes the best one (best.json, kept by prune), once it is complete."""
+        started = time.monotonic()
         self.wait()
         self.saved_step = step
         self._pending_best = best
@@ -218,11 +223,13 @@ class Checkpointer:
             assert isinstance(pending, Future), "without an async stager DCP returns a Future"
             self._pending = pending
             self._pending_step = step
+            self.blocked_s = time.monotonic() - started
         else:
             try:
                 dcp.save(state, checkpoint_id=str(path), process_group=group, no_dist=not self.info.distributed)
             except UNREADABLE as exc:
                 raise self._write_error(exc, step) from None
+            self.blocked_s = time.monotonic() - started
             self._finished(step)
 
     def poll(self) -> None:
@@ -261,7 +268,12 @@ class Checkpointer:
         """After a save completed: the best marker (only now, so that it never names a half-written
         checkpoint), then pruning (which keeps the best)."""
         self.complete_step = step
-        log.info("checkpoint of step %d complete: %s", step, checkpoint_dir(self.root, step))
+        log.info(
+            "checkpoint of step %d complete: %s (its save blocked training %.3f s)",
+            step,
+            checkpoint_dir(self.root, step),
+            self.blocked_s,
+        )
         if self._pending_best is not None:
             self._write_best(step, self._pending_best)
             self._pending_best = None

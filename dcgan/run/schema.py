@@ -147,11 +147,11 @@ def model_of(saved: dict[str, Any]) -> ModelConfig:
 
 def check_compatible(saved: dict[str, Any], config: Config, path: Path) -> None:
     """Refuse, in one line, a checkpoint (its own config `saved`) whose model settings differ from this config's."""
-    stored_model = saved.get("model", {})
+    stored = architecture(model_of(saved))  # a key the checkpoint predates has its default (spectral_norm: none)
     differing = [
-        f"model.{k}: checkpoint {stored_model.get(k)!r}, config {v!r}"
+        f"model.{k}: checkpoint {stored[k]!r}, config {v!r}"
         for k, v in architecture(config.model).items()
-        if stored_model.get(k) != v
+        if stored[k] != v
     ]
     if differing:
         raise IncompatibleCheckpoint(

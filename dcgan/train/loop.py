@@ -34,6 +34,7 @@ from dcgan.distributed.store import rendezvous_store
 from dcgan.distributed.stragglers import RankWatch
 from dcgan.errors import EXIT_NONFINITE, EXIT_OK
 from dcgan.evaluation.generators import LoadedGenerator, save_grid, to_uint8_grid
+from dcgan.gan.losses import realness
 from dcgan.run.checkpoint import Best, read_best
 from dcgan.run.rundir import RunDir, RunDirLock, check_progress, own_run_dir, save_run_config
 from dcgan.train.preemption import StoppedWhileWaiting, StopSignal, stop_agreed
@@ -72,7 +73,8 @@ def write_samples(trainer: Trainer, tracker: Tracker, health: GanHealth) -> floa
     if trainer.step % every == 0 and trainer.step_fn.last_logits is not None:
         real, fake = trainer.step_fn.last_logits
         for key, logits in (("D_real", real), ("D_fake", fake)):
-            tracker.log_histogram(trainer.step, trainer.images_seen, key, torch.sigmoid(logits.float()).cpu().numpy())
+            values = realness(logits, cfg.loss.kind)  # D's outputs on one scale for every loss.kind
+            tracker.log_histogram(trainer.step, trainer.images_seen, key, values.cpu().numpy())
     return diversity
 
 
@@ -202,7 +204,7 @@ def start_loop(trainer: Trainer, hang: HangWatch) -> LoopState:
         window=Window(info.device),
         ranks=RankWatch(info.rank, info.world_size, info.flag_group, cfg.log.straggler, cfg.log.straggler_windows),
         progress=Progress(cfg.train.steps, trainer.step, enabled=info.is_main),
-        health=GanHealth(),
+        health=GanHealth(loss=cfg.loss.kind),
         hang=hang,
         best=previous_best["value"] if previous_best else math.inf,
     )

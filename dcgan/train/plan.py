@@ -3,12 +3,15 @@
 A 512-GPU job that reads the wrong shards or checkpoints every 40 minutes instead of every 4 costs a
 queue wait to find out. The plan resolves everything that can be known without training: the config,
 the world size and global batch, the data each rank will read, steps per epoch, the cadences in steps
-and, where the run directory already holds measured step times, in wall-clock terms.
+and, where the run directory already holds measured step times, in wall-clock terms, and the checkpoint
+interval that loses the least work to failures at this job's size (dcgan.run.interval).
 """
 
 from __future__ import annotations
 
 import math
+import re
+import statistics
 from pathlib import Path
 
 import torch
@@ -17,6 +20,14 @@ import yaml
 from dcgan.config import Config, config_to_dict
 from dcgan.distributed.env import DistInfo
 from dcgan.run.checkpoint import latest_checkpoint
+from dcgan.run.interval import (
+    ASYNC_STAGING_BYTES_PER_S,
+    META_1024,
+    SAVE_OVERHEAD_S,
+    SYNC_WRITE_BYTES_PER_S,
+    advise,
+    estimated_save_s,
+)
 from dcgan.run.rundir import RunDir
 from dcgan.run.stats import read_stats
 
@@ -78,6 +89,75 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+SAVE_LOGGED = re.compile(r"checkpoint of step \d+ complete: .* \(its save blocked training ([0-9.]+) s\)")
+LOG_TAIL_BYTES = 1 << 18
+"""How much of the end of train.log is searched for logged saves: the newest ones, and a bounded read."""
+
+
+def measured_save_s(run_dir: Path) -> float | None:
+    """The median time the saves logged at the end of the run's train.log blocked training, if any."""
+    path = RunDir(run_dir).train_log
+    if not path.is_file():
+        return None
+    with path.open("rb") as file:
+        file.seek(max(0, path.stat().st_size - LOG_TAIL_BYTES))
+        text = file.read().decode(errors="replace")
+    blocked = [float(value) for value in SAVE_LOGGED.findall(text)]
+    return statistics.median(blocked) if blocked else None
+
+
+def checkpoint_bytes(config: Config, newest: Path | None) -> tuple[int, str]:
+    """The size of a checkpoint of this run: the newest one's on disk, or else the model's fp32 weights
+    and Adam's two moments (12 bytes a parameter) plus the weight average's 4 a G parameter. The models
+    are built on the meta device: no memory, no initialization cost, whatever their width."""
+    if newest is not None:
+        return sum(file.stat().st_size for file in newest.rglob("*") if file.is_file()), f"{newest.name} on disk"
+    from dcgan.gan.models import Discriminator, Generator, count_parameters
+
+    with torch.device("meta"):
+        g, d = count_parameters(Generator(config.model)), count_parameters(Discriminator(config.model))
+    ema = 4 * g if config.train.ema > 0 else 0
+    return 12 * (g + d) + ema, f"{g + d:,} parameters x 12 B"
+
+
+def save_cost(config: Config, run_dir: Path, newest: Path | None) -> tuple[float, str]:
+    """Seconds a save blocks training, and where the figure comes from: the run's own logged saves, or
+    an estimate from the checkpoint's size at the rate benchmarks/checkpoint_cost.py measured."""
+    measured = measured_save_s(run_dir)
+    if measured is not None:
+        return measured, f"measured: the median of the saves logged in {RunDir(run_dir).train_log}"
+    size, what = checkpoint_bytes(config, newest)
+    async_save = config.checkpoint.async_save
+    rate = ASYNC_STAGING_BYTES_PER_S if async_save else SYNC_WRITE_BYTES_PER_S
+    kind = "staging (checkpoint.async_save=true)" if async_save else "writing (checkpoint.async_save=false)"
+    basis = f"estimated: {size / 1e6:,.1f} MB ({what}) at {rate / 1e9:.2f} GB/s {kind}, + {SAVE_OVERHEAD_S} s"
+    return estimated_save_s(size, async_save), basis
+
+
+def checkpoint_advice(config: Config, world_size: int, step_ms: float | None, newest: Path | None) -> list[str]:
+    """Two lines: the save cost and the job's MTBF assumed, then the interval they imply (Young/Daly)
+    beside checkpoint.every."""
+    save_s, basis = save_cost(config, Path(config.run.dir), newest)
+    every = config.checkpoint.every
+    advice = advise(save_s, world_size, every, step_ms / 1000 if step_ms else None)
+    rate = META_1024
+    lines = [
+        f"checkpoint interval (Young/Daly): a save blocks training ~{save_s:.3g} s ({basis}); a job of "
+        f"{world_size} GPU(s) fails every ~{format_seconds(advice.mtbf_s)} (scaled per GPU from {rate.hours} h at "
+        f"{rate.gpus:,} GPUs: {rate.source})"
+    ]
+    best = f"  least work lost saving every ~{format_seconds(advice.interval_s)} of training"
+    if not step_ms or advice.ratio is None or advice.excess is None:
+        return [*lines, f"{best}; checkpoint.every={every} in time unknown until the run has logged a step"]
+    steps = max(1, round(advice.interval_s * 1000 / step_ms))
+    verdict = (
+        f"far from it, losing {advice.excess:.1f}x the least: checkpoint.every={steps} is the advice"
+        if advice.far
+        else "close enough (within 2x)"
+    )
+    return [*lines, f"{best} = ~{steps} steps; checkpoint.every={every} is {advice.ratio:.2g}x that: {verdict}"]
+
+
 def describe(config: Config, world_size: int) -> str:
     """The dry-run report of a training run with `world_size` ranks."""
     t, run_dir = config.train, Path(config.run.dir)
@@ -107,4 +187,5 @@ def describe(config: Config, world_size: int) -> str:
         lines.append(cadence("eval", config.eval.every, step_ms))
     if step_ms:
         lines.append(f"  whole run   ~{format_seconds(t.steps * step_ms / 1000)} of training")
+    lines += checkpoint_advice(config, world_size, step_ms, resume)
     return "\n".join(lines)

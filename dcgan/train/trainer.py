@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from dcgan.config import Config, config_to_dict
+from dcgan.config import Config, OptimConfig, config_to_dict
 from dcgan.data.base import BatchSource
 from dcgan.data.build import build_source
 from dcgan.distributed.collectives import replicas_agree
@@ -120,6 +121,7 @@ class Trainer:
     def load_state_dict(self, path: Path) -> None:
         """Resume from the checkpoint at `path`: dcgan.run.schema decides what must match (the model) and
         what it may lack; this applies what was read."""
+        started = time.monotonic()
         stored = stored_shapes(path)
         saved_config = schema.saved_config(path, self.checkpointer.load)
         schema.check_compatible(saved_config, self.config, path)
@@ -144,10 +146,14 @@ class Trainer:
             else:
                 self.ema = GeneratorEMA(self.g_bare, self.config.model, self.config.train.ema)
         self.run_id = str(state[schema.META]["run_id"])
-        self.step_fn.noise.at = self.step
+        self.step_fn.start_at(self.step)
         self.checkpointer.resumed(self.step)
         log.info(
-            "resumed from %s at step %d (data epoch %d, batch %d)", path, self.step, *self.data.state_dict().values()
+            "resumed from %s at step %d (data epoch %d, batch %d) in %.1f s",
+            path,
+            self.step,
+            *self.data.state_dict().values(),
+            time.monotonic() - started,
         )
         schema.describe_resize(saved_config, stored, progress, self.global_batch, self.info.world_size)
 
@@ -213,7 +219,7 @@ def log_start(trainer: Trainer) -> None:
         cfg.train.steps,
     )
     log_batchnorm_mode(info, cfg.model.sync_bn, trainer.global_batch)
-    if info.is_main and (advice := lr_advice(cfg.optim.lr, trainer.global_batch)):
+    if info.is_main and (advice := lr_advice(cfg.optim, trainer.global_batch)):
         log.info("%s", advice)
 
 
@@ -221,14 +227,23 @@ PAPER_LR, PAPER_BATCH = 2e-4, 128
 """Radford et al.'s Adam learning rate and the (global) batch it was chosen for."""
 
 
-def lr_advice(lr: float, global_batch: int) -> str | None:
+def lr_advice(optim: OptimConfig, global_batch: int) -> str | None:
     """docs/distributed.md's one rule, at the start of every run whose global batch is not the paper's: for a
     k-fold global batch start from lr x sqrt(k). Advice, not a change: the paper's per-GPU batch at the
-    paper's lr is also a sound (slower) choice, and the user's lr stands."""
+    paper's lr is also a sound (slower) choice, and the user's lr stands. With per-network lrs (TTUR:
+    optim.lr_g / optim.lr_d) the rule scales both by the same factor, which keeps their ratio."""
     if global_batch == PAPER_BATCH:
         return None
-    suggested = PAPER_LR * math.sqrt(global_batch / PAPER_BATCH)
+    factor = math.sqrt(global_batch / PAPER_BATCH)
+    if optim.per_network_lr:
+        (lr_g, _), (lr_d, _) = optim.adam("G"), optim.adam("D")
+        return (
+            f"global batch {global_batch}: optim.lr_g {lr_g:.3g}, optim.lr_d {lr_d:.3g}; the sqrt rule scales lrs "
+            f"chosen at the paper's batch {PAPER_BATCH} by {factor:.2g}: if these were, it suggests "
+            f"{lr_g * factor:.2g} and {lr_d * factor:.2g} (docs/distributed.md)"
+        )
+    suggested = PAPER_LR * factor
     return (
-        f"global batch {global_batch}: optim.lr {lr:.3g}; the sqrt rule from the paper's {PAPER_LR:.0e} at {PAPER_BATCH} "
+        f"global batch {global_batch}: optim.lr {optim.lr:.3g}; the sqrt rule from the paper's {PAPER_LR:.0e} at {PAPER_BATCH} "
         f"suggests {suggested:.2g} (docs/distributed.md)"
     )

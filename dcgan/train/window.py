@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dcgan.config import LossKind
 from dcgan.distributed.collectives import COLLECTIVE_CLOCK, all_mean
 from dcgan.distributed.env import DistInfo
 from dcgan.distributed.stragglers import RankTimes
@@ -25,13 +26,19 @@ log = logging.getLogger(__name__)
 class GanHealth:
     """Warns (once each) when training looks broken, from numbers the loop already has.
 
-    - D wins completely: D(G(z)) below `d_wins_below` for `patience` metric windows in a row;
+    - D wins completely: D(G(z)) below `d_wins_below` for `patience` metric windows in a row (with the
+      paper's BCE only: there G's gradient vanishes with D(G(z)); the hinge and least-squares losses give G
+      a gradient however sure D is, and a hinge D scores fakes at 0 on the probability scale as a matter
+      of course);
     - generator collapse: the diversity of the fixed-noise samples (mean per-pixel standard deviation
       across the batch) falls below `collapse_ratio` times the highest diversity seen in this run.
     """
 
-    def __init__(self, patience: int = 5, d_wins_below: float = 0.01, collapse_ratio: float = 0.25) -> None:
+    def __init__(
+        self, patience: int = 5, d_wins_below: float = 0.01, collapse_ratio: float = 0.25, loss: LossKind = "bce"
+    ) -> None:
         self.patience = patience
+        self.loss = loss
         self.d_wins_below = d_wins_below
         self.collapse_ratio = collapse_ratio
         self.low_windows = 0
@@ -44,6 +51,8 @@ class GanHealth:
             log.warning(message, *args)
 
     def observe_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if self.loss != "bce":
+            return
         self.low_windows = self.low_windows + 1 if metrics["D_G_z_before"] < self.d_wins_below else 0
         if self.low_windows >= self.patience:
             self._warn(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from distributed_helpers import spawn_ranks
-from helpers import TINY, run_cli
+from helpers import BEYOND_THE_PAPER, TINY, run_cli
 
 from dcgan.config import load_config
 from dcgan.distributed.env import DistInfo
@@ -45,12 +45,17 @@ def train_steps(count: int, *overrides: str) -> tuple[torch.Tensor, dict[str, to
     return stats, {k: v.detach().cpu() for k, v in g.state_dict().items()}
 
 
-@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-4), ("bf16", 2e-2)])
-def test_cuda_graph_replay_matches_eager_steps(precision: str, tolerance: float) -> None:
+@pytest.mark.parametrize(
+    ("precision", "tolerance", "options"),
+    [("fp32", 1e-4, ()), ("bf16", 2e-2, ()), ("fp32", 1e-4, BEYOND_THE_PAPER)],
+    ids=["fp32", "bf16", "fp32-options"],
+)
+def test_cuda_graph_replay_matches_eager_steps(precision: str, tolerance: float, options: tuple[str, ...]) -> None:
+    """With the options beyond the paper too: spectral norm's in-place power iteration is replayed."""
     torch.backends.cudnn.deterministic = True
     try:
-        eager, g_eager = train_steps(9, f"train.precision={precision}")
-        graphed, g_graphed = train_steps(9, f"train.precision={precision}", "train.cuda_graph=true")
+        eager, g_eager = train_steps(9, f"train.precision={precision}", *options)
+        graphed, g_graphed = train_steps(9, f"train.precision={precision}", "train.cuda_graph=true", *options)
     finally:
         torch.backends.cudnn.deterministic = False
     # steps 1-3 eager warm-up, 4 captured, 5-9 replayed: every one must match the eager run
@@ -69,11 +74,15 @@ def test_graphed_step_replays_after_warm_up() -> None:
     assert all(torch.isfinite(s).all() for s in stats)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_the_step_never_waits_for_the_gpu(precision: str) -> None:
+@pytest.mark.parametrize(
+    ("precision", "options"),
+    [("fp32", ()), ("bf16", ()), ("fp16", ()), ("bf16", BEYOND_THE_PAPER)],
+    ids=["fp32", "bf16", "fp16", "bf16-options"],
+)
+def test_the_step_never_waits_for_the_gpu(precision: str, options: tuple[str, ...]) -> None:
     """No .item(), no device-to-host copy, no data-dependent shape: what makes the step capturable and
     lets the host queue work ahead. torch raises on any synchronizing call in "error" mode."""
-    config = load_config(TINY, ["train.device=cuda", "train.batch_size=32", f"train.precision={precision}"])
+    config = load_config(TINY, ["train.device=cuda", "train.batch_size=32", f"train.precision={precision}", *options])
     step = build_step(config, GPU)[2]
     inputs = batches(4)
     step(inputs[0])  # lazy initialisation (cuDNN/cuBLAS handles, optimizer state) may synchronize once

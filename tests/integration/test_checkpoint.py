@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from distributed_helpers import torchrun, torchrun_until
 from helpers import (
+    BEYOND_THE_PAPER,
     CPU,
     TorchrunRun,
     assert_states_equal,
@@ -32,7 +34,7 @@ pytestmark = pytest.mark.slow
 STEPS = 200
 
 
-def run_args(run: Path, data: str, shards: Path) -> list[str]:
+def run_args(run: Path, data: str, shards: Path, options: tuple[str, ...] = ()) -> list[str]:
     args = [
         "train",
         "configs/tiny.yaml",
@@ -46,19 +48,27 @@ def run_args(run: Path, data: str, shards: Path) -> list[str]:
     ]
     if data == "shards":
         args += [f"data.shards={shards}", "data.workers=2"]
-    return args
+    return args + list(options)
+
+
+StraightRun = Callable[[str, tuple[str, ...]], Path]
+"""The uninterrupted 2-rank run of a data source and options, made at its first use."""
 
 
 @pytest.fixture(scope="module")
-def straight_runs(tmp_path_factory: pytest.TempPathFactory, digits_shards: Path) -> dict[str, Path]:
-    """One uninterrupted 2-rank run per data source, the reference for every resumed run."""
-    runs = {}
-    for data in ("digits", "shards"):
-        run = tmp_path_factory.mktemp(f"straight_{data}")
-        result = torchrun(2, *run_args(run, data, digits_shards))
-        assert result.returncode == 0, result.stderr
-        runs[data] = run
-    return runs
+def straight_runs(tmp_path_factory: pytest.TempPathFactory, digits_shards: Path) -> StraightRun:
+    """One uninterrupted 2-rank run per (data source, options), the reference for every resumed run."""
+    runs: dict[tuple[str, tuple[str, ...]], Path] = {}
+
+    def straight(data: str, options: tuple[str, ...]) -> Path:
+        if (data, options) not in runs:
+            run = tmp_path_factory.mktemp(f"straight_{data}")
+            result = torchrun(2, *run_args(run, data, digits_shards, options))
+            assert result.returncode == 0, result.stderr
+            runs[data, options] = run
+        return runs[data, options]
+
+    return straight
 
 
 def checkpoint_ready(run: Path, step: int) -> bool:
@@ -66,13 +76,20 @@ def checkpoint_ready(run: Path, step: int) -> bool:
 
 
 # Each signal once and each data source once: the resume path does not depend on which killed the run,
-# and the data position is restored by the same code for both sources (2 cases keep the suite short).
-@pytest.mark.parametrize(("data", "sig"), [("shards", signal.SIGKILL), ("digits", signal.SIGTERM)])
+# and the data position is restored by the same code for both sources (2 cases keep the suite short);
+# a third case turns on every option beyond the paper (TTUR, hinge loss, spectral norm on G and D, whose
+# power-iteration vectors are state too, with train.ema's average of G).
+@pytest.mark.parametrize(
+    ("data", "sig", "options"),
+    [("shards", signal.SIGKILL, ()), ("digits", signal.SIGTERM, ()), ("digits", signal.SIGKILL, BEYOND_THE_PAPER)],
+    ids=["shards-SIGKILL", "digits-SIGTERM", "options-SIGKILL"],
+)
 def test_interrupted_and_resumed_run_is_bit_identical_to_a_straight_run(
-    tmp_path: Path, straight_runs: dict[str, Path], digits_shards: Path, data: str, sig: int
+    tmp_path: Path, straight_runs: StraightRun, digits_shards: Path, data: str, sig: int, options: tuple[str, ...]
 ) -> None:
     run = tmp_path / "run"
-    status, stderr = torchrun_until(2, lambda: checkpoint_ready(run, 50), sig, *run_args(run, data, digits_shards))
+    args = run_args(run, data, digits_shards, options)
+    status, stderr = torchrun_until(2, lambda: checkpoint_ready(run, 50), sig, *args)
     steps = completed_steps(run)
     assert steps and steps[-1] < STEPS, f"the run was not interrupted early: {steps}"
     if sig == signal.SIGTERM:
@@ -83,14 +100,16 @@ def test_interrupted_and_resumed_run_is_bit_identical_to_a_straight_run(
         assert forced % STOP_CHECK_EVERY == 0  # where the ranks agree on the stop
     else:
         assert status != 0
-    resumed = torchrun(2, *run_args(run, data, digits_shards))
+    resumed = torchrun(2, *args)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {run / 'checkpoints'}/step_{steps[-1]:09d}" in resumed.stderr
     final = run / "checkpoints" / f"step_{STEPS:09d}"
-    reference = straight_runs[data] / "checkpoints" / f"step_{STEPS:09d}"
+    reference = straight_runs(data, options) / "checkpoints" / f"step_{STEPS:09d}"
     resumed_state = load_checkpoint_tensors(final)
     assert int(resumed_state["ema"]["updates"]) == STEPS  # the average of G (train.ema) resumed too
     assert_states_equal(resumed_state, load_checkpoint_tensors(reference))
+    if options:  # the options were on: D's normalized layers and their power-iteration vectors are in the state
+        assert "main.0.parametrizations.weight.0._u" in resumed_state["model"]["D"]
     stats = [line for line in (run / "stats.jsonl").read_text().splitlines()]
     steps_logged = [int(line.split('"step": ')[1].split(",")[0]) for line in stats]
     assert steps_logged[-1] == STEPS
@@ -125,6 +144,15 @@ def test_incompatible_config_is_refused_in_one_line(tmp_path: Path) -> None:
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert "belongs to another model (model.ngf: checkpoint 8, config 16)" in last
+    # spectral normalization on or off is another model too (its layers hold other parameters)
+    normalized = run_in_process(
+        "train", "configs/tiny.yaml", f"run.dir={run}", "train.steps=10", "model.spectral_norm=d", check=False
+    )
+    assert normalized.returncode == 2
+    assert normalized.stderr.strip().splitlines()[-1] == (
+        f"dcgan: error: checkpoint {run / 'checkpoints' / 'step_000000005'} belongs to another model "
+        "(model.spectral_norm: checkpoint 'none', config 'd'): use a new run.dir or the checkpoint's model settings"
+    )
     assert checkpoint_ready(run, 5)  # the completed checkpoint is untouched
     # and so is the run directory's description of it: readers still build the right generator
     assert "ngf: 8" in (run / "config.yaml").read_text()

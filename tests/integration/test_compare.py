@@ -34,7 +34,17 @@ def test_runs_are_shared_exactly_when_training_does_not_differ() -> None:
     base = training_identity(load_config(TINY))
     for same in (["sample.bn=batch"], ["sample.ema=false"], ["eval.every=5"], ["log.every=7", "run.dir=/elsewhere"]):
         assert training_identity(load_config(TINY, same)) == base, same
-    for other in (["train.ema=0.9"], ["seed=1"], ["data.shuffle_buffer=10"], ["optim.lr=1e-3"]):
+    assert base == "b50533730832"  # as before the options beyond the paper existed: older comparisons find their runs
+    for other in (
+        ["train.ema=0.9"],
+        ["seed=1"],
+        ["data.shuffle_buffer=10"],
+        ["optim.lr=1e-3"],
+        ["optim.lr_d=4e-4"],
+        ["optim.beta1_g=0"],
+        ["loss.kind=hinge"],
+        ["model.spectral_norm=d"],
+    ):
         assert training_identity(load_config(TINY, other)) != base, other
     assert describe_settings(str(TINY), [], ["train.ema=0"], ["train.ema=0.99"]) == "train.ema: 0.0 -> 0.99"
     with pytest.raises(ConfigError, match="describe the same config"):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from distributed_helpers import spawn_ranks
-from helpers import CPU, flatten, load_checkpoint_tensors, run_in_process, tiny_config
+from helpers import BEYOND_THE_PAPER, CPU, flatten, load_checkpoint_tensors, run_in_process, tiny_config
 from torch import nn
 
 from dcgan.distributed.batchnorm import CrossRankBatchNorm2d, convert_to_cross_rank
@@ -129,34 +129,37 @@ def step_inputs() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def train_state(
-    run_dir: Path, info: DistInfo, part: slice, compile: bool = False, **build: object
+    run_dir: Path, info: DistInfo, part: slice, compile: bool = False, options: tuple[str, ...] = (), **build: object
 ) -> dict[str, torch.Tensor]:
-    """G's and D's parameters and buffers after STEPS steps on the `part` of every joint batch."""
+    """G's and D's parameters and buffers after STEPS steps on the `part` of every joint batch (with
+    `options`: config overrides)."""
     batch = part.stop - part.start
-    config = tiny_config(run_dir, f"train.batch_size={batch}", f"train.compile={str(compile).lower()}")
+    config = tiny_config(run_dir, f"train.batch_size={batch}", f"train.compile={str(compile).lower()}", *options)
     g, d, step = build_step(config, info, **build)  # type: ignore[arg-type]
     for images, z in step_inputs():
-        step.train(images[part], z[part])
+        step.train(images[part], z[part], step.draw_augmentation())  # a rank draws its own share
     return {f"G.{k}": v.detach().clone() for k, v in g.state_dict().items()} | {
         f"D.{k}": v.detach().clone() for k, v in d.state_dict().items()
     }
 
 
-def _two_rank_steps(rank: int, out: Path) -> None:
+def _two_rank_steps(rank: int, out: Path, options: tuple[str, ...]) -> None:
     info = init_distributed("cpu", 60)
     try:
         mine = slice(rank * BATCH, (rank + 1) * BATCH)
-        states = {sync: train_state(out, info, mine, sync=sync) for sync in ("ddp", "explicit")}
+        states = {sync: train_state(out, info, mine, options=options, sync=sync) for sync in ("ddp", "explicit")}
         torch.save(states, out / f"steps{rank}.pt")
     finally:
         destroy_distributed()
 
 
-def test_two_ranks_at_batch_b_train_exactly_like_one_process_at_2b(tmp_path: Path) -> None:
-    """DDP and the step's own flat all-reduce (what a CUDA graph captures) both match one process."""
-    spawn_ranks(_two_rank_steps, 2, tmp_path)
+@pytest.mark.parametrize("options", [(), BEYOND_THE_PAPER], ids=["paper", "options"])
+def test_two_ranks_at_batch_b_train_exactly_like_one_process_at_2b(tmp_path: Path, options: tuple[str, ...]) -> None:
+    """DDP and the step's own flat all-reduce (what a CUDA graph captures) both match one process; with
+    every option beyond the paper too (spectral norm's power iteration beside the cross-rank BatchNorm)."""
+    spawn_ranks(_two_rank_steps, 2, tmp_path, options)
     one = CPU
-    reference = train_state(tmp_path, one, slice(0, 2 * BATCH))
+    reference = train_state(tmp_path, one, slice(0, 2 * BATCH), options=options)
     for rank in (0, 1):
         states = torch.load(tmp_path / f"steps{rank}.pt")
         assert sorted(states) == ["ddp", "explicit"]
@@ -167,20 +170,20 @@ def test_two_ranks_at_batch_b_train_exactly_like_one_process_at_2b(tmp_path: Pat
                     state[key], value, rtol=1e-4, atol=2e-6, msg=lambda m, sync=sync, key=key: f"{sync} {key}: {m}"
                 )
     # the comparison can tell: one rank's half batch alone (its own statistics and gradients) ends elsewhere
-    alone = train_state(tmp_path, one, slice(0, BATCH))
+    alone = train_state(tmp_path, one, slice(0, BATCH), options=options)
     differs = [
         k for k in reference if "weight" in k and not torch.allclose(alone[k], reference[k], rtol=1e-4, atol=2e-6)
     ]
     assert len(differs) >= 6
 
 
-def _compiled_two_rank_steps(rank: int, out: Path) -> None:
+def _compiled_two_rank_steps(rank: int, out: Path, options: tuple[str, ...]) -> None:
     from torch._dynamo.utils import counters
 
     info = init_distributed("cpu", 120)
     try:
         counters.clear()
-        state = train_state(out, info, slice(rank * BATCH, (rank + 1) * BATCH), compile=True)
+        state = train_state(out, info, slice(rank * BATCH, (rank + 1) * BATCH), compile=True, options=options)
         breaks = {reason: count for reason, count in counters["graph_break"].items()}
         torch.save(
             {"state": state, "graph_breaks": breaks, "frames": dict(counters["stats"])}, out / f"compiled{rank}.pt"
@@ -189,12 +192,17 @@ def _compiled_two_rank_steps(rank: int, out: Path) -> None:
         destroy_distributed()
 
 
-def test_compiled_multi_rank_step_has_no_graph_break_and_matches_eager(tmp_path: Path) -> None:
+@pytest.mark.parametrize("options", [(), BEYOND_THE_PAPER], ids=["paper", "options"])
+def test_compiled_multi_rank_step_has_no_graph_break_and_matches_eager(
+    tmp_path: Path, options: tuple[str, ...]
+) -> None:
     """torch.compile traces the cross-rank BatchNorm's all-reduces (forward and backward) into the
-    models' graphs: no break, and the same weights as the eager joint-batch reference."""
-    spawn_ranks(_compiled_two_rank_steps, 2, tmp_path)
+    models' graphs: no break, and the same weights as the eager joint-batch reference; with spectral
+    norm too, whose power iteration updates its vectors in place inside the compiled forward (the
+    gradients through the normalized weights are checked by the weights they lead to)."""
+    spawn_ranks(_compiled_two_rank_steps, 2, tmp_path, options)
     one = CPU
-    reference = train_state(tmp_path, one, slice(0, 2 * BATCH))
+    reference = train_state(tmp_path, one, slice(0, 2 * BATCH), options=options)
     for rank in (0, 1):
         result = torch.load(tmp_path / f"compiled{rank}.pt")
         assert result["graph_breaks"] == {}

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, completed_steps, flatten, load_checkpoint_tensors, run_in_process, tiny_config
+from helpers import (
+    BEYOND_THE_PAPER,
+    TINY,
+    completed_steps,
+    flatten,
+    load_checkpoint_tensors,
+    run_in_process,
+    tiny_config,
+)
 
 from dcgan.config import Config
 from dcgan.data.build import build_source
@@ -165,9 +173,12 @@ def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("options", [(), BEYOND_THE_PAPER], ids=["paper", "options"])
 def test_a_run_resized_from_2_to_1_to_4_ranks_ends_where_a_straight_1_rank_run_ends(
-    digits_shards: Path, tmp_path: Path
+    digits_shards: Path, tmp_path: Path, options: tuple[str, ...]
 ) -> None:
+    """With the paper's recipe, and with every option beyond it (TTUR, hinge loss, spectral norm on G and
+    D: the power iteration depends on the weights alone, not on the ranks' batches)."""
     from distributed_helpers import torchrun
 
     args = [
@@ -178,6 +189,7 @@ def test_a_run_resized_from_2_to_1_to_4_ranks_ends_where_a_straight_1_rank_run_e
         "checkpoint.every=10",
         "checkpoint.keep=3",
         "log.every=5",
+        *options,
     ]
     straight = tmp_path / "straight"
     assert train(tiny_config(straight, *args, "train.steps=30")) == EXIT_OK

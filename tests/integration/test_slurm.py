@@ -94,24 +94,26 @@ def test_job_at_its_time_limit_is_requeued_and_resumes_and_scancel_ends_it_for_g
 ) -> None:
     """No dependence on speed: the run is far longer than any time slice, however fast or loaded the
     machine, so it always meets its limit; the test ends it with scancel once a requeued slice has
-    trained past its resume step."""
+    trained past its resume step. On a loaded machine a slice may spend most of its minute starting: the
+    test waits for whichever requeued slice first checkpoints past its own resume step."""
     run = tmp_path / "run"
     res = Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=1, signal_delay_s=15)
     job, _ = submit(
         "configs/tiny.yaml",
-        tiny(run, "train.steps=1000000", "checkpoint.every=50", "log.every=50"),
+        tiny(run, "train.steps=1000000", "checkpoint.every=20", "log.every=50"),
         res,
         tmp_path / "logs",
     )
-    deadline = time.monotonic() + 300
-    # scancel once a requeued slice has trained past its resume step, and before its own time-limit signal
-    # (every stop so far was followed by a resume): a scancel during a requeue hand-over ends in 75, not 143
+    deadline = time.monotonic() + 600
+    # scancel once the running requeued slice has trained past its resume step, and before its own
+    # time-limit signal (every stop so far was followed by a resume): a scancel during a requeue hand-over
+    # ends in 75, not 143
     while (
-        not (resumed := re.search(r"resumed from \S+ at step (\d+)", log_text(tmp_path / "logs")))
-        or not any(step > int(resumed.group(1)) for step in completed_steps(run))
+        not (resumes := re.findall(r"resumed from \S+ at step (\d+)", log_text(tmp_path / "logs")))
+        or not any(step > int(resumes[-1]) for step in completed_steps(run))
         or unsignalled_slices(log_text(tmp_path / "logs")) != 1
     ):
-        assert time.monotonic() < deadline, "no requeued slice trained past its resume step"
+        assert time.monotonic() < deadline, "no requeued slice trained past its resume step in 10 minutes"
         time.sleep(1)
     subprocess.run(["scancel", job.job_id], check=True)
     wait_until_gone(job.job_id, timeout=120)
@@ -120,7 +122,7 @@ def test_job_at_its_time_limit_is_requeued_and_resumes_and_scancel_ends_it_for_g
         (int(step), int(status))
         for step, status in re.findall(r"stop signal received: checkpointing step (\d+), then exiting (\d+)", logs)
     ]
-    assert stops[0] == (int(resumed.group(1)), 75)  # the time limit: checkpoint, requeue, resume there
+    assert stops[0] == (int(resumes[0]), 75)  # the time limit: checkpoint, requeue, resume there
     assert stops[-1][1] == 143 and "not requeueing" in logs  # the scancel: checkpoint, and gone
     assert completed_steps(run)[-1] == stops[-1][0]
 
@@ -156,6 +158,41 @@ def test_sbatch_script_runs_two_processes_through_srun_and_torchrun(cluster: Non
     text = out.read_text()
     assert "1 node(s) x 2 process(es)" in text and "2 rank(s) on cpu" in text
     assert checkpoint_complete(tmp_path / "run", 10)
+
+
+def job_fields(job: str) -> dict[str, str]:
+    text = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    return dict(field.split("=", 1) for field in text.split() if "=" in field)
+
+
+@pytest.mark.slurm
+def test_sbatch_job_whose_torchrun_exhausts_its_restarts_is_requeued_and_never_completed(
+    cluster: None, tmp_path: Path
+) -> None:
+    """Every worker fails (its shard is a command that fails): torchrun restarts it once (MAX_RESTARTS=1),
+    then gives up; the script requeues the job instead of reporting it done, and the requeued attempt,
+    failing the same way at REQUEUE_LIMIT=1, ends it FAILED. Never COMPLETED."""
+    out = tmp_path / "out.txt"
+    job = sbatch_and_wait(
+        "--cpus-per-task=1",
+        f"--output={out}",
+        f"--export=ALL,PYTHON={sys.executable},NPROC_PER_NODE=1,MAX_RESTARTS=1,REQUEUE_LIMIT=1",
+        str(ROOT / "slurm" / "train.sbatch"),
+        "configs/tiny.yaml",
+        f"run.dir={tmp_path / 'run'}",
+        "data.shards=pipe:false",
+        "data.epoch_samples=64",
+        "log.wandb=disabled",
+        timeout=240,
+    )
+    text = out.read_text()
+    fields = job_fields(job)
+    assert (fields["JobState"], fields["Restarts"]) == ("FAILED", "1"), f"{fields}\n{text}"
+    assert fields["ExitCode"] != "0:0"
+    assert f"training failed with status 1 after its restarts: requeueing job {job}" in text, text
+    assert f"job {job} was requeued 1 times already after failures (REQUEUE_LIMIT): not requeueing" in text, text
+    assert "training finished" not in text
+    assert not (ROOT / ".dcgan-slurm" / job).exists()  # the job's shared state goes with the job
 
 
 def normalized_sbatch(folder: Path) -> str:
@@ -226,6 +263,29 @@ def test_cli_rejects_a_bad_config_before_submitting(tmp_path: Path, dry_run: lis
     assert result.returncode == 2
     assert result.stderr.strip() == "dcgan submit: error: model.resolution: must be a power of two >= 16, got 48"
     assert not any(tmp_path.iterdir())
+
+
+def test_a_node_range_dry_run_prints_the_sbatch_command_and_script_it_submits_without_slurm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--nodes 1-2` goes in as slurm/train.sbatch: the dry run prints the sbatch command (MIN_NODES for the
+    elastic torchrun, one task per node with all its processes' CPUs) and the script itself, with no SLURM
+    on PATH, and submits nothing."""
+    from dcgan.cli.main import main as dcgan_main
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no srun
+    run = tmp_path / "run"
+    argv = ["submit", "configs/tiny.yaml", f"run.dir={run}", "train.global_batch=16", "--nodes", "1-2"]
+    assert dcgan_main([*argv, "--tasks-per-node", "2", "--cpus-per-task", "1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    command = next(line for line in out.splitlines() if line.startswith("sbatch --"))
+    assert command.startswith("sbatch --parsable "), command  # what submitting runs, to the letter
+    for option in ("--nodes=1-2", "--cpus-per-task=2", "--gres=none", "--signal=B:USR1@120"):
+        assert f" {option} " in command, command
+    assert f"--export=ALL,MIN_NODES=1,NPROC_PER_NODE=2,PYTHON={sys.executable} " in command, command
+    assert command.endswith(f"slurm/train.sbatch configs/tiny.yaml run.dir={run} train.global_batch=16"), command
+    assert out.endswith((ROOT / "slurm" / "train.sbatch").read_text()) and "SLURM (sbatch --test-only)" not in out
+    assert not run.exists()
 
 
 def test_local_executor_parameters_carry_no_slurm_keys() -> None:

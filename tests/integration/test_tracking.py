@@ -159,6 +159,10 @@ def test_gan_health_warns_once_when_d_wins_and_when_samples_collapse(caplog: pyt
         calm.observe_metrics(step, {"D_G_z_before": 0.3})
         calm.observe_samples(step, 0.5)
     assert calm.warned == set()
+    hinge = GanHealth(patience=3, loss="hinge")  # a hinge D scores fakes at 0 as a matter of course
+    for step in range(10):
+        hinge.observe_metrics(step, {"D_G_z_before": 0.0})
+    assert hinge.warned == set()
 
 
 def test_skip_mode_skips_non_finite_updates_and_finishes(tmp_path: Path) -> None:

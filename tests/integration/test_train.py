@@ -164,8 +164,17 @@ def test_a_resume_on_another_number_of_ranks_says_whether_the_trajectory_continu
 
 
 def test_lr_advice_follows_the_readmes_one_rule() -> None:
+    from dcgan.config import OptimConfig
     from dcgan.train.trainer import lr_advice
 
-    assert lr_advice(2e-4, 128) is None
-    assert "suggests 0.00057" in lr_advice(2e-4, 1024) and "optim.lr 0.0002" in lr_advice(2e-4, 1024)
-    assert "suggests 0.00028" in lr_advice(4e-4, 256)
+    assert lr_advice(OptimConfig(lr=2e-4), 128) is None
+    paper = lr_advice(OptimConfig(lr=2e-4), 1024)
+    assert paper is not None and "suggests 0.00057" in paper and "optim.lr 0.0002" in paper
+    assert "suggests 0.00028" in str(lr_advice(OptimConfig(lr=4e-4), 256))
+    # TTUR: both lrs scale by the same factor (their ratio kept); an unset one is optim.lr
+    ttur = lr_advice(OptimConfig(lr=2e-4, lr_d=4e-4), 512)
+    assert ttur == (
+        "global batch 512: optim.lr_g 0.0002, optim.lr_d 0.0004; the sqrt rule scales lrs chosen at the paper's "
+        "batch 128 by 2: if these were, it suggests 0.0004 and 0.0008 (docs/distributed.md)"
+    )
+    assert lr_advice(OptimConfig(lr_g=1e-4, lr_d=4e-4), 128) is None

@@ -1,9 +1,11 @@
 """SLURM across hosts: a real 2-node cluster on emulated hosts (network namespaces, tests/support/hosts.py), one
 slurmd per host and slurmctld on the bridge (slurm/local-cluster/start-multinode.sh), running the
 project's 2-node jobs as users submit them: `sbatch --nodes=2 slurm/train.sbatch` (srun + torchrun, c10d
-rendezvous on the first node, gloo between the hosts), its requeue after USR1, a job of `--nodes=1-2`
-requeued onto the one node left after the other is drained (the same trajectory as a 1-rank run), and
-`dcgan submit --nodes 2` (submitit: srun starts one training process per node)."""
+rendezvous on the first node, gloo between the hosts), its requeue after USR1, a job refused by its
+training on both nodes (exit 2, never requeued), a job of `--nodes=1-2` requeued onto the one node left
+after the other is drained (the same trajectory as a 1-rank run), a job of `--nodes=1-2` that shrinks
+onto one node when the other is lost (elastic torchrun, no requeue), and `dcgan submit --nodes 2`
+(submitit: srun starts one training process per node) and `--nodes 1-2` (train.sbatch)."""
 
 from __future__ import annotations
 
@@ -73,6 +75,15 @@ class Cluster:
                 raise AssertionError(
                     f"job {job} still in the queue after {timeout:.0f} s\n{self.job_fields(job)}\n{text[-3000:]}"
                 )
+            time.sleep(0.5)
+
+    def wait_until_idle(self, timeout: float = 60) -> None:
+        """Until every node is idle and responding (state exactly `idle`: not `idle*`, drained, down or
+        completing), as a job of a node range needs both: SLURM gives such a job only the nodes free when it
+        is scheduled."""
+        deadline = time.monotonic() + timeout
+        while set(self.slurm("sinfo", "-h", "-N", "-o", "%T").stdout.split()) != {"idle"}:
+            assert time.monotonic() < deadline, self.slurm("sinfo", "-N", "-l").stdout
             time.sleep(0.5)
 
     def job_fields(self, job: str) -> dict[str, str]:
@@ -158,8 +169,12 @@ def requeued_until_completed(cluster: Cluster, job: str, out: Path) -> tuple[dic
     return fields, text
 
 
-def sbatch(cluster: Cluster, out: Path, *args: str, nodes: str = "2") -> str:
-    """slurm/train.sbatch on `nodes` nodes (N or MIN-MAX) x 1 process, as a user submits it on a CPU cluster."""
+def sbatch(cluster: Cluster, out: Path, *args: str, nodes: str = "2", export: str = "") -> str:
+    """slurm/train.sbatch on `nodes` nodes (N or MIN-MAX) x 1 process, as a user submits it on a CPU cluster;
+    `export`: more of the script's variables, e.g. MIN_NODES=1,MAX_RESTARTS=1. A range waits for both nodes
+    to be idle first, so that the job starts on both."""
+    if "-" in nodes:
+        cluster.wait_until_idle()
     return cluster.slurm(
         "sbatch",
         "--parsable",
@@ -169,7 +184,7 @@ def sbatch(cluster: Cluster, out: Path, *args: str, nodes: str = "2") -> str:
         "--cpus-per-task=1",
         "--mem=2G",
         f"--output={out}",
-        f"--export=ALL,PYTHON={sys.executable},NPROC_PER_NODE=1",
+        f"--export=ALL,PYTHON={sys.executable},NPROC_PER_NODE=1{',' + export if export else ''}",
         str(ROOT / "slurm" / "train.sbatch"),
         "configs/tiny.yaml",
         *args,
@@ -202,7 +217,7 @@ def test_sbatch_job_trains_across_two_hosts_and_resumes_on_both_after_a_requeue(
     fields, text = requeued_until_completed(cluster, job, out)
     assert fields["NodeList"] == "node[1-2]"
     for restart in (0, 1):
-        assert f"job {job} restart {restart}: 2 node(s) x 1 process(es), rendezvous node1:" in text, text
+        assert f"job {job} restart {restart}: 2 node(s) x 1 process(es), torchrun --nnodes=2, rendezvous node1:" in text
     assert text.count("2 rank(s) on cpu") == 2, text  # rank 0's line, in each slice
     assert "signal USR1: asking the job step to checkpoint" in text and f"requeueing job {job}" in text, text
     stops = [
@@ -219,6 +234,23 @@ def test_sbatch_job_trains_across_two_hosts_and_resumes_on_both_after_a_requeue(
     assert any(row["step"] > stopped for row in stats) and not cluster.ranks_by_host()
 
 
+def test_two_node_job_whose_training_refuses_to_start_ends_failed_without_a_requeue(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A bad setting: every rank refuses with exit 2. The job is fixed-size (srun --kill-on-bad-exit=1), so
+    the first launcher to exit gets its peer SIGKILLed, and srun may report that 137 instead of 2; each
+    launcher's own status, in the job's shared directory, makes the script end the job: FAILED with 2,
+    never requeued (was: a 137 requeued it up to REQUEUE_LIMIT times)."""
+    run, out = tmp_path / "run", tmp_path / "out.txt"
+    job = sbatch(cluster, out, f"run.dir={run}", "train.no_such_key=1")
+    cluster.wait_until_gone(job, timeout=120, log=out)
+    text = out.read_text()
+    fields = cluster.job_fields(job)
+    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("FAILED", "2:0", "0"), f"{fields}\n{text}"
+    assert "training ended with status 2 on a node (a setting or a busy run.dir; see the log): not requeueing" in text
+    assert "requeueing job" not in text and not (ROOT / ".dcgan-slurm" / job).exists(), text
+
+
 @pytest.fixture
 def drain(cluster: Cluster) -> Iterator[Callable[[str], None]]:
     """Drain a node of the cluster (as an admin does with a failing one: its jobs run on, nothing new
@@ -232,6 +264,7 @@ def drain(cluster: Cluster) -> Iterator[Callable[[str], None]]:
     yield drain_node
     for name in drained:
         cluster.slurm("scontrol", "update", f"nodename={name}", "state=resume", check=False)
+    cluster.wait_until_idle()
 
 
 def wait_for_checkpoint_on_both_hosts(cluster: Cluster, job: str, run: Path, step: int, out: Path) -> None:
@@ -242,6 +275,8 @@ def wait_for_checkpoint_on_both_hosts(cluster: Cluster, job: str, run: Path, ste
         for host, seen in cluster.ranks_by_host().items():
             ranks.setdefault(host, set()).update(seen)
         log = out.read_text() if out.exists() else ""
+        nodes = cluster.job_fields(job).get("NodeList", "")
+        assert nodes in ("node[1-2]", "(null)", ""), f"job {job} started on {nodes} alone:\n{log}"
         assert cluster.in_queue(job), f"job {job} ended before its checkpoint of step {step}:\n{log}"
         assert time.monotonic() < deadline, f"no checkpoint of step {step} with ranks on both hosts ({ranks}):\n{log}"
         time.sleep(0.2)
@@ -269,8 +304,8 @@ def test_job_of_one_to_two_nodes_requeued_onto_one_node_continues_the_same_traje
     drain("node2")
     fields, text = requeued_until_completed(cluster, job, out)
     assert fields["NodeList"] == "node1", fields
-    assert f"job {job} restart 0: 2 node(s) x 1 process(es), rendezvous node1:" in text, text
-    assert f"job {job} restart 1: 1 node(s) x 1 process(es), rendezvous node1:" in text, text
+    assert f"job {job} restart 0: 2 node(s) x 1 process(es), torchrun --nnodes=2, rendezvous node1:" in text, text
+    assert f"job {job} restart 1: 1 node(s) x 1 process(es), torchrun --nnodes=1, rendezvous node1:" in text, text
     assert "2 rank(s) on cpu, batch 8 per rank (global 16)" in text, text
     assert "1 rank(s) on cpu, batch 16 per rank (global 16)" in text, text
     stopped = int(re.search(r"stop signal received: checkpointing step (\d+)", text).group(1))
@@ -296,6 +331,64 @@ def test_job_of_one_to_two_nodes_requeued_onto_one_node_continues_the_same_traje
         assert torch.allclose(resized[key], weights, rtol=1e-4, atol=1e-5), (
             f"{key}: max relative difference {max_relative_difference(resized[key], weights):.3g}"
         )
+
+
+def bring_back(cluster: Cluster) -> None:
+    """A node whose processes were all killed rejoins the cluster: start-multinode.sh starts its slurmd again
+    and returns it to service (as an admin does once the machine is back)."""
+    hosts = cluster.hosts
+    started = subprocess.run(
+        [
+            "bash",
+            str(LOCAL_CLUSTER / "start-multinode.sh"),
+            str(cluster.workdir / "slurm"),
+            hosts.head_address,
+            *(f"{name}={host.address}" for name, host in hosts.hosts.items()),
+        ],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert started.returncode == 0, f"start-multinode.sh failed:\n{started.stdout}\n{started.stderr}"
+
+
+def test_job_of_one_to_two_nodes_shrinks_onto_the_node_left_when_the_other_is_lost(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """`MIN_NODES=1 sbatch --nodes=1-2`: torchrun --nnodes=1:2 on both hosts. After the first checkpoint every
+    process of node2 is killed (slurmd, torchrun, its rank: the machine is gone) and node2 is set DOWN, as the
+    controller does once SlurmdTimeout passes (30 s here; done at once to keep the test short). The agent on
+    node1 starts a new round alone, which resumes from the newest checkpoint with the same global batch; SLURM
+    removes node2 from the job instead of killing it (--no-kill), and the job completes, never requeued."""
+    steps, every = 60, 10
+    run, out = tmp_path / "run", tmp_path / "out.txt"
+    settings = [f"run.dir={run}", f"train.steps={steps}", f"checkpoint.every={every}", "train.global_batch=16"]
+    job = sbatch(cluster, out, *settings, nodes="1-2", export="MIN_NODES=1,MAX_RESTARTS=1,LAST_CALL_TIMEOUT=2")
+    wait_for_checkpoint_on_both_hosts(cluster, job, run, every, out)
+    try:
+        lost = time.monotonic()
+        assert cluster.hosts.kill_all("node2")
+        cluster.slurm("scontrol", "update", "nodename=node2", "state=down", "reason=lost")
+        cluster.wait_until_gone(job, timeout=240, log=out)
+        print(f"node2 lost: the job ended {time.monotonic() - lost:.0f} s later")
+    finally:
+        bring_back(cluster)
+
+    text = out.read_text()
+    fields = cluster.job_fields(job)
+    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "0"), (
+        f"{fields}\n{text}"
+    )
+    assert fields["NodeList"] == "node1", fields  # node2 removed from the job, the job not killed
+    assert f"job {job} restart 0: 2 node(s) x 1 process(es), torchrun --nnodes=1:2, rendezvous node1:" in text, text
+    assert "2 rank(s) on cpu, batch 8 per rank (global 16)" in text, text
+    assert "1 rank(s) on cpu, batch 16 per rank (global 16)" in text, text  # the new round, on node1 alone
+    resumed = int(re.search(r"resumed from \S+ at step (\d+)", text).group(1))
+    assert every <= resumed < steps and "training finished" in text, text
+    assert completed_steps(run)[-1] == steps
+    stats = read_stats(run)
+    assert all(row["global_batch"] == 16 and row["images_seen"] == row["step"] * 16 for row in stats)
 
 
 def launch_slurm(cluster: Cluster, *argv: str) -> tuple[str, str]:
@@ -336,18 +429,23 @@ def test_submitit_job_of_two_nodes_runs_one_task_on_each_host(cluster: Cluster, 
     assert [row["global_batch"] for row in read_stats(run)] == [32] * 4
 
 
-def test_submitit_job_of_one_to_two_nodes_gets_both_idle_hosts(cluster: Cluster, tmp_path: Path) -> None:
-    """`dcgan submit --nodes 1-2` on two idle hosts runs on both (SLURM sizes a job with --ntasks-per-node
-    on its sbatch line for MIN nodes: the script must not carry it), each rank on half the global batch."""
+def test_submit_of_one_to_two_nodes_runs_train_sbatch_elastically_on_both_idle_hosts(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """`dcgan submit --nodes 1-2` goes in as slurm/train.sbatch (torchrun --nnodes=1:2, MIN_NODES set by dcgan
+    submit) and, on two idle hosts, runs on both (no --ntasks-per-node on the sbatch line: SLURM would size
+    the job for MIN nodes), each rank on half the global batch."""
     run = tmp_path / "run"
     argv = ["configs/tiny.yaml", f"run.dir={run}", "train.steps=10", "train.global_batch=16", "log.wandb=disabled"]
     argv += ["--nodes", "1-2", "--cpus-per-task", "1", "--mem-gb", "2", "--time", "5"]
+    cluster.wait_until_idle()
     job, said = launch_slurm(cluster, *argv)
     assert "warning" not in said, said  # a fixed global batch: nothing to warn about
     cluster.wait_until_gone(job, timeout=120)
 
     fields = cluster.job_fields(job)
+    text = (run / "slurm_logs" / f"{job}.out").read_text()
     assert (fields["JobState"], fields["ExitCode"], fields["NodeList"]) == ("COMPLETED", "0:0", "node[1-2]"), fields
-    logs = run / "slurm_logs" / job
-    assert "2 rank(s) on cpu, batch 8 per rank (global 16)" in (logs / f"{job}_0_log.err").read_text()
-    assert (logs / f"{job}_1_log.out").exists() and completed_steps(run) == [10]
+    assert f"job {job} restart 0: 2 node(s) x 1 process(es), torchrun --nnodes=1:2, rendezvous node1:" in text, text
+    assert "2 rank(s) on cpu, batch 8 per rank (global 16)" in text and "training finished" in text, text
+    assert completed_steps(run) == [10]

@@ -36,6 +36,12 @@ def test_yaml_and_dotted_overrides(tmp_path: Path) -> None:
         ("log.wandb=cloud", "log.wandb: expected offline | online | disabled, got 'cloud'"),
         ("train.precision=int8", "train.precision: expected auto | fp32 | bf16 | fp16"),
         ("optim.beta1=1.0", "optim.beta1: must be in [0, 1), got 1.0"),
+        ("optim.lr_d=0", "optim.lr_d: must be null or a finite number > 0, got 0.0"),
+        ("optim.lr_g=fast", "optim.lr_g: expected a number or null, got 'fast'"),
+        ("optim.beta2_g=1", "optim.beta2_g: must be null or in [0, 1), got 1.0"),
+        ("optim.beta1_d=-0.1", "optim.beta1_d: must be null or in [0, 1), got -0.1"),
+        ("loss.kind=wgan", "loss.kind: expected bce | hinge | lsgan, got 'wgan'"),
+        ("model.spectral_norm=g", "model.spectral_norm: expected none | d | both, got 'g'"),
         ("model.channels=3", "model.channels: must be 1 for the built-in digits"),
         ("model.channels=2", "model.channels: must be 1 or 3, got 2"),
         ("model=3", "model: expected a section of keys"),
@@ -47,6 +53,43 @@ def test_bad_values_fail_with_one_line_naming_the_key(override: str, message: st
         load_config(ROOT / "configs" / "digits.yaml", [override])
     text = str(info.value)
     assert message in text and "\n" not in text
+
+
+def test_per_network_adam_settings_default_to_the_shared_ones_and_round_trip(tmp_path: Path) -> None:
+    paper = load_config(TINY)
+    assert (paper.loss.kind, paper.model.spectral_norm) == ("bce", "none")
+    assert paper.optim.adam("G") == paper.optim.adam("D") == (2e-4, (0.5, 0.999))
+    assert not paper.optim.per_network_lr
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "model: {channels: 1}\noptim: {lr_d: 4e-4, beta1_d: 0, beta2_d: 0.9, lr_g: null}\nloss: {kind: lsgan}\n"
+    )
+    ttur = load_config(path, ["optim.beta1_g=0.0", "model.spectral_norm=d"])
+    assert ttur.optim.adam("D") == (4e-4, (0.0, 0.9)) and ttur.optim.adam("G") == (2e-4, (0.0, 0.999))
+    assert ttur.optim.per_network_lr and ttur.loss.kind == "lsgan" and ttur.model.spectral_norm == "d"
+    assert load_config(path, ["optim.lr_d=null"]).optim.lr_d is None  # unset again on the command line
+    save_config(ttur, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == ttur
+    assert "lr_g: null" in (tmp_path / "saved.yaml").read_text()
+
+
+def test_a_checkpoint_from_before_spectral_norm_counts_as_without_it_and_another_setting_is_refused(
+    tmp_path: Path,
+) -> None:
+    from dcgan.config import config_to_dict
+    from dcgan.errors import IncompatibleCheckpoint
+    from dcgan.run.schema import check_compatible
+
+    config = load_config(TINY)
+    saved = config_to_dict(config)
+    del saved["model"]["spectral_norm"]  # written before the key existed
+    check_compatible(saved, config, tmp_path)
+    with pytest.raises(IncompatibleCheckpoint) as refused:
+        check_compatible(saved, load_config(TINY, ["model.spectral_norm=d"]), tmp_path)
+    assert str(refused.value) == (
+        f"checkpoint {tmp_path} belongs to another model (model.spectral_norm: checkpoint 'none', config 'd'): "
+        "use a new run.dir or the checkpoint's model settings"
+    )
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
@@ -100,6 +143,14 @@ def test_train_help_lists_every_contract_key() -> None:
         "optim.lr",
         "optim.beta1",
         "optim.beta2",
+        "optim.lr_g",
+        "optim.lr_d",
+        "optim.beta1_g",
+        "optim.beta1_d",
+        "optim.beta2_g",
+        "optim.beta2_d",
+        "loss.kind",
+        "model.spectral_norm",
         "data.shards",
         "log.every",
         "sample.every",

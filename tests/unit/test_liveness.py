@@ -1,19 +1,26 @@
 """The heartbeat's verdicts in one process: a real TCPStore server and clients, one Liveness per rank,
-verdicts collected instead of ending the process (tests/multihost/test_torchrun_hosts.py ends real processes)."""
+verdicts collected instead of ending the process (tests/multihost/test_torchrun_hosts.py ends real processes).
+With `per_host`, consecutive ranks play the ranks of one host: only the first of each beats."""
 
 from __future__ import annotations
 
 import datetime
+import logging
+import re
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 import torch.distributed as dist
 from distributed_helpers import free_port
 
 from dcgan.distributed.liveness import Liveness
 from dcgan.distributed.store import StoreAddress
+from dcgan.distributed.verdicts import MIN_BEATS, STORE_BUDGET_PER_S, WATCH_EVERY, Timing, beat_interval_s
 from dcgan.errors import ShardError
 
 LIVENESS_S = 3.0
@@ -22,7 +29,7 @@ LIVENESS_S = 3.0
 
 @contextmanager
 def ranks(
-    world: int, verdicts: dict[int, str], liveness_s: float = LIVENESS_S
+    world: int, verdicts: dict[int, str], liveness_s: float = LIVENESS_S, per_host: int = 1
 ) -> Iterator[tuple[list[dist.TCPStore], list[Liveness]]]:
     """A store server (rank 0's side; clear the list to end it) and `world` heartbeats on it, all stopped
     afterwards."""
@@ -35,7 +42,10 @@ def ranks(
     def collect(rank: int):
         return lambda line: verdicts.setdefault(rank, line)
 
-    beats = [Liveness(address, rank, world, liveness_s, on_verdict=collect(rank)).start() for rank in range(world)]
+    beats = [
+        Liveness(address, rank, world, liveness_s, on_verdict=collect(rank), per_host=per_host).start()
+        for rank in range(world)
+    ]
     try:
         yield server, beats
     finally:
@@ -99,3 +109,75 @@ def test_a_rank_that_cannot_reach_the_store_says_it_is_cut_off() -> None:
             f"rank {rank} on {socket.gethostname()} lost contact with rank 0's rendezvous store at {address} for 3 s"
         )
     assert waited < LIVENESS_S + 3
+
+
+def test_a_silent_host_is_named_with_its_ranks_and_its_other_ranks_hear_the_verdict_without_a_request() -> None:
+    """3 hosts of 2 ranks: host 2's beater goes silent; every surviving rank, the non-beaters (1 and 3)
+    included, gets one line naming ranks 4-5, and the ranks that do not beat sent no request at all."""
+    verdicts: dict[int, str] = {}
+    with ranks(6, verdicts, per_host=2) as (_, beats):
+        time.sleep(1.5)
+        beats[4]._stopped.set()  # host 2's beater: silent, as when the host is lost
+        beats[5]._stopped.set()
+        wait_for_verdicts(verdicts, 4, 4 * LIVENESS_S)
+        assert all(beats[rank]._store is None for rank in (1, 3, 5))
+    assert sorted(verdicts) == [0, 1, 2, 3]
+    assert len(set(verdicts.values())) == 1
+    assert verdicts[0].startswith(f"lost ranks 4-5 on {socket.gethostname()}: no heartbeat for 3 s")
+
+
+def test_a_rank_that_does_not_beat_is_named_with_its_error_at_once() -> None:
+    verdicts: dict[int, str] = {}
+    with ranks(4, verdicts, liveness_s=10, per_host=2) as (_, beats):
+        time.sleep(1.5)
+        beats[3].stop(ShardError("shard x: truncated"))
+        waited = wait_for_verdicts(verdicts, 3, 12)
+    assert verdicts[0] == verdicts[1] == verdicts[2]
+    assert verdicts[0].startswith(f"rank 3 on {socket.gethostname()} failed: shard x: truncated.")
+    assert waited < 6
+
+
+def test_the_heartbeat_sends_about_one_request_a_second_per_host_and_rank_0_reports_it(caplog) -> None:
+    """4 hosts of 4 ranks for 6 s (6 beats, give or take one): rank 0 two requests a beat, the other beaters 1 + 1/WATCH_EVERY; at the
+    end rank 0 logs the sum (the control-plane cost a user can read in train.log)."""
+    verdicts: dict[int, str] = {}
+    with ranks(16, verdicts, liveness_s=10, per_host=4) as (_, beats):
+        time.sleep(1.5)  # connected, the keys made: from here on only beats
+        before = {rank: beats[rank]._store.requests for rank in (0, 4, 8, 12)}
+        time.sleep(6)
+        rates = {rank: (beats[rank]._store.requests - before[rank]) / 6 for rank in (0, 4, 8, 12)}
+        for rank in range(15, 0, -1):
+            beats[rank].stop()
+        with caplog.at_level(logging.INFO, logger="dcgan.distributed.liveness"):
+            beats[0].stop()
+    assert verdicts == {}
+    assert 1.6 <= rates[0] <= 2.4, rates
+    assert all(1.0 <= rates[rank] <= 1.7 for rank in (4, 8, 12)), rates
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("control plane:")]
+    assert re.match(r"control plane: the heartbeat of 16 rank\(s\) on 4 host\(s\) sent \d+ store requests", line), line
+    assert "4 connection(s)" in line
+
+
+def test_the_clocks_grow_by_rule_with_the_hosts_and_with_their_load() -> None:
+    """The beat slows only where the store's budget needs it, the patience holds MIN_BEATS beats, and the
+    arrival slack follows this rank's own start-up (a loaded host starts its ranks far apart)."""
+    assert Timing.for_job(15, hosts=4, started_s=2) == Timing(liveness_s=15, beat_s=1.0, arrival_slack_s=5.0)
+    assert Timing.for_job(15, hosts=4, started_s=70).arrival_slack_s == 70
+    assert beat_interval_s(512) == 1.0  # 4,096 GPUs of 8-GPU nodes beat once a second
+    for hosts in (1024, 8192):
+        timing = Timing.for_job(15, hosts, 0)
+        assert timing.beat_s > 1.0
+        assert (2 + (hosts - 1) * (1 + 1 / WATCH_EVERY)) / timing.beat_s == pytest.approx(STORE_BUDGET_PER_S)
+        assert timing.liveness_s == max(15, MIN_BEATS * timing.beat_s)
+
+
+def test_a_process_knows_how_long_ago_it_started() -> None:
+    started = time.monotonic()
+    child = subprocess.run(
+        [sys.executable, "-c", "from dcgan.distributed.verdicts import process_age_s; print(process_age_s())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    took = time.monotonic() - started
+    assert 0.05 < float(child.stdout) < took + 0.1  # the child's imports, at most its whole life

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from dcgan.config import ModelConfig
-from dcgan.gan.models import Discriminator, Generator, count_parameters
+from dcgan.gan.models import Discriminator, Generator, count_parameters, spectral_norm_vectors
 
 
 def test_parameter_counts_match_pytorch_examples_dcgan() -> None:
@@ -46,3 +46,62 @@ def test_discriminator_returns_logits_not_probabilities() -> None:
         d.main[-1].weight.mul_(1000)
     out = d(torch.randn(8, 1, 16, 16))
     assert (out.abs() > 1).any()
+
+
+def test_spectral_norm_keeps_the_papers_init_and_parameter_counts_and_normalizes_the_convs() -> None:
+    plain_config = ModelConfig(resolution=32, nz=10, ngf=8, ndf=8, channels=3)
+    both = ModelConfig(resolution=32, nz=10, ngf=8, ndf=8, channels=3, spectral_norm="both")
+    torch.manual_seed(0)
+    plain = (Generator(plain_config), Discriminator(plain_config))
+    torch.manual_seed(0)
+    normalized = (Generator(both), Discriminator(both))
+    for a, b in zip(plain, normalized, strict=True):
+        assert count_parameters(a) == count_parameters(b)
+    # the paper's init draws the same weights: G's first layer comes before any spectral-norm vector
+    g_plain, g_norm = (dict(m.named_parameters()) for m in (plain[0], normalized[0]))
+    assert torch.equal(g_plain["main.0.weight"], g_norm["main.0.parametrizations.weight.original"])
+    assert len(spectral_norm_vectors(normalized[1])) == 2 * 4  # D: 4 convs at 32x32, a u and a v each
+    assert spectral_norm_vectors(plain[1]) == []
+    for model in normalized:
+        for layer in model.modules():
+            if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+                dim = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
+                matrix = layer.weight.detach().movedim(dim, 0).flatten(1)
+                assert torch.linalg.matrix_norm(matrix, ord=2).item() == pytest.approx(1.0, rel=0.05)
+    only_d = ModelConfig(resolution=32, nz=10, ngf=8, ndf=8, channels=3, spectral_norm="d")
+    assert spectral_norm_vectors(Generator(only_d)) == [] and spectral_norm_vectors(Discriminator(only_d))
+
+
+def test_making_images_in_train_mode_leaves_the_power_iteration_where_training_left_it() -> None:
+    from dcgan.evaluation.generators import generate, standing_statistics
+
+    g = Generator(ModelConfig(resolution=16, nz=10, ngf=4, channels=1, spectral_norm="both"))
+    before = [v.clone() for v in spectral_norm_vectors(g)]
+    noise = torch.randn(8, 10)
+    generate(g, noise, "batch")
+    generate(g, noise, "standing", standing_statistics(g))
+    assert all(torch.equal(a, b) for a, b in zip(before, spectral_norm_vectors(g), strict=True))
+    g.train()
+    g(noise)  # a training forward does move them
+    assert not all(torch.equal(a, b) for a, b in zip(before, spectral_norm_vectors(g), strict=True))
+
+
+def test_the_weight_average_loaded_at_a_resume_takes_g_s_power_iteration_vectors() -> None:
+    """A resume loads G's vectors in place, then the average's state (which has none): images made before
+    the next update must use G's sigma, not the fresh G's the average was built from."""
+    from dcgan.gan.ema import GeneratorEMA
+
+    model = ModelConfig(resolution=16, nz=10, ngf=8, ndf=8, channels=1, spectral_norm="both")
+    g = Generator(model)
+    average = GeneratorEMA(g, model, decay=0.9)
+    saved = average.state_dict()
+    g.train()
+    g(torch.randn(4, 10))  # as the loaded checkpoint does: G's vectors move on, in place
+
+    def same_vectors() -> bool:
+        pairs = zip(spectral_norm_vectors(average.module), spectral_norm_vectors(g), strict=True)
+        return all(torch.equal(a, b) for a, b in pairs)
+
+    assert not same_vectors()
+    average.load_state_dict(saved)
+    assert same_vectors()
