@@ -12,7 +12,7 @@ on the host (dcgan.distributed.verdicts has the rules and why a host, not a rank
 
 - rank 0 judges every host: one whose beat count stands still for `liveness_s` (or that never beats
   within `liveness_s` plus an arrival slack, which grows with the hosts' load: verdicts.Timing, of rank
-  0's start) is lost; rank 0 writes the verdict into the store and marks every listening host's beat
+  0's start or of the latest host's first beat, whichever is later) is lost; rank 0 writes the verdict into the store and marks every listening host's beat
   count, so that each learns of it from its next beat;
 - every other host watches rank 0's beat (rank 0's process gone while its host and the store live);
 - a beater that cannot reach the store for `liveness_s` is cut off (its link is down, or the store's

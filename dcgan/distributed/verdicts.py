@@ -122,19 +122,31 @@ class Judge:
         self.suspect_s = timing.suspect_s
         self.counts = [0] * hosts
         self.changed = [now] * hosts
+        self.last_arrival = now
 
     def update(self, counts: list[int], *, suspect: bool) -> list[int]:
         """The lost hosts given the latest counts: silent past the patience (shorter once a collective
-        failed somewhere; longer for a host not yet started). Ended hosts are never lost."""
+        failed somewhere; longer for a host not yet started). Ended hosts are never lost.
+
+        A host that never beat is measured from the latest first beat of any host, not from the start:
+        while hosts still arrive, start-up is under way (on loaded machines a wave of slow imports can
+        outlast the slack), and a host that is really absent is named one arrival window after the last
+        one came."""
         now = time.monotonic()
         for host, count in enumerate(counts):
             if count != self.counts[host]:
+                if self.counts[host] == 0 and count > 0:
+                    self.last_arrival = now
                 self.counts[host], self.changed[host] = count, now
         patience = self.suspect_s if suspect else self.liveness_s
         arrival = max(self.liveness_s + self.arrival_slack_s, patience)
 
         def lost(host: int, count: int) -> bool:
-            return count != ENDED and now - self.changed[host] > (patience if count > 0 else arrival)
+            if count == ENDED:
+                return False
+            if count > 0:
+                return now - self.changed[host] > patience
+            return now - max(self.changed[host], self.last_arrival) > arrival
 
         return [host for host, count in enumerate(self.counts) if lost(host, count)]
 

@@ -18,9 +18,10 @@ import pytest
 import torch.distributed as dist
 from distributed_helpers import free_port
 
+from dcgan.distributed import verdicts
 from dcgan.distributed.liveness import Liveness
 from dcgan.distributed.store import StoreAddress
-from dcgan.distributed.verdicts import MIN_BEATS, STORE_BUDGET_PER_S, WATCH_EVERY, Timing, beat_interval_s
+from dcgan.distributed.verdicts import MIN_BEATS, STORE_BUDGET_PER_S, WATCH_EVERY, Judge, Timing, beat_interval_s
 from dcgan.errors import ShardError
 
 LIVENESS_S = 3.0
@@ -169,6 +170,27 @@ def test_the_clocks_grow_by_rule_with_the_hosts_and_with_their_load() -> None:
         assert timing.beat_s > 1.0
         assert (2 + (hosts - 1) * (1 + 1 / WATCH_EVERY)) / timing.beat_s == pytest.approx(STORE_BUDGET_PER_S)
         assert timing.liveness_s == max(15, MIN_BEATS * timing.beat_s)
+
+
+def test_a_host_not_yet_seen_is_lost_one_arrival_window_after_the_latest_host_arrived(monkeypatch) -> None:
+    """Start-up comes in waves on a loaded machine (CI: 28 ranks beside a parallel suite): while hosts
+    still arrive, the last one is not given up; once they stop, it is lost one window later. The rule
+    is read on a clock the test sets, so that the machine's load cannot move it."""
+    clock = [100.0]
+    monkeypatch.setattr(verdicts.time, "monotonic", lambda: clock[0])
+    judge = Judge(3, Timing(liveness_s=15, beat_s=1, arrival_slack_s=5))  # an arrival window of 20 s
+
+    def at(t: float, counts: list[int]) -> list[int]:
+        clock[0] = 100.0 + t
+        return judge.update(counts, suspect=False)
+
+    assert at(10, [1, 0, 0]) == []
+    assert at(19, [9, 0, 0]) == []
+    assert at(25, [15, 1, 0]) == [], "host 1 came late, after host 2's window from the start had passed"
+    assert at(44, [34, 20, 0]) == [], "host 2's window now counts from host 1's arrival at 25 s"
+    assert at(46, [36, 22, 0]) == [2]
+    assert judge.silent_s(2) == 46, "the line still says how long since the job began"
+    assert at(46, [36, 22, 0]) == [2] and at(100, [-1, -1, 0]) == [2], "ended hosts are never lost"
 
 
 def test_a_process_knows_how_long_ago_it_started() -> None:
