@@ -9,7 +9,7 @@ from dcgan.config import ConfigError
 
 
 def _shards(args: argparse.Namespace) -> int:
-    from dcgan.data.writer import write_shards
+    from dcgan.data.writer import HOLDOUT_DIR, write_shards
 
     try:
         manifest = write_shards(
@@ -25,6 +25,7 @@ def _shards(args: argparse.Namespace) -> int:
             workers=args.workers,
             overwrite=args.overwrite,
             permutation_seed=None if args.order == "stored" else args.seed,
+            holdout=args.holdout,
         )
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
@@ -38,6 +39,9 @@ def _shards(args: argparse.Namespace) -> int:
             else f"shuffled (seed {manifest.permutation_seed})"
         )
     )
+    if args.holdout:
+        held_out = Path(args.out_dir) / HOLDOUT_DIR
+        print(f"{held_out}: {args.holdout} images held out of training (train with data.holdout={held_out})")
     return 0
 
 
@@ -70,6 +74,13 @@ def add_shards_command(commands: argparse._SubParsersAction) -> None:
         "is a random sample (a folder lists its classes one after another); stored: the source's order",
     )
     shards.add_argument("--seed", type=int, default=0, help="seed of the shuffled order")
+    shards.add_argument(
+        "--holdout",
+        type=int,
+        default=0,
+        help="keep the last N images of the written order out of the training shards, in OUT_DIR/holdout: reals "
+        "D never sees, for data.holdout (D's overfitting in the metric line)",
+    )
     shards.add_argument("--workers", type=int, default=0, help="writer processes (default: one per core)")
     shards.add_argument("--overwrite", action="store_true", help="replace the shards in a non-empty OUT_DIR")
     shards.set_defaults(func=_shards)

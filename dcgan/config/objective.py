@@ -67,5 +67,15 @@ class LossConfig:
         "color,translation,cutout; empty = none (the paper). Helps where D overfits a small data set",
     )
 
+    r1: float = _field(
+        0.0,
+        "R1 penalty weight gamma (Mescheder et al. 2018): D's loss gains gamma/2 x the mean squared norm of "
+        "its gradient on real images, D pushed flat where the data is; 0 = off (the paper). Lazy: computed every "
+        "loss.r1_every steps and scaled by it, as StyleGAN2 does",
+    )
+    r1_every: int = _field(16, "steps between R1 penalties (lazy regularization, StyleGAN2's 16); 1 = every step")
+
     def check(self) -> None:
         augment_policy(self.augment)
+        require(math.isfinite(self.r1) and self.r1 >= 0, "loss.r1", "a finite number >= 0 (0 = off)", self.r1)
+        require(self.r1_every >= 1, "loss.r1_every", ">= 1", self.r1_every)

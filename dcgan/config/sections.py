@@ -68,6 +68,12 @@ class DataConfig:
     shards: str = _field(
         "", "shard directory with manifest.json (or its http(s) URL), brace pattern or URL; empty = built-in digits"
     )
+    holdout: str = _field(
+        "",
+        "shards of real images D never trains on (`dcgan shards ... --holdout N` writes OUT_DIR/holdout): each metric "
+        "line then shows how far D scores them from training images, towards fakes (D_overfit, ADA's r_v: 0 = "
+        "none, 1 = memorised), the sign that a small data set needs loss.augment; empty = not measured",
+    )
     workers: int = _field(2, "DataLoader worker processes per rank (0 = load in the training process)")
     shuffle_buffer: int = _field(1000, "samples held in each partition's shuffle buffer")
     resampled: bool = _field(
@@ -362,6 +368,12 @@ def validate(config: Config) -> None:
         section.check()
     m = config.model
     require(0 <= config.seed < 2**32, "seed", "an integer in [0, 2^32)", config.seed)
+    require(
+        not (config.train.cuda_graph and config.loss.r1 > 0),
+        "loss.r1",
+        "0 with train.cuda_graph (a graph replays one kind of step; R1 adds a second every loss.r1_every steps)",
+        config.loss.r1,
+    )
     if config.uses_builtin_digits:
         require(m.channels == 1, "model.channels", "1 for the built-in digits (data.shards is empty)", m.channels)
     require(

@@ -8,12 +8,17 @@ time. Permuted once here, every block, shard and window is a random sample of th
 Shards are written in parallel by worker processes, each under a temporary name that is renamed only
 when the shard is complete; the manifest is written last. A directory with a manifest is therefore
 always a complete, consistent data set, and an interrupted conversion leaves no file a loader would use.
+
+`holdout` keeps the last images of the written order (a random sample, as every block is) out of the
+training shards, in a shard set of their own under OUT_DIR/holdout: reals D never trains on, against
+which `data.holdout` measures D's overfitting (dcgan.train.overfit).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -30,6 +35,8 @@ from dcgan.data.inputs import find_mnist, list_images, load_image_file, read_idx
 from dcgan.files import atomic_path
 
 KINDS = ("folder", "mnist", "digits")
+HOLDOUT_DIR = "holdout"
+"""Where `write_shards(..., holdout=N)` puts the held-out images: a shard set of its own inside OUT_DIR."""
 
 
 @dataclass
@@ -118,15 +125,17 @@ def plan_tasks(
     shard_size: int,
     block_size: int,
     permutation_seed: int | None = 0,
+    part: slice = slice(None),
 ) -> tuple[list[ShardTask], int]:
     """Split the input, in the order written (`written_order`), into shard tasks; returns (tasks,
-    channels actually written)."""
+    channels actually written). `part` selects a slice of that order (the training images or the
+    held-out ones)."""
     common: dict[str, Any] = dict(out_dir=out_dir, fmt=fmt, resolution=resolution, crop=crop, block_size=block_size)
     if kind == "folder":
         files = list_images(source)
         if not files:
             raise FileNotFoundError(f"no image files under {source}")
-        files = [files[i] for i in written_order(len(files), permutation_seed)]
+        files = [files[i] for i in written_order(len(files), permutation_seed)][part]
         return [
             ShardTask(index=i, first_key=a, channels=channels, files=files[a:b], **common)
             for i, (a, b) in enumerate(_chunks(len(files), shard_size))
@@ -142,7 +151,7 @@ def plan_tasks(
         images, labels = digits_images(resolution).numpy(), load_digits_arrays()[1]
     else:
         raise ValueError(f"unknown kind {kind!r} (allowed: {', '.join(KINDS)})")
-    order = written_order(len(images), permutation_seed)
+    order = written_order(len(images), permutation_seed)[part]
     images, labels = images[order], labels[order]
     return [
         ShardTask(index=i, first_key=a, channels=1, images=images[a:b], labels=labels[a:b], **common)
@@ -177,9 +186,56 @@ def write_shards(
     overwrite: bool = False,
     progress: bool = True,
     permutation_seed: int | None = 0,
+    holdout: int = 0,
 ) -> Manifest:
     """Convert `source` into shards under `out_dir`, its images in a permutation seeded by
-    `permutation_seed` (None: the source's order), and return the manifest written there."""
+    `permutation_seed` (None: the source's order), and return the manifest written there; the last
+    `holdout` images of that order go to out_dir/holdout instead (HOLDOUT_DIR), a shard set of their own."""
+    if holdout < 0:
+        raise ValueError(f"--holdout must be >= 0, got {holdout}")
+    settings: dict[str, Any] = dict(
+        fmt=fmt,
+        resolution=resolution,
+        channels=channels,
+        crop=crop,
+        shard_size=shard_size,
+        block_size=block_size,
+        workers=workers,
+        overwrite=overwrite,
+        progress=progress,
+        permutation_seed=permutation_seed,
+    )
+    manifest = _write_part(kind, source, out_dir, slice(0, -holdout if holdout else None), **settings)
+    held_out_dir = out_dir / HOLDOUT_DIR
+    if holdout:
+        held_out = _write_part(kind, source, held_out_dir, slice(-holdout, None), **settings)
+        if held_out.total_samples < holdout:
+            raise ValueError(
+                f"--holdout {holdout}: the source has only {held_out.total_samples} readable images to hold out"
+            )
+    elif overwrite and held_out_dir.is_dir():
+        shutil.rmtree(held_out_dir)  # the held-out images of the shards replaced: now in the training set
+    return manifest
+
+
+def _write_part(
+    kind: str,
+    source: Path,
+    out_dir: Path,
+    part: slice,
+    *,
+    fmt: str,
+    resolution: int,
+    channels: int,
+    crop: int,
+    shard_size: int,
+    block_size: int,
+    workers: int,
+    overwrite: bool,
+    progress: bool,
+    permutation_seed: int | None,
+) -> Manifest:
+    """write_shards for one slice of the written order, into its own directory and manifest."""
     prepare_out_dir(out_dir, overwrite)
     tasks, channels = plan_tasks(
         kind,
@@ -192,7 +248,10 @@ def write_shards(
         shard_size=shard_size,
         block_size=block_size,
         permutation_seed=permutation_seed,
+        part=part,
     )
+    if not tasks:
+        raise ValueError(f"{out_dir}: no images left to write (is --holdout larger than the data set?)")
     workers = workers or min(len(tasks), os.cpu_count() or 1)
     counts: dict[int, int] = {}
     skipped = 0

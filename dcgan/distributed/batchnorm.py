@@ -39,6 +39,8 @@ class _AllReduceSum(torch.autograd.Function):
 
     A custom Function rather than funcol's own autograd registration, which only newer torch releases
     have (the project supports torch >= 2.6); dynamo traces it into the compiled forward and backward.
+    The backward is itself this Function, so that a gradient of a gradient (loss.r1's penalty on D's
+    input gradient) is summed over ranks too: an in-place collective would be a constant to autograd.
     """
 
     @staticmethod
@@ -50,9 +52,7 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        total = grad.contiguous().clone()
-        all_reduce_timed(total, ctx.group)
-        return total, None
+        return _AllReduceSum.apply(grad.contiguous(), ctx.group), None
 
 
 def global_batch_moments(x: torch.Tensor, group: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

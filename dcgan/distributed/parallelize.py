@@ -84,6 +84,13 @@ _DDP_BUFFER_SYNC_ARG = (
 old name warns that it is deprecated); both still sync buffers once, when DDP is built."""
 
 
+def eager_forward(module: nn.Module, *args: Any) -> Any:
+    """`module(*args)` without torch.compile, where `module.compile()` compiled its calls: what a
+    gradient of a gradient needs (AOTAutograd has no double backward). Hooks and parametrizations still
+    run: `_call_impl` is the eager call that the compiled one wraps."""
+    return module._call_impl(*args)
+
+
 def broadcast_state(module: nn.Module, info: DistInfo) -> None:
     """Start every replica from rank 0's parameters and buffers, as DDP's constructor does."""
     broadcast_from_rank0([*module.parameters(), *module.buffers()], info)

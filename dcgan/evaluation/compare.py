@@ -49,6 +49,9 @@ ADDED_LATER = (
     ("loss", "kind"),
     ("model", "spectral_norm"),
     ("loss", "augment"),
+    ("loss", "r1"),
+    ("loss", "r1_every"),
+    ("data", "holdout"),
 )
 """Training keys added after runs were first named by their identity (issue #38's options): left out of it
 at their defaults, so that a comparison started before they existed still finds its runs."""

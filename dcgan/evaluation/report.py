@@ -28,6 +28,8 @@ CHARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Share of step time waiting for data and for other ranks", ("data_wait_share", "collective_wait_share")),
     ("Slowest rank's own time over the others' median (0.5 = 50% slower)", ("slowest_rank_excess",)),
     ("Gradient norms", ("grad_norm_G", "grad_norm_D")),
+    ("D memorising its training set: ADA's r_v on held-out reals (data.holdout; 0 = none)", ("D_overfit",)),
+    ("R1 penalty, E|grad_x D(x)|^2 on reals (loss.r1)", ("r1_penalty",)),
 )
 """The training charts: title and the stats.jsonl keys drawn in it. Eval metrics (`eval/*`) get one chart each."""
 
@@ -39,6 +41,11 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
 
 Series = dict[str, list[tuple[float, float]]]
 """Metric name -> (images seen, value) points in step order."""
+
+
+def drawn(series: Series) -> bool:
+    """Whether a chart says anything: a series with a value other than 0 (r1_penalty is 0 without loss.r1)."""
+    return any(value != 0 for points in series.values() for _, value in points)
 
 
 def collect(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> Series:
@@ -172,7 +179,7 @@ def render(run_dir: Path) -> str:
     rows = read_stats(layout.stats)
     charts = [(title, collect(rows, keys)) for title, keys in CHARTS]
     charts += [(key.removeprefix("eval/"), collect(rows, (key,))) for key in eval_keys(rows)]
-    charts = [(title, series) for title, series in charts if series]
+    charts = [(title, series) for title, series in charts if drawn(series)]
     strip = sample_strip(layout.samples)
     config = layout.config
     last = rows[-1] if rows else {}

@@ -128,5 +128,18 @@ def spectral_norm_vectors_kept(module: nn.Module) -> Iterator[None]:
                 vector.copy_(value)
 
 
+@contextmanager
+def buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Train-mode forwards that only measure (D's accuracy on held-out reals) leave every buffer as it
+    was: BatchNorm's running statistics and counts, and the power iteration's vectors."""
+    kept = [(buffer, buffer.clone()) for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in kept:
+                buffer.copy_(value)
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

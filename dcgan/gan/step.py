@@ -20,18 +20,37 @@ from torch.nn.utils import get_total_norm
 from dcgan.config import Config, LossKind
 from dcgan.config.vocabulary import augment_policy
 from dcgan.distributed.env import DistInfo
-from dcgan.distributed.parallelize import Bare, GradientSync, average_gradients, gradient_sync, prepare_module
+from dcgan.distributed.parallelize import (
+    Bare,
+    GradientSync,
+    average_gradients,
+    eager_forward,
+    gradient_sync,
+    prepare_module,
+)
 from dcgan.gan.augment import PASSES, AugmentDraws, Pass, augment
 from dcgan.gan.losses import discriminator_loss, generator_loss, realness
 from dcgan.gan.models import Discriminator, Generator
 from dcgan.pixels import from_uint8
 from dcgan.seeds import mix
 
-STAT_NAMES = ("loss_D", "loss_G", "D_x", "D_G_z_before", "D_G_z_after", "grad_norm_G", "grad_norm_D", "nonfinite")
+STAT_NAMES = (
+    "loss_D",
+    "loss_G",
+    "D_x",
+    "D_G_z_before",
+    "D_G_z_after",
+    "grad_norm_G",
+    "grad_norm_D",
+    "r1_penalty",
+    "nonfinite",
+)
 """Names of the values in the vector a step returns, in order (one device tensor, summed over steps by
 the loop and read once per metric line); index it by name with STAT_INDEX. D_x and D_G_z are means of
 D's outputs read as how sure D is that an image is real, on the same scale for every loss.kind
-(dcgan.gan.losses.realness)."""
+(dcgan.gan.losses.realness). r1_penalty: the mean squared norm of D's gradient on reals, times
+loss.r1_every on the steps that measure it and 0 on the others, so that a window's mean estimates it
+(0 without loss.r1)."""
 
 STAT_INDEX = {name: index for index, name in enumerate(STAT_NAMES)}
 NONFINITE = STAT_INDEX["nonfinite"]
@@ -107,6 +126,10 @@ class GANStep:
     """loss.augment's policies, applied to every batch D sees (dcgan.gan.augment); () for the paper."""
     augment_draws: AugmentDraws | None = None
     """The per-step uniforms of the augmentation, where `augment` is not empty."""
+    r1: float = 0.0
+    """loss.r1's gamma: 0 = no penalty (the paper)."""
+    r1_every: int = 16
+    """loss.r1_every: the penalty's steps are those divisible by it, scaled by it (lazy regularization)."""
     channels_last: bool = False
     autocast_cache: bool = True
     """Off under CUDA-graph capture: autocast's cast cache must not outlive the captured region."""
@@ -122,7 +145,28 @@ class GANStep:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Train on one batch of uint8 images already on the device; return the stats vector."""
-        return self.train(images, self.noise.draw(), self.draw_augmentation())
+        penalize = self.r1_due(self.noise.at)
+        return self.train(images, self.noise.draw(), self.draw_augmentation(), penalize=penalize)
+
+    def r1_due(self, step: int) -> bool:
+        """Whether step `step` adds the R1 penalty: a function of the step alone, so every rank and a resume agree."""
+        return self.r1 > 0 and step % self.r1_every == 0
+
+    def r1_penalty(self, real_seen: torch.Tensor) -> torch.Tensor:
+        """Mean over this rank's reals of |grad_x D(x)|^2, differentiable (for D's backward).
+
+        In fp32 outside autocast (a squared gradient underflows in half precision) and through D's eager
+        forward: torch.compile cannot differentiate a gradient (AOTAutograd has no double backward). Each
+        rank differentiates its own outputs, and cross-rank BatchNorm's backward sums over ranks: the
+        gradient is that of the global batch's outputs, as on one process, so world sizes agree. The extra
+        forward moves D's BatchNorm running statistics once more (D trains in batch-statistics mode, so
+        they never change a step) and, with spectral normalization, its power iteration.
+        """
+        x = real_seen.detach().float().requires_grad_(True)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = eager_forward(self.d_bare, x)
+            (gradient,) = torch.autograd.grad(logits.float().sum(), x, create_graph=True)
+        return gradient.square().sum(dim=(1, 2, 3)).mean()
 
     def start_at(self, step: int) -> None:
         """Resume the step's random streams (noise, augmentation) at `step`: each is a function of the step."""
@@ -142,9 +186,12 @@ class GANStep:
         # the gathers of a translation return NCHW: give D the layout it was built for again
         return seen_images.contiguous(memory_format=torch.channels_last) if self.channels_last else seen_images
 
-    def train(self, images: torch.Tensor, z: torch.Tensor, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    def train(
+        self, images: torch.Tensor, z: torch.Tensor, uniforms: torch.Tensor | None = None, *, penalize: bool = False
+    ) -> torch.Tensor:
         """The step's body: only device work, no host reads, shapes fixed by the inputs' shapes.
-        `uniforms`: the step's augmentation draws (None: D sees the batches as they are)."""
+        `uniforms`: the step's augmentation draws (None: D sees the batches as they are); `penalize`: add
+        the R1 penalty this step (a step of its own kind: CUDA graphs capture only the other)."""
         device = images.device
         real = from_uint8(images, self.dtype)
         if self.channels_last:
@@ -154,10 +201,13 @@ class GANStep:
         self.opt_d.zero_grad(set_to_none=True)
         with self._autocast(device):
             fake = self.g(z)
-            real_logits = self.d(self.seen_by_d(real, uniforms, "real"))
+            real_seen = self.seen_by_d(real, uniforms, "real")
+            real_logits = self.d(real_seen)
             fake_logits = self.d(self.seen_by_d(fake.detach(), uniforms, "fake_for_d"))
             loss_d = discriminator_loss(real_logits, fake_logits, self.loss)
-        self.scaler.scale(loss_d).backward()
+        # lazy R1: measured every r1_every steps, scaled by it (the metric line's loss_D stays the GAN loss)
+        r1_penalty = self.r1_penalty(real_seen) * self.r1_every if penalize else loss_d.new_zeros(())
+        self.scaler.scale(loss_d + 0.5 * self.r1 * r1_penalty if penalize else loss_d).backward()
         if self.average_gradients is not None:
             self.average_gradients(self.d_bare)
         self.scaler.unscale_(self.opt_d)
@@ -180,7 +230,7 @@ class GANStep:
         self.scaler.update()
 
         self.last_logits = (real_logits.detach(), fake_logits.detach())
-        losses = torch.stack([loss_d.detach(), loss_g.detach()])
+        losses = torch.stack([loss_d.detach(), loss_g.detach(), r1_penalty.detach()])
         return torch.stack(
             [
                 losses[0],
@@ -190,6 +240,7 @@ class GANStep:
                 realness(fake_logits_after.detach(), self.loss).mean(),
                 grad_norm_g,
                 grad_norm_d,
+                losses[2],
                 (~torch.isfinite(losses)).any().float(),
             ]
         )
@@ -257,6 +308,8 @@ def build_step(
             if policy
             else None
         ),
+        r1=config.loss.r1,
+        r1_every=config.loss.r1_every,
         channels_last=t.channels_last and device.type == "cuda",
         average_gradients=partial(average_gradients, info=info) if sync == "explicit" else None,
     )

@@ -37,6 +37,7 @@ from dcgan.evaluation.generators import LoadedGenerator, save_grid, to_uint8_gri
 from dcgan.gan.losses import realness
 from dcgan.run.checkpoint import Best, read_best
 from dcgan.run.rundir import RunDir, RunDirLock, check_progress, own_run_dir, save_run_config
+from dcgan.train.overfit import OverfitProbe
 from dcgan.train.preemption import StoppedWhileWaiting, StopSignal, stop_agreed
 from dcgan.train.run_partitions import with_run_partitions
 from dcgan.train.tracking import Tracker, make_tracker
@@ -188,6 +189,8 @@ class LoopState:
     hang: HangWatch
     best: float
     diversity: float | None = None  # of the newest grid (rank 0), reported with the next metric line
+    overfit: OverfitProbe | None = None
+    """D's accuracy on training against held-out reals (data.holdout), for each metric line."""
 
     @contextmanager
     def outside_training(self) -> Iterator[Elapsed]:
@@ -207,6 +210,7 @@ def start_loop(trainer: Trainer, hang: HangWatch) -> LoopState:
         health=GanHealth(loss=cfg.loss.kind),
         hang=hang,
         best=previous_best["value"] if previous_best else math.inf,
+        overfit=OverfitProbe.for_run(cfg, info),
     )
 
 
@@ -223,6 +227,8 @@ def _loop(trainer: Trainer, tracker: Tracker, stop: StopSignal, hang: HangWatch)
                 return stop_while_waiting(trainer, stop)
         hang.in_step(trainer.step + 1)
         state.window.add(trainer.train_step(images), waited)
+        if state.overfit is not None:
+            state.overfit.remember(images)
         hang.step_done(trainer.step)
         state.progress.update(trainer.step)
         step, final = trainer.step, trainer.step == cfg.train.steps
@@ -293,6 +299,9 @@ def log_window(trainer: Trainer, tracker: Tracker, state: LoopState) -> None:
     metrics.update(state.ranks.window_metrics(step, state.window.rank_times()))
     if state.diversity is not None:
         metrics["sample_diversity"] = state.diversity
+    if state.overfit is not None:
+        with state.outside_training():
+            metrics.update(state.overfit.measure(trainer.g_bare, trainer.d_bare, info))
     tracker.log_metrics(step, metrics)
     state.progress.report(step, metrics)
     state.health.observe_metrics(step, metrics)

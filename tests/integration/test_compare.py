@@ -44,6 +44,7 @@ def test_runs_are_shared_exactly_when_training_does_not_differ() -> None:
         ["optim.beta1_g=0"],
         ["loss.kind=hinge"],
         ["model.spectral_norm=d"],
+        ["loss.r1=1"],
     ):
         assert training_identity(load_config(TINY, other)) != base, other
     assert describe_settings(str(TINY), [], ["train.ema=0"], ["train.ema=0.99"]) == "train.ema: 0.0 -> 0.99"

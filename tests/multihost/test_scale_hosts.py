@@ -150,8 +150,9 @@ def test_a_lost_host_of_eight_is_named_in_one_line_and_seven_train_on_from_the_n
             assert [a for a in alarms(launch.log(name)) if LOST not in a] == [], name
     ended = launch.wait(60)
     survivors = {name: status for name, (status, _) in ended.items() if name != LOST}
-    assert survivors == {name: 0 for name in NAMES if name != LOST}, launch.log(head)[-3000:]
     text = train_log.read_text()
+    why = {name: error_lines(launch.log(name)) for name in NAMES if name != LOST}
+    assert survivors == {name: 0 for name in NAMES if name != LOST}, f"{why}\n{text[-3000:]}"
     resumed = re.search(rf"resumed from {run / 'checkpoints'}/step_(\d+) .* in ([\d.]+) s", text)
     assert resumed and int(resumed.group(1)) >= kept, text[-3000:]
     assert ": 28 rank(s) on cpu" in text

@@ -43,6 +43,8 @@ BEYOND_THE_PAPER = (
     "loss.kind=hinge",
     "model.spectral_norm=both",
     "loss.augment=color,translation,cutout",
+    "loss.r1=1",
+    "loss.r1_every=4",
 )
 """Every option beyond the paper's recipe at once (TTUR with D's own betas, the hinge loss, spectral
 normalization of G and D, DiffAugment of all three policies): the exact-resume and world-size tests run

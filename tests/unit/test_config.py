@@ -42,6 +42,8 @@ def test_yaml_and_dotted_overrides(tmp_path: Path) -> None:
         ("optim.beta1_d=-0.1", "optim.beta1_d: must be null or in [0, 1), got -0.1"),
         ("loss.kind=wgan", "loss.kind: expected bce | hinge | lsgan, got 'wgan'"),
         ("model.spectral_norm=g", "model.spectral_norm: expected none | d | both, got 'g'"),
+        ("loss.r1=-1", "loss.r1: must be a finite number >= 0 (0 = off), got -1.0"),
+        ("loss.r1_every=0", "loss.r1_every: must be >= 1, got 0"),
         ("model.channels=3", "model.channels: must be 1 for the built-in digits"),
         ("model.channels=2", "model.channels: must be 1 or 3, got 2"),
         ("model=3", "model: expected a section of keys"),
@@ -53,6 +55,14 @@ def test_bad_values_fail_with_one_line_naming_the_key(override: str, message: st
         load_config(ROOT / "configs" / "digits.yaml", [override])
     text = str(info.value)
     assert message in text and "\n" not in text
+
+
+def test_r1_is_refused_with_cuda_graphs_in_one_line() -> None:
+    """A CUDA graph replays one kind of step; R1 adds a second: refused when the config loads, not on a GPU."""
+    with pytest.raises(ConfigError) as info:
+        load_config(ROOT / "configs" / "digits.yaml", ["train.device=cuda", "train.cuda_graph=true", "loss.r1=1"])
+    assert str(info.value).startswith("loss.r1: must be 0 with train.cuda_graph")
+    assert load_config(ROOT / "configs" / "digits.yaml", ["train.device=cuda", "loss.r1=1"]).loss.r1 == 1
 
 
 def test_per_network_adam_settings_default_to_the_shared_ones_and_round_trip(tmp_path: Path) -> None:

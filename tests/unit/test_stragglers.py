@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dcgan.distributed.stragglers import RankTimes, StragglerWatch, slowest_rank, straggler_metrics
+from dcgan.gan.step import STAT_NAMES
 
 HOSTS = ["hosta", "hostb", "hostc"]
 
@@ -80,7 +81,7 @@ def test_a_window_counts_collective_waits_of_training_only() -> None:
     for _ in range(4):  # four steps of 0.1 s, 0.03 s of each blocked in collectives
         now[0] += 0.1
         COLLECTIVE_CLOCK.seconds += 0.03
-        window.add(torch.zeros(8), data_wait_s=0.01)
+        window.add(torch.zeros(len(STAT_NAMES)), data_wait_s=0.01)
     with window.outside_training():  # 2 s of evaluation, 1 s of it in collectives
         now[0] += 2.0
         COLLECTIVE_CLOCK.seconds += 1.0
