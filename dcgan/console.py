@@ -98,7 +98,9 @@ class Progress:
             return
         if self.interactive:
             self.stream.write("\r")
-        shown = " ".join(f"{k}={metrics[k]:.3f}" for k in ("loss_D", "loss_G", "D_x", "D_G_z_before") if k in metrics)
+        shown = " ".join(
+            f"{k}={metrics[k]:.3f}" for k in ("loss_D", "loss_G", "D_x", "D_G_z_before", "D_overfit") if k in metrics
+        )
         rate = metrics.get("img_per_s", 0.0)
         log.info("step %d/%d %s %.0f img/s ETA %s", step, self.total, shown, rate, _duration(self.eta_s(step)))
 

@@ -68,7 +68,13 @@ class RunDirInUse(DcganError):
 
 
 class CheckpointWriteError(DcganError):
-    """A checkpoint could not be written (full disk, lost mount); the completed ones are untouched."""
+    """A checkpoint could not be written (full disk, lost mount); the completed ones are untouched.
+    `in_collective`: the save failed in an exchange between ranks, which a lost peer also causes: the
+    heartbeat's verdict then names the peer instead of this line (dcgan.distributed.session.explain_failure)."""
+
+    def __init__(self, message: str, *, in_collective: bool = False) -> None:
+        super().__init__(message)
+        self.in_collective = in_collective
 
 
 class NoProgress(DcganError):

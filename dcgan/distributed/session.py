@@ -33,7 +33,7 @@ from dcgan.distributed.env import (
 from dcgan.distributed.liveness import Liveness
 from dcgan.distributed.network import check_gloo_address
 from dcgan.distributed.store import rendezvous_store
-from dcgan.errors import DcganError, LaunchError
+from dcgan.errors import CheckpointWriteError, DcganError, LaunchError
 
 
 def init_distributed(
@@ -125,10 +125,12 @@ def distributed_session(
 def explain_failure(error: BaseException) -> None:
     """This rank is failing. A collective's error (RuntimeError, of which torch's DistError is one) may
     be a lost peer: wait for the heartbeat's verdict, which ends the process with one line naming it.
-    Any other error is this rank's own (every rank may be raising it): peers that end now are no news."""
+    Any other error is this rank's own (every rank may be raising it): peers that end now are no news,
+    except a checkpoint that failed in an exchange between ranks (a lost peer fails it too)."""
     if _LIVENESS is None:
         return
-    if isinstance(error, RuntimeError) and not isinstance(error, DcganError):
+    in_collective = isinstance(error, CheckpointWriteError) and error.in_collective
+    if isinstance(error, RuntimeError) and (in_collective or not isinstance(error, DcganError)):
         _LIVENESS.explain(error)
     _LIVENESS.ending()
 

@@ -254,7 +254,8 @@ class Checkpointer:
         if is_complete(path):  # every rank's data and the metadata are on disk: only the closing exchange failed
             return CheckpointWriteError(
                 f"checkpoint {path} is complete, but a rank failed while the save finished "
-                f"({type(exc).__name__}: {one_line(exc)[:300]})"
+                f"({type(exc).__name__}: {one_line(exc)[:300]})",
+                in_collective=True,
             )
         if disk_full(exc, self.root):
             reason = f"no space left on device at {path}"
@@ -262,7 +263,8 @@ class Checkpointer:
             reason = f"cannot write checkpoint {path} ({type(exc).__name__}: {one_line(exc)[:300]})"
         previous = latest_checkpoint(self.root)
         kept = f"the last complete one, {previous.name}, is kept" if previous else "no earlier checkpoint exists"
-        return CheckpointWriteError(f"{reason}: step {step} was not saved; {kept}")
+        in_collective = isinstance(exc, RuntimeError) and not isinstance(exc, OSError)  # gloo/NCCL, not the disk
+        return CheckpointWriteError(f"{reason}: step {step} was not saved; {kept}", in_collective=in_collective)
 
     def _finished(self, step: int) -> None:
         """After a save completed: the best marker (only now, so that it never names a half-written
