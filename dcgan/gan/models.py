@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
@@ -115,30 +115,28 @@ def spectral_norm_vectors(module: nn.Module) -> list[torch.Tensor]:
 
 
 @contextmanager
-def spectral_norm_vectors_kept(module: nn.Module) -> Iterator[None]:
+def _kept(tensors: list[torch.Tensor]) -> Iterator[None]:
+    """Put `tensors` back to their values at entry when the block ends (however it ends)."""
+    kept = [(tensor, tensor.clone()) for tensor in tensors]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, value in kept:
+                tensor.copy_(value)
+
+
+def spectral_norm_vectors_kept(module: nn.Module) -> AbstractContextManager[None]:
     """Forwards in train mode that are not training (BatchNorm statistics re-estimated, images with batch
     statistics) leave the power iteration's vectors as they were, so that making images never changes
     what training or a resumed run computes next."""
-    kept = [(vector, vector.clone()) for vector in spectral_norm_vectors(module)]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for vector, value in kept:
-                vector.copy_(value)
+    return _kept(spectral_norm_vectors(module))
 
 
-@contextmanager
-def buffers_kept(module: nn.Module) -> Iterator[None]:
-    """Train-mode forwards that only measure (D's accuracy on held-out reals) leave every buffer as it
-    was: BatchNorm's running statistics and counts, and the power iteration's vectors."""
-    kept = [(buffer, buffer.clone()) for buffer in module.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in kept:
-                buffer.copy_(value)
+def buffers_kept(module: nn.Module) -> AbstractContextManager[None]:
+    """Train-mode forwards that only measure (D_overfit's scores of held-out reals) leave every buffer as
+    it was: BatchNorm's running statistics and counts, and the power iteration's vectors."""
+    return _kept(list(module.buffers()))
 
 
 def count_parameters(module: nn.Module) -> int:
