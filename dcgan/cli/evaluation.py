@@ -43,9 +43,11 @@ def compare_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
+    from dcgan.evaluation.compare_report import is_comparison, write_comparison_report
     from dcgan.evaluation.report import write_report
 
-    out = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    directory, target = Path(args.run_dir), Path(args.out) if args.out else None
+    out = write_comparison_report(directory, target) if is_comparison(directory) else write_report(directory, target)
     print(f"{out}: open it in a browser (file://{out.resolve()})")
     return 0
 
@@ -104,12 +106,16 @@ def add_compare_command(commands: argparse._SubParsersAction) -> None:
 
 
 def add_report_command(commands: argparse._SubParsersAction) -> None:
-    """`dcgan report RUN_DIR`: one HTML page of a run."""
+    """`dcgan report RUN_DIR`: one HTML page of a run, or of a comparison."""
     report = commands.add_parser(
         "report",
-        help="one HTML page of a run: curves over images seen, eval metrics, sample grids over time",
-        description="Reads only RUN_DIR's stats.jsonl, samples/ and config.yaml: works offline and on a run in progress.",
+        help="one HTML page of a run (curves over images seen, eval metrics, sample grids over time) or of a "
+        "`dcgan compare` directory (each setting's curves: mean over seeds, band from lowest to highest seed)",
+        description="Reads only RUN_DIR's stats.jsonl, samples/ and config.yaml: works offline and on a run in progress. "
+        "Given the --out directory of `dcgan compare` (it holds compare.json), draws every metric the runs log "
+        "(losses, D's outputs, D_overfit, eval/* with eval.every) as each setting's mean over seeds with a band from "
+        "its lowest seed to its highest, under the comparison's table.",
     )
-    report.add_argument("run_dir", help="run directory")
+    report.add_argument("run_dir", help="run directory, or a `dcgan compare --out` directory")
     report.add_argument("--out", default="", help="HTML file to write (default: RUN_DIR/report.html)")
     report.set_defaults(func=report_command)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +30,21 @@ SweepPoint = dict[str, str]
 """One point of a sweep grid: config key -> value, as written on the command line."""
 
 
+def split_choices(values: str) -> list[str]:
+    """`1e-4,2e-4` -> two values; a value in brackets is one value, commas and all, so that keys whose
+    value is itself a list can be swept: `[color,translation],cutout` -> `color,translation` and `cutout`."""
+    choices = [
+        m.group(1) if m.group(1) is not None else m.group(2) for m in re.finditer(r"\[([^\]]*)\]|([^,]+)", values)
+    ]
+    return [choice.strip() for choice in choices if choice.strip()]
+
+
 def parse_sweep(specs: list[str]) -> list[SweepPoint]:
     """`["optim.lr=1e-4,2e-4", "seed=0,1,2"]` -> the 6 points of the grid, the last key varying fastest."""
     axes: list[tuple[str, list[str]]] = []
     for spec in specs:
         key, sep, values = spec.partition("=")
-        choices = [v.strip() for v in values.split(",") if v.strip()]
+        choices = split_choices(values)
         if not sep or not key or not choices:
             raise ConfigError(f"--sweep {spec!r}: write key=value1,value2,... e.g. optim.lr=1e-4,2e-4")
         if any(key == seen for seen, _ in axes):

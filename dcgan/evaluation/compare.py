@@ -32,6 +32,9 @@ from dcgan.evaluation.spread import Spread
 from dcgan.files import write_text_atomically
 from dcgan.run.rundir import RunDir
 
+COMPARISON = "compare.json"
+"""What a comparison writes in its --out directory (settings, values, runs, verdict, the printed table);
+`dcgan report` draws the directory's curves when it finds one."""
 RECIPE_OVERRIDES = [RECIPE]
 """--a / --b as split_overrides gives the keyword that selects the recipe arm."""
 
@@ -122,8 +125,16 @@ def failure_cause(stderr: str) -> str:
     return (errors or logged or lines or ["no output on stderr"])[-1]
 
 
-def train_point(config_path: str, common: list[str], setting: Setting, config: Config) -> None:
-    """Train (or resume) one run in a child process, as `dcgan train` would; a finished run is reused."""
+def wandb_group(root: Path, setting: Setting, config: Config) -> str:
+    """The wandb group of a setting's runs: wandb draws a group as its runs' mean with a band over them,
+    which is the comparison's curves. Named by the --out directory, the setting and a hash of its training
+    config less the seed, so that two comparisons logging to one project never share a group."""
+    return f"{root.name}/{setting.name}-{training_identity(replace(config, seed=0))[:8]}"
+
+
+def train_point(config_path: str, common: list[str], setting: Setting, config: Config, group: str) -> None:
+    """Train (or resume) one run in a child process, as `dcgan train` would, in wandb group `group`
+    (unless the overrides name another); a finished run is reused."""
     if finished(config):
         return
     command = [
@@ -132,6 +143,7 @@ def train_point(config_path: str, common: list[str], setting: Setting, config: C
         "dcgan",
         "train",
         config_path,
+        f"log.group={group}",
         *common,
         *setting.overrides,
         f"seed={config.seed}",
@@ -207,6 +219,7 @@ class Comparison:
     def as_dict(self) -> dict[str, Any]:
         record = asdict(self)
         record["verdict"] = self.verdict()
+        record["table"] = self.table()
         return record
 
 
@@ -242,7 +255,7 @@ def compare(
             if is_recipe(setting):
                 train_recipe(config, Path(config.run.dir))
             else:
-                train_point(config_path, common, setting, config)
+                train_point(config_path, common, setting, config, wandb_group(root, setting, config))
             value, _ = score_point(config, metric, num or config.eval.num, info, recipe=is_recipe(setting))
             values[setting.name].append(value)
             runs[setting.name].append(config.run.dir)
@@ -261,7 +274,7 @@ def compare(
 
 
 def write_comparison(comparison: Comparison, root: Path) -> Path:
-    out = root / "compare.json"
+    out = root / COMPARISON
     write_text_atomically(out, json.dumps(comparison.as_dict(), indent=1))
     return out
 

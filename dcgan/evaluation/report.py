@@ -13,11 +13,11 @@ import base64
 import html
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dcgan.distributed.stragglers import bound_kind
+from dcgan.evaluation.charts import STYLE, Series, svg_chart
 from dcgan.run.rundir import RunDir
 from dcgan.run.stats import read_stats
 
@@ -36,11 +36,6 @@ CHARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
 X_AXIS = "images_seen"
 STRIP_LENGTH = 8
 """Sample grids shown in the strip: evenly spaced over the run, always including the newest."""
-
-COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
-
-Series = dict[str, list[tuple[float, float]]]
-"""Metric name -> (images seen, value) points in step order."""
 
 
 def drawn(series: Series) -> bool:
@@ -64,63 +59,6 @@ def collect(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> Series:
 
 def eval_keys(rows: list[dict[str, Any]]) -> tuple[str, ...]:
     return tuple(sorted({key for row in rows for key in row if key.startswith("eval/")}))
-
-
-@dataclass(frozen=True)
-class Box:
-    """The plotting area of a chart, in SVG pixels."""
-
-    width: int = 560
-    height: int = 220
-    left: int = 58
-    right: int = 12
-    top: int = 12
-    bottom: int = 30
-
-
-def _span(values: list[float]) -> tuple[float, float]:
-    low, high = min(values), max(values)
-    return (low - 0.5, high + 0.5) if low == high else (low, high)
-
-
-def _label(value: float) -> str:
-    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.3e}"
-
-
-def svg_chart(series: Series, box: Box = Box()) -> str:
-    """One line chart: a polyline per series, the axes' ranges as labels, a legend."""
-    xs = [x for points in series.values() for x, _ in points]
-    ys = [y for points in series.values() for _, y in points]
-    (x0, x1), (y0, y1) = _span(xs), _span(ys)
-    inner_w, inner_h = box.width - box.left - box.right, box.height - box.top - box.bottom
-
-    def at(x: float, y: float) -> str:
-        px = box.left + (x - x0) / (x1 - x0) * inner_w
-        py = box.top + (1 - (y - y0) / (y1 - y0)) * inner_h
-        return f"{px:.1f},{py:.1f}"
-
-    parts = [
-        f'<svg width="{box.width}" height="{box.height}" xmlns="http://www.w3.org/2000/svg" font-size="11">',
-        f'<rect x="{box.left}" y="{box.top}" width="{inner_w}" height="{inner_h}" fill="none" stroke="#bbb"/>',
-        f'<text x="{box.left - 4}" y="{box.top + 9}" text-anchor="end">{_label(y1)}</text>',
-        f'<text x="{box.left - 4}" y="{box.top + inner_h}" text-anchor="end">{_label(y0)}</text>',
-        f'<text x="{box.left}" y="{box.height - 14}">{_label(x0)}</text>',
-        f'<text x="{box.width - box.right}" y="{box.height - 14}" text-anchor="end">{_label(x1)}</text>',
-        f'<text x="{box.left + inner_w / 2}" y="{box.height - 2}" text-anchor="middle">images seen</text>',
-    ]
-    for index, (name, points) in enumerate(series.items()):
-        color = COLORS[index % len(COLORS)]
-        path = " ".join(at(x, y) for x, y in points)
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.3" points="{path}"/>')
-        if len(points) == 1:
-            parts.append(
-                f'<circle r="2.5" fill="{color}" cx="{at(*points[0]).split(",")[0]}" cy="{at(*points[0]).split(",")[1]}"/>'
-            )
-        parts.append(
-            f'<text x="{box.left + 8}" y="{box.top + 14 + 13 * index}" fill="{color}">{html.escape(name)}</text>'
-        )
-    parts.append("</svg>")
-    return "".join(parts)
 
 
 def sample_strip(samples: Path, length: int = STRIP_LENGTH) -> list[tuple[int, str]]:
@@ -166,13 +104,6 @@ def rank_table(rows: list[dict[str, Any]]) -> str:
     return f"<table>{''.join(cells)}</table>"
 
 
-STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#222}h2{margin-top:28px}
-.charts{display:flex;flex-wrap:wrap;gap:18px}.chart h3{font-size:14px;margin:4px 0}
-.strip{display:flex;flex-wrap:wrap;gap:10px}.strip figure{margin:0;text-align:center;font-size:12px}
-.strip img{width:180px;image-rendering:pixelated;border:1px solid #ccc}
-table{border-collapse:collapse;font-size:13px}td{padding:2px 10px;border-bottom:1px solid #eee}"""
-
-
 def render(run_dir: Path) -> str:
     """The report page of `run_dir` as one HTML string."""
     layout = RunDir(run_dir)
@@ -216,13 +147,16 @@ def render(run_dir: Path) -> str:
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
-    """Write the report (default RUN_DIR/report.html) and return its path."""
+    """Write the report (default RUN_DIR/report.html) and return its path. (`dcgan report` hands the
+    directory of a comparison to dcgan.evaluation.compare_report instead.)"""
     from dcgan.config import ConfigError
 
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: no such run directory")
     if not RunDir(run_dir).stats.is_file() and not RunDir(run_dir).samples.is_dir():
-        raise ConfigError(f"{run_dir} has neither stats.jsonl nor samples/: is it a run directory?")
+        raise ConfigError(
+            f"{run_dir} has neither stats.jsonl nor samples/ nor compare.json: is it a run or comparison directory?"
+        )
     target = out or run_dir / "report.html"
     target.write_text(render(run_dir))
     return target

@@ -14,12 +14,11 @@ body, so that a CUDA graph can replay the body with new parameters copied into a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import torch
 
-from dcgan.seeds import mix
+from dcgan.seeds import StepDraws
 
 Pass = Literal["real", "fake_for_d", "fake_for_g"]
 PASSES: tuple[Pass, ...] = get_args(Pass)
@@ -92,33 +91,11 @@ def augment(x: torch.Tensor, u: torch.Tensor, policy: tuple[str, ...]) -> torch.
     return x
 
 
-@dataclass
-class AugmentDraws:
-    """The uniforms of each step's passes, as a function of (seed, step) alone: drawn for the whole global
-    batch, of which this rank takes its positions. Like dcgan.gan.step.LatentNoise, a resume needs only
-    the step (`at`)."""
-
-    seed: int
-    global_batch: int
-    rank: int
-    world_size: int
-    device: torch.device
-    at: int = 0
-    """The step whose uniforms the next draw returns (the trainer sets it on resume)."""
-    generator: torch.Generator = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.generator = torch.Generator(device=self.device)
-
-    def global_batch_at(self, step: int) -> torch.Tensor:
-        """(len(PASSES), global batch, UNIFORMS) uniforms of `step`, every rank's positions."""
-        self.generator.manual_seed(mix(self.seed, AUGMENT_STREAM, step))
-        shape = (len(PASSES), self.global_batch, UNIFORMS)
-        return torch.rand(shape, device=self.device, generator=self.generator)
-
-    def draw(self) -> torch.Tensor:
-        """This rank's uniforms for step `at` (len(PASSES), batch per rank, UNIFORMS), then the next step."""
-        share = self.global_batch // self.world_size
-        uniforms = self.global_batch_at(self.at)[:, self.rank * share : (self.rank + 1) * share]
-        self.at += 1
-        return uniforms
+def augment_draws(
+    seed: int, global_batch: int, rank: int, world_size: int, device: torch.device, at: int = 0
+) -> StepDraws:
+    """The uniforms of each step's passes, (len(PASSES), batch per rank, UNIFORMS), the same for any number
+    of ranks and at resume (dcgan.seeds.StepDraws, as the latent noise)."""
+    return StepDraws(
+        seed, AUGMENT_STREAM, (len(PASSES), global_batch, UNIFORMS), 1, False, rank, world_size, device, at
+    )

@@ -4,7 +4,7 @@ At batch 128 a DCGAN step is a few hundred short kernels, and launching them one
 takes longer than running them; replaying a captured graph launches the whole step — both forwards,
 both backwards, both Adam updates, the statistics — at once. Capture records device addresses, so the
 step must touch the same tensors every time: the batch and the noise are copied into static buffers
-outside the graph (the noise is drawn as in eager mode, by step: dcgan.gan.step.LatentNoise, so checkpoints
+outside the graph (the noise is drawn as in eager mode, by step: dcgan.gan.step.latent_noise, so checkpoints
 and resumes are unchanged), gradients and activations live in the graph's private memory pool, and Adam keeps its
 step counter on the device (`capturable=True`).
 

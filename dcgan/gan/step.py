@@ -28,11 +28,11 @@ from dcgan.distributed.parallelize import (
     gradient_sync,
     prepare_module,
 )
-from dcgan.gan.augment import PASSES, AugmentDraws, Pass, augment
+from dcgan.gan.augment import PASSES, Pass, augment, augment_draws
 from dcgan.gan.losses import discriminator_loss, generator_loss, realness
 from dcgan.gan.models import Discriminator, Generator
 from dcgan.pixels import from_uint8
-from dcgan.seeds import mix
+from dcgan.seeds import StepDraws
 
 STAT_NAMES = (
     "loss_D",
@@ -76,36 +76,13 @@ NOISE_STREAM = 0x4E015E
 """Tags the latent-noise seeds apart from the data order's, which mix the same run seed."""
 
 
-@dataclass
-class LatentNoise:
-    """The latent batch of each step, as a function of (seed, step) alone: drawn for the whole global
-    batch, of which this rank takes its slice. A run on any number of ranks therefore trains on the same
-    noise, and a resume needs only the step (`at`), not a generator's state per rank. Drawing the global
-    batch on every rank costs global_batch x nz numbers per step (51,200 at a global batch of 512, z of 100)."""
-
-    seed: int
-    nz: int
-    global_batch: int
-    rank: int
-    world_size: int
-    device: torch.device
-    at: int = 0
-    """The step whose noise the next draw returns (the trainer sets it on resume)."""
-
-    def __post_init__(self) -> None:
-        self.generator = torch.Generator(device=self.device)
-
-    def global_batch_at(self, step: int) -> torch.Tensor:
-        """The whole global batch's latents of `step` (every rank's slices, in rank order)."""
-        self.generator.manual_seed(mix(self.seed, NOISE_STREAM, step))
-        return torch.randn(self.global_batch, self.nz, device=self.device, generator=self.generator)
-
-    def draw(self) -> torch.Tensor:
-        """This rank's latents for step `at`, then move on to the next step."""
-        share = self.global_batch // self.world_size
-        z = self.global_batch_at(self.at)[self.rank * share : (self.rank + 1) * share]
-        self.at += 1
-        return z
+def latent_noise(
+    seed: int, nz: int, global_batch: int, rank: int, world_size: int, device: torch.device, at: int = 0
+) -> StepDraws:
+    """The latent batch of each step, (batch per rank, nz) standard normal, the same for any number of ranks
+    and at resume (dcgan.seeds.StepDraws). Drawing the global batch on every rank costs global_batch x nz
+    numbers per step (51,200 at a global batch of 512, z of 100)."""
+    return StepDraws(seed, NOISE_STREAM, (global_batch, nz), 0, True, rank, world_size, device, at)
 
 
 @dataclass
@@ -119,12 +96,12 @@ class GANStep:
     opt_d: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     dtype: torch.dtype
-    noise: LatentNoise
+    noise: StepDraws
     loss: LossKind = "bce"
     """loss.kind: the paper's BCE, hinge or least squares (dcgan.gan.losses)."""
     augment: tuple[str, ...] = ()
     """loss.augment's policies, applied to every batch D sees (dcgan.gan.augment); () for the paper."""
-    augment_draws: AugmentDraws | None = None
+    augment_draws: StepDraws | None = None
     """The per-step uniforms of the augmentation, where `augment` is not empty."""
     r1: float = 0.0
     """loss.r1's gamma: 0 = no penalty (the paper)."""
@@ -298,13 +275,13 @@ def build_step(
         opt_d=opt_d,
         scaler=make_scaler(dtype, t.nonfinite, device),
         dtype=dtype,
-        noise=LatentNoise(
+        noise=latent_noise(
             config.seed, config.model.nz, config.global_batch(info.world_size), info.rank, info.world_size, device
         ),
         loss=config.loss.kind,
         augment=policy,
         augment_draws=(
-            AugmentDraws(config.seed, config.global_batch(info.world_size), info.rank, info.world_size, device)
+            augment_draws(config.seed, config.global_batch(info.world_size), info.rank, info.world_size, device)
             if policy
             else None
         ),

@@ -11,7 +11,7 @@ A checkpoint is one DCP directory (dcgan.run.checkpoint writes it) holding this 
     progress.world_size           ranks that wrote it                         (optional: older checkpoints)
     progress.global_batch         images per step over all ranks              (optional: older checkpoints)
     rng.rank<N>.noise             older checkpoints only: per-rank noise generators, no longer read (the
-                                  noise is a function of the step, dcgan.gan.step.LatentNoise)
+                                  noise is a function of the step, dcgan.gan.step.latent_noise)
     fixed_noise                   the sample grid's latent batch              (optional on resume: sample.num)
     meta.run_id, meta.config      the wandb run id; the resolved config as YAML (its model is checked on resume)
     ema.params, ema.updates       the averaged G's parameters and update count   (optional: train.ema > 0)

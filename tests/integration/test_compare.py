@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from pathlib import Path
@@ -114,3 +115,53 @@ def test_the_recipe_is_an_arm_trained_on_the_same_images_and_scored_by_the_same_
     batches = permuted_batches(images, 4, torch.Generator().manual_seed(0))
     epoch = [next(batches) for _ in range(3)]
     assert [len(b) for b in epoch] == [4, 4, 2] and sorted(torch.cat(epoch).flatten().tolist()) == list(range(10))
+
+
+@pytest.mark.slow  # wandb runs in processes of their own
+def test_a_comparisons_report_draws_each_setting_as_its_mean_over_seeds_and_wandb_groups_its_runs(
+    tmp_path: Path,
+) -> None:
+    """`dcgan report COMPARE_DIR`: per metric, each setting's mean over seeds with the band from its lowest
+    seed to its highest, computed here again from the runs' stats.jsonl; each setting's runs share one wandb
+    group (wandb draws a group as the same mean and band) that no other setting or comparison has."""
+    from dcgan.evaluation.compare import COMPARISON
+    from dcgan.run.stats import read_stats
+    from dcgan.run.wandb_files import records
+
+    root = tmp_path / "study"
+    common = ["train.steps=20", "log.every=5", "log.wandb=offline", "eval.every=10", "eval.num=64"]
+    found = compare(str(TINY), common, [], ["loss.kind=hinge"], [0, 1], root, num=300, info=CPU)
+    write_comparison(found, root)
+    moved = tmp_path / "moved"
+    root.rename(moved)  # the page finds the runs inside the directory, wherever it now is
+    result = run_in_process("report", str(moved))
+    page = (moved / "report.html").read_text()
+    assert str(moved / "report.html") in result.stdout and html.escape(found.table()) in page
+    data = json.loads(page.split("id='report-data'>")[1].split("</script>")[0])
+    for setting, runs in found.runs.items():
+        stats = [read_stats(moved / Path(run).name / "stats.jsonl") for run in runs]
+        for key in ("loss_D", "eval/swd"):
+            per_seed = [{row["images_seen"]: row[key] for row in rows if key in row} for rows in stats]
+            xs = sorted(per_seed[0])
+            assert xs == sorted(per_seed[1]) and len(xs) >= 2, key
+            band = data["bands"][key][setting]
+            assert band["x"] == xs and band["seeds"] == 2
+            values = np.array([[seed[x] for seed in per_seed] for x in xs])
+            assert band["mean"] == pytest.approx(values.mean(axis=1).tolist(), rel=1e-12)
+            assert band["low"] == values.min(axis=1).tolist() and band["high"] == values.max(axis=1).tolist()
+            assert any(low < high for low, high in zip(band["low"], band["high"], strict=True))  # the seeds differ
+    assert data["bands"]["loss_D"]["A"]["mean"] != data["bands"]["loss_D"]["B"]["mean"]  # BCE vs hinge
+    assert "r1_penalty" not in data["bands"]  # zero in every run: no chart
+    assert page.count("<polygon ") == 2 * len(data["bands"])  # a band under each setting's line, every chart
+    groups = {
+        setting: {
+            record.run.run_group
+            for run in runs
+            for record in records(next((moved / Path(run).name / "wandb").glob("offline-run-*/run-*.wandb")))
+            if record.WhichOneof("record_type") == "run"
+        }
+        for setting, runs in found.runs.items()
+    }
+    (group_a,), (group_b,) = groups["A"], groups["B"]  # one group per setting, both seeds in it
+    assert group_a.startswith("study/A-") and group_b.startswith("study/B-") and group_a[-8:] != group_b[-8:]
+    assert json.loads((moved / COMPARISON).read_text())["table"] == found.table()

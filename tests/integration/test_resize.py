@@ -26,7 +26,7 @@ from dcgan.data.build import build_source
 from dcgan.data.formats import Manifest
 from dcgan.distributed.env import DistInfo
 from dcgan.errors import EXIT_OK
-from dcgan.gan.step import LatentNoise
+from dcgan.gan.step import latent_noise
 from dcgan.run.checkpoint import list_checkpoints
 from dcgan.run.rundir import RunDir
 from dcgan.train.loop import train
@@ -115,13 +115,13 @@ def test_built_in_digits_give_the_same_global_batches_on_1_2_4_ranks(tmp_path: P
 def test_the_noise_of_a_step_is_the_global_batchs_whatever_the_ranks() -> None:
     """Every rank's slice of step k, put together, is the global latent batch of step k on one rank."""
     for step in (0, 1, 57):
-        whole = LatentNoise(3, 100, GLOBAL_BATCH, 0, 1, torch.device("cpu"), at=step).draw()
+        whole = latent_noise(3, 100, GLOBAL_BATCH, 0, 1, torch.device("cpu"), at=step).draw()
         for world in (2, 4):
             parts = [
-                LatentNoise(3, 100, GLOBAL_BATCH, r, world, torch.device("cpu"), at=step).draw() for r in range(world)
+                latent_noise(3, 100, GLOBAL_BATCH, r, world, torch.device("cpu"), at=step).draw() for r in range(world)
             ]
             assert torch.equal(torch.cat(parts), whole)
-    first, second = (LatentNoise(3, 100, GLOBAL_BATCH, 0, 1, torch.device("cpu"), at=s).draw() for s in (0, 1))
+    first, second = (latent_noise(3, 100, GLOBAL_BATCH, 0, 1, torch.device("cpu"), at=s).draw() for s in (0, 1))
     assert not torch.equal(first, second)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from dcgan.config import ConfigError
 from dcgan.config.vocabulary import augment_policy
-from dcgan.gan.augment import PASSES, UNIFORMS, AugmentDraws, augment, shifts
+from dcgan.gan.augment import PASSES, UNIFORMS, augment, augment_draws, shifts
 
 NEUTRAL = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
 """Uniforms that leave colour and position unchanged (cutout has no neutral draw)."""
@@ -93,13 +93,13 @@ def test_policy_names_are_checked_and_put_in_application_order() -> None:
 
 def test_a_step_s_draws_are_the_same_on_any_number_of_ranks_and_at_resume() -> None:
     device = torch.device("cpu")
-    one = AugmentDraws(seed=3, global_batch=8, rank=0, world_size=1, device=device)
+    one = augment_draws(seed=3, global_batch=8, rank=0, world_size=1, device=device)
     whole = [one.draw() for _ in range(3)]
     assert whole[0].shape == (len(PASSES), 8, UNIFORMS) and not torch.equal(whole[0], whole[1])
-    halves = [AugmentDraws(seed=3, global_batch=8, rank=r, world_size=2, device=device) for r in (0, 1)]
+    halves = [augment_draws(seed=3, global_batch=8, rank=r, world_size=2, device=device) for r in (0, 1)]
     for step in range(3):
         assert torch.equal(torch.cat([h.draw() for h in halves], dim=1), whole[step])
-    resumed = AugmentDraws(seed=3, global_batch=8, rank=0, world_size=1, device=device, at=2)
+    resumed = augment_draws(seed=3, global_batch=8, rank=0, world_size=1, device=device, at=2)
     assert torch.equal(resumed.draw(), whole[2])
     real, fake_for_d, fake_for_g = whole[0]  # each pass of a step has its own draw
     assert not torch.equal(real, fake_for_d) and not torch.equal(fake_for_d, fake_for_g)

@@ -102,7 +102,7 @@ def test_report_of_a_directory_that_is_not_a_run_is_one_line(tmp_path: Path) -> 
     assert (
         result.returncode == 2
         and result.stderr.strip()
-        == f"dcgan: error: {tmp_path} has neither stats.jsonl nor samples/: is it a run directory?"
+        == f"dcgan: error: {tmp_path} has neither stats.jsonl nor samples/ nor compare.json: is it a run or comparison directory?"
     )
 
 
@@ -297,3 +297,24 @@ def test_the_old_launch_slurm_name_still_finds_what_queued_jobs_pickled() -> Non
     with contextlib.redirect_stdout(io.StringIO()) as out, pytest.raises(SystemExit):
         launch.slurm.main(["--help"])
     assert out.getvalue().startswith("usage: dcgan submit [-h] [--nodes N|MIN-MAX]")
+
+
+def test_a_sweep_value_in_brackets_is_one_value_commas_and_all() -> None:
+    """`--sweep loss.augment=[color,translation],cutout`: a key whose value is a list can be swept; every
+    point's config loads with the value meant."""
+    from dcgan.cluster.sweep import parse_sweep, point_name
+    from dcgan.config import ConfigError, load_config
+
+    points = parse_sweep(["loss.augment=[color,translation],cutout", "seed=0,1"])
+    assert points == [
+        {"loss.augment": "color,translation", "seed": "0"},
+        {"loss.augment": "color,translation", "seed": "1"},
+        {"loss.augment": "cutout", "seed": "0"},
+        {"loss.augment": "cutout", "seed": "1"},
+    ]
+    assert point_name(points[0]) == "augment=color,translation_seed=0"
+    configs = [load_config(str(TINY), [f"{k}={v}" for k, v in p.items()]) for p in points]
+    assert [c.loss.augment for c in configs] == ["color,translation", "color,translation", "cutout", "cutout"]
+    assert parse_sweep(["optim.lr=1e-4, 2e-4"]) == [{"optim.lr": "1e-4"}, {"optim.lr": "2e-4"}]
+    with pytest.raises(ConfigError, match="write key=value1,value2"):
+        parse_sweep(["loss.augment=[]"])
