@@ -22,7 +22,7 @@ def probe_command(args: argparse.Namespace) -> int:
 
 
 def compare_command(args: argparse.Namespace) -> int:
-    from dcgan.evaluation.compare import compare, describe_settings, split_overrides, write_comparison
+    from dcgan.evaluation.compare import COMPARISON, compare, describe_settings, split_overrides
 
     a, b = split_overrides(args.a), split_overrides(args.b)
     print(f"A vs B: {describe_settings(args.config, args.overrides, a, b)}", flush=True)
@@ -38,7 +38,7 @@ def compare_command(args: argparse.Namespace) -> int:
         args.num,
     )
     print(comparison.table())
-    print(f"written to {write_comparison(comparison, root)}")
+    print(f"written to {root / COMPARISON}; `dcgan report {root}` draws each setting's curves")
     return 0
 
 

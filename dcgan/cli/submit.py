@@ -105,7 +105,7 @@ def add_sweep_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="submit the grid over these values as ONE job array, each point in run.dir/<point> with one wandb "
         "group, e.g. --sweep optim.lr=1e-4,2e-4 seed=0,1,2; a value in brackets is one value, commas and all: "
-        "--sweep loss.augment=[color,translation],[color,translation,cutout]",
+        "--sweep 'loss.augment=[],[color,translation,cutout]'",
     )
     parser.add_argument(
         "--write-points",

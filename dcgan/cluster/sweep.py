@@ -30,13 +30,21 @@ SweepPoint = dict[str, str]
 """One point of a sweep grid: config key -> value, as written on the command line."""
 
 
+SWEEP_VALUE = re.compile(r"\s*\[(?P<listed>[^\]]*)\]\s*(?:,|$)|(?P<plain>[^,]+)")
+"""One value of `--sweep KEY=V1,V2`: in brackets (commas and all, possibly empty), or up to the next comma."""
+
+
 def split_choices(values: str) -> list[str]:
     """`1e-4,2e-4` -> two values; a value in brackets is one value, commas and all, so that keys whose
-    value is itself a list can be swept: `[color,translation],cutout` -> `color,translation` and `cutout`."""
-    choices = [
-        m.group(1) if m.group(1) is not None else m.group(2) for m in re.finditer(r"\[([^\]]*)\]|([^,]+)", values)
-    ]
-    return [choice.strip() for choice in choices if choice.strip()]
+    value is itself a list can be swept: `[],[color,translation]` -> `` (the key's empty setting) and
+    `color,translation`."""
+    choices = []
+    for found in SWEEP_VALUE.finditer(values):
+        if found["listed"] is not None:
+            choices.append(found["listed"].strip())
+        elif found["plain"].strip():
+            choices.append(found["plain"].strip())
+    return choices
 
 
 def parse_sweep(specs: list[str]) -> list[SweepPoint]:

@@ -129,7 +129,7 @@ def wandb_group(root: Path, setting: Setting, config: Config) -> str:
     """The wandb group of a setting's runs: wandb draws a group as its runs' mean with a band over them,
     which is the comparison's curves. Named by the --out directory, the setting and a hash of its training
     config less the seed, so that two comparisons logging to one project never share a group."""
-    return f"{root.name}/{setting.name}-{training_identity(replace(config, seed=0))[:8]}"
+    return f"{root.resolve().name}/{setting.name}-{training_identity(replace(config, seed=0))[:8]}"
 
 
 def train_point(config_path: str, common: list[str], setting: Setting, config: Config, group: str) -> None:
@@ -234,7 +234,8 @@ def compare(
     num: int = 0,
     info: DistInfo | None = None,
 ) -> Comparison:
-    """Train and score both settings at every seed (sequentially, in this machine's processes)."""
+    """Train and score both settings at every seed (sequentially, in this machine's processes), writing
+    ROOT/compare.json after each seed."""
     from dcgan.distributed.session import init_distributed
 
     settings = [Setting("A", a), Setting("B", b)]
@@ -246,7 +247,7 @@ def compare(
     info = info or init_distributed(base.train.device, base.dist.timeout_s, liveness_s=base.dist.liveness_s)
     values: dict[str, list[float]] = {s.name: [] for s in settings}
     runs: dict[str, list[str]] = {s.name: [] for s in settings}
-    for seed in seeds:
+    for done, seed in enumerate(seeds, start=1):
         for setting in settings:
             config = point_config(config_path, common, setting, seed, root)
             if not finished(config):
@@ -260,17 +261,18 @@ def compare(
             values[setting.name].append(value)
             runs[setting.name].append(config.run.dir)
             print(f"seed {seed} {setting.name}: {metric} = {value:.4f}  ({config.run.dir})", flush=True)
-    difference = Spread.of([vb - va for va, vb in zip(values["A"], values["B"], strict=True)])
-    return Comparison(
-        metric=metric,
-        lower_is_better=metric in LOWER_IS_BETTER,
-        seeds=seeds,
-        settings={s.name: s.overrides for s in settings},
-        values=values,
-        runs=runs,
-        spreads={name: Spread.of(v) for name, v in values.items()},
-        difference=difference,
-    )
+        comparison = Comparison(
+            metric=metric,
+            lower_is_better=metric in LOWER_IS_BETTER,
+            seeds=seeds[:done],
+            settings={s.name: s.overrides for s in settings},
+            values=values,
+            runs=runs,
+            spreads={name: Spread.of(v) for name, v in values.items()},
+            difference=Spread.of([vb - va for va, vb in zip(values["A"], values["B"], strict=True)]),
+        )
+        write_comparison(comparison, root)  # after every seed: `dcgan report OUT` draws the seeds done so far
+    return comparison
 
 
 def write_comparison(comparison: Comparison, root: Path) -> Path:

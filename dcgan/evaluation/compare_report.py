@@ -5,7 +5,8 @@ setting got there: whether B led all along or crossed A at the end, whether one 
 D began to memorise (D_overfit). For every metric the runs log, each setting's runs are lined up on
 images seen and drawn as their mean over seeds with a band from the lowest seed to the highest (what
 wandb draws for a group of runs: `dcgan compare` puts each setting's runs in one wandb group). The page
-reads only compare.json and the runs' stats.jsonl, so it works offline and while runs still train.
+reads only compare.json (which `dcgan compare` writes after every seed) and the runs' stats.jsonl, so it
+works offline and while a comparison goes on, drawing the seeds done so far.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from dcgan.evaluation.charts import STYLE, Bands, Series, svg_chart
 from dcgan.evaluation.compare import COMPARISON
+from dcgan.evaluation.recipe import RECIPE
 from dcgan.evaluation.report import X_AXIS, collect, eval_keys
 from dcgan.run.stats import read_stats
 
@@ -77,10 +79,15 @@ def bands_of(root: Path, record: dict[str, Any]) -> dict[str, dict[str, Band]]:
 
 def chart(bands: dict[str, Band]) -> str:
     """One metric's chart: a line and a band per setting, the legend saying over how many seeds."""
-    names = {name: f"{name} (mean of {band.seeds} seeds)" for name, band in bands.items()}
+    names = {name: f"{name} (mean of {band.seeds} seed{'s' * (band.seeds != 1)})" for name, band in bands.items()}
     series: Series = {names[name]: list(zip(b.x, b.mean, strict=True)) for name, b in bands.items()}
     ranges: Bands = {names[name]: list(zip(b.x, b.low, b.high, strict=True)) for name, b in bands.items()}
     return svg_chart(series, bands=ranges)
+
+
+def why_silent(overrides: list[str]) -> str:
+    """Why a setting has no curves: the recipe's runs log none; a project run has not logged yet."""
+    return "the pytorch/examples recipe logs no curves" if overrides == [RECIPE] else "no stats.jsonl in its runs yet"
 
 
 def render_comparison(root: Path) -> str:
@@ -102,10 +109,7 @@ def render_comparison(root: Path) -> str:
         f"<ul>{settings}</ul>",
         f"<pre>{html.escape(record.get('table', record['verdict']))}</pre>",
         "<h2>Curves: each setting's mean over seeds, the band from its lowest seed to its highest</h2>",
-        *(
-            f"<p>{html.escape(name)} logs no curves (the pytorch/examples recipe keeps no stats.jsonl).</p>"
-            for name in silent
-        ),
+        *(f"<p>{html.escape(name)}: {why_silent(record['settings'][name])}.</p>" for name in silent),
         "<div class='charts'>",
         *(f"<div class='chart'><h3>{html.escape(key)}</h3>{chart(by)}</div>" for key, by in bands.items()),
         "</div>",

@@ -110,6 +110,9 @@ def test_the_recipe_is_an_arm_trained_on_the_same_images_and_scored_by_the_same_
     again = compare(str(TINY), common, ["sample.bn=batch"], ["recipe"], [0], root, num=300, info=CPU)
     assert (recipe_runs[0] / EXPORT).stat().st_mtime_ns == stamp and again.values["B"] == found.values["B"][:1]
     assert describe_settings(str(TINY), common, [], ["recipe"]).startswith("the pytorch/examples recipe")
+    run_in_process("report", str(root))  # the project's arm drawn, the recipe's said to log no curves
+    page = (root / "report.html").read_text()
+    assert "A (mean of 1 seed)" in page and "B: the pytorch/examples recipe logs no curves" in page
     # its data order: a permutation of every image each epoch, the last batch smaller
     images = torch.arange(10).view(10, 1, 1, 1)
     batches = permuted_batches(images, 4, torch.Generator().manual_seed(0))
@@ -130,8 +133,7 @@ def test_a_comparisons_report_draws_each_setting_as_its_mean_over_seeds_and_wand
 
     root = tmp_path / "study"
     common = ["train.steps=20", "log.every=5", "log.wandb=offline", "eval.every=10", "eval.num=64"]
-    found = compare(str(TINY), common, [], ["loss.kind=hinge"], [0, 1], root, num=300, info=CPU)
-    write_comparison(found, root)
+    found = compare(str(TINY), common, [], ["loss.kind=hinge"], [0, 1], root, num=300, info=CPU)  # writes compare.json
     moved = tmp_path / "moved"
     root.rename(moved)  # the page finds the runs inside the directory, wherever it now is
     result = run_in_process("report", str(moved))

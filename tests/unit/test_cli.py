@@ -316,5 +316,10 @@ def test_a_sweep_value_in_brackets_is_one_value_commas_and_all() -> None:
     configs = [load_config(str(TINY), [f"{k}={v}" for k, v in p.items()]) for p in points]
     assert [c.loss.augment for c in configs] == ["color,translation", "color,translation", "cutout", "cutout"]
     assert parse_sweep(["optim.lr=1e-4, 2e-4"]) == [{"optim.lr": "1e-4"}, {"optim.lr": "2e-4"}]
+    off_and_on = parse_sweep(["loss.augment=[], [color,translation]"])  # the empty setting is a value too
+    assert [load_config(str(TINY), [f"loss.augment={p['loss.augment']}"]).loss.augment for p in off_and_on] == [
+        "",
+        "color,translation",
+    ]
     with pytest.raises(ConfigError, match="write key=value1,value2"):
-        parse_sweep(["loss.augment=[]"])
+        parse_sweep(["loss.augment="])
