@@ -17,6 +17,7 @@ from dcgan.config.vocabulary import (
     LOWER_IS_BETTER,
     BnStats,
     ConfigError,
+    DNorm,
     SpectralNorm,
     divisors,
     is_power_of_two,
@@ -48,6 +49,11 @@ class ModelConfig:
         "none",
         "spectral normalization of the conv layers (Miyato et al. 2018; one power iteration per forward): "
         "none (the paper), d = D's, both = D's and G's",
+    )
+    d_norm: DNorm = _field(
+        "batch",
+        "normalization of D's inner layers: batch = the paper's BatchNorm (cross-rank with model.sync_bn); none = "
+        "no normalization, the convs with biases instead (SN-GAN's D, to pair with model.spectral_norm=d)",
     )
 
     def check(self) -> None:

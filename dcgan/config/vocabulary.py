@@ -18,6 +18,9 @@ BN_STATS: tuple[str, ...] = get_args(BnStats)
 LossKind = Literal["bce", "hinge", "lsgan"]
 """The GAN losses (dcgan.gan.losses implements them): the paper's BCE, the hinge loss, least squares."""
 
+DNorm = Literal["batch", "none"]
+"""The normalization of D's inner layers: the paper's BatchNorm, or none (SN-GAN's D, with biases instead)."""
+
 SpectralNorm = Literal["none", "d", "both"]
 """Which networks' conv layers are spectrally normalized (dcgan.gan.models applies it)."""
 

@@ -51,6 +51,7 @@ ADDED_LATER = (
     ("optim", "beta2_d"),
     ("loss", "kind"),
     ("model", "spectral_norm"),
+    ("model", "d_norm"),
     ("loss", "augment"),
     ("loss", "r1"),
     ("loss", "r1_every"),

@@ -6,7 +6,7 @@ project's arm, so that "project vs recipe" is one command with error bars.
 
 What the recipe is (pytorch/examples/dcgan/main.py): the paper's G and D with normal(0, 0.02) init and
 a Sigmoid on D (`bench.ReferenceStep`, the same iteration the step benchmark times), BCELoss, Adam
-(optim.lr, optim.beta1/beta2; the options beyond the paper, loss.kind, model.spectral_norm and per-network
+(optim.lr, optim.beta1/beta2; the options beyond the paper, loss.kind, model.spectral_norm, model.d_norm and per-network
 lrs and betas, do not apply to it), fp32 eager on one device; its data a DataLoader with shuffle=True over the
 whole data set in memory, i.e. one fresh permutation per epoch, the last partial batch included; its
 images made in train mode, i.e. with each batch's own BatchNorm statistics (`sample.bn=batch`).

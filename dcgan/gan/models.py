@@ -31,9 +31,12 @@ def num_upsamplings(resolution: int) -> int:
 
 
 def init_weights(module: nn.Module) -> None:
-    """The paper's init: conv weights N(0, 0.02); BatchNorm weights N(1, 0.02) and bias 0."""
+    """The paper's init: conv weights N(0, 0.02); BatchNorm weights N(1, 0.02) and bias 0 (as are the
+    biases of D's convs under model.d_norm=none, where no BatchNorm follows them)."""
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
@@ -70,7 +73,8 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """image (N, C, R, R) -> logits (N,): strided convs, BatchNorm (not on the input layer), LeakyReLU 0.2."""
+    """image (N, C, R, R) -> logits (N,): strided convs, BatchNorm (not on the input layer; none with
+    model.d_norm=none, the inner convs then with biases), LeakyReLU 0.2."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -80,12 +84,12 @@ class Discriminator(nn.Module):
             nn.Conv2d(config.channels, width, 4, 2, 1, bias=False),
             nn.LeakyReLU(0.2, inplace=True),
         ]
+        batchnorm = config.d_norm == "batch"
         for _ in range(blocks - 1):
-            layers += [
-                nn.Conv2d(width, width * 2, 4, 2, 1, bias=False),
-                nn.BatchNorm2d(width * 2),
-                nn.LeakyReLU(0.2, inplace=True),
-            ]
+            layers.append(nn.Conv2d(width, width * 2, 4, 2, 1, bias=not batchnorm))
+            if batchnorm:
+                layers.append(nn.BatchNorm2d(width * 2))
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
             width *= 2
         layers.append(nn.Conv2d(width, 1, 4, 1, 0, bias=False))
         self.main = nn.Sequential(*layers)

@@ -1,7 +1,7 @@
 """The pytorch/examples DCGAN step, as that example trains (fp32, eager, BCE on Sigmoid outputs, one
 optimizer step per network): the baseline that `dcgan bench step` times the project's step against and
 that `dcgan compare --a recipe` trains. It is the recipe whatever the config's options beyond the paper
-(`recipe_model`): no spectral normalization, BCE, one lr and one pair of betas (optim.lr, beta1, beta2).
+(`recipe_model`): no spectral normalization, BatchNorm in D, BCE, one lr and one pair of betas (optim.lr, beta1, beta2).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dcgan.pixels import from_uint8
 
 def recipe_model(model: ModelConfig) -> ModelConfig:
     """The config's model as the recipe builds it: the paper's layers, without spectral normalization."""
-    return dataclasses.replace(model, spectral_norm="none")
+    return dataclasses.replace(model, spectral_norm="none", d_norm="batch")
 
 
 class ReferenceStep:

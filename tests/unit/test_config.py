@@ -83,7 +83,7 @@ def test_per_network_adam_settings_default_to_the_shared_ones_and_round_trip(tmp
     assert "lr_g: null" in (tmp_path / "saved.yaml").read_text()
 
 
-def test_a_checkpoint_from_before_spectral_norm_counts_as_without_it_and_another_setting_is_refused(
+def test_a_checkpoint_from_before_spectral_norm_and_d_norm_counts_as_the_paper_and_another_setting_is_refused(
     tmp_path: Path,
 ) -> None:
     from dcgan.config import config_to_dict
@@ -92,13 +92,13 @@ def test_a_checkpoint_from_before_spectral_norm_counts_as_without_it_and_another
 
     config = load_config(TINY)
     saved = config_to_dict(config)
-    del saved["model"]["spectral_norm"]  # written before the key existed
+    del saved["model"]["spectral_norm"], saved["model"]["d_norm"]  # written before the keys existed
     check_compatible(saved, config, tmp_path)
     with pytest.raises(IncompatibleCheckpoint) as refused:
-        check_compatible(saved, load_config(TINY, ["model.spectral_norm=d"]), tmp_path)
+        check_compatible(saved, load_config(TINY, ["model.spectral_norm=d", "model.d_norm=none"]), tmp_path)
     assert str(refused.value) == (
-        f"checkpoint {tmp_path} belongs to another model (model.spectral_norm: checkpoint 'none', config 'd'): "
-        "use a new run.dir or the checkpoint's model settings"
+        f"checkpoint {tmp_path} belongs to another model (model.spectral_norm: checkpoint 'none', config 'd'; "
+        "model.d_norm: checkpoint 'batch', config 'none'): use a new run.dir or the checkpoint's model settings"
     )
 
 

@@ -105,3 +105,22 @@ def test_the_weight_average_loaded_at_a_resume_takes_g_s_power_iteration_vectors
     assert not same_vectors()
     average.load_state_dict(saved)
     assert same_vectors()
+
+
+def test_a_d_without_batchnorm_has_biases_instead_starting_at_zero_and_the_papers_conv_weights() -> None:
+    """model.d_norm=none (SN-GAN's D): no BatchNorm layer, each inner conv with a bias (the shift BatchNorm
+    gave) starting at 0, the weights drawn by the paper's init."""
+    paper = ModelConfig(resolution=32, nz=10, ngf=8, ndf=8, channels=3)
+    bare = ModelConfig(resolution=32, nz=10, ngf=8, ndf=8, channels=3, d_norm="none", spectral_norm="d")
+    torch.manual_seed(0)
+    with_bn = Discriminator(paper)
+    torch.manual_seed(0)
+    without = Discriminator(bare)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in without.modules())
+    biases = [m.bias for m in without.modules() if isinstance(m, nn.Conv2d) and m.bias is not None]
+    assert len(biases) == 2 and all(torch.equal(b, torch.zeros_like(b)) for b in biases)  # 2 inner convs at 32x32
+    bn_params = sum(p.numel() for m in with_bn.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
+    assert count_parameters(without) == count_parameters(with_bn) - bn_params // 2  # a bias per BN's (weight, bias)
+    widest = [m.parametrizations.weight.original for m in without.modules() if isinstance(m, nn.Conv2d)][-2]
+    assert widest.std().item() == pytest.approx(0.02, rel=0.05)  # N(0, 0.02), 32 x 16 x 4 x 4 draws
+    assert without(torch.randn(4, 3, 32, 32)).shape == (4,)
