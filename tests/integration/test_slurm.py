@@ -166,6 +166,12 @@ def job_fields(job: str) -> dict[str, str]:
 
 
 @pytest.mark.slurm
+def cluster_name() -> str:
+    """The local cluster's ClusterName: slurm/train.sbatch keeps a job's state in .dcgan-slurm/<cluster>-<job>."""
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
+    return next(line.split("=", 1)[1].strip() for line in config.splitlines() if line.startswith("ClusterName"))
+
+
 def test_sbatch_job_whose_torchrun_exhausts_its_restarts_is_requeued_and_never_completed(
     cluster: None, tmp_path: Path
 ) -> None:
@@ -192,7 +198,8 @@ def test_sbatch_job_whose_torchrun_exhausts_its_restarts_is_requeued_and_never_c
     assert f"training failed with status 1 after its restarts: requeueing job {job}" in text, text
     assert f"job {job} was requeued 1 times already after failures (REQUEUE_LIMIT): not requeueing" in text, text
     assert "training finished" not in text
-    assert not (ROOT / ".dcgan-slurm" / job).exists()  # the job's shared state goes with the job
+    state = ROOT / ".dcgan-slurm" / f"{cluster_name()}-{job}"
+    assert out.read_text().count(f"job {job} restart") == 2 and not state.exists()  # its state goes with the job
 
 
 def normalized_sbatch(folder: Path) -> str:

@@ -169,6 +169,11 @@ def requeued_until_completed(cluster: Cluster, job: str, out: Path) -> tuple[dic
     return fields, text
 
 
+MULTINODE_CLUSTER = "dcganmn"
+"""slurm/local-cluster/start-multinode.sh's ClusterName (the local single-node cluster's differs, so their
+jobs of the same number keep their states apart)."""
+
+
 def sbatch(cluster: Cluster, out: Path, *args: str, nodes: str = "2", export: str = "") -> str:
     """slurm/train.sbatch on `nodes` nodes (N or MIN-MAX) x 1 process, as a user submits it on a CPU cluster;
     `export`: more of the script's variables, e.g. MIN_NODES=1,MAX_RESTARTS=1. A range waits for both nodes
@@ -248,7 +253,8 @@ def test_two_node_job_whose_training_refuses_to_start_ends_failed_without_a_requ
     fields = cluster.job_fields(job)
     assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("FAILED", "2:0", "0"), f"{fields}\n{text}"
     assert "training ended with status 2 on a node (a setting or a busy run.dir; see the log): not requeueing" in text
-    assert "requeueing job" not in text and not (ROOT / ".dcgan-slurm" / job).exists(), text
+    state = ROOT / ".dcgan-slurm" / f"{MULTINODE_CLUSTER}-{job}"  # slurm/train.sbatch's <cluster>-<job>
+    assert "requeueing job" not in text and not state.exists(), text
 
 
 @pytest.fixture
