@@ -64,11 +64,11 @@ def setting_rows(root: Path, runs: list[str]) -> list[list[dict[str, Any]]]:
     return [read_stats(path) for path in stats if path.is_file()]
 
 
-def bands_of(root: Path, record: dict[str, Any]) -> dict[str, dict[str, Band]]:
-    """Metric -> setting -> its band, for every metric some setting logged with a value other than 0."""
+def bands_of(by_setting: dict[str, list[list[dict[str, Any]]]]) -> dict[str, dict[str, Band]]:
+    """Metric -> setting -> its band, for every metric some setting logged with a value other than 0
+    (`by_setting`: each setting's runs' stats.jsonl rows, from setting_rows)."""
     found: dict[str, dict[str, Band]] = {}
-    for setting, runs in record["runs"].items():
-        rows = setting_rows(root, runs)
+    for setting, rows in by_setting.items():
         keys = COMPARED + tuple(sorted({key for seed in rows for key in eval_keys(seed)}))
         for key in keys:
             band = band_over_seeds([collect(seed, (key,)).get(key, []) for seed in rows])
@@ -93,12 +93,13 @@ def why_silent(overrides: list[str]) -> str:
 def render_comparison(root: Path) -> str:
     """The comparison page of `root` (a `dcgan compare --out` directory) as one HTML string."""
     record = json.loads((root / COMPARISON).read_text())
-    bands = bands_of(root, record)
+    by_setting = {name: setting_rows(root, runs) for name, runs in record["runs"].items()}
+    bands = bands_of(by_setting)
     settings = "".join(
         f"<li><b>{html.escape(name)}</b>: {html.escape(' '.join(overrides) or 'the config as is')}</li>"
         for name, overrides in record["settings"].items()
     )
-    silent = [name for name, runs in record["runs"].items() if not setting_rows(root, runs)]
+    silent = [name for name, rows in by_setting.items() if not rows]
     data = {
         "comparison": str(root),
         "x_axis": X_AXIS,
