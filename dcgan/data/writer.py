@@ -39,6 +39,22 @@ HOLDOUT_DIR = "holdout"
 """Where `write_shards(..., holdout=N)` puts the held-out images: a shard set of its own inside OUT_DIR."""
 
 
+@dataclass(frozen=True)
+class ShardLayout:
+    """How a data set is written: the settings its training shards, its held-out shards and every shard
+    task share (and its manifest records)."""
+
+    fmt: str = "blocks"
+    resolution: int = 64
+    channels: int = 3
+    """Requested channels of a folder's images; MNIST and the digits are always written with 1."""
+    crop: int = 0
+    shard_size: int = 10000
+    block_size: int = 256
+    permutation_seed: int | None = 0
+    """Seed of the written order's permutation; None keeps the source's order."""
+
+
 @dataclass
 class ShardTask:
     """One shard's worth of work; `files` (folder) or `images`/`labels` (arrays) is set."""
@@ -46,11 +62,9 @@ class ShardTask:
     index: int
     first_key: int
     out_dir: Path
-    fmt: str
-    resolution: int
+    layout: ShardLayout
     channels: int
-    crop: int
-    block_size: int
+    """The channels written (1 for MNIST and the digits, whatever the layout asks)."""
     files: list[Path] | None = None
     images: np.ndarray | None = None
     labels: np.ndarray | None = None
@@ -64,13 +78,14 @@ def _load_task_images(task: ShardTask) -> tuple[list[np.ndarray], list[int], int
     """Preprocessed uint8 (C, R, R) images and labels of a task; unreadable files are skipped."""
     if task.files is None:
         assert task.images is not None and task.labels is not None
-        if task.images.shape[-1] == task.resolution and task.images.ndim == 4:
-            return list(task.images), [int(x) for x in task.labels], 0
-        return [resize_array(im, task.resolution, task.crop) for im in task.images], [int(x) for x in task.labels], 0
+        resolution, labels = task.layout.resolution, [int(x) for x in task.labels]
+        if task.images.shape[-1] == resolution and task.images.ndim == 4:
+            return list(task.images), labels, 0
+        return [resize_array(im, resolution, task.layout.crop) for im in task.images], labels, 0
     images, skipped = [], 0
     for path in task.files:
         try:
-            images.append(load_image_file(path, task.resolution, task.channels, task.crop))
+            images.append(load_image_file(path, task.layout.resolution, task.channels, task.layout.crop))
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for damaged files
             skipped += 1
             print(f"skipping unreadable image {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -80,16 +95,16 @@ def _load_task_images(task: ShardTask) -> tuple[list[np.ndarray], list[int], int
 def write_shard(task: ShardTask) -> tuple[int, int, int]:
     """Write one shard (temp name, then rename); return (index, samples written, inputs skipped)."""
     images, labels, skipped = _load_task_images(task)
-    final = task.out_dir / task.name
+    final, fmt, block_size = task.out_dir / task.name, task.layout.fmt, task.layout.block_size
     with atomic_path(final) as tmp, wds.TarWriter(str(tmp)) as sink:
-        if task.fmt == "blocks":
-            for start in range(0, len(images), task.block_size):
-                block = np.stack(images[start : start + task.block_size])
-                members = encode_block(block, np.asarray(labels[start : start + task.block_size]))
+        if fmt == "blocks":
+            for start in range(0, len(images), block_size):
+                block = np.stack(images[start : start + block_size])
+                members = encode_block(block, np.asarray(labels[start : start + block_size]))
                 sink.write({"__key__": f"{task.first_key + start:09d}", **members})
         else:
             for offset, (image, label) in enumerate(zip(images, labels, strict=True)):
-                ext, data = encode_image(image, task.fmt)
+                ext, data = encode_image(image, fmt)
                 sink.write(
                     {
                         "__key__": f"{task.first_key + offset:09d}",
@@ -117,29 +132,22 @@ def plan_tasks(
     kind: str,
     source: Path,
     out_dir: Path,
-    *,
-    fmt: str,
-    resolution: int,
-    channels: int,
-    crop: int,
-    shard_size: int,
-    block_size: int,
-    permutation_seed: int | None = 0,
+    layout: ShardLayout,
     part: slice = slice(None),
 ) -> tuple[list[ShardTask], int]:
     """Split the input, in the order written (`written_order`), into shard tasks; returns (tasks,
     channels actually written). `part` selects a slice of that order (the training images or the
     held-out ones)."""
-    common: dict[str, Any] = dict(out_dir=out_dir, fmt=fmt, resolution=resolution, crop=crop, block_size=block_size)
+    common: dict[str, Any] = dict(out_dir=out_dir, layout=layout)
     if kind == "folder":
         files = list_images(source)
         if not files:
             raise FileNotFoundError(f"no image files under {source}")
-        files = [files[i] for i in written_order(len(files), permutation_seed)][part]
+        files = [files[i] for i in written_order(len(files), layout.permutation_seed)][part]
         return [
-            ShardTask(index=i, first_key=a, channels=channels, files=files[a:b], **common)
-            for i, (a, b) in enumerate(_chunks(len(files), shard_size))
-        ], channels
+            ShardTask(index=i, first_key=a, channels=layout.channels, files=files[a:b], **common)
+            for i, (a, b) in enumerate(_chunks(len(files), layout.shard_size))
+        ], layout.channels
     if kind == "mnist":
         image_path, label_path = find_mnist(source)
         images, labels = read_idx(image_path), read_idx(label_path)
@@ -148,14 +156,14 @@ def plan_tasks(
     elif kind == "digits":
         from dcgan.data.digits import digits_images, load_digits_arrays
 
-        images, labels = digits_images(resolution).numpy(), load_digits_arrays()[1]
+        images, labels = digits_images(layout.resolution).numpy(), load_digits_arrays()[1]
     else:
         raise ValueError(f"unknown kind {kind!r} (allowed: {', '.join(KINDS)})")
-    order = written_order(len(images), permutation_seed)[part]
+    order = written_order(len(images), layout.permutation_seed)[part]
     images, labels = images[order], labels[order]
     return [
         ShardTask(index=i, first_key=a, channels=1, images=images[a:b], labels=labels[a:b], **common)
-        for i, (a, b) in enumerate(_chunks(len(images), shard_size))
+        for i, (a, b) in enumerate(_chunks(len(images), layout.shard_size))
     ], 1
 
 
@@ -193,18 +201,8 @@ def write_shards(
     `holdout` images of that order go to out_dir/holdout instead (HOLDOUT_DIR), a shard set of their own."""
     if holdout < 0:
         raise ValueError(f"--holdout must be >= 0, got {holdout}")
-    settings: dict[str, Any] = dict(
-        fmt=fmt,
-        resolution=resolution,
-        channels=channels,
-        crop=crop,
-        shard_size=shard_size,
-        block_size=block_size,
-        workers=workers,
-        overwrite=overwrite,
-        progress=progress,
-        permutation_seed=permutation_seed,
-    )
+    layout = ShardLayout(fmt, resolution, channels, crop, shard_size, block_size, permutation_seed)
+    settings: dict[str, Any] = dict(layout=layout, workers=workers, overwrite=overwrite, progress=progress)
     manifest = _write_part(kind, source, out_dir, slice(0, -holdout if holdout else None), **settings)
     held_out_dir = out_dir / HOLDOUT_DIR
     if holdout:
@@ -224,32 +222,14 @@ def _write_part(
     out_dir: Path,
     part: slice,
     *,
-    fmt: str,
-    resolution: int,
-    channels: int,
-    crop: int,
-    shard_size: int,
-    block_size: int,
+    layout: ShardLayout,
     workers: int,
     overwrite: bool,
     progress: bool,
-    permutation_seed: int | None,
 ) -> Manifest:
     """write_shards for one slice of the written order, into its own directory and manifest."""
     prepare_out_dir(out_dir, overwrite)
-    tasks, channels = plan_tasks(
-        kind,
-        source,
-        out_dir,
-        fmt=fmt,
-        resolution=resolution,
-        channels=channels,
-        crop=crop,
-        shard_size=shard_size,
-        block_size=block_size,
-        permutation_seed=permutation_seed,
-        part=part,
-    )
+    tasks, channels = plan_tasks(kind, source, out_dir, layout, part)
     if not tasks:
         raise ValueError(f"{out_dir}: no images left to write (is --holdout larger than the data set?)")
     workers = workers or min(len(tasks), os.cpu_count() or 1)
@@ -265,15 +245,15 @@ def _write_part(
     if progress:
         print(file=sys.stderr)
     manifest = Manifest(
-        format=fmt,
-        resolution=resolution,
+        format=layout.fmt,
+        resolution=layout.resolution,
         channels=channels,
         source=str(source),
         kind=kind,
-        block_size=block_size if fmt == "blocks" else 0,
+        block_size=layout.block_size if layout.fmt == "blocks" else 0,
         shards=[ShardInfo(t.name, counts[t.index]) for t in tasks],
         skipped_inputs=skipped,
-        permutation_seed=permutation_seed,
+        permutation_seed=layout.permutation_seed,
     )
     manifest.write(out_dir)
     return manifest

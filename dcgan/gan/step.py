@@ -129,6 +129,12 @@ class GANStep:
         """Whether step `step` adds the R1 penalty: a function of the step alone, so every rank and a resume agree."""
         return self.r1 > 0 and step % self.r1_every == 0
 
+    def lazy_r1(self, real_seen: torch.Tensor) -> torch.Tensor:
+        """The R1 penalty of a penalized step, scaled by r1_every: measured every r1_every steps only, it
+        then weighs what every step would have added (stylegan2's lazy regularization). The metric line's
+        loss_D stays the GAN loss alone."""
+        return self.r1_penalty(real_seen) * self.r1_every
+
     def r1_penalty(self, real_seen: torch.Tensor) -> torch.Tensor:
         """Mean over this rank's reals of |grad_x D(x)|^2, differentiable (for D's backward).
 
@@ -182,9 +188,8 @@ class GANStep:
             real_logits = self.d(real_seen)
             fake_logits = self.d(self.seen_by_d(fake.detach(), uniforms, "fake_for_d"))
             loss_d = discriminator_loss(real_logits, fake_logits, self.loss)
-        # lazy R1: measured every r1_every steps, scaled by it (the metric line's loss_D stays the GAN loss)
-        r1_penalty = self.r1_penalty(real_seen) * self.r1_every if penalize else loss_d.new_zeros(())
-        self.scaler.scale(loss_d + 0.5 * self.r1 * r1_penalty if penalize else loss_d).backward()
+        r1_penalty = self.lazy_r1(real_seen) if penalize else loss_d.new_zeros(())
+        self.scaler.scale(loss_d + 0.5 * self.r1 * r1_penalty).backward()
         if self.average_gradients is not None:
             self.average_gradients(self.d_bare)
         self.scaler.unscale_(self.opt_d)
