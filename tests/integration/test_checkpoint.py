@@ -78,10 +78,15 @@ def checkpoint_ready(run: Path, step: int) -> bool:
 # Each signal once and each data source once: the resume path does not depend on which killed the run,
 # and the data position is restored by the same code for both sources (2 cases keep the suite short);
 # a third case turns on every option beyond the paper (TTUR, hinge loss, spectral norm on G and D, whose
-# power-iteration vectors are state too, with train.ema's average of G).
+# power-iteration vectors are state too, with train.ema's average of G) and SN-GAN's D without BatchNorm
+# (the preset configs/digits-sngan.yaml's; test_resize covers the options with the paper's D).
 @pytest.mark.parametrize(
     ("data", "sig", "options"),
-    [("shards", signal.SIGKILL, ()), ("digits", signal.SIGTERM, ()), ("digits", signal.SIGKILL, BEYOND_THE_PAPER)],
+    [
+        ("shards", signal.SIGKILL, ()),
+        ("digits", signal.SIGTERM, ()),
+        ("digits", signal.SIGKILL, (*BEYOND_THE_PAPER, "model.d_norm=none")),
+    ],
     ids=["shards-SIGKILL", "digits-SIGTERM", "options-SIGKILL"],
 )
 def test_interrupted_and_resumed_run_is_bit_identical_to_a_straight_run(
@@ -110,6 +115,7 @@ def test_interrupted_and_resumed_run_is_bit_identical_to_a_straight_run(
     assert_states_equal(resumed_state, load_checkpoint_tensors(reference))
     if options:  # the options were on: D's normalized layers and their power-iteration vectors are in the state
         assert "main.0.parametrizations.weight.0._u" in resumed_state["model"]["D"]
+        assert not any("running_mean" in key for key in resumed_state["model"]["D"])  # model.d_norm=none
     stats = [line for line in (run / "stats.jsonl").read_text().splitlines()]
     steps_logged = [int(line.split('"step": ')[1].split(",")[0]) for line in stats]
     assert steps_logged[-1] == STEPS
