@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,13 @@ class TinyFeatures(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def inception(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A TorchScript file, the format of the FID network (inception-2015-12-05.pt) that load_inception reads;
+    torch 2.14 deprecates torch.jit, which the file format still needs (dcgan.evaluation.metrics silences
+    the notice of torch.jit.load likewise)."""
     path = tmp_path_factory.mktemp("net") / "features.pt"
-    torch.jit.script(TinyFeatures()).save(str(path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+        torch.jit.script(TinyFeatures()).save(str(path))
     return path
 
 
