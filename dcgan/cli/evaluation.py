@@ -81,7 +81,9 @@ def add_compare_command(commands: argparse._SubParsersAction) -> None:
         "weights, noise and data order), scores each run's generator, and prints per setting the mean, standard "
         "deviation and 95% t-interval, then the paired difference B - A with its interval. Runs live in --out, one "
         "directory per seed and training config: settings that differ only in sample.bn or sample.ema share "
-        "training runs, and a rerun resumes or reuses finished runs.",
+        "training runs, and a rerun resumes or reuses finished runs. A stop signal (Ctrl-C, SIGTERM, SLURM's USR1/USR2) "
+        "reaches the run in training, which checkpoints; the comparison then exits with the run's status and one line, "
+        "and the same command resumes it.",
     )
     comp.add_argument("config", help="YAML config both settings start from")
     comp.add_argument(

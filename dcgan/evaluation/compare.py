@@ -14,23 +14,30 @@ resumed, not repeated, so an interrupted comparison continues where it stopped.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from dcgan.config import LOWER_IS_BETTER, Config, ConfigError, config_to_dict, load_config, metric_keys, replace
 from dcgan.distributed.env import DistInfo
-from dcgan.errors import DcganError
+from dcgan.errors import EXIT_INTERRUPTED, EXIT_REQUEUE, EXIT_TERMINATED, DcganError
 from dcgan.evaluation.recipe import EXPORT as RECIPE_EXPORT
 from dcgan.evaluation.recipe import RECIPE, recipe_generator, train_recipe
 from dcgan.evaluation.spread import Spread
 from dcgan.files import write_text_atomically
 from dcgan.run.rundir import RunDir
+from dcgan.train.preemption import STOP_SIGNALS
 
 COMPARISON = "compare.json"
 """What a comparison writes in its --out directory (settings, values, runs, verdict, the printed table);
@@ -108,6 +115,16 @@ def finished(config: Config) -> bool:
     return bool(done) and done[-1][0] >= config.train.steps
 
 
+class ComparisonStopped(DcganError):
+    """A stop signal reached `dcgan compare` while one of its runs trained: the run checkpointed, as `dcgan
+    train` does on that signal, and the comparison stopped; the same command resumes it. Exits with the
+    status the run did (130 after Ctrl-C, 143 after SIGTERM, 75 after SLURM's warning: requeue me)."""
+
+    def __init__(self, message: str, exit_status: int) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
 class TrainingFailed(DcganError):
     """A training run of the comparison ended in failure: the line names the setting, the seed, the
     run's exit status and its cause. The settings themselves were valid (they are checked first)."""
@@ -133,6 +150,81 @@ def wandb_group(root: Path, setting: Setting, config: Config) -> str:
     return f"{root.resolve().name}/{setting.name}-{training_identity(replace(config, seed=0))[:8]}"
 
 
+PR_SET_PDEATHSIG = 1
+"""prctl(2): the signal the kernel sends a process when the thread that started it ends."""
+
+
+def stopped_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn, on Linux, that has the kernel send the child SIGTERM when this process dies of a
+    signal nothing can forward (SIGKILL, the OOM killer): the run then checkpoints and ends instead of
+    training on with no comparison to score it. prctl is looked up here, in the parent: between fork and
+    exec the child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: no signal would come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
+def run_training_child(command: list[str]) -> tuple[int, str, list[int]]:
+    """Run a `dcgan train` child to its end: (its exit status, its stderr, the stop signals this process
+    received meanwhile). The child has a session of its own, so that a terminal's Ctrl-C reaches it once,
+    through this process, which passes on every stop signal it receives: the child checkpoints at its next
+    step and exits (a second Ctrl-C stops it at once, as `dcgan train` promises). An ignored SIGINT (a
+    background job) stays ignored."""
+    received: list[int] = []
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=stopped_with_parent(),
+    ) as child:
+
+        def forward(signum: int, frame: FrameType | None) -> None:
+            if not received:
+                print(
+                    f"dcgan compare: {signal.Signals(signum).name}: the run checkpoints, then the comparison stops",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            received.append(signum)
+            child.send_signal(signum)
+
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                if signal.getsignal(signum) != signal.SIG_IGN:
+                    previous[signum] = signal.signal(signum, forward)
+        try:
+            _, stderr = child.communicate()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+    return child.returncode, stderr, received
+
+
+def stopped(config: Config, setting: Setting, status: int, signums: list[int]) -> ComparisonStopped:
+    """The one line of a comparison stopped by `signums` while `setting`'s run at `config.seed` trained."""
+    from dcgan.run.checkpoint import list_checkpoints
+
+    done = list_checkpoints(RunDir(Path(config.run.dir)).checkpoints)
+    kept = f"its run kept step {done[-1][0]} of {config.train.steps}" if done else "its run had no checkpoint yet"
+    checkpointed = status in (EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_REQUEUE)
+    return ComparisonStopped(
+        f"stopped by {signal.Signals(signums[0]).name} while seed {config.seed} {setting.name} trained: {kept} "
+        f"({config.run.dir}); the same command resumes the comparison",
+        status if checkpointed else 128 + signums[0],
+    )
+
+
 def train_point(config_path: str, common: list[str], setting: Setting, config: Config, group: str) -> None:
     """Train (or resume) one run in a child process, as `dcgan train` would, in wandb group `group`
     (unless the overrides name another); a finished run is reused."""
@@ -150,15 +242,15 @@ def train_point(config_path: str, common: list[str], setting: Setting, config: C
         f"seed={config.seed}",
         f"run.dir={config.run.dir}",
     ]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        status = (
-            f"killed by signal {-result.returncode}" if result.returncode < 0 else f"exit status {result.returncode}"
-        )
+    code, stderr, signums = run_training_child(command)
+    if signums:
+        raise stopped(config, setting, code, signums)
+    if code != 0:
+        status = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
         log = RunDir(Path(config.run.dir)).train_log
         where = f"; log: {log}" if log.is_file() else ""
         raise TrainingFailed(
-            f"seed {config.seed} {setting.name}: training {config.run.dir} failed ({status}): {failure_cause(result.stderr)}{where}"
+            f"seed {config.seed} {setting.name}: training {config.run.dir} failed ({status}): {failure_cause(stderr)}{where}"
         )
 
 

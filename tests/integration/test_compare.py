@@ -5,12 +5,16 @@ from __future__ import annotations
 import html
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import CPU, TINY, run_in_process
+from helpers import CPU, ROOT, TINY, completed_steps, read_stats, run_in_process, subprocess_env
 from scipy import stats
 
 from dcgan.config import ConfigError, load_config
@@ -167,3 +171,83 @@ def test_a_comparisons_report_draws_each_setting_as_its_mean_over_seeds_and_wand
     (group_a,), (group_b,) = groups["A"], groups["B"]  # one group per setting, both seeds in it
     assert group_a.startswith("study/A-") and group_b.startswith("study/B-") and group_a[-8:] != group_b[-8:]
     assert json.loads((moved / COMPARISON).read_text())["table"] == found.table()
+
+
+def training_pids(run_dir_prefix: str) -> list[int]:
+    """Processes whose command line names a run directory under `run_dir_prefix` (a comparison's runs)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if f"run.dir={run_dir_prefix}".encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def wait_until(condition: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.1)
+
+
+STEPS = 400
+"""The comparison's run is stopped at its first metric line (step 5): it always lands mid-run."""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux (/proc, prctl's parent-death signal)")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_stopped_comparison_leaves_no_run_training_and_the_same_command_resumes_it(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """SIGTERM (a `kill`, a `timeout`) reaches the run through the comparison; SIGKILL cannot be passed
+    on, and the kernel's parent-death signal stops the run instead. Either way the run checkpoints at its
+    next step and ends, nothing trains on, and the same command carries on from that checkpoint."""
+    root = tmp_path / "compare"
+    args = [
+        str(TINY),
+        f"train.steps={STEPS}",
+        f"checkpoint.every={STEPS}",
+        "log.every=5",
+        "--a",
+        "",
+        "--b",
+        "sample.bn=running",
+    ]
+    args += ["--seeds", "1", "-n", "64", "--out", str(root)]
+    comparison = subprocess.Popen(
+        [sys.executable, "-m", "dcgan", "compare", *args],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: any(p.stat().st_size for p in root.glob("seed0-*/stats.jsonl")), 120, "a metric line")
+        run = next(root.glob("seed0-*"))
+        [child] = training_pids(str(root))
+        comparison.send_signal(signum)
+        _, stderr = comparison.communicate(timeout=60)
+    finally:
+        comparison.kill()
+    wait_until(lambda: not training_pids(str(root)), 60, "the run to end")
+    [kept] = completed_steps(run)
+    logged = [line["step"] for line in read_stats(run)]
+    assert 0 < kept < STEPS and max(logged) <= kept, (kept, logged, stderr)
+    if signum == signal.SIGTERM:
+        assert comparison.returncode == 143  # the run's: checkpointed after SIGTERM
+        assert stderr.splitlines()[-1] == (
+            f"dcgan: error: stopped by SIGTERM while seed 0 A trained: its run kept step {kept} of {STEPS} ({run}); "
+            "the same command resumes the comparison"
+        )
+    else:
+        assert comparison.returncode == -signal.SIGKILL
+    assert f"stop signal received: checkpointing step {kept}" in (run / "train.log").read_text()
+    assert child not in training_pids("")
+    resumed = run_in_process("compare", *args)
+    assert f"seed 0 A: training {run}" in resumed.stdout and completed_steps(run) == [kept, STEPS]
+    steps = [line["step"] for line in read_stats(run)]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS  # carried on from the checkpoint, nothing repeated
