@@ -9,6 +9,7 @@ worker's traceback folded into its message: `one_line` recovers the original lin
 from __future__ import annotations
 
 import os
+import signal
 
 # --- exit statuses: every status a dcgan process ends with, in one table ------------------------------
 # slurm/train.sbatch (bash) and launch/slurm.py act on these numbers; keep them stable.
@@ -33,6 +34,9 @@ EXIT_INTERRUPTED = 130
 """Checkpointed after SIGINT (Ctrl-C): 128 + 2, as a shell reports it."""
 EXIT_TERMINATED = 143
 """Checkpointed after SIGTERM alone (scancel): 128 + 15, do not requeue."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+"""The signals a run checkpoints on and then exits with one of the three statuses above
+(dcgan.train.preemption); `dcgan compare` passes them on to the run it trains."""
 
 
 class DcganError(RuntimeError):

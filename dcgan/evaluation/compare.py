@@ -14,19 +14,13 @@ resumed, not repeated, so an interrupted comparison continues where it stopped.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
-import os
 import re
 import signal
-import subprocess
 import sys
-import threading
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from dcgan.config import LOWER_IS_BETTER, Config, ConfigError, config_to_dict, load_config, metric_keys, replace
@@ -35,9 +29,9 @@ from dcgan.errors import EXIT_INTERRUPTED, EXIT_REQUEUE, EXIT_TERMINATED, DcganE
 from dcgan.evaluation.recipe import EXPORT as RECIPE_EXPORT
 from dcgan.evaluation.recipe import RECIPE, recipe_generator, train_recipe
 from dcgan.evaluation.spread import Spread
+from dcgan.evaluation.training_child import run_training_child
 from dcgan.files import write_text_atomically
 from dcgan.run.rundir import RunDir
-from dcgan.train.preemption import STOP_SIGNALS
 
 COMPARISON = "compare.json"
 """What a comparison writes in its --out directory (settings, values, runs, verdict, the printed table);
@@ -148,67 +142,6 @@ def wandb_group(root: Path, setting: Setting, config: Config) -> str:
     which is the comparison's curves. Named by the --out directory, the setting and a hash of its training
     config less the seed, so that two comparisons logging to one project never share a group."""
     return f"{root.resolve().name}/{setting.name}-{training_identity(replace(config, seed=0))[:8]}"
-
-
-PR_SET_PDEATHSIG = 1
-"""prctl(2): the signal the kernel sends a process when the thread that started it ends."""
-
-
-def stopped_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn, on Linux, that has the kernel send the child SIGTERM when this process dies of a
-    signal nothing can forward (SIGKILL, the OOM killer): the run then checkpoints and ends instead of
-    training on with no comparison to score it. prctl is looked up here, in the parent: between fork and
-    exec the child only calls it."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def arm() -> None:
-        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl: no signal would come
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return arm
-
-
-def run_training_child(command: list[str]) -> tuple[int, str, list[int]]:
-    """Run a `dcgan train` child to its end: (its exit status, its stderr, the stop signals this process
-    received meanwhile). The child has a session of its own, so that a terminal's Ctrl-C reaches it once,
-    through this process, which passes on every stop signal it receives: the child checkpoints at its next
-    step and exits (a second Ctrl-C stops it at once, as `dcgan train` promises). An ignored SIGINT (a
-    background job) stays ignored."""
-    received: list[int] = []
-    with subprocess.Popen(
-        command,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=stopped_with_parent(),
-    ) as child:
-
-        def forward(signum: int, frame: FrameType | None) -> None:
-            if not received:
-                print(
-                    f"dcgan compare: {signal.Signals(signum).name}: the run checkpoints, then the comparison stops",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            received.append(signum)
-            child.send_signal(signum)
-
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
-                if signal.getsignal(signum) != signal.SIG_IGN:
-                    previous[signum] = signal.signal(signum, forward)
-        try:
-            _, stderr = child.communicate()
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-    return child.returncode, stderr, received
 
 
 def stopped(config: Config, setting: Setting, status: int, signums: list[int]) -> ComparisonStopped:
