@@ -226,14 +226,14 @@ def test_a_stopped_comparison_leaves_no_run_training_and_the_same_command_resume
         text=True,
     )
     try:
-        wait_until(lambda: any(p.stat().st_size for p in root.glob("seed0-*/stats.jsonl")), 120, "a metric line")
+        wait_until(lambda: any(p.stat().st_size for p in root.glob("seed0-*/stats.jsonl")), 300, "a metric line")
         run = next(root.glob("seed0-*"))
         [child] = training_pids(str(root))
         comparison.send_signal(signum)
-        _, stderr = comparison.communicate(timeout=60)
+        _, stderr = comparison.communicate(timeout=120)
     finally:
         comparison.kill()
-    wait_until(lambda: not training_pids(str(root)), 60, "the run to end")
+    wait_until(lambda: not training_pids(str(root)), 120, "the run to end")
     [kept] = completed_steps(run)
     logged = [line["step"] for line in read_stats(run)]
     assert 0 < kept < STEPS and max(logged) <= kept, (kept, logged, stderr)
