@@ -8,13 +8,13 @@ import math
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from helpers import CPU, ROOT, TINY, completed_steps, read_stats, run_in_process, subprocess_env
+from hosts import wait_for
 from scipy import stats
 
 from dcgan.config import ConfigError, load_config
@@ -185,13 +185,6 @@ def training_pids(run_dir_prefix: str) -> list[int]:
     return pids
 
 
-def wait_until(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.1)
-
-
 STEPS = 100
 """The comparison's run is stopped at its first metric line (step 5): it always lands mid-run."""
 
@@ -226,14 +219,14 @@ def test_a_stopped_comparison_leaves_no_run_training_and_the_same_command_resume
         text=True,
     )
     try:
-        wait_until(lambda: any(p.stat().st_size for p in root.glob("seed0-*/stats.jsonl")), 300, "a metric line")
+        wait_for(lambda: any(p.stat().st_size for p in root.glob("seed0-*/stats.jsonl")), 300, "a metric line")
         run = next(root.glob("seed0-*"))
         [child] = training_pids(str(root))
         comparison.send_signal(signum)
         _, stderr = comparison.communicate(timeout=120)
     finally:
         comparison.kill()
-    wait_until(lambda: not training_pids(str(root)), 120, "the run to end")
+    wait_for(lambda: not training_pids(str(root)), 120, "the run to end")
     [kept] = completed_steps(run)
     logged = [line["step"] for line in read_stats(run)]
     assert 0 < kept < STEPS and max(logged) <= kept, (kept, logged, stderr)
